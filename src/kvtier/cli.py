@@ -1,0 +1,216 @@
+"""The ``kvtier`` command: serve, config check, stats, demo.
+
+A mistake the user can fix (bad arguments, a bad config file, a model folder in the way) prints one
+line ``kvtier: error: ...`` and a hint, and exits 2; a server that fails or cannot be reached
+exits 1 the same way; Ctrl-C exits 130. Anything else is a bug and shows its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Callable
+from types import FrameType
+
+from kvtier.errors import ConfigError, KVTierError, ModelError, ServerError
+
+DEFAULT_METRICS_URL = "http://127.0.0.1:9464/metrics"
+
+
+class CommandError(Exception):
+    """Raised by a command handler for a user mistake argparse cannot catch; exit 2."""
+
+    def __init__(self, message: str, hint: str) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+def _positive_int(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {number}")
+    return number
+
+
+def _port(text: str) -> int:
+    number = _positive_int(text)
+    if number > 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1..65535, got {number}")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvtier", description="A tiered KV-cache layer for vLLM.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = commands.add_parser(
+        "serve", allow_abbrev=False, help="run vLLM's OpenAI server with the kvtier connector",
+        description="Run `python -m vllm.entrypoints.openai.api_server --model MODEL --kv-transfer-config "
+                    "...` with kvtier plugged in. MODEL comes first; arguments kvtier does not know are "
+                    "passed to vLLM, e.g. --max-model-len 4096 --enforce-eager --block-size 128.",
+        epilog="example: kvtier serve ./models/smollm2-135m-instruct --config kvtier.yaml --port 8000 "
+               "--max-model-len 4096 --enforce-eager")
+    serve.add_argument("model", metavar="MODEL", help="model folder or name, as vLLM's --model")
+    serve.add_argument("--config", metavar="FILE", help="kvtier YAML config (checked before vLLM starts)")
+    serve.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="inline",
+                       help="one kvtier config key, e.g. --set memory.capacity=4GiB (repeatable; "
+                            "overrides the file)")
+    serve.add_argument("--port", type=_port, help="the server's HTTP port (vLLM's default: 8000)")
+    serve.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
+
+    config = commands.add_parser("config", help="work with kvtier config files",
+                                 description="Work with kvtier config files.")
+    config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    check = config_commands.add_parser(
+        "check", help="validate a config file and show every key with its value and source",
+        description="Load FILE as the connector would (defaults < FILE < KVTIER_* environment variables) "
+                    "and print every key, its value and where it came from.")
+    check.add_argument("file", metavar="FILE", help="kvtier YAML config")
+
+    stats = commands.add_parser(
+        "stats", help="show kvtier's counters from a running engine",
+        description="Fetch kvtier's Prometheus metrics from a running engine (config key metrics.port) "
+                    "and print the kvtier_* series per tier.")
+    stats.add_argument("--url", default=DEFAULT_METRICS_URL, help=f"metrics URL (default: {DEFAULT_METRICS_URL})")
+
+    demo = commands.add_parser(
+        "demo", help="compare TTFT of vLLM alone and vLLM + kvtier on a multi-user chat",
+        description="Start vLLM twice (without and with kvtier) with a deliberately small KV cache, run "
+                    "the same multi-user chat on each, and report time to first token, kvtier's hit "
+                    "rates and bytes moved. Writes OUT_DIR/results.json and OUT_DIR/ttft_per_round.png. "
+                    "Takes a few minutes on 2 CPU cores.")
+    demo.add_argument("--models-dir", default="models", metavar="DIR",
+                      help="where models are prepared and kept (default: ./models)")
+    demo.add_argument("--out-dir", default=os.path.join("out", "demo"), metavar="DIR",
+                      help="where results, plot and server logs go (default: ./out/demo)")
+    demo.add_argument("--users", type=_positive_int, help="concurrent chat users (default: 4; --quick: 3)")
+    demo.add_argument("--rounds", type=_positive_int, help="questions per user (default: 3; --quick: 2)")
+    demo.add_argument("--quick", action="store_true", help="fewer users and rounds (for CI)")
+    demo.add_argument("--tiny", action="store_true",
+                      help="use a tiny random model instead of SmolLM2-135M (for CI; answers are noise)")
+    demo.add_argument("--port", type=_port, help="the vLLM server's port (default: any free port)")
+    demo.add_argument("--startup-timeout", type=_positive_int, default=300, metavar="SECONDS",
+                      help="how long to wait for each server to become healthy (default: 300)")
+    return parser
+
+
+def cmd_serve(args: argparse.Namespace, engine_args: list[str]) -> int:
+    from kvtier import serve
+
+    config_path = os.path.abspath(args.config) if args.config else None
+    inline = serve.parse_inline(args.inline)
+    serve.check_config(config_path, inline, os.environ)
+    argv = serve.server_command(args.model, config_path, inline, args.port, engine_args)
+    if args.dry_run:
+        print(" ".join(_quote(arg) for arg in argv))
+        return 0
+    serve.exec_server(argv)
+    return 0  # not reached
+
+
+def _quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    from kvtier.bench.summary import format_table
+    from kvtier.config import describe, load_config
+
+    loaded = load_config({"config": args.file}, os.environ)
+    print(format_table(["key", "value", "source"], [list(row) for row in describe(loaded)]))
+    print(f"\n{args.file}: ok")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from kvtier.bench.client import fetch_text
+    from kvtier.bench.scrape import NO_TIER, by_tier, parse_samples
+    from kvtier.bench.summary import format_bytes, format_table
+
+    table = by_tier(parse_samples(fetch_text(args.url, timeout_s=10)))
+    if not table:
+        raise CommandError(f"{args.url} serves no kvtier_* metrics",
+                           "is this the metrics port of an engine running kvtier (config key metrics.port)?")
+    tiers = sorted({tier for row in table.values() for tier in row}, key=lambda t: (t == NO_TIER, t))
+
+    def cell(name: str, number: float | None) -> str:
+        if number is None:
+            return ""
+        return format_bytes(number) if "bytes" in name else f"{number:,.6g}"
+
+    rows = [[name.removeprefix("kvtier_"), *(cell(name, row.get(tier)) for tier in tiers)]
+            for name, row in sorted(table.items())]
+    print(format_table(["metric", *tiers], rows))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from kvtier.demo import DOCUMENT_TOKENS, DemoOptions, max_rounds, run_demo, say
+
+    num_users = args.users or (3 if args.quick else 4)
+    num_rounds = args.rounds or (2 if args.quick else 3)
+    if num_rounds > max_rounds(DOCUMENT_TOKENS):
+        raise CommandError(f"--rounds {num_rounds} would not fit the 4,096-token context",
+                           f"use --rounds {max_rounds(DOCUMENT_TOKENS)} or fewer")
+    options = DemoOptions(models_dir=args.models_dir, out_dir=args.out_dir, num_users=num_users,
+                          num_rounds=num_rounds, tiny=args.tiny, port=args.port,
+                          startup_timeout_s=float(args.startup_timeout))
+    run_demo(options, say)
+    return 0
+
+
+def _hint(args: argparse.Namespace, exc: KVTierError) -> str:
+    if isinstance(exc, ConfigError):
+        return "`kvtier config check FILE` shows every key; docs/configuration.md describes them"
+    if isinstance(exc, ModelError):
+        return "remove the folder named above, or pass another --models-dir"
+    if args.command == "stats":
+        return "is an engine running kvtier with metrics.port set? pass its address with --url"
+    if args.command == "demo":
+        return (f"server logs are in {os.path.join(args.out_dir, 'logs')}; if a port is taken, pass another "
+                "--port or leave it out")
+    return "see the message above"
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "serve":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {
+        "config": cmd_config_check, "stats": cmd_stats, "demo": cmd_demo,
+        "serve": lambda a: cmd_serve(a, extra),
+    }
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # so servers we started are stopped
+    try:
+        return handlers[args.command](args)
+    except CommandError as exc:
+        return _fail(str(exc), exc.hint, 2)
+    except (ConfigError, ModelError) as exc:
+        return _fail(str(exc), _hint(args, exc), 2)
+    except KVTierError as exc:  # ServerError and any other runtime failure
+        return _fail(str(exc), _hint(args, exc), 1)
+    except KeyboardInterrupt:
+        print("kvtier: interrupted", file=sys.stderr)
+        return 130
+
+
+def _fail(message: str, hint: str, code: int) -> int:
+    print(f"kvtier: error: {message}", file=sys.stderr)
+    print(f"hint: {hint}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

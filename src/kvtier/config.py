@@ -1,0 +1,392 @@
+"""kvtier's configuration: parsed once, at the edge, into frozen objects.
+
+Four layers, later ones winning key by key:
+defaults < YAML file < inline keys (vLLM's ``kv_connector_extra_config``) < environment variables
+``KVTIER_<SECTION>_<KEY>``. Every value any layer gives is checked, even one a later layer
+overrides, and an unknown key in any layer is an error (with a "did you mean" where one is close).
+``docs/configuration.md`` is the reference for every key; keep the two in step.
+
+No torch, no vLLM: this module only reads mappings, strings and one YAML file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from fractions import Fraction
+
+import yaml
+
+from kvtier.errors import ConfigError
+
+_Value = int | str | bool | None  # a checked value of one key
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """The in-memory (host RAM) tier."""
+
+    capacity_bytes: int
+    policy: str  # "lru" | "s3fifo"
+
+
+@dataclass(frozen=True)
+class DiskConfig:
+    """The local-disk tier; off when ``path`` is None."""
+
+    path: str | None
+    capacity_bytes: int
+    write_policy: str  # "spill" | "write_through"
+    queue_depth: int
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus exposition; no HTTP server when ``port`` is 0."""
+
+    port: int
+    host: str
+
+
+@dataclass(frozen=True)
+class KVTierConfig:
+    """Everything kvtier reads from its configuration, checked."""
+
+    chunk_tokens: int
+    namespace: str
+    model_id: str  # "" = the engine's model name
+    store_decode_tokens: bool
+    memory: MemoryConfig
+    disk: DiskConfig
+    metrics: MetricsConfig
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """A config and, per dotted key, the layer that set it:
+    ``"default"``, ``"file:<absolute path>"``, ``"extra_config"`` or ``"env:KVTIER_<...>"``."""
+
+    config: KVTierConfig
+    sources: dict[str, str]
+
+
+# ---- sizes ------------------------------------------------------------------------------------
+
+_SIZE_UNITS: dict[str, int] = {
+    "": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_SIZE_DISPLAY = ("TiB", "GiB", "MiB", "KiB", "TB", "GB", "MB", "KB")
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")
+
+
+def parse_size(text: str | int, key: str) -> int:
+    """Return the number of bytes ``text`` names; raise ``ConfigError(key, ...)`` if it names none.
+
+    Accepts a non-negative int, or a string: a number (a decimal point allowed) and an optional
+    case-insensitive unit, space between optional: B; KB, MB, GB, TB (powers of 1000); KiB, MiB,
+    GiB, TiB (powers of 1024). A fractional byte count is rounded down. Zero is a valid size:
+    callers that need a positive one check it.
+    """
+    try:
+        return _size_bytes(text)
+    except ValueError as exc:
+        raise ConfigError(key, str(exc)) from None
+
+
+def _size_bytes(value: object) -> int:
+    """``parse_size`` without a key: raise ValueError with the reason."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"expected a size such as 2GiB or a byte count, got {_show(value)}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"a size must not be negative, got {value}")
+        return value
+    match = _SIZE_RE.fullmatch(value)
+    if match is None or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"{value!r} is not a size (use e.g. 2GiB, 512MiB, 1.5GB or a byte count)")
+    return int(Fraction(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def _format_size(num_bytes: int) -> str:
+    """The shortest exact spelling of ``num_bytes``: ``2GiB``, ``1500MB`` or a plain byte count."""
+    exact = [(num_bytes // _SIZE_UNITS[unit.lower()], unit) for unit in _SIZE_DISPLAY
+             if num_bytes and num_bytes % _SIZE_UNITS[unit.lower()] == 0]
+    if not exact:
+        return str(num_bytes)
+    count, unit = min(exact)
+    return f"{count}{unit}"
+
+
+# ---- checks: each takes a typed value and returns it checked, or raises ValueError ---------------
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected an integer, got {_show(value)}")
+    return value
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {_show(value)}")
+    return value
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {_show(value)}")
+    return value
+
+
+def _int_in(low: int, high: int | None, meaning: str) -> Callable[[object], int]:
+    """A check that accepts an int in ``low..high`` (no upper bound if ``high`` is None)."""
+    def check(value: object) -> int:
+        number = _int(value)
+        if number < low or (high is not None and number > high):
+            raise ValueError(f"must be {meaning}, got {number}")
+        return number
+    return check
+
+
+def _str_matching(pattern: str, meaning: str) -> Callable[[object], str]:
+    """A check that accepts a string that ``pattern`` matches in full."""
+    def check(value: object) -> str:
+        if not re.fullmatch(pattern, _str(value)):
+            raise ValueError(f"must be {meaning}, got {value!r}")
+        return _str(value)
+    return check
+
+
+def _one_of(*choices: str) -> Callable[[object], str]:
+    return _str_matching("|".join(map(re.escape, choices)), "one of " + ", ".join(choices))
+
+
+def _optional_path(value: object) -> str | None:
+    """None and "" both mean "off" and come back as None."""
+    return None if value is None else (_str(value) or None)
+
+
+def _positive_size(value: object) -> int:
+    if _size_bytes(value) == 0:
+        raise ValueError("must be > 0")
+    return _size_bytes(value)
+
+
+def _int_from_text(text: str) -> int:
+    if not re.fullmatch(r"\s*[+-]?\d+\s*", text):
+        raise ValueError(f"expected an integer, got {text!r}")
+    return int(text)
+
+
+def _bool_from_text(text: str) -> bool:
+    words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+    if text.strip().lower() not in words:
+        raise ValueError(f"expected true/false/1/0/yes/no, got {text!r}")
+    return words[text.strip().lower()]
+
+
+def _yaml_text(value: _Value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value)  # a JSON string or number is valid YAML
+
+
+# ---- the keys -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Key:
+    """One configuration key: its dotted name, default and how values of it are checked."""
+
+    dotted: str
+    default: _Value
+    check: Callable[[object], _Value]  # typed value -> checked value; raises ValueError
+    from_text: Callable[[str], object] = str  # environment string -> typed value; raises ValueError
+    render: Callable[[_Value], str] = _yaml_text
+
+    @property
+    def env_var(self) -> str:
+        return "KVTIER_" + self.dotted.replace(".", "_").upper()
+
+
+def _render_size(value: _Value) -> str:
+    return _format_size(_int(value))
+
+
+_KEYS = (
+    _Key("chunk_tokens", 256, _int_in(1, None, "> 0"), _int_from_text),
+    _Key("namespace", "default", _str_matching(r"[A-Za-z0-9_.-]{1,64}", "1 to 64 of A-Z a-z 0-9 _ . -")),
+    _Key("model_id", "", _str),
+    _Key("store_decode_tokens", False, _bool, _bool_from_text),
+    _Key("memory.capacity", 2 * 2**30, _positive_size, render=_render_size),
+    _Key("memory.policy", "s3fifo", _one_of("lru", "s3fifo")),
+    _Key("disk.path", None, _optional_path),
+    _Key("disk.capacity", 16 * 2**30, _positive_size, render=_render_size),
+    _Key("disk.write_policy", "spill", _one_of("spill", "write_through")),
+    _Key("disk.queue_depth", 64, _int_in(1, None, "> 0"), _int_from_text),
+    _Key("metrics.port", 0, _int_in(0, 65535, "0 (off) or a port in 1..65535"), _int_from_text),
+    _Key("metrics.host", "127.0.0.1", _str_matching(r"\S+", "a host name or address")),
+)
+_KEYS_BY_NAME = {key.dotted: key for key in _KEYS}
+_KEYS_BY_ENV = {key.env_var: key for key in _KEYS}
+_SECTIONS = ("memory", "disk", "metrics")
+
+
+# ---- loading ------------------------------------------------------------------------------------
+
+def load_config(inline: Mapping[str, object], environ: Mapping[str, str]) -> LoadedConfig:
+    """Merge defaults, the YAML file, ``inline`` and ``environ`` (later wins) into a checked config.
+
+    ``inline`` is vLLM's ``kv_connector_extra_config``: config keys, nested or dotted, plus an
+    optional ``config`` naming the YAML file (else ``environ["KVTIER_CONFIG"]``, else no file).
+    Raises ConfigError naming the key and the source on an unknown key (including any
+    ``KVTIER_*`` variable other than ``KVTIER_CONFIG``), a wrong type or an impossible value; and
+    with key ``config`` when the file is missing, unreadable, not YAML or not a mapping.
+    """
+    values: dict[str, _Value] = {key.dotted: key.default for key in _KEYS}
+    sources = dict.fromkeys(values, "default")
+    settings: list[tuple[str, object, str]] = []
+    path = _config_path(inline, environ)
+    if path is not None:
+        settings += _settings_from_mapping(_read_yaml(path), f"file:{path}")
+    settings += _settings_from_mapping({k: v for k, v in inline.items() if k != "config"}, "extra_config")
+    settings += _settings_from_env(environ)
+    for dotted, value, source in settings:
+        try:
+            values[dotted] = _KEYS_BY_NAME[dotted].check(value)
+        except ValueError as exc:
+            raise ConfigError(dotted, f"{exc} (from {source})") from None
+        sources[dotted] = source
+    return LoadedConfig(_build(values), sources)
+
+
+def describe(loaded: LoadedConfig) -> list[tuple[str, str, str]]:
+    """One row per key, in reference order: (dotted key, value as YAML text, source).
+
+    Sizes are written in the unit that spells them shortest (``2GiB``), strings in double quotes.
+    """
+    values = _values_of(loaded.config)
+    return [(key.dotted, key.render(values[key.dotted]), loaded.sources[key.dotted]) for key in _KEYS]
+
+
+def _config_path(inline: Mapping[str, object], environ: Mapping[str, str]) -> str | None:
+    """Absolute path of the YAML file: inline ``config``, else ``KVTIER_CONFIG``; None/"" = none."""
+    named = (("extra_config", inline.get("config")), ("env:KVTIER_CONFIG", environ.get("KVTIER_CONFIG")))
+    for origin, value in named:
+        if value is not None and not isinstance(value, str):
+            raise ConfigError("config", f"expected a file path, got {_show(value)} (from {origin})")
+        if value:
+            return os.path.abspath(value)
+    return None
+
+
+def _read_yaml(path: str) -> Mapping[object, object]:
+    """The mapping a YAML file holds (an empty file holds an empty one)."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            data = yaml.safe_load(file)
+    except FileNotFoundError:
+        raise ConfigError("config", f"file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError("config", f"{path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError("config", f"{path} must hold a mapping of keys, got {_show(data)}")
+    return data
+
+
+def _settings_from_mapping(mapping: Mapping[object, object], source: str) -> list[tuple[str, object, str]]:
+    """(dotted key, raw value, source) for each key of a nested and/or dotted mapping.
+
+    Raises ConfigError for an unknown key, a non-string key, a section that is not a mapping, or
+    a key given twice (once nested, once dotted).
+    """
+    settings: dict[str, object] = {}
+    for name, value in mapping.items():
+        dotted = _key_name(name, source)
+        pairs = [(dotted, value)]
+        if dotted in _SECTIONS:
+            if not isinstance(value, Mapping):
+                raise ConfigError(dotted, f"expected a mapping of {dotted}.* keys, got {_show(value)} "
+                                          f"(from {source})")
+            pairs = [(f"{dotted}.{_key_name(sub, source)}", sub_value) for sub, sub_value in value.items()]
+        for full, sub_value in pairs:
+            if full not in _KEYS_BY_NAME:
+                raise ConfigError(full, f"unknown key (from {source})"
+                                        f"{_did_you_mean(full, [*_KEYS_BY_NAME, *_SECTIONS])}")
+            if full in settings:
+                raise ConfigError(full, f"given twice, nested and dotted (from {source})")
+            settings[full] = sub_value
+    return [(dotted, value, source) for dotted, value in settings.items()]
+
+
+def _settings_from_env(environ: Mapping[str, str]) -> list[tuple[str, object, str]]:
+    """(dotted key, typed value, source) for each ``KVTIER_*`` variable but ``KVTIER_CONFIG``."""
+    settings: list[tuple[str, object, str]] = []
+    for name in sorted(n for n in environ if n.startswith("KVTIER_") and n != "KVTIER_CONFIG"):
+        source = f"env:{name}"
+        key = _KEYS_BY_ENV.get(name)
+        if key is None:
+            raise ConfigError(name, f"unknown environment variable (from {source})"
+                                    f"{_did_you_mean(name, list(_KEYS_BY_ENV))}")
+        try:
+            settings.append((key.dotted, key.from_text(environ[name]), source))
+        except ValueError as exc:
+            raise ConfigError(key.dotted, f"{exc} (from {source})") from None
+    return settings
+
+
+def _key_name(name: object, source: str) -> str:
+    if not isinstance(name, str):
+        raise ConfigError(str(name), f"keys must be strings, got {_show(name)} (from {source})")
+    return name
+
+
+def _did_you_mean(name: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _build(values: Mapping[str, _Value]) -> KVTierConfig:
+    """The config from checked values (each already of its key's type)."""
+    def num(key: str) -> int:
+        return _int(values[key])
+
+    def text(key: str) -> str:
+        return _str(values[key])
+
+    disk_path = values["disk.path"]
+    return KVTierConfig(
+        chunk_tokens=num("chunk_tokens"), namespace=text("namespace"), model_id=text("model_id"),
+        store_decode_tokens=_bool(values["store_decode_tokens"]),
+        memory=MemoryConfig(capacity_bytes=num("memory.capacity"), policy=text("memory.policy")),
+        disk=DiskConfig(path=None if disk_path is None else _str(disk_path),
+                        capacity_bytes=num("disk.capacity"), write_policy=text("disk.write_policy"),
+                        queue_depth=num("disk.queue_depth")),
+        metrics=MetricsConfig(port=num("metrics.port"), host=text("metrics.host")),
+    )
+
+
+def _values_of(config: KVTierConfig) -> dict[str, _Value]:
+    """The inverse of ``_build``: dotted key -> value."""
+    return {
+        "chunk_tokens": config.chunk_tokens, "namespace": config.namespace, "model_id": config.model_id,
+        "store_decode_tokens": config.store_decode_tokens,
+        "memory.capacity": config.memory.capacity_bytes, "memory.policy": config.memory.policy,
+        "disk.path": config.disk.path, "disk.capacity": config.disk.capacity_bytes,
+        "disk.write_policy": config.disk.write_policy, "disk.queue_depth": config.disk.queue_depth,
+        "metrics.port": config.metrics.port, "metrics.host": config.metrics.host,
+    }

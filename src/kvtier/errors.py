@@ -1,0 +1,41 @@
+"""Typed errors of kvtier, all in one place.
+
+Bad input and bad configuration raise one of these; internal invariants use ``assert``.
+At a tier boundary a miss is a value (``None`` or ``False``), not an exception: I/O failures
+are turned into misses plus a metric by the caller that owns the tier.
+"""
+
+
+class KVTierError(Exception):
+    """Base of every error kvtier raises on purpose."""
+
+
+class ConfigError(KVTierError):
+    """A configuration key is unknown, has the wrong type or an impossible value.
+
+    The message always names the key (dotted, e.g. ``memory.capacity``) and its source.
+    """
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+class LayoutError(KVTierError):
+    """The engine's KV memory layout is one kvtier does not know (or does not match the plan)."""
+
+
+class EntryError(KVTierError):
+    """Bytes read from a tier are not a valid entry: bad magic, version, key, layout,
+    length or checksum. Callers turn it into a miss and count it."""
+
+
+class ModelError(KVTierError):
+    """A model folder cannot be built or used (missing package, half-written folder)."""
+
+
+class ServerError(KVTierError):
+    """An engine server did not start, exited early, or answered a request with an error.
+
+    The message names the server and, where there is one, its log file.
+    """

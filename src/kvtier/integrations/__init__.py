@@ -1,0 +1,1 @@
+"""Engine integrations (top layer): vLLM first."""

@@ -1,0 +1,10 @@
+"""kvtier's vLLM v1 KV connector.
+
+Use with ``--kv-transfer-config '{"kv_connector":"KVTierConnector",
+"kv_connector_module_path":"kvtier.integrations.vllm","kv_role":"kv_both",
+"kv_connector_extra_config":{"config":"kvtier.yaml"}}'``.
+"""
+
+from kvtier.integrations.vllm.connector import KVTierConnector
+
+__all__ = ["KVTierConnector"]

@@ -1,0 +1,96 @@
+"""What both sides of the connector derive from vLLM's config: kvtier config, KV layout, keys.
+
+The scheduler process and the worker process each build an ``EngineSetup`` from the same inputs,
+so they agree on slot count, chunk size and key namespace without talking to each other.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from vllm.config import VllmConfig
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, MLAAttentionSpec
+
+from kvtier.config import KVTierConfig, load_config
+from kvtier.datapath import dtype_name
+from kvtier.entry import HEADER_BYTES
+from kvtier.errors import ConfigError, LayoutError
+from kvtier.keys import Namespace
+from kvtier.layout import KVLayout
+
+
+@dataclass(frozen=True)
+class EngineSetup:
+    config: KVTierConfig
+    layout: KVLayout
+    namespace_digest: bytes
+    layer_names: tuple[str, ...]
+    world_size: int
+    chunk_bytes: int
+    num_slots: int
+    disk_dir: str | None
+    disk_capacity_entries: int
+
+    @property
+    def chunk_tokens(self) -> int:
+        return self.config.chunk_tokens
+
+    @property
+    def blocks_per_chunk(self) -> int:
+        return self.config.chunk_tokens // self.layout.block_size
+
+
+def platform_layout_kind() -> str:
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        return "cpu_lbhnc"
+    if current_platform.is_cuda():
+        return "cuda_flash"
+    raise LayoutError(f"kvtier does not know the KV layout of platform {current_platform.device_type!r}")
+
+
+def build_setup(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> EngineSetup:
+    """Parse kvtier's config and describe the engine's KV cache; raise a clear error if unusable."""
+    transfer = vllm_config.kv_transfer_config
+    extra = dict(transfer.kv_connector_extra_config or {}) if transfer is not None else {}
+    config = load_config(extra, os.environ).config
+    layout, layer_names = _layout_of(kv_cache_config)
+    if config.chunk_tokens % layout.block_size:
+        raise ConfigError("chunk_tokens", f"{config.chunk_tokens} is not a multiple of the engine's block "
+                          f"size {layout.block_size}; use e.g. {layout.block_size * 2}")
+    parallel = vllm_config.parallel_config
+    if parallel.pipeline_parallel_size > 1:
+        raise ConfigError("engine", "kvtier does not support pipeline parallelism yet")
+    world_size = parallel.tensor_parallel_size
+    model = config.model_id or vllm_config.model_config.model
+    namespace = Namespace(config.namespace, model, layout.fingerprint(), world_size)
+    chunk_bytes = layout.chunk_bytes(config.chunk_tokens)
+    num_slots = config.memory.capacity_bytes // chunk_bytes
+    if num_slots < 1:
+        raise ConfigError("memory.capacity", f"{config.memory.capacity_bytes} bytes is smaller than one "
+                          f"chunk ({chunk_bytes} bytes for this model)")
+    disk_dir, disk_entries = None, 0
+    if config.disk.path:
+        disk_dir = os.path.join(config.disk.path, layout.fingerprint().hex()[:16])
+        disk_entries = config.disk.capacity_bytes // (world_size * (HEADER_BYTES + chunk_bytes))
+        if disk_entries < 1:
+            raise ConfigError("disk.capacity", f"{config.disk.capacity_bytes} bytes is smaller than one "
+                              f"entry ({HEADER_BYTES + chunk_bytes} bytes per rank)")
+    return EngineSetup(config, layout, namespace.digest(), layer_names, world_size, chunk_bytes, num_slots,
+                       disk_dir, disk_entries)
+
+
+def _layout_of(kv_cache_config: KVCacheConfig) -> tuple[KVLayout, tuple[str, ...]]:
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1:
+        kinds = ", ".join(type(g.kv_cache_spec).__name__ for g in groups)
+        raise LayoutError(f"kvtier supports one full-attention KV cache group, this model has {len(groups)} "
+                          f"({kinds})")
+    spec = groups[0].kv_cache_spec
+    if isinstance(spec, MLAAttentionSpec) or not isinstance(spec, FullAttentionSpec):
+        raise LayoutError(f"kvtier does not support KV cache spec {type(spec).__name__} yet")
+    layout = KVLayout(platform_layout_kind(), len(groups[0].layer_names), spec.num_kv_heads, spec.head_size,
+                      spec.block_size, dtype_name(spec.dtype))
+    return layout, tuple(groups[0].layer_names)

@@ -1,0 +1,45 @@
+"""Scheduler-side start-up: rebuild the disk index from the files, start the metrics endpoint."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+from kvtier.entry import HEADER_BYTES
+from kvtier.integrations.vllm.setup import EngineSetup
+from kvtier.metrics import Metrics
+from kvtier.tiers.disk import DiskFiles
+
+logger = logging.getLogger("kvtier")
+
+
+def scan_disk(setup: EngineSetup, metrics: Metrics) -> list[bytes]:
+    """Keys whose entries exist for every rank with the right size, oldest first.
+
+    Entries of the wrong size (truncated by a crash or tampering) are removed and counted; the
+    payload checksum is verified later, when an entry is read.
+    """
+    if setup.disk_dir is None:
+        return []
+    files = DiskFiles(setup.disk_dir, setup.layout.fingerprint())
+    expected = HEADER_BYTES + setup.chunk_bytes
+    ranks: dict[bytes, set[int]] = defaultdict(set)
+    newest: dict[bytes, float] = {}
+    for key, rank, size, mtime in files.scan():
+        if size != expected:
+            files.delete(key, rank)
+            metrics.errors.labels(tier="disk").inc()
+            continue
+        ranks[key].add(rank)
+        newest[key] = max(newest.get(key, 0.0), mtime)
+    complete = [key for key, seen in ranks.items() if len(seen) >= setup.world_size]
+    complete.sort(key=lambda key: newest[key])
+    logger.info("kvtier: disk tier %s holds %d entries", setup.disk_dir, len(complete))
+    return complete
+
+
+def serve_metrics(metrics: Metrics, setup: EngineSetup) -> None:
+    port = setup.config.metrics.port
+    if port:
+        metrics.serve(setup.config.metrics.host, port)
+        logger.info("kvtier: metrics on http://%s:%d/metrics", setup.config.metrics.host, port)

@@ -1,0 +1,127 @@
+"""Worker side of the vLLM connector: executes each step's ``StepPlan`` on the engine's tensors.
+
+Runs in vLLM's Worker process (one per tensor-parallel rank). It decides nothing: the scheduler side
+chose every slot, block and key. Loads run synchronously before the forward (``start_load_kv``),
+stores after it (``wait_for_save``); disk writes go through a bounded background queue, so the
+engine never waits on the disk for a store. Results go back in a ``WorkerReport``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+
+import torch
+
+from kvtier.datapath import HostPool, PagedKV, ordered_layers
+from kvtier.integrations.vllm.setup import EngineSetup
+from kvtier.plans import StepPlan, WorkerReport
+from kvtier.tiers.disk import DiskFiles, DiskWriter, ReadResult
+
+logger = logging.getLogger("kvtier")
+
+
+class WorkerSide:
+    def __init__(self, setup: EngineSetup, rank: int) -> None:
+        self.setup = setup
+        self.rank = rank
+        self.report = WorkerReport()
+        self.paged: PagedKV | None = None
+        self.pool: HostPool | None = None
+        self.disk: DiskFiles | None = None
+        self.writer: DiskWriter | None = None
+        if setup.disk_dir is not None:
+            self.disk = DiskFiles(setup.disk_dir, setup.layout.fingerprint())
+            self.writer = DiskWriter(self.disk, setup.config.disk.queue_depth)
+
+    def register_kv_caches(self, kv_caches: Mapping[str, torch.Tensor]) -> None:
+        layers = ordered_layers(kv_caches, self.setup.layer_names)
+        self.paged = PagedKV(layers, self.setup.layout)
+        pin = self.paged.device.type == "cuda"
+        self.pool = HostPool(self.setup.num_slots, self.setup.chunk_bytes, pin_memory=pin)
+        logger.info("kvtier: %d memory slots of %d bytes, disk %s", self.setup.num_slots,
+                    self.setup.chunk_bytes, self.setup.disk_dir or "off")
+
+    # ----- before the forward ----------------------------------------------------------------
+    def start_load(self, plan: StepPlan) -> None:
+        if plan.is_empty():
+            return
+        for op in plan.spills:
+            self._submit_disk_write(op.key, op.slot)
+        for op in plan.promotes:
+            self._promote(op.key, op.slot)
+        if plan.loads:
+            self._load(plan)
+
+    def _promote(self, key: bytes, slot: int) -> None:
+        assert self.disk is not None and self.pool is not None
+        result = self.disk.read_into(key, self.rank, self.pool.memoryview(slot))
+        if result is ReadResult.OK:
+            self.report.promoted.append(key)
+            self.report.disk_read_bytes += self.setup.chunk_bytes
+            return
+        self.report.promote_failed.append(key)
+        if result is ReadResult.CORRUPT:
+            self.report.num_corrupt += 1
+            logger.warning("kvtier: corrupt disk entry %s removed; the engine recomputes it", key.hex())
+
+    def _load(self, plan: StepPlan) -> None:
+        assert self.paged is not None and self.pool is not None
+        started = time.perf_counter()
+        for op in plan.loads:
+            src = self.paged.slot_view(self.pool.slot(op.slot), self.setup.blocks_per_chunk)
+            self.paged.scatter(src, op.first_block, op.block_ids)
+            self.report.memory_read_bytes += len(op.block_ids) * self.setup.chunk_bytes // self.setup.blocks_per_chunk
+        _synchronize(self.paged.device)
+        self.report.load_seconds.append(time.perf_counter() - started)
+
+    # ----- after the forward -----------------------------------------------------------------
+    def save(self, plan: StepPlan) -> None:
+        if plan.stores:
+            self._store(plan)
+        for op in plan.write_through:
+            self._submit_disk_write(op.key, op.slot)
+        for key in plan.deletes:
+            if self.writer is not None:
+                self.writer.submit_delete(key, self.rank)
+
+    def _store(self, plan: StepPlan) -> None:
+        assert self.paged is not None and self.pool is not None
+        started = time.perf_counter()
+        for op in plan.stores:
+            dst = self.paged.slot_view(self.pool.slot(op.slot), self.setup.blocks_per_chunk)
+            self.paged.gather(op.block_ids, dst)
+            self.report.memory_written_bytes += self.setup.chunk_bytes
+        _synchronize(self.paged.device)
+        self.report.stored.extend(op.key for op in plan.stores)
+        self.report.store_seconds.append(time.perf_counter() - started)
+
+    def _submit_disk_write(self, key: bytes, slot: int) -> None:
+        assert self.pool is not None
+        if self.writer is None:
+            return
+        payload = bytes(self.pool.memoryview(slot))  # the slot may be reused right after this step
+        if not self.writer.submit_write(key, self.rank, payload):
+            self.report.num_dropped_writes += 1
+            self.report.disk_failed.append(key)
+
+    # ----- reporting -------------------------------------------------------------------------
+    def take_report(self) -> WorkerReport | None:
+        if self.writer is not None:
+            written, failed = self.writer.take_results()
+            self.report.disk_written.extend(written)
+            self.report.disk_failed.extend(failed)
+            self.report.num_disk_write_errors += len(failed)
+            self.report.disk_written_bytes += len(written) * self.setup.chunk_bytes
+        report, self.report = self.report, WorkerReport()
+        return None if report.is_empty() else report
+
+    def shutdown(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,92 @@
+"""What the worker must do in one engine step: addresses, never data.
+
+The scheduler-side store (``kvtier.store``) builds one ``StepPlan`` per engine step; the worker-side
+data path executes it and answers with one ``WorkerReport``. Both cross the process boundary inside
+vLLM's connector metadata, so they hold only plain values (ints, bytes, tuples).
+
+Execution order on the worker (it matters, slots are reused):
+1. ``spills``: copy each named memory slot aside for a disk write (before the slot is reused).
+2. ``promotes``: read disk entries into memory slots and verify them.
+3. ``loads``: copy memory slots into engine blocks (before the forward).
+4. ``stores``: copy engine blocks into memory slots (after the forward).
+5. ``write_through``: copy freshly stored slots aside for a disk write.
+6. ``deletes``: remove disk entries (queued behind earlier writes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class LoadOp:
+    """Copy blocks ``first_block .. first_block+len(block_ids)`` of memory slot ``slot`` into the
+    engine blocks ``block_ids``."""
+
+    slot: int
+    first_block: int
+    block_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class StoreOp:
+    """Copy the engine blocks ``block_ids`` (one whole chunk) into memory slot ``slot``."""
+
+    key: bytes
+    slot: int
+    block_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SlotOp:
+    """A chunk ``key`` and the memory slot it lives in (promote target or disk-write source)."""
+
+    key: bytes
+    slot: int
+
+
+@dataclass
+class StepPlan:
+    spills: list[SlotOp] = field(default_factory=list)
+    promotes: list[SlotOp] = field(default_factory=list)
+    loads: list[LoadOp] = field(default_factory=list)
+    stores: list[StoreOp] = field(default_factory=list)
+    write_through: list[SlotOp] = field(default_factory=list)
+    deletes: list[bytes] = field(default_factory=list)
+
+    def is_empty(self) -> bool:
+        return not (self.spills or self.promotes or self.loads or self.stores
+                    or self.write_through or self.deletes)
+
+
+@dataclass
+class WorkerReport:
+    """What one worker did since its last report. Lists of chunk keys; byte counts per tier.
+
+    ``aggregate`` merges the reports of several tensor-parallel ranks: key lists are concatenated
+    (the scheduler commits a key once every rank reported it) and counters summed.
+    """
+
+    stored: list[bytes] = field(default_factory=list)
+    promoted: list[bytes] = field(default_factory=list)
+    promote_failed: list[bytes] = field(default_factory=list)
+    disk_written: list[bytes] = field(default_factory=list)
+    disk_failed: list[bytes] = field(default_factory=list)
+    num_corrupt: int = 0
+    num_disk_write_errors: int = 0
+    num_dropped_writes: int = 0
+    memory_read_bytes: int = 0
+    memory_written_bytes: int = 0
+    disk_read_bytes: int = 0
+    disk_written_bytes: int = 0
+    load_seconds: list[float] = field(default_factory=list)
+    store_seconds: list[float] = field(default_factory=list)
+
+    def aggregate(self, other: "WorkerReport") -> "WorkerReport":
+        merged = WorkerReport()
+        for name, value in vars(self).items():
+            setattr(merged, name, value + getattr(other, name))
+        return merged
+
+    def is_empty(self) -> bool:
+        return not any(vars(self).values())

@@ -1,0 +1,320 @@
+"""Worker-side disk files of one directory: one entry file per (key, rank), plus a writer thread.
+
+Layout on disk: ``root/<first 2 hex of key>/<32 hex key>.<rank>.kvt``, each file one entry
+(``kvtier.entry``: header, then payload). Writes go to a temp file in the same directory
+(``<final name>.<pid>.<thread>.tmp``) and are published with ``os.replace``, so a reader sees a
+whole old file, a whole new file or none. No fsync: after a power loss a published file may be
+torn, which the checksums catch on read (a miss, never wrong KV).
+
+``DiskFiles`` holds no mutable state and is safe from any thread. The scheduler owns the books
+(which entries exist, what to evict); this module only moves bytes and reports results.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import enum
+import logging
+import os
+import re
+import threading
+from dataclasses import dataclass
+
+from kvtier.entry import CODEC_RAW, HEADER_BYTES, EntryHeader, check_entry, decode_header, \
+    encode_header, payload_checksum
+from kvtier.errors import ConfigError, EntryError
+
+logger = logging.getLogger(__name__)
+
+_ENTRY_NAME = re.compile(r"([0-9a-f]{32})\.(\d+)\.kvt")
+_TEMP_NAME = re.compile(r"[0-9a-f]{32}\.\d+\.kvt\.[0-9.]+\.tmp")
+_SUBDIR_NAME = re.compile(r"[0-9a-f]{2}")
+_KEY_BYTES = 16
+
+
+class ReadResult(enum.Enum):
+    OK = "ok"
+    MISSING = "missing"  # no file: the entry was never written, or was deleted
+    CORRUPT = "corrupt"  # unreadable, truncated, mismatching or bad checksum; the file was removed
+
+
+class DiskFiles:
+    """Entry files under ``root`` for one KV layout (its fingerprint is in every header)."""
+
+    def __init__(self, root: str, layout_fingerprint: bytes) -> None:
+        """Create ``root`` if needed. Raises ``ConfigError("disk.path", ...)`` when it cannot be
+        created or written."""
+        self.root = root
+        self.layout_fingerprint = layout_fingerprint
+        probe = os.path.join(root, f".kvtier-probe.{os.getpid()}.{threading.get_ident()}")
+        try:
+            os.makedirs(root, exist_ok=True)
+            with open(probe, "wb"):
+                pass
+            os.unlink(probe)
+        except OSError as exc:
+            raise ConfigError("disk.path", f"directory {root!r} is not creatable or writable: {exc}") from exc
+
+    def path_for(self, key: bytes, rank: int) -> str:
+        if len(key) != _KEY_BYTES:
+            raise ValueError(f"a storage key is {_KEY_BYTES} bytes, got {len(key)}")
+        name = key.hex()
+        return os.path.join(self.root, name[:2], f"{name}.{rank}.kvt")
+
+    def entry_bytes(self, payload_bytes: int) -> int:
+        """Size of the file holding a payload of ``payload_bytes`` bytes."""
+        return HEADER_BYTES + payload_bytes
+
+    def scan(self) -> list[tuple[bytes, int, int, float]]:
+        """``(key, rank, file_bytes, mtime)`` of every entry file, in no particular order.
+
+        Reads no payloads (sizes come from ``stat``); other files are ignored. Removes every temp
+        file, i.e. leftovers of crashed writes: call it at start-up, before this directory's
+        writers start (a write racing with it fails and is reported as failed, nothing worse).
+        """
+        found: list[tuple[bytes, int, int, float]] = []
+        for subdir in _list_dir(self.root):
+            if subdir.is_dir(follow_symlinks=False) and _SUBDIR_NAME.fullmatch(subdir.name):
+                found.extend(self._scan_subdir(subdir.path, subdir.name))
+        return found
+
+    def _scan_subdir(self, path: str, prefix: str) -> list[tuple[bytes, int, int, float]]:
+        found = []
+        for item in _list_dir(path):
+            if _TEMP_NAME.fullmatch(item.name):
+                _unlink_quietly(item.path)
+                continue
+            match = _ENTRY_NAME.fullmatch(item.name)
+            if match is None or not match.group(1).startswith(prefix):
+                continue
+            try:
+                stat = item.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            found.append((bytes.fromhex(match.group(1)), int(match.group(2)), stat.st_size, stat.st_mtime))
+        return found
+
+    def write(self, key: bytes, rank: int, payload: bytes | memoryview, codec: int = CODEC_RAW) -> int:
+        """Write the entry of ``(key, rank)`` and publish it atomically; returns the bytes written.
+
+        On ``OSError`` (e.g. ENOSPC) the temp file is removed and the error re-raised; an earlier
+        entry of the same key, if any, is left as it was.
+        """
+        path = self.path_for(key, rank)
+        view = memoryview(payload).cast("B")
+        header = encode_header(EntryHeader(key, rank, self.layout_fingerprint, codec, view.nbytes,
+                                           payload_checksum(view)))
+        temp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                _write_all(fd, header)
+                _write_all(fd, view)
+            finally:
+                os.close(fd)
+            os.replace(temp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
+        return HEADER_BYTES + view.nbytes
+
+    def read_into(self, key: bytes, rank: int, out: memoryview) -> ReadResult:
+        """Read the payload of ``(key, rank)`` into ``out`` (exactly the expected payload size),
+        with no intermediate copy, and verify it (``entry.check_entry``).
+
+        Returns OK, MISSING (no file), or CORRUPT (the file was wrong in any way, or opening or
+        reading it failed; it has been removed where the file system allows). Unless OK, the
+        content of ``out`` is unspecified. Only raw entries are readable; an entry of another
+        codec is reported CORRUPT. Called on the worker's engine thread, concurrently with the
+        writer thread: ``os.replace`` makes a concurrent write invisible until whole.
+        """
+        path = self.path_for(key, rank)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return ReadResult.MISSING
+        except OSError as exc:
+            logger.warning("kvtier: cannot open disk entry %s: %s", path, exc)
+            _unlink_if_same(path, None)
+            return ReadResult.CORRUPT
+        opened: os.stat_result | None = None
+        try:
+            opened = os.fstat(fd)
+            self._read_checked(fd, opened.st_size, key, rank, memoryview(out).cast("B"))
+            return ReadResult.OK
+        except (EntryError, OSError) as exc:
+            logger.warning("kvtier: bad disk entry %s: %s", path, exc)
+            _unlink_if_same(path, opened)
+            return ReadResult.CORRUPT
+        finally:
+            os.close(fd)
+
+    def _read_checked(self, fd: int, file_bytes: int, key: bytes, rank: int, out: memoryview) -> None:
+        expected_bytes = HEADER_BYTES + out.nbytes
+        if file_bytes != expected_bytes:
+            raise EntryError(f"entry file has {file_bytes} bytes, expected {expected_bytes}")
+        header_buf = bytearray(HEADER_BYTES)
+        num_read = _preadv_all(fd, [memoryview(header_buf), out])
+        if num_read != expected_bytes:
+            raise EntryError(f"entry file truncated while reading: {num_read} of {expected_bytes} bytes")
+        header = decode_header(header_buf)
+        if header.codec != CODEC_RAW:
+            raise EntryError(f"entry codec {header.codec} is not readable by this kvtier")
+        check_entry(header, key, rank, self.layout_fingerprint, out)
+
+    def delete(self, key: bytes, rank: int) -> None:
+        """Remove the entry of ``(key, rank)``; a missing file is fine."""
+        _unlink_quietly(self.path_for(key, rank))
+
+
+@dataclass(frozen=True)
+class _Op:
+    key: bytes
+    rank: int
+    payload: bytes | None  # None = delete
+
+
+class DiskWriter:
+    """Background thread with a bounded queue that writes/deletes entries in submission order.
+
+    ``submit_*`` and ``take_results`` are called by the worker's engine thread and never block on
+    I/O. Writes are bounded by ``queue_depth`` (a full queue drops the write: the caller reports
+    it failed). Deletes are never dropped: they are queued without bound, as they carry no payload
+    and the store issues at most one per entry it holds. Because both go through one FIFO, a
+    delete submitted after a write of the same key always wins.
+    """
+
+    def __init__(self, files: DiskFiles, queue_depth: int) -> None:
+        if queue_depth < 1:
+            raise ValueError(f"queue_depth must be positive, got {queue_depth}")
+        self._files = files
+        self._queue_depth = queue_depth
+        self._ops: collections.deque[_Op] = collections.deque()
+        self._num_writes_queued = 0
+        self._busy = False
+        self._closed = False
+        self._written: list[bytes] = []
+        self._failed: list[bytes] = []
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="kvtier-disk-writer", daemon=True)
+        self._thread.start()
+
+    def submit_write(self, key: bytes, rank: int, payload: bytes) -> bool:
+        """Queue a write; False (dropped, nothing queued) when the queue is full or closed.
+        ``payload`` must not change afterwards (pass ``bytes``)."""
+        with self._cond:
+            if self._closed or self._num_writes_queued >= self._queue_depth:
+                return False
+            self._num_writes_queued += 1
+            self._ops.append(_Op(key, rank, payload))
+            self._cond.notify_all()
+            return True
+
+    def submit_delete(self, key: bytes, rank: int) -> bool:
+        """Queue a delete; never dropped while open. False only after ``close()``."""
+        with self._cond:
+            if self._closed:
+                return False
+            self._ops.append(_Op(key, rank, None))
+            self._cond.notify_all()
+            return True
+
+    def take_results(self) -> tuple[list[bytes], list[bytes]]:
+        """(keys written, keys whose write failed) since the last call, each in completion order.
+        Dropped writes are not listed: ``submit_write`` already returned False for them."""
+        with self._cond:
+            written, self._written = self._written, []
+            failed, self._failed = self._failed, []
+        return written, failed
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until every submitted operation is done; False if ``timeout_s`` passed first."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._ops and not self._busy, timeout_s)
+
+    def close(self) -> None:
+        """Stop accepting operations, finish the queued ones, and join the thread. Idempotent."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._ops or self._closed)
+                if not self._ops:
+                    return
+                op = self._ops.popleft()
+                self._busy = True
+            ok = self._execute(op)
+            with self._cond:
+                if op.payload is not None:
+                    self._num_writes_queued -= 1
+                    (self._written if ok else self._failed).append(op.key)
+                self._busy = False
+                self._cond.notify_all()
+
+    def _execute(self, op: _Op) -> bool:
+        try:
+            if op.payload is None:
+                self._files.delete(op.key, op.rank)
+            else:
+                self._files.write(op.key, op.rank, op.payload)
+            return True
+        except OSError as exc:
+            logger.warning("kvtier: disk %s of %s failed: %s", "delete" if op.payload is None else "write",
+                           op.key.hex(), exc)
+        except Exception:  # a bug must not kill the writer thread and hang flush()/close()
+            logger.exception("kvtier: unexpected error in the disk writer")
+        return False
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view.nbytes:
+        view = view[os.write(fd, view):]
+
+
+def _preadv_all(fd: int, buffers: list[memoryview]) -> int:
+    """Fill ``buffers`` from offset 0 of ``fd`` with ``os.preadv``; returns bytes read (short
+    only at end of file)."""
+    total = 0
+    pending = [buf for buf in buffers if buf.nbytes]
+    while pending:
+        num_read = os.preadv(fd, pending, total)
+        if num_read == 0:
+            break
+        total += num_read
+        while pending and num_read >= pending[0].nbytes:
+            num_read -= pending.pop(0).nbytes
+        if pending and num_read:
+            pending[0] = pending[0][num_read:]
+    return total
+
+
+def _list_dir(path: str) -> list[os.DirEntry]:
+    try:
+        with os.scandir(path) as entries:
+            return list(entries)
+    except FileNotFoundError:
+        return []
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _unlink_if_same(path: str, opened: os.stat_result | None) -> None:
+    """Remove ``path`` unless it now names a different file than the one we read (a writer
+    replaced it meanwhile): never delete a fresh good entry because an old one was bad."""
+    with contextlib.suppress(OSError):
+        current = os.stat(path)
+        if opened is None or (current.st_ino, current.st_dev) == (opened.st_ino, opened.st_dev):
+            os.unlink(path)

@@ -1,0 +1,55 @@
+"""Runs one vLLM-CPU engine (offline ``LLM``) through a list of actions and prints JSON results.
+
+Used by the end-to-end tests: each engine lives in its own subprocess, so a restart is a new
+process, exactly as in production. Input (argv[1], a JSON file):
+  {"model": DIR, "kvtier": {extra config} | null, "prefix_caching": bool, "kv_cache_gib": float,
+   "actions": [{"op": "generate", "prompts": [[ids...], ...], "max_tokens": N}
+               | {"op": "reset_prefix_cache"} | {"op": "metrics"}]}
+Output (stdout, last line): a JSON list with one result per action.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import urllib.request
+
+
+def run(spec: dict) -> list:
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+
+    transfer = None
+    if spec.get("kvtier") is not None:
+        transfer = KVTransferConfig(kv_connector="KVTierConnector", kv_connector_module_path="kvtier.integrations.vllm",
+                                    kv_role="kv_both", kv_connector_extra_config=spec["kvtier"])
+    llm = LLM(model=spec["model"], max_model_len=4096, enforce_eager=True, block_size=128,
+              enable_prefix_caching=spec.get("prefix_caching", True), kv_transfer_config=transfer,
+              max_num_batched_tokens=spec.get("max_num_batched_tokens", 4096), seed=0)
+    results = []
+    for action in spec["actions"]:
+        if action["op"] == "generate":
+            params = SamplingParams(temperature=0.0, max_tokens=action.get("max_tokens", 8), logprobs=3)
+            outs = llm.generate([{"prompt_token_ids": p} for p in action["prompts"]], params, use_tqdm=False)
+            results.append([_output(o) for o in outs])
+        elif action["op"] == "reset_prefix_cache":
+            results.append(llm.reset_prefix_cache())
+        elif action["op"] == "metrics":
+            port = spec["kvtier"]["metrics.port"]
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+                results.append(resp.read().decode())
+    return results
+
+
+def _output(out) -> dict:
+    completion = out.outputs[0]
+    logprobs = [step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids)]
+    return {"tokens": list(completion.token_ids), "logprobs": logprobs, "num_cached_tokens": out.num_cached_tokens}
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as f:
+        spec = json.load(f)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.get("kv_cache_gib", 1)))
+    print("\nRESULT " + json.dumps(run(spec)), flush=True)

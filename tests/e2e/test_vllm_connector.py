@@ -1,0 +1,138 @@
+"""End to end on vLLM-CPU with the tiny model: kvtier's loads give exactly the oracle's output.
+
+The oracle is the run where the same prefix came from vLLM's own prefix cache. Three engines, each
+in its own process, share one disk directory:
+1. write-through engine: cold runs, the oracle, then a kvtier memory hit after vLLM's cache is reset;
+2. a restart: hits served from disk; a corrupted entry is a miss with correct output; 200 requests
+   keep the memory tier within capacity;
+3. prefix caching off and small chunked-prefill steps: hits still load and match the oracle.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from kvtier.keys import Namespace, chunk_keys
+from kvtier.layout import KVLayout
+from kvtier.tiers.disk import DiskFiles
+from tests.conftest import free_port
+from tests.e2e.engines import metric, run_engine
+
+pytestmark = pytest.mark.e2e
+
+CHUNK = 256
+
+
+def tokens(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(10, 1000) for _ in range(n)]
+
+
+P = tokens(1, 4 * CHUNK)  # a 1,024-token shared prefix: four chunks
+S1, S2 = tokens(2, 40), tokens(3, 50)
+Q = tokens(4, 2 * CHUNK)  # a second document, used for the corruption test
+QS = tokens(5, 30)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    work = tmp_path_factory.mktemp("e2e")
+    disk = work / "disk"
+    base = {"model": tiny_model, "kv_cache_gib": 1}
+
+    def kvtier(capacity: str) -> dict:
+        return {"memory.capacity": capacity, "disk.path": str(disk), "disk.write_policy": "write_through",
+                "metrics.port": free_port()}
+
+    # Engine 1. Cold runs; oracle (prefix from vLLM's cache); kvtier memory hit after a reset.
+    first = run_engine({**base, "kvtier": kvtier("64MiB"), "actions": [
+        {"op": "generate", "prompts": [P + S2]},
+        {"op": "generate", "prompts": [Q + QS]},
+        {"op": "generate", "prompts": [P + S1]},
+        {"op": "generate", "prompts": [P + S2]},
+        {"op": "reset_prefix_cache"},
+        {"op": "generate", "prompts": [P + S2]},
+        {"op": "metrics"},
+    ]}, work, "first")
+    # Corrupt the first chunk of Q on disk while no engine runs.
+    layout = KVLayout("cpu_lbhnc", 4, 2, 64, 128, "bfloat16")
+    namespace = Namespace("default", tiny_model, layout.fingerprint(), 1)
+    q_key = chunk_keys(namespace.digest(), Q, CHUNK)[0].digest
+    files = DiskFiles(str(disk / layout.fingerprint().hex()[:16]), layout.fingerprint())
+    path = Path(files.path_for(q_key, 0))
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    # Engine 2: restart on the same disk; many one-chunk requests through a small memory tier.
+    many = [tokens(100 + i, CHUNK + 20) for i in range(200)]
+    second = run_engine({**base, "kvtier": kvtier("4MiB"), "actions": [
+        {"op": "generate", "prompts": [P + S2]},
+        {"op": "generate", "prompts": [Q + QS]},
+        {"op": "metrics"},
+        {"op": "generate", "prompts": many, "max_tokens": 1},
+        {"op": "metrics"},
+    ]}, work, "second")
+    # Engine 3: no vLLM prefix cache, prefill in steps of 384 tokens, one batch of three.
+    third = run_engine({**base, "kvtier": kvtier("64MiB"), "prefix_caching": False,
+                        "max_num_batched_tokens": 384, "actions": [
+        {"op": "generate", "prompts": [P + S1]},
+        {"op": "generate", "prompts": [P + S2]},
+        {"op": "generate", "prompts": [P + S1 + S2, Q + QS, P + S2 + S1]},
+        {"op": "metrics"},
+    ]}, work, "third")
+    return {"first": first, "second": second, "third": third, "disk": disk}
+
+
+def test_memory_hit_equals_oracle(runs: dict) -> None:
+    first = runs["first"]
+    oracle, reset_ok, loaded, text = first[3][0], first[4], first[5][0], first[6]
+    assert oracle["num_cached_tokens"] == 4 * CHUNK  # the oracle's prefix came from vLLM's cache
+    assert reset_ok is True
+    assert loaded["num_cached_tokens"] == 4 * CHUNK  # vLLM's cache was empty: these came from kvtier
+    assert loaded["tokens"] == oracle["tokens"]
+    assert loaded["logprobs"] == oracle["logprobs"]
+    assert metric(text, "kvtier_hits_total", "memory") == 4
+    assert metric(text, "kvtier_loaded_tokens_total") == 4 * CHUNK
+
+
+def test_restart_serves_hits_from_disk(runs: dict) -> None:
+    oracle = runs["first"][3][0]
+    restarted, text = runs["second"][0][0], runs["second"][2]
+    assert restarted["num_cached_tokens"] == 4 * CHUNK
+    assert restarted["tokens"] == oracle["tokens"]
+    assert restarted["logprobs"] == oracle["logprobs"]
+    assert metric(text, "kvtier_hits_total", "disk") >= 4
+
+
+def test_corrupt_disk_entry_is_a_miss(runs: dict) -> None:
+    cold_q = runs["first"][1][0]
+    after, text = runs["second"][1][0], runs["second"][2]
+    assert after["num_cached_tokens"] == 0  # chunk 0 was corrupt: nothing of Q is loaded
+    assert after["tokens"] == cold_q["tokens"]  # a full prefill, as in the cold run
+    assert after["logprobs"] == cold_q["logprobs"]
+    assert metric(text, "kvtier_errors_total", "disk") == 1
+
+
+def test_memory_stays_within_capacity(runs: dict) -> None:
+    text = runs["second"][4]
+    capacity = metric(text, "kvtier_capacity_entries", "memory")
+    assert capacity == 8  # 4 MiB of 512 KiB chunks
+    assert 0 < metric(text, "kvtier_entries", "memory") <= capacity
+    # every one of the 200 chunks was stored then evicted, or dropped when all slots were in flight
+    evicted = metric(text, "kvtier_evictions_total", "memory")
+    dropped = metric(text, "kvtier_dropped_stores_total", "memory")
+    assert evicted > 0 and evicted + dropped >= 200 - capacity
+
+
+def test_no_prefix_cache_and_chunked_prefill(runs: dict) -> None:
+    oracle = runs["first"][3][0]
+    first_hit, single, batch, text = runs["third"][0][0], runs["third"][1][0], runs["third"][2], runs["third"][3]
+    assert first_hit["num_cached_tokens"] == 4 * CHUNK  # from disk, written by engine 1
+    assert single["num_cached_tokens"] == 4 * CHUNK  # from memory: vLLM's prefix cache is off
+    assert single["tokens"] == oracle["tokens"]
+    assert single["logprobs"] == oracle["logprobs"]
+    assert [out["num_cached_tokens"] for out in batch] == [4 * CHUNK, 2 * CHUNK, 4 * CHUNK]
+    assert metric(text, "kvtier_hits_total", "disk") >= 4 + 2

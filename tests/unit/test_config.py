@@ -1,0 +1,448 @@
+"""kvtier.config: defaults, the four layers and their order, sizes, errors, sources, describe."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kvtier.config import (DiskConfig, KVTierConfig, LoadedConfig, MemoryConfig, MetricsConfig, describe,
+                           load_config, parse_size)
+from kvtier.errors import ConfigError
+
+GIB = 2**30
+ALL_KEYS = ["chunk_tokens", "namespace", "model_id", "store_decode_tokens", "memory.capacity",
+            "memory.policy", "disk.path", "disk.capacity", "disk.write_policy", "disk.queue_depth",
+            "metrics.port", "metrics.host"]
+
+
+def load(inline: Mapping[str, object] | None = None, env: Mapping[str, str] | None = None) -> LoadedConfig:
+    return load_config(inline or {}, env or {})
+
+
+def write_yaml(tmp_path: Path, text: str, name: str = "kvtier.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def config_error(inline: Mapping[str, object] | None = None,
+                 env: Mapping[str, str] | None = None) -> ConfigError:
+    """The ConfigError that loading raises (the test fails if it raises none)."""
+    with pytest.raises(ConfigError) as info:
+        load(inline, env)
+    return info.value
+
+
+# ---- defaults -------------------------------------------------------------------------------------
+
+def test_defaults() -> None:
+    loaded = load()
+    assert loaded.config == KVTierConfig(
+        chunk_tokens=256, namespace="default", model_id="", store_decode_tokens=False,
+        memory=MemoryConfig(capacity_bytes=2 * GIB, policy="s3fifo"),
+        disk=DiskConfig(path=None, capacity_bytes=16 * GIB, write_policy="spill", queue_depth=64),
+        metrics=MetricsConfig(port=0, host="127.0.0.1"),
+    )
+    assert loaded.sources == dict.fromkeys(ALL_KEYS, "default")
+
+
+def test_config_is_frozen() -> None:
+    config = load().config
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.chunk_tokens = 16  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.memory.capacity_bytes = 1  # type: ignore[misc]
+
+
+# ---- the YAML file --------------------------------------------------------------------------------
+
+FILE_TEXT = """
+chunk_tokens: 512
+namespace: team-a.prod_1
+model_id: my-model
+store_decode_tokens: true
+memory:
+  capacity: 1GiB
+  policy: lru
+disk:
+  path: /var/cache/kvtier
+  capacity: 100 GB
+  write_policy: write_through
+  queue_depth: 8
+metrics:
+  port: 9400
+  host: 0.0.0.0
+"""
+
+
+def test_file_named_inline_sets_every_key(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, FILE_TEXT)
+    loaded = load({"config": path})
+    assert loaded.config == KVTierConfig(
+        chunk_tokens=512, namespace="team-a.prod_1", model_id="my-model", store_decode_tokens=True,
+        memory=MemoryConfig(capacity_bytes=GIB, policy="lru"),
+        disk=DiskConfig(path="/var/cache/kvtier", capacity_bytes=100 * 10**9, write_policy="write_through",
+                        queue_depth=8),
+        metrics=MetricsConfig(port=9400, host="0.0.0.0"),
+    )
+    assert loaded.sources == dict.fromkeys(ALL_KEYS, f"file:{path}")
+
+
+def test_file_named_by_env(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, "chunk_tokens: 64\n")
+    loaded = load(env={"KVTIER_CONFIG": path})
+    assert loaded.config.chunk_tokens == 64
+    assert loaded.sources["chunk_tokens"] == f"file:{path}"
+
+
+def test_inline_file_wins_over_env_file(tmp_path: Path) -> None:
+    inline_path = write_yaml(tmp_path, "chunk_tokens: 64\n", "a.yaml")
+    env_path = write_yaml(tmp_path, "chunk_tokens: 32\n", "b.yaml")
+    assert load({"config": inline_path}, {"KVTIER_CONFIG": env_path}).config.chunk_tokens == 64
+
+
+def test_relative_file_path_is_recorded_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_yaml(tmp_path, "chunk_tokens: 64\n")
+    monkeypatch.chdir(tmp_path)
+    loaded = load({"config": "kvtier.yaml"})
+    assert loaded.sources["chunk_tokens"] == f"file:{os.path.join(str(tmp_path), 'kvtier.yaml')}"
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n"])
+def test_empty_file_gives_defaults(tmp_path: Path, text: str) -> None:
+    loaded = load({"config": write_yaml(tmp_path, text)})
+    assert loaded.config == load().config
+    assert set(loaded.sources.values()) == {"default"}
+
+
+def test_empty_config_path_means_no_file() -> None:
+    assert load({"config": ""}, {"KVTIER_CONFIG": ""}).config == load().config
+
+
+# ---- inline keys (kv_connector_extra_config) ------------------------------------------------------
+
+def test_inline_nested_and_dotted_keys() -> None:
+    loaded = load({"memory": {"capacity": "1GiB"}, "disk.path": "/tmp/kv", "disk": {"queue_depth": 4},
+                   "chunk_tokens": 128})
+    assert loaded.config.memory.capacity_bytes == GIB
+    assert loaded.config.disk.path == "/tmp/kv"
+    assert loaded.config.disk.queue_depth == 4
+    assert loaded.config.chunk_tokens == 128
+    for key in ("memory.capacity", "disk.path", "disk.queue_depth", "chunk_tokens"):
+        assert loaded.sources[key] == "extra_config"
+    assert loaded.sources["memory.policy"] == "default"
+
+
+def test_inline_key_given_nested_and_dotted_is_an_error() -> None:
+    error = config_error({"memory": {"capacity": "1GiB"}, "memory.capacity": "2GiB"})
+    assert error.key == "memory.capacity"
+    assert "given twice" in str(error)
+
+
+@pytest.mark.parametrize("path", [None, ""])
+def test_empty_disk_path_means_off(path: str | None) -> None:
+    loaded = load({"disk": {"path": path}})
+    assert loaded.config.disk.path is None
+    assert loaded.sources["disk.path"] == "extra_config"
+
+
+# ---- environment variables ------------------------------------------------------------------------
+
+def test_env_sets_every_key() -> None:
+    env = {"KVTIER_CHUNK_TOKENS": "512", "KVTIER_NAMESPACE": "t1", "KVTIER_MODEL_ID": "m",
+           "KVTIER_STORE_DECODE_TOKENS": "yes", "KVTIER_MEMORY_CAPACITY": "512MiB",
+           "KVTIER_MEMORY_POLICY": "lru", "KVTIER_DISK_PATH": "/d", "KVTIER_DISK_CAPACITY": "1.5GB",
+           "KVTIER_DISK_WRITE_POLICY": "write_through", "KVTIER_DISK_QUEUE_DEPTH": "16",
+           "KVTIER_METRICS_PORT": "9400", "KVTIER_METRICS_HOST": "::1"}
+    loaded = load(env=env)
+    assert loaded.config == KVTierConfig(
+        chunk_tokens=512, namespace="t1", model_id="m", store_decode_tokens=True,
+        memory=MemoryConfig(capacity_bytes=512 * 2**20, policy="lru"),
+        disk=DiskConfig(path="/d", capacity_bytes=1_500_000_000, write_policy="write_through",
+                        queue_depth=16),
+        metrics=MetricsConfig(port=9400, host="::1"),
+    )
+    assert loaded.sources == {key: f"env:KVTIER_{key.replace('.', '_').upper()}" for key in ALL_KEYS}
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("true", True), ("TRUE", True), ("1", True), ("yes", True), (" Yes ", True),
+    ("false", False), ("False", False), ("0", False), ("no", False), ("NO", False),
+])
+def test_env_bool_words(text: str, expected: bool) -> None:
+    assert load(env={"KVTIER_STORE_DECODE_TOKENS": text}).config.store_decode_tokens is expected
+
+
+def test_env_empty_disk_path_turns_disk_off() -> None:
+    loaded = load({"disk": {"path": "/d"}}, {"KVTIER_DISK_PATH": ""})
+    assert loaded.config.disk.path is None
+    assert loaded.sources["disk.path"] == "env:KVTIER_DISK_PATH"
+
+
+def test_unrelated_env_vars_are_ignored() -> None:
+    assert load(env={"HOME": "/root", "KVTIERX": "1", "VLLM_X": "1"}).config == load().config
+
+
+# ---- precedence -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("layers", "capacity_bytes", "source"), [
+    ({"file", "inline", "env"}, 4 * GIB, "env:KVTIER_MEMORY_CAPACITY"),
+    ({"file", "inline"}, 3 * GIB, "extra_config"),
+    ({"file"}, 1 * GIB, "file"),
+    (set(), 2 * GIB, "default"),
+])
+def test_precedence_default_file_inline_env(tmp_path: Path, layers: set[str], capacity_bytes: int,
+                                            source: str) -> None:
+    path = write_yaml(tmp_path, "memory:\n  capacity: 1GiB\n")
+    inline: dict[str, object] = {"config": path} if "file" in layers else {}
+    if "inline" in layers:
+        inline["memory.capacity"] = "3GiB"
+    env = {"KVTIER_MEMORY_CAPACITY": "4GiB"} if "env" in layers else {}
+    loaded = load(inline, env)
+    assert loaded.config.memory.capacity_bytes == capacity_bytes
+    assert loaded.sources["memory.capacity"] == (f"file:{path}" if source == "file" else source)
+
+
+def test_env_over_inline_without_file() -> None:
+    loaded = load({"chunk_tokens": 64}, {"KVTIER_CHUNK_TOKENS": "32"})
+    assert loaded.config.chunk_tokens == 32
+    assert loaded.sources["chunk_tokens"] == "env:KVTIER_CHUNK_TOKENS"
+
+
+def test_bad_value_in_an_overridden_layer_is_still_an_error() -> None:
+    error = config_error({"chunk_tokens": "abc"}, {"KVTIER_CHUNK_TOKENS": "32"})
+    assert error.key == "chunk_tokens"
+    assert "extra_config" in str(error)
+
+
+# ---- errors ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("inline", "key", "suggestion"), [
+    ({"chunk_token": 16}, "chunk_token", "chunk_tokens"),
+    ({"memroy": {"capacity": 1}}, "memroy", "memory"),
+    ({"memory": {"capasity": 1}}, "memory.capasity", "memory.capacity"),
+    ({"disk.write_polcy": "spill"}, "disk.write_polcy", "disk.write_policy"),
+    ({"zzz": 1}, "zzz", None),
+])
+def test_unknown_inline_key(inline: dict[str, object], key: str, suggestion: str | None) -> None:
+    error = config_error(inline)
+    assert error.key == key
+    assert "unknown key" in str(error) and "extra_config" in str(error)
+    if suggestion is None:
+        assert "did you mean" not in str(error)
+    else:
+        assert f"did you mean {suggestion!r}" in str(error)
+
+
+def test_unknown_key_in_file_names_the_file(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, "metrics:\n  prot: 9400\n")
+    error = config_error({"config": path})
+    assert error.key == "metrics.prot"
+    assert f"file:{path}" in str(error)
+    assert "did you mean 'metrics.port'" in str(error)
+
+
+def test_unknown_env_var() -> None:
+    error = config_error(env={"KVTIER_MEMORY_CAPACTY": "1GiB"})
+    assert error.key == "KVTIER_MEMORY_CAPACTY"
+    assert "env:KVTIER_MEMORY_CAPACTY" in str(error)
+    assert "did you mean 'KVTIER_MEMORY_CAPACITY'" in str(error)
+
+
+@pytest.mark.parametrize(("inline", "key"), [
+    ({"chunk_tokens": "abc"}, "chunk_tokens"),
+    ({"chunk_tokens": "256"}, "chunk_tokens"),  # file and inline values are typed: no string ints
+    ({"chunk_tokens": True}, "chunk_tokens"),
+    ({"chunk_tokens": 1.5}, "chunk_tokens"),
+    ({"chunk_tokens": 0}, "chunk_tokens"),
+    ({"chunk_tokens": -16}, "chunk_tokens"),
+    ({"chunk_tokens": None}, "chunk_tokens"),
+    ({"namespace": ""}, "namespace"),
+    ({"namespace": "has space"}, "namespace"),
+    ({"namespace": "a/b"}, "namespace"),
+    ({"namespace": "x" * 65}, "namespace"),
+    ({"namespace": 7}, "namespace"),
+    ({"model_id": None}, "model_id"),
+    ({"store_decode_tokens": "yes"}, "store_decode_tokens"),
+    ({"store_decode_tokens": 1}, "store_decode_tokens"),
+    ({"memory": ["capacity", 1]}, "memory"),
+    ({"memory": "1GiB"}, "memory"),
+    ({"memory.capacity": 0}, "memory.capacity"),
+    ({"memory.capacity": "0GiB"}, "memory.capacity"),
+    ({"memory.capacity": -1}, "memory.capacity"),
+    ({"memory.capacity": "-1GiB"}, "memory.capacity"),
+    ({"memory.capacity": "lots"}, "memory.capacity"),
+    ({"memory.capacity": "2 GiBs"}, "memory.capacity"),
+    ({"memory.capacity": 2.5}, "memory.capacity"),
+    ({"memory.capacity": True}, "memory.capacity"),
+    ({"memory.policy": "fifo"}, "memory.policy"),
+    ({"memory.policy": "LRU"}, "memory.policy"),
+    ({"disk.path": 5}, "disk.path"),
+    ({"disk.capacity": 0}, "disk.capacity"),
+    ({"disk.write_policy": "write-back"}, "disk.write_policy"),
+    ({"disk.queue_depth": 0}, "disk.queue_depth"),
+    ({"metrics.port": 65536}, "metrics.port"),
+    ({"metrics.port": -1}, "metrics.port"),
+    ({"metrics.port": "9400"}, "metrics.port"),
+    ({"metrics.host": ""}, "metrics.host"),
+])
+def test_bad_inline_value_names_key_and_source(inline: dict[str, object], key: str) -> None:
+    error = config_error(inline)
+    assert error.key == key
+    assert str(error).startswith(f"{key}: ")
+    assert "(from extra_config)" in str(error)
+
+
+@pytest.mark.parametrize(("env", "key"), [
+    ({"KVTIER_CHUNK_TOKENS": "abc"}, "chunk_tokens"),
+    ({"KVTIER_CHUNK_TOKENS": "1.5"}, "chunk_tokens"),
+    ({"KVTIER_CHUNK_TOKENS": ""}, "chunk_tokens"),
+    ({"KVTIER_CHUNK_TOKENS": "-8"}, "chunk_tokens"),
+    ({"KVTIER_STORE_DECODE_TOKENS": "maybe"}, "store_decode_tokens"),
+    ({"KVTIER_MEMORY_CAPACITY": "0"}, "memory.capacity"),
+    ({"KVTIER_MEMORY_CAPACITY": "2 gigs"}, "memory.capacity"),
+    ({"KVTIER_METRICS_PORT": "http"}, "metrics.port"),
+    ({"KVTIER_METRICS_PORT": "99999"}, "metrics.port"),
+    ({"KVTIER_DISK_WRITE_POLICY": "always"}, "disk.write_policy"),
+])
+def test_bad_env_value_names_key_and_variable(env: dict[str, str], key: str) -> None:
+    error = config_error(env=env)
+    assert error.key == key
+    assert f"(from env:{next(iter(env))})" in str(error)
+
+
+def test_bad_file_value_names_key_and_file(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, "disk:\n  queue_depth: [1, 2]\n")
+    error = config_error({"config": path})
+    assert error.key == "disk.queue_depth"
+    assert f"(from file:{path})" in str(error)
+
+
+def test_section_not_a_mapping_in_file(tmp_path: Path) -> None:
+    error = config_error({"config": write_yaml(tmp_path, "disk: /var/cache\n")})
+    assert error.key == "disk"
+    assert "mapping" in str(error)
+
+
+def test_non_string_key_in_file(tmp_path: Path) -> None:
+    error = config_error({"config": write_yaml(tmp_path, "memory:\n  1: x\n")})
+    assert error.key == "1"
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("- a\n- b\n", "mapping"),
+    ("just a string\n", "mapping"),
+    ("memory: {capacity: [\n", "not valid YAML"),
+])
+def test_file_that_is_not_a_mapping(tmp_path: Path, text: str, words: str) -> None:
+    error = config_error({"config": write_yaml(tmp_path, text)})
+    assert error.key == "config"
+    assert words in str(error)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    missing = str(tmp_path / "nope.yaml")
+    for inline, env in (({"config": missing}, {}), ({}, {"KVTIER_CONFIG": missing})):
+        error = config_error(inline, env)
+        assert error.key == "config"
+        assert "not found" in str(error) and missing in str(error)
+
+
+def test_file_path_that_is_a_directory(tmp_path: Path) -> None:
+    assert config_error({"config": str(tmp_path)}).key == "config"
+
+
+def test_config_path_of_wrong_type() -> None:
+    error = config_error({"config": ["a.yaml"]})
+    assert error.key == "config"
+    assert "extra_config" in str(error)
+
+
+def test_config_key_is_not_allowed_inside_the_file(tmp_path: Path) -> None:
+    error = config_error({"config": write_yaml(tmp_path, "config: other.yaml\n")})
+    assert error.key == "config"
+    assert "unknown key" in str(error)
+
+
+# ---- sizes ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("text", "num_bytes"), [
+    ("2GiB", 2 * GIB), ("512MiB", 512 * 2**20), ("1.5GB", 1_500_000_000), ("100KB", 100_000),
+    ("4096", 4096), ("0", 0), (0, 0), (4096, 4096), ("2 gib", 2 * GIB), ("2GIB", 2 * GIB),
+    ("1.5 GiB", 3 * GIB // 2), ("0.5KiB", 512), ("1.1KiB", 1126), ("7b", 7), ("1TiB", 2**40),
+    ("3tb", 3 * 10**12), (" 8 MB ", 8 * 10**6),
+])
+def test_parse_size_examples(text: str | int, num_bytes: int) -> None:
+    assert parse_size(text, "memory.capacity") == num_bytes
+
+
+@pytest.mark.parametrize("text", ["", "GiB", "-1", -1, "1.5.5GB", "1e9", "2 GiBs", "2PiB", "0x10", ".5GB",
+                                  "one GiB", "inf", "nan"])
+def test_parse_size_rejects(text: str | int) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_size(text, "disk.capacity")
+    assert info.value.key == "disk.capacity"
+
+
+@pytest.mark.parametrize("value", [True, 1.5, None, [1]])
+def test_parse_size_rejects_other_types(value: object) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_size(value, "disk.capacity")  # type: ignore[arg-type]
+    assert info.value.key == "disk.capacity"
+
+
+UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+         "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+
+
+@given(count=st.integers(0, 2**40), unit=st.sampled_from(sorted(UNITS)), space=st.sampled_from(["", " "]),
+       case=st.sampled_from([str, str.lower, str.upper]))
+def test_parse_size_integer_counts(count: int, unit: str, space: str, case: object) -> None:
+    text = f"{count}{space}{case(unit)}"  # type: ignore[operator]
+    assert parse_size(text, "k") == count * UNITS[unit]
+
+
+@given(whole=st.integers(0, 10**6), tenths=st.integers(0, 9), unit=st.sampled_from(sorted(UNITS)))
+def test_parse_size_decimal_counts_round_down(whole: int, tenths: int, unit: str) -> None:
+    assert parse_size(f"{whole}.{tenths}{unit}", "k") == (whole * 10 + tenths) * UNITS[unit] // 10
+
+
+@given(st.integers(1, 2**50))
+def test_describe_size_round_trips(num_bytes: int) -> None:
+    rows = {key: value for key, value, _ in describe(load({"memory.capacity": num_bytes}))}
+    assert parse_size(rows["memory.capacity"], "k") == num_bytes
+
+
+# ---- describe -------------------------------------------------------------------------------------
+
+def test_describe_rows(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, "chunk_tokens: 512\nmemory:\n  policy: lru\n")
+    loaded = load({"config": path, "disk.capacity": "1.5GB", "disk.path": "/kv"},
+                  {"KVTIER_STORE_DECODE_TOKENS": "1", "KVTIER_METRICS_PORT": "9400"})
+    file_source = f"file:{path}"
+    assert describe(loaded) == [
+        ("chunk_tokens", "512", file_source),
+        ("namespace", '"default"', "default"),
+        ("model_id", '""', "default"),
+        ("store_decode_tokens", "true", "env:KVTIER_STORE_DECODE_TOKENS"),
+        ("memory.capacity", "2GiB", "default"),
+        ("memory.policy", '"lru"', file_source),
+        ("disk.path", '"/kv"', "extra_config"),
+        ("disk.capacity", "1500MB", "extra_config"),
+        ("disk.write_policy", '"spill"', "default"),
+        ("disk.queue_depth", "64", "default"),
+        ("metrics.port", "9400", "env:KVTIER_METRICS_PORT"),
+        ("metrics.host", '"127.0.0.1"', "default"),
+    ]
+
+
+def test_describe_disk_off_is_null() -> None:
+    rows = {key: value for key, value, _ in describe(load())}
+    assert rows["disk.path"] == "null"
+    assert rows["store_decode_tokens"] == "false"
