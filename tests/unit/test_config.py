@@ -46,7 +46,7 @@ def test_defaults() -> None:
     assert loaded.config == KVTierConfig(
         chunk_tokens=256, namespace="default", model_id="", store_decode_tokens=False,
         memory=MemoryConfig(capacity_bytes=2 * GIB, policy="s3fifo"),
-        disk=DiskConfig(path=None, capacity_bytes=16 * GIB, write_policy="spill", queue_depth=64),
+        disk=DiskConfig(path=None, capacity_bytes=16 * GIB, write_policy="write_through", queue_depth=64),
         metrics=MetricsConfig(port=0, host="127.0.0.1"),
     )
     assert loaded.sources == dict.fromkeys(ALL_KEYS, "default")
@@ -435,7 +435,7 @@ def test_describe_rows(tmp_path: Path) -> None:
         ("memory.policy", '"lru"', file_source),
         ("disk.path", '"/kv"', "extra_config"),
         ("disk.capacity", "1500MB", "extra_config"),
-        ("disk.write_policy", '"spill"', "default"),
+        ("disk.write_policy", '"write_through"', "default"),
         ("disk.queue_depth", "64", "default"),
         ("metrics.port", "9400", "env:KVTIER_METRICS_PORT"),
         ("metrics.host", '"127.0.0.1"', "default"),
