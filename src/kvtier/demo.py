@@ -196,13 +196,16 @@ def run_demo(options: DemoOptions, progress: Progress) -> dict[str, object]:
         for configuration in CONFIGURATIONS:
             runs.append(run_configuration(configuration, options, model_dir, workload, count_tokens,
                                           scratch_dir, progress))
+            if runs[-1].error is not None:
+                break  # nothing left to compare with
     results = results_dict(options, model_dir, workload, runs, time.monotonic() - started_s)
     with open(os.path.join(options.out_dir, "results.json"), "w") as file:
         json.dump(results, file, indent=2, allow_nan=False, default=_json_default)
-    print(report(runs))
-    plot_path = os.path.join(options.out_dir, "ttft_per_round.png")
-    if plot_ttft_per_round(runs, workload.num_rounds, plot_path, progress):
-        print(f"\nresults: {os.path.join(options.out_dir, 'results.json')}  plot: {plot_path}")
+    if any(run.requests for run in runs):
+        print(report(runs))
+        plot_path = os.path.join(options.out_dir, "ttft_per_round.png")
+        if plot_ttft_per_round(runs, workload.num_rounds, plot_path, progress):
+            print(f"\nresults: {os.path.join(options.out_dir, 'results.json')}  plot: {plot_path}")
     failed = [run for run in runs if run.error is not None]
     if failed:
         raise ServerError(failed[0].error or "")
@@ -307,8 +310,8 @@ def example(runs: list[ConfigurationRun]) -> list[str]:
 
 
 def plot_ttft_per_round(runs: list[ConfigurationRun], num_rounds: int, path: str, progress: Progress) -> bool:
-    """TTFT per round: every request as a dot, the mean per round as a line. False if matplotlib is
-    missing."""
+    """TTFT per round: every request as a dot, the mean per round as a line. False (and no file) if
+    matplotlib is missing or no request was answered."""
     try:
         import matplotlib
 
@@ -316,6 +319,8 @@ def plot_ttft_per_round(runs: list[ConfigurationRun], num_rounds: int, path: str
         import matplotlib.pyplot as plt
     except ImportError:
         progress("matplotlib is not installed (pip install 'kvtier[demo]'): no plot")
+        return False
+    if not any(run.requests for run in runs):
         return False
     figure, axes = plt.subplots(figsize=(6.4, 4.0))
     rounds = list(range(1, num_rounds + 1))

@@ -36,6 +36,7 @@ class Metrics:
         self.entries = Gauge("kvtier_entries", "Entries a tier holds now", ["tier"], registry=reg)
         self.capacity_entries = Gauge("kvtier_capacity_entries", "Entries a tier can hold", ["tier"],
                                       registry=reg)
+        self.lease_owners = Gauge("kvtier_lease_owners", "Requests holding leases on entries", registry=reg)
         self.lookup_seconds = Histogram("kvtier_lookup_seconds", "Scheduler-side lookup latency",
                                         buckets=_LATENCY_BUCKETS_S, registry=reg)
         self.load_seconds = Histogram("kvtier_load_seconds", "Worker-side load latency per step",

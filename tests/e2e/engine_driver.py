@@ -24,9 +24,10 @@ def run(spec: dict) -> list:
     if spec.get("kvtier") is not None:
         transfer = KVTransferConfig(kv_connector="KVTierConnector", kv_connector_module_path="kvtier.integrations.vllm",
                                     kv_role="kv_both", kv_connector_extra_config=spec["kvtier"])
-    llm = LLM(model=spec["model"], max_model_len=4096, enforce_eager=True, block_size=128,
+    llm = LLM(model=spec["model"], max_model_len=spec.get("max_model_len", 4096), enforce_eager=True, block_size=128,
               enable_prefix_caching=spec.get("prefix_caching", True), kv_transfer_config=transfer,
-              max_num_batched_tokens=spec.get("max_num_batched_tokens", 4096), seed=0)
+              max_num_batched_tokens=spec.get("max_num_batched_tokens", 4096), seed=0,
+              num_gpu_blocks_override=spec.get("num_blocks"))
     results = []
     for action in spec["actions"]:
         if action["op"] == "generate":

@@ -8,6 +8,7 @@ terminal reaches only us, and ``stop`` ends the whole group (API server, EngineC
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -25,7 +26,9 @@ HOST = "127.0.0.1"
 _POLL_S = 0.5
 _PROGRESS_EVERY_S = 10.0
 _STOP_GRACE_S = 20.0
-_ERROR_WORDS = ("Error", "error:", "Traceback", "Exception")
+_ERROR_WORDS = ("Error", "ERROR", "error:", "Exception")
+_LOG_PREFIX = re.compile(r"^\(\w+ pid=\d+\) (?:\w+ [\d-]+ [\d:.]+ \[[^\]]*\] )?")  # vLLM's process and level
+_EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception|Interrupt): ")
 
 
 @dataclass(frozen=True)
@@ -76,10 +79,15 @@ def log_tail(path: str, num_lines: int) -> list[str]:
 
 
 def first_error_line(lines: list[str]) -> str | None:
-    """The last log line that looks like an error (the cause is usually printed last)."""
-    for line in reversed(lines):
+    """The log's most telling error: its first exception line (in a start-up failure that is the
+    root cause; later ones only report it), else its last line that mentions an error."""
+    stripped = [_LOG_PREFIX.sub("", line).strip() for line in lines]
+    for line in stripped:
+        if _EXCEPTION_LINE.match(line):
+            return line
+    for line in reversed(stripped):
         if any(word in line for word in _ERROR_WORDS):
-            return line.strip()
+            return line
     return None
 
 
@@ -151,7 +159,7 @@ class ServerProcess:
         process.wait()
 
     def _failure(self, what: str) -> str:
-        cause = first_error_line(log_tail(self.spec.log_path, 60))
+        cause = first_error_line(log_tail(self.spec.log_path, 2000))
         detail = f": {cause}" if cause else ""
         return f"{self.spec.name} server {what} (log: {self.spec.log_path}){detail}"
 

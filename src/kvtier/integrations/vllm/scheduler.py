@@ -145,6 +145,7 @@ class SchedulerSide:
         self._loaded_owners = []
         for req_id in scheduler_output.preempted_req_ids or ():
             self.store.leases.release(req_id)
+        self.metrics.lease_owners.set(self.store.leases.num_owners())
         ops = self.store.take_ops()
         plan.spills, plan.promotes = ops.spills, ops.promotes
         plan.write_through, plan.deletes = ops.write_through, ops.deletes
@@ -188,6 +189,7 @@ class SchedulerSide:
     def request_finished(self, request: "Request") -> None:
         self.store.leases.release(request.request_id)
         self.requests.pop(request.request_id, None)
+        self.metrics.lease_owners.set(self.store.leases.num_owners())
 
     # ----- helpers ---------------------------------------------------------------------------
     def _state(self, request: "Request") -> RequestState:

@@ -1,0 +1,241 @@
+"""Redis and Valkey remote tier (redis-py is imported only here). Contract: ``tiers/remote.py``.
+
+URLs: ``redis://[user[:password]@]host[:port][/db]``, ``rediss://...`` (TLS, CA from ``tls_ca``),
+``redis+cluster://[user[:password]@]host:port,host:port`` and ``rediss+cluster://...`` (Redis
+Cluster; the listed nodes are seeds, the client discovers the rest). ``username``/``password``
+options, when given, win over the URL's.
+
+Data path: one value per entry, written with ``SET name value NX [EX ttl_s]`` (an existing value
+is neither overwritten nor has its TTL refreshed) and read with pipelined GETs, in groups of
+about 16 MiB per round trip. Large values travel without joining or copying on the client side:
+a custom command packer sends header and payload as separate buffers of one bulk string (redis-py's
+hiredis packer copies every command into one buffer, which makes a 6 MB SET about 3x slower).
+Socket connect and read timeouts are ``timeout_s`` and redis-py's own retries are off.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import redis
+from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.connection import PythonRespSerializer
+from redis.retry import Retry
+
+from kvtier.entry import HEADER_BYTES
+from kvtier.errors import ConfigError
+from kvtier.tiers.remote import Fetched, RemoteOptions, RemoteTier
+
+logger = logging.getLogger(__name__)
+
+_BATCH_BYTES = 16 << 20  # one pipelined round trip fetches about this much
+_DEFAULT_PORT = 6379
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """Where and how to connect, parsed from a URL plus options."""
+
+    nodes: tuple[tuple[str, int], ...]
+    db: int
+    tls: bool
+    cluster: bool
+    username: str | None
+    password: str | None
+
+    def describe(self) -> str:
+        scheme = ("rediss" if self.tls else "redis") + ("+cluster" if self.cluster else "")
+        return f"{scheme}://{','.join(f'{host}:{port}' for host, port in self.nodes)}/{self.db}"
+
+
+def parse_url(url: str, options: RemoteOptions) -> RedisTarget:
+    """Parse a redis URL (see the module docstring); ``ConfigError("remote.url", ...)`` if malformed."""
+    scheme, _, rest = url.partition("://")
+    netloc, _, path = rest.partition("/")
+    userinfo, _, hosts = netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    nodes = tuple(_parse_node(url, node) for node in hosts.split(",") if node)
+    cluster = scheme.endswith("+cluster")
+    if not nodes or (len(nodes) > 1 and not cluster):
+        raise ConfigError("remote.url", f"{_mask(url)} must name one host (several only with +cluster)")
+    if not path.isdigit() and path != "":
+        raise ConfigError("remote.url", f"{_mask(url)}: the path must be a database number")
+    db = int(path or 0)
+    if cluster and db != 0:
+        raise ConfigError("remote.url", f"{_mask(url)}: Redis Cluster has only database 0")
+    return RedisTarget(nodes, db, scheme.startswith("rediss"), cluster,
+                       options.username or user or None, options.password or password or None)
+
+
+class RedisTier(RemoteTier):
+    """A Redis/Valkey server or cluster holding entries under ``kvtier/<key>.<rank>``."""
+
+    io_errors = (redis.RedisError, redis.exceptions.RedisClusterException, OSError)
+
+    def __init__(self, target: RedisTarget, options: RemoteOptions) -> None:
+        """Connects at once; an unreachable server leaves the tier unhealthy (no exception)."""
+        super().__init__(target.describe(), options.timeout_s)
+        self.target = target
+        self.ttl_s = options.ttl_s
+        self._tls_ca = options.tls_ca
+        self._client: redis.Redis | RedisCluster | None = None
+        self._start()
+
+    def _connect(self) -> None:
+        if self._client is None:
+            self._client = self._make_client()
+        self._client.ping()
+
+    def _make_client(self) -> redis.Redis | RedisCluster:
+        common = dict(username=self.target.username, password=self.target.password,
+                      socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s)
+        if self.target.tls:
+            common.update(ssl=True, ssl_ca_certs=self._tls_ca)
+        no_retry = Retry(NoBackoff(), 0)
+        if self.target.cluster:
+            return RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in self.target.nodes],
+                                retry=no_retry, connection_class=_connection_class(self.target.tls),
+                                **common)
+        host, port = self.target.nodes[0]
+        pool = redis.ConnectionPool(connection_class=_connection_class(self.target.tls), host=host,
+                                    port=port, db=self.target.db, retry=no_retry, **_without_ssl(common))
+        return redis.Redis(connection_pool=pool)
+
+    @property
+    def client(self) -> redis.Redis | RedisCluster:
+        """The redis-py client (connected); for tests and benchmarks."""
+        assert self._client is not None, "the tier has not connected yet"
+        return self._client
+
+    def _count_prefix(self, names: Sequence[str]) -> int:
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            pipe.exists(name)
+        found = pipe.execute()
+        count = 0
+        while count < len(found) and found[count]:
+            count += 1
+        return count
+
+    def _fetch_many(self, items: Sequence[tuple[str, memoryview]]) -> list[Fetched | None]:
+        fetched: list[Fetched | None] = []
+        for group in _groups(items, _BATCH_BYTES):
+            pipe = self.client.pipeline(transaction=False)
+            for name, _ in group:
+                pipe.get(name)
+            values = pipe.execute()
+            fetched.extend(_place(value, out) for value, (_, out) in zip(values, group))
+        return fetched
+
+    def _put_new(self, name: str, header: bytes, payload: memoryview) -> bool:
+        # Returns True (set) or None (exists): both mean the value is there.
+        self.client.set(name, _Joined((memoryview(header), payload)), nx=True, ex=self.ttl_s)  # type: ignore[arg-type]
+        return True
+
+    def _delete_many(self, names: Sequence[str]) -> int:
+        return int(self.client.delete(*names))
+
+    def _close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+
+def open_tier(url: str, options: RemoteOptions) -> RemoteTier:
+    """Registry entry for ``redis://``, ``rediss://``, ``redis+cluster://``, ``rediss+cluster://``."""
+    return RedisTier(parse_url(url, options), options)
+
+
+@dataclass(frozen=True)
+class _Joined:
+    """One Redis value sent as several buffers (entry header, payload) without joining them."""
+
+    parts: tuple[memoryview, ...]
+
+
+class _Packer(PythonRespSerializer):
+    """redis-py's pure-Python RESP packer (keeps large arguments as separate chunks, no copy),
+    plus ``_Joined`` values: one bulk string whose bytes come from several buffers."""
+
+    def pack(self, *args: object) -> list[bytes | memoryview]:
+        if not any(isinstance(arg, _Joined) for arg in args):
+            return super().pack(*args)  # type: ignore[no-any-return]
+        small = bytearray(b"*%d\r\n" % len(args))
+        output: list[bytes | memoryview] = []
+        for arg in args:
+            parts = arg.parts if isinstance(arg, _Joined) else (memoryview(self.encode(arg)),)
+            small += b"$%d\r\n" % sum(part.nbytes for part in parts)
+            for part in parts:
+                if part.nbytes > self._buffer_cutoff:
+                    output.extend((bytes(small), part))
+                    small = bytearray()
+                else:
+                    small += part
+            small += b"\r\n"
+        output.append(bytes(small))
+        return output
+
+
+class _PackerMixin:
+    """Connection mixin: use ``_Packer`` (whatever parser redis-py picks, hiredis included)."""
+
+    _buffer_cutoff: int
+    encoder: redis.connection.Encoder
+
+    def _construct_command_packer(self, packer: object) -> _Packer:
+        return _Packer(self._buffer_cutoff, self.encoder.encode)
+
+
+class _Connection(_PackerMixin, redis.Connection):
+    pass
+
+
+class _SSLConnection(_PackerMixin, redis.SSLConnection):
+    pass
+
+
+def _connection_class(tls: bool) -> type[redis.Connection]:
+    return _SSLConnection if tls else _Connection
+
+
+def _without_ssl(params: dict[str, object]) -> dict[str, object]:
+    """Connection-pool parameters: ``ssl=True`` is expressed by the connection class instead."""
+    return {name: value for name, value in params.items() if name != "ssl"}
+
+
+def _place(value: bytes | None, out: memoryview) -> Fetched | None:
+    """Copy the payload of ``value`` into ``out`` when its length fits exactly."""
+    if value is None:
+        return None
+    view = memoryview(value)
+    if view.nbytes == HEADER_BYTES + out.nbytes:
+        out[:] = view[HEADER_BYTES:]
+    return Fetched(bytes(view[:HEADER_BYTES]), view.nbytes)
+
+
+def _groups(items: Sequence[tuple[str, memoryview]], batch_bytes: int) -> Iterator[Sequence[tuple[str, memoryview]]]:
+    """Consecutive slices of ``items`` of at most about ``batch_bytes`` expected bytes (at least one item)."""
+    start, num_bytes = 0, 0
+    for index, (_, out) in enumerate(items):
+        if index > start and num_bytes + out.nbytes > batch_bytes:
+            yield items[start:index]
+            start, num_bytes = index, 0
+        num_bytes += out.nbytes
+    if start < len(items):
+        yield items[start:]
+
+
+def _parse_node(url: str, node: str) -> tuple[str, int]:
+    host, _, port = node.rpartition(":") if ":" in node else (node, "", str(_DEFAULT_PORT))
+    if not host or not port.isdigit():
+        raise ConfigError("remote.url", f"{_mask(url)}: bad host:port {node!r}")
+    return host, int(port)
+
+
+def _mask(url: str) -> str:
+    """``url`` without its password, for messages."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, hosts = rest.rpartition("@")
+    return f"{scheme}{sep}{userinfo.partition(':')[0]}:***@{hosts}" if at else url

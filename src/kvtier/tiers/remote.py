@@ -1,0 +1,306 @@
+"""Remote tiers: a shared store reached over the network (Redis/Valkey, S3). The contract.
+
+Object names: ``kvtier/<32 hex key>.<rank>`` (S3: under the URL's prefix). A value is an entry
+(``kvtier.entry``: header, then payload), so every value says which key, rank and layout it
+holds and is verified (header, length, checksum) on every read. A value that does not match its
+key, is truncated, corrupt, of another codec or of another layout reads as
+``ReadResult.CORRUPT``: it is counted in ``num_corrupt``, deleted best-effort, and its bytes
+never reach the caller as data.
+
+Failure model: no method raises on I/O failure. A failed call returns a miss (``MISSING``,
+``False``, ``0``), increments ``num_errors`` and marks the tier unhealthy. While unhealthy,
+calls return misses at once, without touching the network, until ``retry_after_s`` has passed
+(exponential backoff from 1 s, doubling up to 30 s); the next call then probes the server, and
+a success marks the tier healthy again. Each network operation has a deadline of ``timeout_s``
+(given at construction); no client-side retries are made, so a call against a dead or stalled
+server returns within about ``timeout_s``. A server unreachable at start does not raise: the
+tier starts unhealthy and logs a warning. Bad configuration raises ``ConfigError``.
+
+Threading: every method may be called from any thread, by one thread at a time per instance.
+
+Backends subclass ``RemoteTier`` and implement the underscore primitives below; the public
+methods (health, naming, entry framing and verification) live here once. Backends are loaded
+lazily by URL scheme (``open_remote``), so redis-py and boto3 are imported only when used.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from kvtier.entry import CODEC_RAW, HEADER_BYTES, EntryHeader, check_entry, decode_header, \
+    encode_header, payload_checksum
+from kvtier.errors import ConfigError, EntryError
+from kvtier.tiers.disk import ReadResult
+
+logger = logging.getLogger(__name__)
+
+OBJECT_PREFIX = "kvtier/"
+FIRST_BACKOFF_S = 1.0
+MAX_BACKOFF_S = 30.0
+INSTALL_HINT = "pip install 'kvtier[remote]'"
+
+# scheme -> module that implements it; each module has ``open_tier(url, options) -> RemoteTier``.
+_BACKENDS = {
+    "redis": "kvtier.tiers.redis_tier",
+    "rediss": "kvtier.tiers.redis_tier",
+    "redis+cluster": "kvtier.tiers.redis_tier",
+    "rediss+cluster": "kvtier.tiers.redis_tier",
+    "s3": "kvtier.tiers.s3_tier",
+}
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class RemoteOptions:
+    """Everything a backend needs besides its URL. Checked on construction (``ConfigError``)."""
+
+    ttl_s: int | None
+    timeout_s: float
+    username: str | None = None
+    password: str | None = None
+    tls_ca: str | None = None
+    s3_endpoint: str | None = None
+    s3_region: str | None = None
+    access_key: str | None = None
+    secret_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.timeout_s > 0:
+            raise ConfigError("remote.timeout_s", f"must be positive, got {self.timeout_s}")
+        if self.ttl_s is not None and self.ttl_s <= 0:
+            raise ConfigError("remote.ttl_s", f"must be positive or unset, got {self.ttl_s}")
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """What a backend read for one name: the value's first bytes and its full length."""
+
+    header: bytes  # the first HEADER_BYTES bytes of the value (fewer, or none, if its length is wrong)
+    value_bytes: int  # the stored value's length in bytes
+
+
+def object_name(key: bytes, rank: int) -> str:
+    """``kvtier/<32 hex key>.<rank>``: the name of one chunk shard in a remote store."""
+    if len(key) != 16:
+        raise ValueError(f"a storage key is 16 bytes, got {len(key)}")
+    return f"{OBJECT_PREFIX}{key.hex()}.{rank}"
+
+
+class RemoteTier(abc.ABC):
+    """Shared store reached over the network; see the module docstring for the contract."""
+
+    #: Exceptions a backend's primitives raise on I/O failure; anything else is a bug and propagates.
+    io_errors: tuple[type[Exception], ...] = (OSError,)
+
+    def __init__(self, description: str, timeout_s: float) -> None:
+        """``description`` names the store in logs (never with credentials). Backends call
+        ``self._start()`` at the end of their own ``__init__``."""
+        self.description = description
+        self.timeout_s = timeout_s
+        self.num_errors = 0
+        self.num_corrupt = 0
+        self._healthy = True
+        self._connected = False
+        self._backoff_s = 0.0
+        self._retry_at = 0.0
+
+    # ----------------------------------------------------------------- public contract
+
+    def exists_prefix(self, keys: Sequence[bytes], rank: int = 0) -> int:
+        """How many consecutive ``keys`` from the start the store holds for ``rank`` (one round
+        trip where the backend allows). 0 on failure or while unhealthy."""
+        if not keys:
+            return 0
+        names = [self.name_for(key, rank) for key in keys]
+        return self._guarded(lambda: self._count_prefix(names), 0)
+
+    def get_into(self, key: bytes, rank: int, out: memoryview, layout_fingerprint: bytes) -> ReadResult:
+        """Fetch the entry of ``(key, rank)``, verify it, and copy its payload into ``out``
+        (exactly the expected payload size). Unless OK, the content of ``out`` is unspecified."""
+        return self.get_many_into([(key, out)], rank, layout_fingerprint)[0]
+
+    def get_many_into(self, items: Sequence[tuple[bytes, memoryview]], rank: int,
+                      layout_fingerprint: bytes) -> list[ReadResult]:
+        """``get_into`` for many keys in one batch (pipelined or concurrent), results in order.
+
+        An I/O failure fails the whole batch: every result is MISSING (nothing partial is OK)."""
+        if not items:
+            return []
+        outs = [memoryview(out).cast("B") for _, out in items]
+        names = [self.name_for(key, rank) for key, _ in items]
+        fetched = self._guarded(lambda: self._fetch_many(list(zip(names, outs))), None)
+        if fetched is None:
+            return [ReadResult.MISSING] * len(items)
+        results = [self._verify(found, key, rank, layout_fingerprint, out, name)
+                   for found, (key, _), out, name in zip(fetched, items, outs, names)]
+        corrupt = [name for name, result in zip(names, results) if result is ReadResult.CORRUPT]
+        if corrupt:
+            self._delete_quietly(corrupt)
+        return results
+
+    def put(self, key: bytes, rank: int, payload: bytes | memoryview, layout_fingerprint: bytes) -> bool:
+        """Store the entry of ``(key, rank)`` (header + payload) with the tier's TTL, unless the
+        store already holds that name (never overwritten, TTL not refreshed). True when the entry
+        is there afterwards (written now or before), False on failure or while unhealthy."""
+        view = memoryview(payload).cast("B")
+        header = encode_header(EntryHeader(key, rank, layout_fingerprint, CODEC_RAW, view.nbytes,
+                                           payload_checksum(view)))
+        name = self.name_for(key, rank)
+        return self._guarded(lambda: self._put_new(name, header, view), False)
+
+    def delete(self, keys: Sequence[bytes], rank: int) -> int:
+        """Remove the entries of ``keys`` for ``rank``; returns how many the server removed
+        (S3 cannot tell absent from removed: it counts every name it accepted). 0 on failure."""
+        if not keys:
+            return 0
+        names = [self.name_for(key, rank) for key in keys]
+        return self._guarded(lambda: self._delete_many(names), 0)
+
+    def name_for(self, key: bytes, rank: int) -> str:
+        """The store's name for the entry of ``(key, rank)`` (``object_name``, plus a backend prefix)."""
+        return object_name(key, rank)
+
+    @property
+    def healthy(self) -> bool:
+        """False from an I/O failure until a later call succeeds."""
+        return self._healthy
+
+    @property
+    def retry_after_s(self) -> float:
+        """Seconds until an unhealthy tier lets the next call probe the server (0.0 when healthy
+        or when a probe is due)."""
+        if self._healthy:
+            return 0.0
+        return max(0.0, self._retry_at - time.monotonic())
+
+    def close(self) -> None:
+        """Release connections and threads. Idempotent; never raises on I/O failure."""
+        try:
+            self._close()
+        except self.io_errors as exc:
+            logger.debug("kvtier: closing %s: %s", self.description, exc)
+
+    # ----------------------------------------------------------------- backend primitives
+    # Each may raise one of ``io_errors`` on I/O failure; the base turns that into a miss.
+
+    @abc.abstractmethod
+    def _connect(self) -> None:
+        """Build the client and check the server answers (one round trip). Called at start
+        and before any primitive until it has succeeded once."""
+
+    @abc.abstractmethod
+    def _count_prefix(self, names: Sequence[str]) -> int:
+        """How many consecutive ``names`` from the start exist (non-empty ``names``)."""
+
+    @abc.abstractmethod
+    def _fetch_many(self, items: Sequence[tuple[str, memoryview]]) -> list[Fetched | None]:
+        """For each ``(name, out)``: None when absent, else the value's first bytes and length;
+        when ``value_bytes == HEADER_BYTES + out.nbytes`` the rest of the value is in ``out``."""
+
+    @abc.abstractmethod
+    def _put_new(self, name: str, header: bytes, payload: memoryview) -> bool:
+        """Store ``header + payload`` under ``name`` unless it exists, with the TTL; True when the
+        value is there afterwards."""
+
+    @abc.abstractmethod
+    def _delete_many(self, names: Sequence[str]) -> int:
+        """Remove ``names``; returns how many the server removed."""
+
+    @abc.abstractmethod
+    def _close(self) -> None:
+        """Release the client's resources."""
+
+    # ----------------------------------------------------------------- health and checks
+
+    def _start(self) -> None:
+        """First contact; an unreachable server leaves the tier unhealthy, with a warning."""
+        self._guarded(lambda: None, None)
+
+    def _guarded(self, call: Callable[[], _T], on_failure: _T) -> _T:
+        """Run ``call`` unless backing off; an I/O failure returns ``on_failure``."""
+        if not self._healthy and time.monotonic() < self._retry_at:
+            return on_failure
+        try:
+            if not self._connected:
+                self._connect()
+                self._connected = True
+            result = call()
+        except self.io_errors as exc:
+            self._record_failure(exc)
+            return on_failure
+        self._record_success()
+        return result
+
+    def _record_failure(self, exc: Exception) -> None:
+        self.num_errors += 1
+        if self._healthy:
+            logger.warning("kvtier: remote tier %s is unhealthy: %s: %s", self.description,
+                           type(exc).__name__, exc)
+            self._backoff_s = FIRST_BACKOFF_S
+        else:
+            logger.debug("kvtier: remote tier %s probe failed: %s", self.description, exc)
+            self._backoff_s = min(self._backoff_s * 2, MAX_BACKOFF_S)
+        self._healthy = False
+        self._retry_at = time.monotonic() + self._backoff_s
+
+    def _record_success(self) -> None:
+        if not self._healthy:
+            logger.warning("kvtier: remote tier %s is healthy again", self.description)
+        self._healthy = True
+        self._backoff_s = 0.0
+
+    def _verify(self, found: Fetched | None, key: bytes, rank: int, layout_fingerprint: bytes,
+                out: memoryview, name: str) -> ReadResult:
+        if found is None:
+            return ReadResult.MISSING
+        try:
+            if found.value_bytes != HEADER_BYTES + out.nbytes:
+                raise EntryError(f"value has {found.value_bytes} bytes, expected {HEADER_BYTES + out.nbytes}")
+            header = decode_header(found.header)
+            if header.codec != CODEC_RAW:
+                raise EntryError(f"entry codec {header.codec} is not readable by this kvtier")
+            check_entry(header, key, rank, layout_fingerprint, out)
+        except EntryError as exc:
+            self.num_corrupt += 1
+            logger.warning("kvtier: bad remote entry %s in %s: %s", name, self.description, exc)
+            return ReadResult.CORRUPT
+        return ReadResult.OK
+
+    def _delete_quietly(self, names: Sequence[str]) -> None:
+        try:
+            self._delete_many(names)
+        except self.io_errors as exc:
+            logger.warning("kvtier: cannot delete bad remote entries in %s: %s", self.description, exc)
+
+
+def open_remote(url: str, *, ttl_s: int | None, timeout_s: float, username: str | None = None,
+                password: str | None = None, tls_ca: str | None = None, s3_endpoint: str | None = None,
+                s3_region: str | None = None, access_key: str | None = None,
+                secret_key: str | None = None) -> RemoteTier:
+    """The remote tier named by ``url``: ``redis://``, ``rediss://`` (TLS),
+    ``redis+cluster://h:p,h:p``, ``rediss+cluster://...`` or ``s3://bucket/prefix``.
+
+    Raises ``ConfigError("remote.url", ...)`` for an unknown scheme, a malformed URL, or a
+    missing client library (naming the install step). Never raises because the server is down.
+    """
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if scheme not in _BACKENDS:
+        raise ConfigError("remote.url", f"unknown scheme {scheme!r} in {url!r}; "
+                                        f"expected one of {', '.join(f'{s}://' for s in _BACKENDS)}")
+    options = RemoteOptions(ttl_s, timeout_s, username, password, tls_ca, s3_endpoint, s3_region,
+                            access_key, secret_key)
+    try:
+        module = importlib.import_module(_BACKENDS[scheme])
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and exc.name.startswith("kvtier"):
+            raise
+        raise ConfigError("remote.url", f"{scheme}:// needs the {exc.name!r} package: {INSTALL_HINT}") from exc
+    tier: RemoteTier = module.open_tier(url, options)
+    return tier

@@ -1,0 +1,208 @@
+"""S3 remote tier (boto3 is imported only here). Contract: ``tiers/remote.py``.
+
+URL ``s3://bucket[/prefix]``; entries are objects ``<prefix>/kvtier/<32 hex key>.<rank>``.
+Options: ``s3_endpoint`` (any S3-compatible server; path-style addressing is used with it),
+``s3_region``, ``access_key``/``secret_key`` (else boto3's usual credential chain), ``tls_ca``
+(CA bundle used to verify the endpoint). Connect and read timeouts are ``timeout_s``; boto3's own
+retries are off.
+
+Data path: PUT with ``If-None-Match: *`` (an existing object is left alone; 412
+PreconditionFailed and 409 ConditionalRequestConflict mean "already there or being written":
+True). Batches of GETs and HEADs run concurrently on a small thread pool owned by the tier; a
+batch stops at its first failure and waits for its running requests (they write into the
+caller's buffers) before returning. boto3's CRC checksums are off unless an operation requires
+them: every entry carries its own xxh3 checksum.
+
+TTL: S3 has no per-object TTL. An object older than ``ttl_s`` (server clock: its Last-Modified
+against the response's Date) reads as absent and is deleted best-effort, so the next put
+rewrites it. Storage is reclaimed only by reads or by a bucket lifecycle rule, which the
+operator sets (kvtier does not change bucket configuration).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import email.utils
+import logging
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from typing import TypeVar
+
+import boto3
+import urllib3.exceptions
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from kvtier.entry import HEADER_BYTES
+from kvtier.errors import ConfigError
+from kvtier.tiers.remote import Fetched, RemoteOptions, RemoteTier, object_name
+
+logger = logging.getLogger(__name__)
+
+_NUM_THREADS = 4  # concurrent requests per batch
+_HEAD_WAVE = 8  # exists_prefix asks this many names at a time, stopping at the first absent one
+_DELETE_BATCH = 1000  # the S3 limit per DeleteObjects
+_ABSENT_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+_ALREADY_THERE_CODES = frozenset({"412", "PreconditionFailed", "409", "ConditionalRequestConflict"})
+
+_T = TypeVar("_T")
+
+
+class S3Tier(RemoteTier):
+    """Entries as objects of one bucket, under one prefix."""
+
+    io_errors = (BotoCoreError, ClientError, urllib3.exceptions.HTTPError, OSError)
+
+    def __init__(self, bucket: str, prefix: str, options: RemoteOptions) -> None:
+        """Checks the bucket at once; an unreachable server leaves the tier unhealthy."""
+        super().__init__(f"s3://{bucket}/{prefix}", options.timeout_s)
+        self.bucket = bucket
+        self.prefix = prefix
+        self.ttl_s = options.ttl_s
+        self._options = options
+        self._client: object | None = None
+        self._pool = concurrent.futures.ThreadPoolExecutor(_NUM_THREADS, thread_name_prefix="kvtier-s3")
+        self._start()
+
+    def name_for(self, key: bytes, rank: int) -> str:
+        name = object_name(key, rank)
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    @property
+    def client(self):  # type: ignore[no-untyped-def]
+        """The boto3 S3 client; for tests and benchmarks."""
+        if self._client is None:
+            self._client = _make_client(self._options)
+        return self._client
+
+    def _connect(self) -> None:
+        self.client.head_bucket(Bucket=self.bucket)
+
+    def _count_prefix(self, names: Sequence[str]) -> int:
+        count = 0
+        for start in range(0, len(names), _HEAD_WAVE):
+            found = self._run_all(self._exists, names[start:start + _HEAD_WAVE])
+            for exists in found:
+                if not exists:
+                    return count
+                count += 1
+        return count
+
+    def _exists(self, name: str) -> bool:
+        try:
+            response = self.client.head_object(Bucket=self.bucket, Key=name)
+        except ClientError as exc:
+            if _error_code(exc) in _ABSENT_CODES:
+                return False
+            raise
+        return not self._expired(name, response)
+
+    def _fetch_many(self, items: Sequence[tuple[str, memoryview]]) -> list[Fetched | None]:
+        return self._run_all(lambda item: self._fetch(*item), items)
+
+    def _fetch(self, name: str, out: memoryview) -> Fetched | None:
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=name)
+        except ClientError as exc:
+            if _error_code(exc) in _ABSENT_CODES:
+                return None
+            raise
+        body = response["Body"]
+        try:
+            if self._expired(name, response):
+                return None
+            value_bytes = int(response["ContentLength"])
+            if value_bytes != HEADER_BYTES + out.nbytes:
+                return Fetched(b"", value_bytes)
+            header = bytearray(HEADER_BYTES)
+            _read_exact(body, memoryview(header))
+            _read_exact(body, out)
+            return Fetched(bytes(header), value_bytes)
+        finally:
+            body.close()
+
+    def _put_new(self, name: str, header: bytes, payload: memoryview) -> bool:
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=name, Body=b"".join((header, payload)),
+                                   IfNoneMatch="*")
+        except ClientError as exc:
+            if _error_code(exc) in _ALREADY_THERE_CODES:
+                return True
+            raise
+        return True
+
+    def _delete_many(self, names: Sequence[str]) -> int:
+        num_deleted = 0
+        for start in range(0, len(names), _DELETE_BATCH):
+            batch = names[start:start + _DELETE_BATCH]
+            response = self.client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": [{"Key": name} for name in batch], "Quiet": True})
+            num_deleted += len(batch) - len(response.get("Errors", []))
+        return num_deleted
+
+    def _close(self) -> None:
+        self._pool.shutdown(wait=True)
+        if self._client is not None:
+            self.client.close()
+
+    def _expired(self, name: str, response: dict[str, object]) -> bool:
+        """True (and the object deleted best-effort) when the object is older than ``ttl_s``."""
+        if self.ttl_s is None:
+            return False
+        headers = response["ResponseMetadata"]["HTTPHeaders"]  # type: ignore[index]
+        now = email.utils.parsedate_to_datetime(headers["date"]) if "date" in headers \
+            else datetime.now(timezone.utc)
+        modified = response["LastModified"]
+        assert isinstance(modified, datetime)
+        if (now - modified).total_seconds() <= self.ttl_s:
+            return False
+        self._delete_quietly([name])
+        return True
+
+    def _run_all(self, call: Callable[[_T], object], items: Sequence[_T]) -> list:  # type: ignore[type-arg]
+        """``call`` on every item on the pool, results in order. On the first failure, cancel
+        what has not started, wait for what runs, and re-raise."""
+        futures = [self._pool.submit(call, item) for item in items]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            concurrent.futures.wait(futures)
+            raise
+
+
+def open_tier(url: str, options: RemoteOptions) -> RemoteTier:
+    """Registry entry for ``s3://bucket[/prefix]``."""
+    rest = url.partition("://")[2]
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise ConfigError("remote.url", f"{url!r} names no bucket (expected s3://bucket[/prefix])")
+    return S3Tier(bucket, prefix.strip("/"), options)
+
+
+def _make_client(options: RemoteOptions):  # type: ignore[no-untyped-def]
+    config = Config(
+        connect_timeout=options.timeout_s, read_timeout=options.timeout_s,
+        retries={"total_max_attempts": 1}, max_pool_connections=_NUM_THREADS,
+        s3={"addressing_style": "path" if options.s3_endpoint else "auto"},
+        request_checksum_calculation="when_required", response_checksum_validation="when_required")
+    session = boto3.session.Session()
+    return session.client("s3", endpoint_url=options.s3_endpoint, region_name=options.s3_region,
+                          aws_access_key_id=options.access_key, aws_secret_access_key=options.secret_key,
+                          verify=options.tls_ca if options.tls_ca else True, config=config)
+
+
+def _error_code(exc: ClientError) -> str:
+    error = exc.response.get("Error", {})
+    return str(error.get("Code", exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")))
+
+
+def _read_exact(body: object, out: memoryview) -> None:
+    """Fill ``out`` from a streaming body (botocore raises IncompleteReadError when it ends early)."""
+    num_read = 0
+    while num_read < out.nbytes:
+        got = body.readinto(out[num_read:])  # type: ignore[attr-defined]
+        if not got:
+            raise urllib3.exceptions.ProtocolError(f"body ended after {num_read} of {out.nbytes} bytes")
+        num_read += got
