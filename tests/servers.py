@@ -58,6 +58,7 @@ class ServerProcess:
     def start(self) -> None:
         """Start and wait until ready; raises RuntimeError with the log's tail if it does not come up."""
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path.write_text("")  # readiness may be read from the log: start each run empty
         with open(self.workdir / "stdout.log", "ab") as out:
             self._proc = subprocess.Popen(self.argv, cwd=self.workdir, stdout=out, stderr=subprocess.STDOUT,
                                           env=self._env, start_new_session=True)
@@ -173,9 +174,7 @@ def redis_like(binary: str, workdir: Path, port: int, extra: Sequence[str] = (),
     log = workdir / "server.log"
     argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
             "--dir", str(workdir), "--logfile", str(log), *extra]
-    server = ServerProcess(f"{name}:{port}", argv, workdir, lambda: _log_says(log, "Ready to accept connections"))
-    _truncate_on_start(server, log)
-    return server
+    return ServerProcess(f"{name}:{port}", argv, workdir, lambda: _log_says(log, "Ready to accept connections"))
 
 
 def tls_redis_args(tls: TLSFiles, tls_port: int) -> list[str]:
@@ -241,17 +240,6 @@ def _log_says(log: Path, text: str) -> bool:
         return False
 
 
-def _truncate_on_start(server: ServerProcess, log: Path) -> None:
-    """Readiness is read from the log, so each start begins with an empty one."""
-    start = server.start
-
-    def start_fresh() -> None:
-        log.write_text("")
-        start()
-
-    server.start = start_fresh  # type: ignore[method-assign]
-
-
 def _wait_cluster_ok(cli: str, ports: Sequence[int], timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     for port in ports:
@@ -309,6 +297,14 @@ def redis_cluster_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[li
 def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, str]]:
     """One SeaweedFS S3 server per session (about 1-4 s to start): (server, endpoint URL)."""
     server, endpoint = seaweed_s3(tmp_path_factory.mktemp("seaweedfs"))
+    for _ in _serve(server):
+        yield server, endpoint
+
+
+@pytest.fixture
+def fresh_seaweed(tmp_path: Path) -> Iterator[tuple[ServerProcess, str]]:
+    """A SeaweedFS S3 server of this test alone, for tests that kill, restart or pause it."""
+    server, endpoint = seaweed_s3(tmp_path / "seaweedfs")
     for _ in _serve(server):
         yield server, endpoint
 

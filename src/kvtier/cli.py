@@ -124,7 +124,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     from kvtier.config import describe, load_config
 
     loaded = load_config({"config": args.file}, os.environ)
-    print(format_table(["key", "value", "source"], [list(row) for row in describe(loaded)]))
+    print(format_table(["key", "value", "source"], [list(row) for row in describe(loaded)], num_left_columns=3))
     print(f"\n{args.file}: ok")
     return 0
 
@@ -204,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kvtier: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `kvtier stats | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def _fail(message: str, hint: str, code: int) -> int:

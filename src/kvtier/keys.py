@@ -35,6 +35,7 @@ class Namespace:
     layout_fingerprint: bytes
     world_size: int = 1
     format_version: int = KEY_FORMAT_VERSION
+    salt: str = ""  # per-request cache salt (vLLM's ``cache_salt``): isolates within a tenant
 
     def digest(self) -> bytes:
         parts = [
@@ -43,6 +44,7 @@ class Namespace:
             _text(self.model),
             _blob(self.layout_fingerprint),
             struct.pack("<I", self.world_size),
+            _text(self.salt),
         ]
         return xxhash.xxh3_128_digest(b"kvtier-ns|" + b"".join(parts))
 

@@ -3,7 +3,7 @@
 Used by the end-to-end tests: each engine lives in its own subprocess, so a restart is a new
 process, exactly as in production. Input (argv[1], a JSON file):
   {"model": DIR, "kvtier": {extra config} | null, "prefix_caching": bool, "kv_cache_gib": float,
-   "actions": [{"op": "generate", "prompts": [[ids...], ...], "max_tokens": N}
+   "actions": [{"op": "generate", "prompts": [[ids...], ...], "max_tokens": N, "kvtier": {per-request}}
                | {"op": "reset_prefix_cache"} | {"op": "metrics"}]}
 Output (stdout, last line): a JSON list with one result per action.
 """
@@ -31,7 +31,9 @@ def run(spec: dict) -> list:
     results = []
     for action in spec["actions"]:
         if action["op"] == "generate":
-            params = SamplingParams(temperature=0.0, max_tokens=action.get("max_tokens", 8), logprobs=3)
+            extra = {"kv_transfer_params": {"kvtier": action["kvtier"]}} if "kvtier" in action else None
+            params = SamplingParams(temperature=0.0, max_tokens=action.get("max_tokens", 8), logprobs=3,
+                                    extra_args=extra)
             outs = llm.generate([{"prompt_token_ids": p} for p in action["prompts"]], params, use_tqdm=False)
             results.append([_output(o) for o in outs])
         elif action["op"] == "reset_prefix_cache":

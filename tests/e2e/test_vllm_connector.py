@@ -57,6 +57,17 @@ def runs(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
         {"op": "reset_prefix_cache"},
         {"op": "generate", "prompts": [P + S2]},
         {"op": "metrics"},
+        # Tenancy: other namespaces never see the default namespace's KV.
+        {"op": "reset_prefix_cache"},
+        {"op": "generate", "prompts": [P + S2], "kvtier": {"namespace": "tenant-b"}},
+        {"op": "reset_prefix_cache"},
+        {"op": "generate", "prompts": [P + S2], "kvtier": {"namespace": "tenant-b"}},
+        {"op": "reset_prefix_cache"},
+        {"op": "generate", "prompts": [P + S1], "kvtier": {"namespace": "tenant-c", "store": False}},
+        {"op": "reset_prefix_cache"},
+        {"op": "generate", "prompts": [P + S1], "kvtier": {"namespace": "tenant-c"}},
+        {"op": "reset_prefix_cache"},
+        {"op": "generate", "prompts": [P + S2], "kvtier": {"load": False}},
     ]}, work, "first")
     # Corrupt the first chunk of Q on disk while no engine runs.
     layout = KVLayout("cpu_lbhnc", 4, 2, 64, 128, "bfloat16")
@@ -140,3 +151,13 @@ def test_no_prefix_cache_and_chunked_prefill(runs: dict) -> None:
     assert batch[0]["num_cached_tokens"] == 4 * CHUNK
     assert metric(text, "kvtier_hits_total", "disk") >= 4 + 2  # P from engine 1, Q from engine 2
     assert metric(text, "kvtier_lease_owners") == 0  # every finished request released its leases
+
+
+def test_namespaces_and_per_request_switches(runs: dict) -> None:
+    first = runs["first"]
+    other_tenant, same_tenant_again = first[8][0], first[10][0]
+    not_stored_then_looked_up, no_load = first[14][0], first[16][0]
+    assert other_tenant["num_cached_tokens"] == 0  # the default namespace holds P, tenant-b does not
+    assert same_tenant_again["num_cached_tokens"] == 4 * CHUNK  # within tenant-b, hits
+    assert not_stored_then_looked_up["num_cached_tokens"] == 0  # store: false left no trace
+    assert no_load["num_cached_tokens"] == 0  # load: false recomputes

@@ -52,12 +52,12 @@ def format_ratio(ratio: float | None) -> str:
     return "n/a" if ratio is None or math.isnan(ratio) else f"{ratio:.0%}"
 
 
-def format_table(header: list[str], rows: list[list[str]]) -> str:
-    """A plain text table: first column left-aligned, the others right-aligned."""
+def format_table(header: list[str], rows: list[list[str]], num_left_columns: int = 1) -> str:
+    """A plain text table: the first ``num_left_columns`` columns left-aligned, the others right-aligned."""
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
-        return "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+        return "  ".join(cell.ljust(w) if i < num_left_columns else cell.rjust(w)
                          for i, (cell, w) in enumerate(zip(cells, widths))).rstrip()
 
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(row) for row in rows)])

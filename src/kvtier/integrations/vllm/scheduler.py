@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from kvtier.integrations.vllm.requests import RequestControls, request_controls
 from kvtier.integrations.vllm.setup import EngineSetup
 from kvtier.keys import chunk_keys
 from kvtier.metrics import Metrics
@@ -42,6 +43,7 @@ class RequestState:
     promoted: set[bytes] = field(default_factory=set)
     counted: bool = False
     num_store_checked: int = 0  # chunks already considered for storing
+    controls: RequestControls = field(default_factory=lambda: RequestControls("", True, True))
 
 
 class SchedulerSide:
@@ -60,6 +62,7 @@ class SchedulerSide:
         self._loads: list[LoadOp] = []
         self._loaded_owners: list[str] = []
         self.kv_cache_manager: KVCacheManager | None = None
+        self._digests: dict[tuple[str, str], bytes] = {}
 
     # ----- lookup ----------------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> int | None:
@@ -68,6 +71,8 @@ class SchedulerSide:
         if any(self.store.is_pending(key) for key in state.promoting):
             return None
         state.promoting = []
+        if not state.controls.load:
+            return 0
         num_tokens = self._lookup(state, num_computed_tokens)
         self.metrics.lookup_seconds.observe(time.perf_counter() - started)
         return num_tokens
@@ -153,7 +158,7 @@ class SchedulerSide:
 
     def _plan_stores(self, req_id: str, num_computed_after: int, plan: StepPlan) -> None:
         state = self.requests.get(req_id)
-        if state is None or self.kv_cache_manager is None:
+        if state is None or self.kv_cache_manager is None or not state.controls.store:
             return
         request = state.request
         tokens = request.all_token_ids if self.setup.config.store_decode_tokens else request.prompt_token_ids
@@ -195,15 +200,25 @@ class SchedulerSide:
     def _state(self, request: "Request") -> RequestState:
         state = self.requests.get(request.request_id)
         if state is None:
-            state = self.requests[request.request_id] = RequestState(request)
+            controls = request_controls(request.kv_transfer_params, request.cache_salt, self.setup.config.namespace)
+            state = self.requests[request.request_id] = RequestState(request, controls=controls)
         return state
+
+    def _digest(self, controls: RequestControls) -> bytes:
+        """Namespace digest of a request's tenant and salt (cached: few distinct values)."""
+        name = (controls.namespace, controls.salt)
+        digest = self._digests.get(name)
+        if digest is None:
+            digest = replace(self.setup.namespace, tenant=controls.namespace, salt=controls.salt).digest()
+            self._digests[name] = digest
+        return digest
 
     def _keys(self, state: RequestState, tokens: list[int]) -> list[bytes]:
         """Chunk keys of ``tokens``, extending the cached chain as the request grows."""
         num_full = len(tokens) // self.setup.chunk_tokens
         if len(state.keys) < num_full:
             parent = state.keys[-1] if state.keys else None
-            more = chunk_keys(self.setup.namespace_digest, tokens, self.setup.chunk_tokens,
+            more = chunk_keys(self._digest(state.controls), tokens, self.setup.chunk_tokens,
                               start=len(state.keys), parent=parent)
             state.keys.extend(key.digest for key in more)
         return state.keys

@@ -24,7 +24,7 @@ from kvtier.layout import KVLayout
 class EngineSetup:
     config: KVTierConfig
     layout: KVLayout
-    namespace_digest: bytes
+    namespace: Namespace  # of the configured default tenant; requests may name another
     layer_names: tuple[str, ...]
     world_size: int
     chunk_bytes: int
@@ -78,7 +78,7 @@ def build_setup(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> Engi
         if disk_entries < 1:
             raise ConfigError("disk.capacity", f"{config.disk.capacity_bytes} bytes is smaller than one "
                               f"entry ({HEADER_BYTES + chunk_bytes} bytes per rank)")
-    return EngineSetup(config, layout, namespace.digest(), layer_names, world_size, chunk_bytes, num_slots,
+    return EngineSetup(config, layout, namespace, layer_names, world_size, chunk_bytes, num_slots,
                        disk_dir, disk_entries)
 
 

@@ -1,0 +1,59 @@
+"""Per-request controls, read from what a client can send with a request.
+
+- ``kv_transfer_params={"kvtier": {"namespace": "tenant-a", "store": false, "load": false}}``
+  (vLLM passes ``kv_transfer_params`` through from the OpenAI API's request body);
+- vLLM's ``cache_salt``: becomes part of every key of the request, so requests with different
+  salts never share KV, on any tier.
+A request that sends malformed controls is served without kvtier (no load, no store) and a
+warning names the problem: a typo must never widen who can read a prompt's KV.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+logger = logging.getLogger("kvtier")
+
+_NAMESPACE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_KNOWN = {"namespace", "store", "load"}
+
+
+@dataclass(frozen=True)
+class RequestControls:
+    namespace: str
+    load: bool
+    store: bool
+    salt: str = ""
+
+
+def request_controls(params: Mapping[str, object] | None, cache_salt: str | None,
+                     default_namespace: str) -> RequestControls:
+    salt = cache_salt or ""
+    section = (params or {}).get("kvtier")
+    if section is None:
+        return RequestControls(default_namespace, True, True, salt)
+    problem = _problem(section)
+    if problem:
+        logger.warning("kvtier: request controls ignored, request served without kvtier: %s", problem)
+        return RequestControls(default_namespace, False, False, salt)
+    assert isinstance(section, Mapping)
+    namespace = section.get("namespace", default_namespace)
+    return RequestControls(str(namespace), bool(section.get("load", True)), bool(section.get("store", True)), salt)
+
+
+def _problem(section: object) -> str | None:
+    if not isinstance(section, Mapping):
+        return f"kv_transfer_params.kvtier must be an object, got {type(section).__name__}"
+    unknown = set(section) - _KNOWN
+    if unknown:
+        return f"unknown kv_transfer_params.kvtier keys {sorted(unknown)} (known: {sorted(_KNOWN)})"
+    namespace = section.get("namespace")
+    if namespace is not None and not (isinstance(namespace, str) and _NAMESPACE.fullmatch(namespace)):
+        return f"kv_transfer_params.kvtier.namespace {namespace!r} must match [A-Za-z0-9_.-]{{1,64}}"
+    for flag in ("load", "store"):
+        if flag in section and not isinstance(section[flag], bool):
+            return f"kv_transfer_params.kvtier.{flag} must be true or false"
+    return None

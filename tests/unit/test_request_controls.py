@@ -1,0 +1,28 @@
+"""Per-request controls: namespace, store/load switches, cache salt; malformed input is safe."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvtier.integrations.vllm.requests import RequestControls, request_controls
+
+
+def test_defaults_without_params() -> None:
+    assert request_controls(None, None, "default") == RequestControls("default", True, True, "")
+
+
+def test_namespace_switches_and_salt() -> None:
+    params = {"kvtier": {"namespace": "tenant-a", "store": False, "load": True}}
+    assert request_controls(params, "s1", "default") == RequestControls("tenant-a", True, False, "s1")
+
+
+@pytest.mark.parametrize("section", [
+    "tenant-a",  # not an object
+    {"namespce": "a"},  # typo
+    {"namespace": "a/b"},  # not a valid name
+    {"namespace": ""},
+    {"store": "no"},  # not a bool
+])
+def test_malformed_controls_disable_kvtier_for_the_request(section: object) -> None:
+    controls = request_controls({"kvtier": section}, None, "default")
+    assert controls.load is False and controls.store is False and controls.namespace == "default"
