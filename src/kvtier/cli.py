@@ -13,8 +13,9 @@ import signal
 import sys
 from collections.abc import Callable
 from types import FrameType
+from typing import TypeAlias
 
-from kvtier.errors import ConfigError, KVTierError, ModelError, ServerError
+from kvtier.errors import ConfigError, KVTierError, ModelError
 
 DEFAULT_METRICS_URL = "http://127.0.0.1:9464/metrics"
 
@@ -47,7 +48,17 @@ def _port(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvtier", description="A tiered KV-cache layer for vLLM.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_serve(commands)
+    _add_config(commands)
+    _add_stats(commands)
+    _add_demo(commands)
+    return parser
 
+
+Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def _add_serve(commands: Commands) -> None:
     serve = commands.add_parser(
         "serve", allow_abbrev=False, help="run vLLM's OpenAI server with the kvtier connector",
         description="Run `python -m vllm.entrypoints.openai.api_server --model MODEL --kv-transfer-config "
@@ -56,34 +67,41 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: kvtier serve ./models/smollm2-135m-instruct --config kvtier.yaml --port 8000 "
                "--max-model-len 4096 --enforce-eager")
     serve.add_argument("model", metavar="MODEL", help="model folder or name, as vLLM's --model")
-    serve.add_argument("--config", metavar="FILE", help="kvtier YAML config (checked before vLLM starts)")
+    serve.add_argument("--config", metavar="FILE", help="kvtier YAML config, checked before vLLM starts "
+                                                        "(this is kvtier's file, not vLLM's --config)")
     serve.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="inline",
                        help="one kvtier config key, e.g. --set memory.capacity=4GiB (repeatable; "
                             "overrides the file)")
     serve.add_argument("--port", type=_port, help="the server's HTTP port (vLLM's default: 8000)")
     serve.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
 
+
+def _add_config(commands: Commands) -> None:
     config = commands.add_parser("config", help="work with kvtier config files",
                                  description="Work with kvtier config files.")
-    config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
-    check = config_commands.add_parser(
+    actions = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    check = actions.add_parser(
         "check", help="validate a config file and show every key with its value and source",
         description="Load FILE as the connector would (defaults < FILE < KVTIER_* environment variables) "
                     "and print every key, its value and where it came from.")
     check.add_argument("file", metavar="FILE", help="kvtier YAML config")
 
+
+def _add_stats(commands: Commands) -> None:
     stats = commands.add_parser(
         "stats", help="show kvtier's counters from a running engine",
         description="Fetch kvtier's Prometheus metrics from a running engine (config key metrics.port) "
                     "and print the kvtier_* series per tier.")
     stats.add_argument("--url", default=DEFAULT_METRICS_URL, help=f"metrics URL (default: {DEFAULT_METRICS_URL})")
 
+
+def _add_demo(commands: Commands) -> None:
     demo = commands.add_parser(
         "demo", help="compare TTFT of vLLM alone and vLLM + kvtier on a multi-user chat",
         description="Start vLLM twice (without and with kvtier) with a deliberately small KV cache, run "
                     "the same multi-user chat on each, and report time to first token, kvtier's hit "
                     "rates and bytes moved. Writes OUT_DIR/results.json and OUT_DIR/ttft_per_round.png. "
-                    "Takes a few minutes on 2 CPU cores.")
+                    "About 1.5 minutes on 2 CPU cores, plus 20 s to prepare SmolLM2 the first time.")
     demo.add_argument("--models-dir", default="models", metavar="DIR",
                       help="where models are prepared and kept (default: ./models)")
     demo.add_argument("--out-dir", default=os.path.join("out", "demo"), metavar="DIR",
@@ -96,7 +114,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=_port, help="the vLLM server's port (default: any free port)")
     demo.add_argument("--startup-timeout", type=_positive_int, default=300, metavar="SECONDS",
                       help="how long to wait for each server to become healthy (default: 300)")
-    return parser
 
 
 def cmd_serve(args: argparse.Namespace, engine_args: list[str]) -> int:

@@ -76,6 +76,7 @@ def _build(out_dir: str, what: str, write: Callable[[str, Progress], None], prog
         write(work_dir, progress)
         with open(os.path.join(work_dir, MARKER), "w") as marker:
             marker.write(f"{what}\n")
+        os.chmod(work_dir, 0o755)  # mkdtemp made it private
         if os.path.isdir(out_dir):
             os.rmdir(out_dir)  # empty, checked above
         os.rename(work_dir, out_dir)

@@ -1,0 +1,390 @@
+"""One contract suite for every remote tier, on real servers (tests/servers.py starts them).
+
+Backends: Redis, Redis Cluster (3 masters), Valkey, Redis over TLS with an ACL user, and S3
+(SeaweedFS). Each supplies only a way to open the tier and a raw client for server-side checks
+and tampering; the tests are the same for all.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+import redis
+from botocore.exceptions import ClientError
+from redis.cluster import RedisCluster
+
+from kvtier.entry import HEADER_BYTES
+from kvtier.errors import ConfigError
+from kvtier.tiers.disk import ReadResult
+from kvtier.tiers.remote import RemoteTier, object_name, open_remote
+from tests.servers import S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, TLS_PASSWORD, TLS_USER, ServerProcess, \
+    fresh_redis, fresh_seaweed, free_ports, port_of, redis_cluster_nodes, redis_server, redis_tls_server, \
+    s3_client, seaweed, valkey_server  # noqa: F401  (fixtures)
+
+LAYOUT = bytes(range(16))
+OTHER_LAYOUT = bytes(range(1, 17))
+PAYLOAD_BYTES = 256 << 10
+TIMEOUT_S = 2.0
+
+
+@dataclass
+class Backend:
+    """How a test reaches one server: open a tier, and a raw client to look at or tamper with values."""
+
+    name: str
+    open: Callable[[int | None, float], RemoteTier]  # (ttl_s, timeout_s) -> tier
+    open_unreachable: Callable[[float], RemoteTier]  # timeout_s -> tier aimed at a closed port
+    raw_get: Callable[[str], bytes | None]
+    raw_set: Callable[[str, bytes], None]
+    write_marker: Callable[[str], object]  # changes whenever the server (re)writes the value
+    remaining_ttl_s: Callable[[str], float | None]  # None: the store has no per-object TTL
+
+
+def redis_backend(name: str, url: str, raw: redis.Redis | RedisCluster, unreachable_url: str,
+                  tls_ca: str | None = None, username: str | None = None,
+                  password: str | None = None) -> Backend:
+    def open_tier(ttl_s: int | None, timeout_s: float, target: str = url) -> RemoteTier:
+        return open_remote(target, ttl_s=ttl_s, timeout_s=timeout_s, tls_ca=tls_ca, username=username,
+                           password=password)
+
+    def remaining(name: str) -> float | None:
+        return int(raw.pttl(name)) / 1000
+
+    return Backend(name, open_tier, lambda timeout_s: open_tier(None, timeout_s, unreachable_url), raw.get,
+                   lambda name, value: raw.set(name, value), lambda name: raw.pexpiretime(name), remaining)
+
+
+def s3_backend(endpoint: str) -> Backend:
+    client = s3_client(endpoint)
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+
+    def open_tier(ttl_s: int | None, timeout_s: float, target: str = endpoint) -> RemoteTier:
+        return open_remote(f"s3://{S3_BUCKET}/{prefix}", ttl_s=ttl_s, timeout_s=timeout_s, s3_endpoint=target,
+                           s3_region="us-east-1", access_key=S3_ACCESS_KEY, secret_key=S3_SECRET_KEY)
+
+    def raw_get(name: str) -> bytes | None:
+        try:
+            return client.get_object(Bucket=S3_BUCKET, Key=name)["Body"].read()
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] in ("NoSuchKey", "404"):
+                return None
+            raise
+
+    def marker(name: str) -> object:
+        head = client.head_object(Bucket=S3_BUCKET, Key=name)
+        return head["ETag"], head["LastModified"]
+
+    closed = f"http://127.0.0.1:{free_ports(1)[0]}"
+    return Backend("s3", open_tier, lambda timeout_s: open_tier(None, timeout_s, closed), raw_get,
+                   lambda name, value: client.put_object(Bucket=S3_BUCKET, Key=name, Body=value), marker,
+                   lambda name: None)
+
+
+BACKENDS = ["redis", "redis-cluster", "valkey", "redis-tls", "s3"]
+NATIVE_TTL_BACKENDS = ["redis", "redis-cluster", "valkey", "redis-tls"]
+
+
+def make_backend(request: pytest.FixtureRequest, name: str) -> Backend:
+    closed = free_ports(1)[0]
+    if name in ("redis", "valkey"):
+        port = port_of(request.getfixturevalue(f"{name}_server"))
+        return redis_backend(name, f"redis://127.0.0.1:{port}", redis.Redis(port=port),
+                             f"redis://127.0.0.1:{closed}")
+    if name == "redis-cluster":
+        ports = [port_of(node) for node in request.getfixturevalue("redis_cluster_nodes")]
+        return redis_backend(name, "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports),
+                             RedisCluster(host="127.0.0.1", port=ports[0]),
+                             f"redis+cluster://127.0.0.1:{closed}")
+    if name == "redis-tls":
+        _, tls, tls_port = request.getfixturevalue("redis_tls_server")
+        raw = redis.Redis(port=tls_port, ssl=True, ssl_ca_certs=tls.ca, username=TLS_USER, password=TLS_PASSWORD)
+        return redis_backend(name, f"rediss://127.0.0.1:{tls_port}", raw, f"rediss://127.0.0.1:{closed}",
+                             tls_ca=tls.ca, username=TLS_USER, password=TLS_PASSWORD)
+    assert name == "s3"
+    return s3_backend(request.getfixturevalue("seaweed")[1])
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> Backend:
+    return make_backend(request, request.param)
+
+
+@pytest.fixture(params=NATIVE_TTL_BACKENDS)
+def ttl_backend(request: pytest.FixtureRequest) -> Backend:
+    return make_backend(request, request.param)
+
+
+@pytest.fixture
+def tier(backend: Backend) -> Iterator[RemoteTier]:
+    opened = backend.open(None, TIMEOUT_S)
+    yield opened
+    opened.close()
+
+
+def new_key() -> bytes:
+    return os.urandom(16)
+
+
+def payload_of(num_bytes: int = PAYLOAD_BYTES) -> bytes:
+    return os.urandom(num_bytes)
+
+
+def read(tier: RemoteTier, key: bytes, num_bytes: int = PAYLOAD_BYTES, rank: int = 0,
+         layout: bytes = LAYOUT) -> tuple[ReadResult, bytes]:
+    out = bytearray(num_bytes)
+    return tier.get_into(key, rank, memoryview(out), layout), bytes(out)
+
+
+# --------------------------------------------------------------------------------------- contract
+
+def test_round_trip(tier: RemoteTier) -> None:
+    keys = [new_key() for _ in range(3)]
+    payloads = [payload_of() for _ in keys]
+    big_key, big_payload = new_key(), payload_of(5_900_000)  # one SmolLM2-sized chunk
+    assert all(tier.put(key, 0, payload, LAYOUT) for key, payload in zip(keys, payloads))
+    assert tier.put(big_key, 0, memoryview(big_payload), LAYOUT)
+    outs = [bytearray(PAYLOAD_BYTES) for _ in range(4)]
+    missing = new_key()
+    results = tier.get_many_into([(key, memoryview(out)) for key, out in zip([*keys, missing], outs)], 0, LAYOUT)
+    assert results == [ReadResult.OK] * 3 + [ReadResult.MISSING]
+    assert [bytes(out) for out in outs[:3]] == payloads
+    assert read(tier, big_key, len(big_payload)) == (ReadResult.OK, big_payload)
+    assert read(tier, keys[0], rank=1)[0] is ReadResult.MISSING  # another rank's shard
+    assert tier.get_many_into([], 0, LAYOUT) == []
+    assert tier.healthy and tier.num_errors == 0 and tier.num_corrupt == 0
+
+
+def test_exists_prefix_counts_consecutive(tier: RemoteTier) -> None:
+    keys = [new_key() for _ in range(20)]
+    for index in [0, 1, 2, 4]:
+        assert tier.put(keys[index], 0, payload_of(1024), LAYOUT)
+    assert tier.exists_prefix(keys[:6]) == 3
+    assert tier.exists_prefix(keys[3:6]) == 0
+    assert tier.exists_prefix([]) == 0
+    assert tier.exists_prefix(keys[:3], rank=1) == 0
+    for key in keys:
+        tier.put(key, 0, payload_of(1024), LAYOUT)
+    assert tier.exists_prefix(keys) == 20  # more than one wave of S3 HEADs
+    assert tier.delete(keys[10:], 0) == 10
+    assert tier.exists_prefix(keys) == 10
+
+
+def test_put_of_an_existing_entry_does_not_rewrite_it(backend: Backend) -> None:
+    tier = backend.open(100, TIMEOUT_S)
+    key, first, second = new_key(), payload_of(), payload_of()
+    assert tier.put(key, 0, first, LAYOUT)
+    name = tier.name_for(key, 0)
+    stored, marker = backend.raw_get(name), backend.write_marker(name)
+    time.sleep(1.1)  # S3 Last-Modified has one-second resolution
+    assert tier.put(key, 0, second, LAYOUT)  # True: the entry is there
+    assert backend.write_marker(name) == marker  # not rewritten: same expiry time / ETag and mtime
+    assert backend.raw_get(name) == stored
+    assert read(tier, key) == (ReadResult.OK, first)
+    tier.close()
+
+
+def test_ttl_is_set_on_the_server(ttl_backend: Backend) -> None:
+    tier = ttl_backend.open(100, TIMEOUT_S)
+    key = new_key()
+    assert tier.put(key, 0, payload_of(), LAYOUT)
+    remaining = ttl_backend.remaining_ttl_s(tier.name_for(key, 0))
+    assert remaining is not None and 99 < remaining <= 100
+    no_ttl = ttl_backend.open(None, TIMEOUT_S)
+    other = new_key()
+    assert no_ttl.put(other, 0, payload_of(), LAYOUT)
+    assert ttl_backend.remaining_ttl_s(no_ttl.name_for(other, 0)) == -0.001  # PTTL -1: no expiry
+    tier.close()
+    no_ttl.close()
+
+
+def test_expired_entry_misses(backend: Backend) -> None:
+    tier = backend.open(1, TIMEOUT_S)
+    key, payload = new_key(), payload_of()
+    assert tier.put(key, 0, payload, LAYOUT)
+    assert read(tier, key) == (ReadResult.OK, payload)
+    deadline = time.monotonic() + 6
+    while read(tier, key)[0] is ReadResult.OK:  # S3: server clock, one-second resolution
+        assert time.monotonic() < deadline, "the entry did not expire"
+        time.sleep(0.25)
+    assert read(tier, key)[0] is ReadResult.MISSING
+    assert tier.exists_prefix([key]) == 0
+    assert tier.put(key, 0, payload, LAYOUT)  # an expired entry is written again
+    assert read(tier, key) == (ReadResult.OK, payload)
+    tier.close()
+
+
+def flip_byte(value: bytes, offset: int) -> bytes:
+    return value[:offset] + bytes([value[offset] ^ 0xFF]) + value[offset + 1:]
+
+
+TAMPERING: dict[str, Callable[[bytes, bytes], bytes]] = {  # (stored value, another entry's value) -> new value
+    "payload byte flipped": lambda value, other: flip_byte(value, HEADER_BYTES + PAYLOAD_BYTES // 2),
+    "header byte flipped": lambda value, other: flip_byte(value, 30),
+    "truncated": lambda value, other: value[:-10],
+    "header only": lambda value, other: value[:HEADER_BYTES],
+    "too long": lambda value, other: value + b"\0",
+    "empty": lambda value, other: b"",
+    "not an entry": lambda value, other: os.urandom(len(value)),
+    "another key's entry": lambda value, other: other,
+}
+
+
+@pytest.mark.parametrize("tampering", list(TAMPERING))
+def test_bad_values_read_corrupt_and_are_deleted(backend: Backend, tier: RemoteTier, tampering: str) -> None:
+    key, neighbour, other = new_key(), new_key(), new_key()
+    for each in (key, neighbour, other):
+        assert tier.put(each, 0, payload_of(), LAYOUT)
+    name = tier.name_for(key, 0)
+    stored, other_value = backend.raw_get(name), backend.raw_get(tier.name_for(other, 0))
+    assert stored is not None and other_value is not None
+    backend.raw_set(name, TAMPERING[tampering](stored, other_value))
+    outs = [bytearray(PAYLOAD_BYTES), bytearray(PAYLOAD_BYTES)]
+    results = tier.get_many_into([(key, memoryview(outs[0])), (neighbour, memoryview(outs[1]))], 0, LAYOUT)
+    assert results == [ReadResult.CORRUPT, ReadResult.OK]
+    assert tier.num_corrupt == 1 and tier.healthy
+    assert backend.raw_get(name) is None  # deleted
+    assert read(tier, key)[0] is ReadResult.MISSING
+
+
+def test_entry_of_another_layout_reads_corrupt(backend: Backend, tier: RemoteTier) -> None:
+    key = new_key()
+    assert tier.put(key, 0, payload_of(), OTHER_LAYOUT)
+    assert read(tier, key, layout=LAYOUT)[0] is ReadResult.CORRUPT
+    assert backend.raw_get(tier.name_for(key, 0)) is None
+
+
+def test_wrong_size_request_reads_corrupt(tier: RemoteTier) -> None:
+    key = new_key()
+    assert tier.put(key, 0, payload_of(), LAYOUT)
+    assert read(tier, key, num_bytes=PAYLOAD_BYTES - 1)[0] is ReadResult.CORRUPT
+
+
+# --------------------------------------------------------------------------------------- faults
+
+def test_closed_port_at_start_is_unhealthy_not_an_error(backend: Backend) -> None:
+    started = time.monotonic()
+    tier = backend.open_unreachable(1.0)
+    key = new_key()
+    assert not tier.healthy and tier.num_errors == 1
+    assert tier.exists_prefix([key]) == 0
+    assert read(tier, key)[0] is ReadResult.MISSING
+    assert tier.put(key, 0, payload_of(), LAYOUT) is False
+    assert tier.delete([key], 0) == 0
+    assert tier.num_errors == 1  # backing off: no further attempt
+    assert time.monotonic() - started < 1.0 + 1.5
+    assert 0 < tier.retry_after_s <= 1.0
+    tier.close()
+
+
+def assert_misses(tier: RemoteTier, key: bytes) -> None:
+    assert read(tier, key)[0] is ReadResult.MISSING
+    assert tier.exists_prefix([key]) == 0
+    assert tier.put(new_key(), 0, payload_of(), LAYOUT) is False
+    assert tier.delete([key], 0) == 0
+
+
+def wait_for_probe(tier: RemoteTier) -> None:
+    time.sleep(tier.retry_after_s + 0.01)
+
+
+def check_kill_and_restart(server: ServerProcess, tier: RemoteTier, persistent: bool) -> None:
+    key, payload = new_key(), payload_of()
+    assert tier.put(key, 0, payload, LAYOUT)
+    server.kill()
+    assert read(tier, key)[0] is ReadResult.MISSING  # the failing call
+    assert not tier.healthy and tier.num_errors == 1
+    assert_misses(tier, key)  # backing off: immediate misses
+    assert tier.num_errors == 1
+    wait_for_probe(tier)
+    assert_misses(tier, key)  # the probe fails too: longer backoff
+    assert tier.num_errors == 2 and 1.0 < tier.retry_after_s <= 2.0
+    server.start()
+    assert read(tier, key)[0] is ReadResult.MISSING  # still backing off
+    wait_for_probe(tier)
+    assert tier.exists_prefix([key]) == (1 if persistent else 0)  # the probe succeeds
+    assert tier.healthy
+    assert tier.put(key, 0, payload, LAYOUT)
+    assert read(tier, key) == (ReadResult.OK, payload)
+
+
+def test_redis_killed_mid_run_then_restarted(fresh_redis: ServerProcess) -> None:
+    tier = open_remote(f"redis://127.0.0.1:{port_of(fresh_redis)}", ttl_s=None, timeout_s=TIMEOUT_S)
+    check_kill_and_restart(fresh_redis, tier, persistent=False)
+    tier.close()
+
+
+def test_s3_killed_mid_run_then_restarted(fresh_seaweed: tuple[ServerProcess, str]) -> None:
+    server, endpoint = fresh_seaweed
+    tier = s3_backend(endpoint).open(None, TIMEOUT_S)
+    check_kill_and_restart(server, tier, persistent=True)
+    tier.close()
+
+
+def check_deadline(server: ServerProcess, tier: RemoteTier, timeout_s: float) -> None:
+    key, payload = new_key(), payload_of()
+    assert tier.put(key, 0, payload, LAYOUT)
+    server.pause()  # connections are accepted by the kernel, nothing answers
+    try:
+        started = time.monotonic()
+        outs = [bytearray(PAYLOAD_BYTES) for _ in range(8)]
+        results = tier.get_many_into([(key, memoryview(out)) for out in outs], 0, LAYOUT)
+        elapsed_s = time.monotonic() - started
+        assert results == [ReadResult.MISSING] * 8 and not tier.healthy
+        assert elapsed_s < timeout_s + 0.5, f"took {elapsed_s:.2f} s with timeout_s={timeout_s}"
+        started = time.monotonic()
+        assert_misses(tier, key)
+        assert time.monotonic() - started < 0.05  # backing off: no network
+    finally:
+        server.resume()
+    wait_for_probe(tier)
+    assert read(tier, key) == (ReadResult.OK, payload) and tier.healthy
+
+
+def test_redis_deadline_on_a_stalled_server(fresh_redis: ServerProcess) -> None:
+    tier = open_remote(f"redis://127.0.0.1:{port_of(fresh_redis)}", ttl_s=None, timeout_s=0.5)
+    check_deadline(fresh_redis, tier, 0.5)
+    tier.close()
+
+
+def test_s3_deadline_on_a_stalled_server(seaweed: tuple[ServerProcess, str]) -> None:
+    server, endpoint = seaweed
+    tier = s3_backend(endpoint).open(None, 0.5)
+    check_deadline(server, tier, 0.5)
+    tier.close()
+
+
+# --------------------------------------------------------------------------------------- registry
+
+@pytest.mark.parametrize("url", ["memcached://h:1", "redis:/h", "redis://h:1,h:2", "redis://h:x",
+                                 "redis+cluster://h:1/3", "redis://h:1/db", "s3://"])
+def test_bad_urls_raise_config_error(url: str) -> None:
+    with pytest.raises(ConfigError, match="remote.url"):
+        open_remote(url, ttl_s=None, timeout_s=1.0)
+
+
+def test_bad_options_raise_config_error() -> None:
+    with pytest.raises(ConfigError, match="remote.timeout_s"):
+        open_remote("redis://127.0.0.1:1", ttl_s=None, timeout_s=0)
+    with pytest.raises(ConfigError, match="remote.ttl_s"):
+        open_remote("redis://127.0.0.1:1", ttl_s=0, timeout_s=1.0)
+
+
+@pytest.mark.parametrize(("url", "library"), [("redis://127.0.0.1:1", "redis"), ("s3://bucket", "boto3")])
+def test_missing_client_library_names_the_install_step(monkeypatch: pytest.MonkeyPatch, url: str,
+                                                       library: str) -> None:
+    for module in [name for name in sys.modules if name.startswith("kvtier.tiers.") and name.endswith("_tier")]:
+        monkeypatch.delitem(sys.modules, module)
+    monkeypatch.setitem(sys.modules, library, None)  # import raises ModuleNotFoundError
+    with pytest.raises(ConfigError, match=r"pip install 'kvtier\[remote\]'"):
+        open_remote(url, ttl_s=None, timeout_s=1.0)
+
+
+def test_object_names() -> None:
+    key = bytes(range(16))
+    assert object_name(key, 3) == f"kvtier/{key.hex()}.3"
