@@ -53,6 +53,23 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class RemoteConfig:
+    """A shared remote tier (Redis/Valkey or S3); off when ``url`` is None."""
+
+    url: str | None  # redis://, rediss://, redis+cluster://h:p,h:p, s3://bucket/prefix
+    ttl_s: int  # 0 = entries never expire
+    timeout_ms: int  # deadline of every remote call
+    queue_depth: int  # bounded upload queue; full => uploads dropped and counted
+    username: str | None
+    password: str | None
+    tls_ca: str | None
+    s3_endpoint: str | None
+    s3_region: str | None
+    access_key: str | None
+    secret_key: str | None
+
+
+@dataclass(frozen=True)
 class KVTierConfig:
     """Everything kvtier reads from its configuration, checked."""
 
@@ -63,6 +80,7 @@ class KVTierConfig:
     memory: MemoryConfig
     disk: DiskConfig
     metrics: MetricsConfig
+    remote: RemoteConfig
 
 
 @dataclass(frozen=True)
@@ -170,7 +188,7 @@ def _one_of(*choices: str) -> Callable[[object], str]:
     return _str_matching("|".join(map(re.escape, choices)), "one of " + ", ".join(choices))
 
 
-def _optional_path(value: object) -> str | None:
+def _optional_str(value: object) -> str | None:
     """None and "" both mean "off" and come back as None."""
     return None if value is None else (_str(value) or None)
 
@@ -223,6 +241,10 @@ def _render_size(value: _Value) -> str:
     return _format_size(_int(value))
 
 
+def _render_secret(value: _Value) -> str:
+    return "null" if value is None else '"***"'
+
+
 _KEYS = (
     _Key("chunk_tokens", 256, _int_in(1, None, "> 0"), _int_from_text),
     _Key("namespace", "default", _str_matching(r"[A-Za-z0-9_.-]{1,64}", "1 to 64 of A-Z a-z 0-9 _ . -")),
@@ -230,16 +252,27 @@ _KEYS = (
     _Key("store_decode_tokens", False, _bool, _bool_from_text),
     _Key("memory.capacity", 2 * 2**30, _positive_size, render=_render_size),
     _Key("memory.policy", "s3fifo", _one_of("lru", "s3fifo")),
-    _Key("disk.path", None, _optional_path),
+    _Key("disk.path", None, _optional_str),
     _Key("disk.capacity", 16 * 2**30, _positive_size, render=_render_size),
     _Key("disk.write_policy", "write_through", _one_of("spill", "write_through")),
     _Key("disk.queue_depth", 64, _int_in(1, None, "> 0"), _int_from_text),
     _Key("metrics.port", 0, _int_in(0, 65535, "0 (off) or a port in 1..65535"), _int_from_text),
     _Key("metrics.host", "127.0.0.1", _str_matching(r"\S+", "a host name or address")),
+    _Key("remote.url", None, _optional_str),
+    _Key("remote.ttl", 86400, _int_in(0, None, ">= 0 seconds (0 = never expire)"), _int_from_text),
+    _Key("remote.timeout_ms", 2000, _int_in(1, None, "> 0 milliseconds"), _int_from_text),
+    _Key("remote.queue_depth", 64, _int_in(1, None, "> 0"), _int_from_text),
+    _Key("remote.username", None, _optional_str),
+    _Key("remote.password", None, _optional_str, render=_render_secret),
+    _Key("remote.tls_ca", None, _optional_str),
+    _Key("remote.s3_endpoint", None, _optional_str),
+    _Key("remote.s3_region", None, _optional_str),
+    _Key("remote.access_key", None, _optional_str),
+    _Key("remote.secret_key", None, _optional_str, render=_render_secret),
 )
 _KEYS_BY_NAME = {key.dotted: key for key in _KEYS}
 _KEYS_BY_ENV = {key.env_var: key for key in _KEYS}
-_SECTIONS = ("memory", "disk", "metrics")
+_SECTIONS = ("memory", "disk", "metrics", "remote")
 
 
 # ---- loading ------------------------------------------------------------------------------------
@@ -368,6 +401,10 @@ def _build(values: Mapping[str, _Value]) -> KVTierConfig:
     def text(key: str) -> str:
         return _str(values[key])
 
+    def optional(key: str) -> str | None:
+        value = values[key]
+        return None if value is None else _str(value)
+
     disk_path = values["disk.path"]
     return KVTierConfig(
         chunk_tokens=num("chunk_tokens"), namespace=text("namespace"), model_id=text("model_id"),
@@ -377,6 +414,12 @@ def _build(values: Mapping[str, _Value]) -> KVTierConfig:
                         capacity_bytes=num("disk.capacity"), write_policy=text("disk.write_policy"),
                         queue_depth=num("disk.queue_depth")),
         metrics=MetricsConfig(port=num("metrics.port"), host=text("metrics.host")),
+        remote=RemoteConfig(
+            url=optional("remote.url"), ttl_s=num("remote.ttl"), timeout_ms=num("remote.timeout_ms"),
+            queue_depth=num("remote.queue_depth"), username=optional("remote.username"),
+            password=optional("remote.password"), tls_ca=optional("remote.tls_ca"),
+            s3_endpoint=optional("remote.s3_endpoint"), s3_region=optional("remote.s3_region"),
+            access_key=optional("remote.access_key"), secret_key=optional("remote.secret_key")),
     )
 
 
@@ -389,4 +432,10 @@ def _values_of(config: KVTierConfig) -> dict[str, _Value]:
         "disk.path": config.disk.path, "disk.capacity": config.disk.capacity_bytes,
         "disk.write_policy": config.disk.write_policy, "disk.queue_depth": config.disk.queue_depth,
         "metrics.port": config.metrics.port, "metrics.host": config.metrics.host,
+        "remote.url": config.remote.url, "remote.ttl": config.remote.ttl_s,
+        "remote.timeout_ms": config.remote.timeout_ms, "remote.queue_depth": config.remote.queue_depth,
+        "remote.username": config.remote.username, "remote.password": config.remote.password,
+        "remote.tls_ca": config.remote.tls_ca, "remote.s3_endpoint": config.remote.s3_endpoint,
+        "remote.s3_region": config.remote.s3_region, "remote.access_key": config.remote.access_key,
+        "remote.secret_key": config.remote.secret_key,
     }

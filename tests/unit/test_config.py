@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvtier.config import (DiskConfig, KVTierConfig, LoadedConfig, MemoryConfig, MetricsConfig, describe,
+from kvtier.config import (DiskConfig, KVTierConfig, LoadedConfig, MemoryConfig, MetricsConfig,
+    RemoteConfig, describe,
                            load_config, parse_size)
 from kvtier.errors import ConfigError
 
@@ -19,6 +20,11 @@ GIB = 2**30
 ALL_KEYS = ["chunk_tokens", "namespace", "model_id", "store_decode_tokens", "memory.capacity",
             "memory.policy", "disk.path", "disk.capacity", "disk.write_policy", "disk.queue_depth",
             "metrics.port", "metrics.host"]
+REMOTE_KEYS = ["remote.url", "remote.ttl", "remote.timeout_ms", "remote.queue_depth", "remote.username",
+               "remote.password", "remote.tls_ca", "remote.s3_endpoint", "remote.s3_region", "remote.access_key",
+               "remote.secret_key"]
+DEFAULT_REMOTE = RemoteConfig(url=None, ttl_s=86400, timeout_ms=2000, queue_depth=64, username=None, password=None,
+                              tls_ca=None, s3_endpoint=None, s3_region=None, access_key=None, secret_key=None)
 
 
 def load(inline: Mapping[str, object] | None = None, env: Mapping[str, str] | None = None) -> LoadedConfig:
@@ -47,9 +53,9 @@ def test_defaults() -> None:
         chunk_tokens=256, namespace="default", model_id="", store_decode_tokens=False,
         memory=MemoryConfig(capacity_bytes=2 * GIB, policy="s3fifo"),
         disk=DiskConfig(path=None, capacity_bytes=16 * GIB, write_policy="write_through", queue_depth=64),
-        metrics=MetricsConfig(port=0, host="127.0.0.1"),
+        metrics=MetricsConfig(port=0, host="127.0.0.1"), remote=DEFAULT_REMOTE,
     )
-    assert loaded.sources == dict.fromkeys(ALL_KEYS, "default")
+    assert loaded.sources == dict.fromkeys(ALL_KEYS + REMOTE_KEYS, "default")
 
 
 def test_config_is_frozen() -> None:
@@ -89,9 +95,9 @@ def test_file_named_inline_sets_every_key(tmp_path: Path) -> None:
         memory=MemoryConfig(capacity_bytes=GIB, policy="lru"),
         disk=DiskConfig(path="/var/cache/kvtier", capacity_bytes=100 * 10**9, write_policy="write_through",
                         queue_depth=8),
-        metrics=MetricsConfig(port=9400, host="0.0.0.0"),
+        metrics=MetricsConfig(port=9400, host="0.0.0.0"), remote=DEFAULT_REMOTE,
     )
-    assert loaded.sources == dict.fromkeys(ALL_KEYS, f"file:{path}")
+    assert loaded.sources == {**dict.fromkeys(ALL_KEYS, f"file:{path}"), **dict.fromkeys(REMOTE_KEYS, "default")}
 
 
 def test_file_named_by_env(tmp_path: Path) -> None:
@@ -166,9 +172,24 @@ def test_env_sets_every_key() -> None:
         memory=MemoryConfig(capacity_bytes=512 * 2**20, policy="lru"),
         disk=DiskConfig(path="/d", capacity_bytes=1_500_000_000, write_policy="write_through",
                         queue_depth=16),
-        metrics=MetricsConfig(port=9400, host="::1"),
+        metrics=MetricsConfig(port=9400, host="::1"), remote=DEFAULT_REMOTE,
     )
-    assert loaded.sources == {key: f"env:KVTIER_{key.replace('.', '_').upper()}" for key in ALL_KEYS}
+    assert loaded.sources == {**{key: f"env:KVTIER_{key.replace('.', '_').upper()}" for key in ALL_KEYS},
+                              **dict.fromkeys(REMOTE_KEYS, "default")}
+
+
+def test_remote_keys_from_env_and_secrets_never_shown() -> None:
+    env = {"KVTIER_REMOTE_URL": "rediss://cache:6380/0", "KVTIER_REMOTE_TTL": "0",
+           "KVTIER_REMOTE_TIMEOUT_MS": "500", "KVTIER_REMOTE_PASSWORD": "hunter2",
+           "KVTIER_REMOTE_SECRET_KEY": "s3cret", "KVTIER_REMOTE_S3_REGION": "eu-west-1"}
+    loaded = load(env=env)
+    remote = loaded.config.remote
+    assert (remote.url, remote.ttl_s, remote.timeout_ms) == ("rediss://cache:6380/0", 0, 500)
+    assert (remote.password, remote.secret_key, remote.s3_region) == ("hunter2", "s3cret", "eu-west-1")
+    shown = {key: value for key, value, _ in describe(loaded)}
+    assert shown["remote.password"] == shown["remote.secret_key"] == '"***"'
+    assert "hunter2" not in str(describe(loaded))
+    assert load().config.remote == DEFAULT_REMOTE
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -439,6 +460,9 @@ def test_describe_rows(tmp_path: Path) -> None:
         ("disk.queue_depth", "64", "default"),
         ("metrics.port", "9400", "env:KVTIER_METRICS_PORT"),
         ("metrics.host", '"127.0.0.1"', "default"),
+        ("remote.url", "null", "default"), ("remote.ttl", "86400", "default"),
+        ("remote.timeout_ms", "2000", "default"), ("remote.queue_depth", "64", "default"),
+        *[(key, "null", "default") for key in REMOTE_KEYS[4:]],
     ]
 
 

@@ -90,18 +90,21 @@ class RedisTier(RemoteTier):
         self._client.ping()
 
     def _make_client(self) -> redis.Redis | RedisCluster:
-        common = dict(username=self.target.username, password=self.target.password,
-                      socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s)
-        if self.target.tls:
-            common.update(ssl=True, ssl_ca_certs=self._tls_ca)
+        connection_class = _SSLConnection if self.target.tls else _Connection
+        tls = {"ssl_ca_certs": self._tls_ca} if self.target.tls else {}
         no_retry = Retry(NoBackoff(), 0)
-        if self.target.cluster:
-            return RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in self.target.nodes],
-                                retry=no_retry, connection_class=_connection_class(self.target.tls),
-                                **common)
         host, port = self.target.nodes[0]
-        pool = redis.ConnectionPool(connection_class=_connection_class(self.target.tls), host=host,
-                                    port=port, db=self.target.db, retry=no_retry, **_without_ssl(common))
+        if self.target.cluster:
+            # redis-py hands connection_class to the nodes' pools only for a client built from a
+            # URL; the URL is plain redis:// because TLS comes with the connection class.
+            return RedisCluster(url=f"redis://{host}:{port}", startup_nodes=[ClusterNode(*node) for node in
+                                                                         self.target.nodes[1:]],
+                                retry=no_retry, connection_class=connection_class, username=self.target.username, password=self.target.password,
+                                socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s, **tls)
+        pool = redis.ConnectionPool(connection_class=connection_class, host=host, port=port, db=self.target.db,
+                                    retry=no_retry, username=self.target.username, password=self.target.password,
+                                    socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s,
+                                    **tls)
         return redis.Redis(connection_pool=pool)
 
     @property
@@ -194,15 +197,6 @@ class _Connection(_PackerMixin, redis.Connection):
 
 class _SSLConnection(_PackerMixin, redis.SSLConnection):
     pass
-
-
-def _connection_class(tls: bool) -> type[redis.Connection]:
-    return _SSLConnection if tls else _Connection
-
-
-def _without_ssl(params: dict[str, object]) -> dict[str, object]:
-    """Connection-pool parameters: ``ssl=True`` is expressed by the connection class instead."""
-    return {name: value for name, value in params.items() if name != "ssl"}
 
 
 def _place(value: bytes | None, out: memoryview) -> Fetched | None:

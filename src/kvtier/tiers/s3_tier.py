@@ -24,12 +24,14 @@ from __future__ import annotations
 import concurrent.futures
 import email.utils
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import TypeVar
 
 import boto3
 import urllib3.exceptions
+from botocore.client import BaseClient
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -60,7 +62,7 @@ class S3Tier(RemoteTier):
         self.prefix = prefix
         self.ttl_s = options.ttl_s
         self._options = options
-        self._client: object | None = None
+        self._client: BaseClient | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(_NUM_THREADS, thread_name_prefix="kvtier-s3")
         self._start()
 
@@ -69,7 +71,7 @@ class S3Tier(RemoteTier):
         return f"{self.prefix}/{name}" if self.prefix else name
 
     @property
-    def client(self):  # type: ignore[no-untyped-def]
+    def client(self) -> BaseClient:
         """The boto3 S3 client; for tests and benchmarks."""
         if self._client is None:
             self._client = _make_client(self._options)
@@ -160,9 +162,20 @@ class S3Tier(RemoteTier):
         return True
 
     def _run_all(self, call: Callable[[_T], object], items: Sequence[_T]) -> list:  # type: ignore[type-arg]
-        """``call`` on every item on the pool, results in order. On the first failure, cancel
-        what has not started, wait for what runs, and re-raise."""
-        futures = [self._pool.submit(call, item) for item in items]
+        """``call`` on every item on the pool, results in order. After the first failure no
+        further item starts; the failure is re-raised once every running call has ended."""
+        failed = threading.Event()
+
+        def run(item: _T) -> object:
+            if failed.is_set():
+                raise _Skipped()
+            try:
+                return call(item)
+            except BaseException:
+                failed.set()
+                raise
+
+        futures = [self._pool.submit(run, item) for item in items]
         try:
             return [future.result() for future in futures]
         except BaseException:
@@ -170,6 +183,10 @@ class S3Tier(RemoteTier):
                 future.cancel()
             concurrent.futures.wait(futures)
             raise
+
+
+class _Skipped(Exception):
+    """An item of a batch that was not tried because an earlier one failed."""
 
 
 def open_tier(url: str, options: RemoteOptions) -> RemoteTier:
@@ -181,7 +198,7 @@ def open_tier(url: str, options: RemoteOptions) -> RemoteTier:
     return S3Tier(bucket, prefix.strip("/"), options)
 
 
-def _make_client(options: RemoteOptions):  # type: ignore[no-untyped-def]
+def _make_client(options: RemoteOptions) -> BaseClient:
     config = Config(
         connect_timeout=options.timeout_s, read_timeout=options.timeout_s,
         retries={"total_max_attempts": 1}, max_pool_connections=_NUM_THREADS,
