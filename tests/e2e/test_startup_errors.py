@@ -1,0 +1,18 @@
+"""Bad configuration stops the engine at start-up with a message naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.engines import run_engine
+
+pytestmark = pytest.mark.e2e
+
+
+def test_chunk_not_a_multiple_of_the_block_size_stops_start_up(tiny_model: str, tmp_path: Path) -> None:
+    spec = {"model": tiny_model, "kvtier": {"chunk_tokens": 200}, "actions": []}
+    with pytest.raises(AssertionError) as failure:
+        run_engine(spec, tmp_path, "bad-chunk", timeout_s=300)
+    assert "chunk_tokens: 200 is not a multiple of the engine's block size 128" in str(failure.value)
