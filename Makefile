@@ -13,6 +13,7 @@ demo: bootstrap
 
 # Everything, the end-to-end tests included (they start vLLM engines: several minutes).
 test: bootstrap
+	scripts/bootstrap.sh --servers
 	$(PYTHON) -m pytest -q tests
 
 # Unit tests only (fast, no engine).

@@ -1,10 +1,12 @@
 """Worker-side data path: moves whole blocks between the engine's paged KV cache and host slots.
 
-This is the one module (with the vLLM worker) that touches torch tensors. A ``HostPool`` is a
-preallocated array of fixed-size slots, one chunk each (pinned on CUDA machines, allocated once).
-``PagedKV`` wraps the engine's per-layer KV tensors, checks them against the expected
-``KVLayout`` and copies blocks with vectorised ``index_select`` / ``index_copy_`` (one call per
-layer, never a loop per token).
+This is the one module (with the engine integrations) that touches torch tensors. A ``HostPool`` is
+a preallocated array of fixed-size slots, one chunk each (pinned on CUDA machines, allocated once).
+``PagedKV`` wraps the engine's per-layer KV tensors, checks them against the expected ``KVLayout``
+and copies blocks with vectorised ``index_select`` / ``index_copy_`` (one call per layer, never a
+loop per token). ``ChunkMover`` executes a step's store and load ops in batches: on CUDA, each chunk
+crosses PCIe as ONE large copy through device staging buffers on dedicated streams
+(``StagingRing``); on CPU it copies straight between the engine's blocks and the slots.
 
 Slot layout (bytes of one chunk): for ``cpu_lbhnc`` [layers, blocks, page]; for ``cuda_flash``
 [layers, 2 (K, V), blocks, page]; ``page`` is one block's elements of one layer (and one of K/V).
@@ -12,13 +14,14 @@ Slot layout (bytes of one chunk): for ``cpu_lbhnc`` [layers, blocks, page]; for 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from kvtier.errors import LayoutError
 from kvtier.layout import KVLayout
-
+from kvtier.plans import LoadOp, StoreOp
 
 _BIT_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 
@@ -34,7 +37,12 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 class HostPool:
-    """``num_slots`` slots of ``slot_bytes`` each, in one allocation made at start-up."""
+    """``num_slots`` slots of ``slot_bytes`` each, in one allocation made at start-up.
+
+    With ``pin_memory`` the pool is page-locked (CUDA machines): host<->device copies from and to
+    it run asynchronously at the PCIe limit. torch's pinned allocator rounds the allocation up to
+    a power of two bytes.
+    """
 
     def __init__(self, num_slots: int, slot_bytes: int, pin_memory: bool) -> None:
         self.num_slots = num_slots
@@ -80,6 +88,7 @@ class PagedKV:
         self.device = layers[0].device
         self._bits = bit_dtype(layout.dtype_bytes)
         self._pages = [self._as_pages(t.view(self._bits)) for t in layers]
+        self._axis = 0 if layout.kind == "cpu_lbhnc" else 1  # the block axis of ``_pages``
 
     def _as_pages(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.layout.kind == "cpu_lbhnc":  # [blocks, page]
@@ -93,25 +102,215 @@ class PagedKV:
             return typed.view(self.layout.num_layers, blocks_per_chunk, -1)
         return typed.view(self.layout.num_layers, 2, blocks_per_chunk, -1)
 
+    def block_ids(self, block_ids: Sequence[int]) -> torch.Tensor:
+        """``block_ids`` as an index tensor on the engine's device (a blocking upload on CUDA)."""
+        return torch.tensor(block_ids, dtype=torch.long, device=self.device)
+
     def gather(self, block_ids: Sequence[int], dst: torch.Tensor) -> None:
         """Copy engine blocks ``block_ids`` (a whole chunk) into ``dst`` (a ``slot_view``)."""
-        ids = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-        axis = 0 if self.layout.kind == "cpu_lbhnc" else 1
+        ids = self.block_ids(block_ids)
+        if dst.device == self.device:
+            self.gather_into(ids, dst)
+            return
         for layer, pages in enumerate(self._pages):
-            if axis == 0 and dst.device == self.device:
-                torch.index_select(pages, 0, ids, out=dst[layer])
-            else:
-                dst[layer].copy_(pages.index_select(axis, ids), non_blocking=True)
+            dst[layer].copy_(pages.index_select(self._axis, ids), non_blocking=True)
+
+    def gather_into(self, ids: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy engine blocks ``ids`` (an index tensor on the engine's device) into ``dst``, a
+        ``slot_view`` on the same device: one ``index_select`` per layer, no temporary."""
+        for layer, pages in enumerate(self._pages):
+            torch.index_select(pages, self._axis, ids, out=dst[layer])
 
     def scatter(self, src: torch.Tensor, first_block: int, block_ids: Sequence[int]) -> None:
         """Copy blocks ``first_block..`` of ``src`` (a ``slot_view``) into engine blocks ``block_ids``."""
-        ids = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-        end = first_block + len(block_ids)
+        self.scatter_from(src, first_block, self.block_ids(block_ids))
+
+    def scatter_from(self, src: torch.Tensor, first_block: int, ids: torch.Tensor) -> None:
+        """Copy blocks ``first_block .. first_block+len(ids)`` of ``src`` (a ``slot_view``, on any
+        device) into engine blocks ``ids`` (an index tensor on the engine's device)."""
         for layer, pages in enumerate(self._pages):
-            if self.layout.kind == "cpu_lbhnc":
-                pages.index_copy_(0, ids, src[layer, first_block:end].to(self.device, non_blocking=True))
-            else:
-                pages.index_copy_(1, ids, src[layer, :, first_block:end].to(self.device, non_blocking=True))
+            part = src[layer].narrow(self._axis, first_block, ids.numel())
+            pages.index_copy_(self._axis, ids, part.to(self.device, non_blocking=True))
+
+
+class StagingRing:
+    """Device staging buffers passed between a work stream and a copy stream, for one device.
+
+    Every transfer takes the next buffer of the ring and runs in two stages: on the way to the host,
+    ``produce(buffer)`` (kernels: gathers) on the work stream, then ``transfer(buffer)`` (the DMA
+    copy) on the copy stream; on the way in, ``transfer`` on the copy stream, then ``consume`` on
+    the work stream. CUDA events order the two stages of one buffer and its reuse, so with two or
+    more buffers the copy of one transfer overlaps the kernels of the next. Nothing here blocks the
+    CPU except ``wait``.
+
+    Single-threaded: one thread (the one that owns the engine's stream) calls every method. The
+    callables run immediately, under the stream they are given; they must only queue work on the
+    current stream. On a CPU device there are no streams: both stages run at once, in order.
+    """
+
+    def __init__(self, device: torch.device, buffer_bytes: int, num_buffers: int) -> None:
+        if num_buffers < 1 or buffer_bytes < 1:
+            raise ValueError(f"a staging ring needs buffers, got {num_buffers} of {buffer_bytes} bytes")
+        self.device = device
+        self.buffer_bytes = buffer_bytes
+        self._buffers = [torch.empty(buffer_bytes, dtype=torch.uint8, device=device) for _ in range(num_buffers)]
+        self._next = 0
+        self._is_cuda = device.type == "cuda"
+        if self._is_cuda:
+            self.work_stream = torch.cuda.Stream(device)
+            self.copy_stream = torch.cuda.Stream(device)
+            self._ready = [torch.cuda.Event() for _ in range(num_buffers)]
+            self._free = [torch.cuda.Event() for _ in range(num_buffers)]
+
+    def begin(self) -> None:
+        """Order both streams after the work queued so far on the caller's current stream (the
+        engine's forward), so that transfers see the KV it wrote. Call before a batch."""
+        if self._is_cuda:
+            current = torch.cuda.current_stream(self.device)
+            self.work_stream.wait_stream(current)
+            self.copy_stream.wait_stream(current)
+
+    def to_host(self, produce: Callable[[torch.Tensor], None], transfer: Callable[[torch.Tensor], None]) -> None:
+        """Queue ``produce`` (work stream) then ``transfer`` (copy stream) on the next buffer."""
+        index, buffer = self._take()
+        if not self._is_cuda:
+            produce(buffer)
+            transfer(buffer)
+            return
+        self._stage(self.work_stream, self._free[index], produce, buffer, self._ready[index])
+        self._stage(self.copy_stream, self._ready[index], transfer, buffer, self._free[index])
+
+    def from_host(self, transfer: Callable[[torch.Tensor], None], consume: Callable[[torch.Tensor], None]) -> None:
+        """Queue ``transfer`` (copy stream) then ``consume`` (work stream) on the next buffer."""
+        index, buffer = self._take()
+        if not self._is_cuda:
+            transfer(buffer)
+            consume(buffer)
+            return
+        self._stage(self.copy_stream, self._free[index], transfer, buffer, self._ready[index])
+        self._stage(self.work_stream, self._ready[index], consume, buffer, self._free[index])
+
+    def mark(self) -> torch.cuda.Event | None:
+        """An event recorded on the work stream after everything queued so far (None on CPU,
+        where everything queued is already done)."""
+        if not self._is_cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record(self.work_stream)
+        return event
+
+    def fence(self) -> None:
+        """Make the caller's current stream wait (on the device, not the CPU) for the work stream:
+        work queued after this call sees the result of every ``consume`` (and ``produce``) queued
+        so far. Copies to the host still in flight are not waited for."""
+        if self._is_cuda:
+            torch.cuda.current_stream(self.device).wait_stream(self.work_stream)
+
+    def wait(self) -> None:
+        """Block the CPU until everything queued so far is done."""
+        if self._is_cuda:
+            self.work_stream.synchronize()
+            self.copy_stream.synchronize()
+
+    def _take(self) -> tuple[int, torch.Tensor]:
+        index = self._next
+        self._next = (index + 1) % len(self._buffers)
+        return index, self._buffers[index]
+
+    @staticmethod
+    def _stage(stream: torch.cuda.Stream, after: torch.cuda.Event, work: Callable[[torch.Tensor], None],
+               buffer: torch.Tensor, done: torch.cuda.Event) -> None:
+        with torch.cuda.stream(stream):
+            stream.wait_event(after)  # a no-op for an event never recorded
+            work(buffer)
+            done.record(stream)
+
+
+class ChunkMover:
+    """Executes a step's store ops (engine blocks -> host slots) and load ops (slots -> blocks).
+
+    Called by the worker, from the thread that runs the engine's forward. On CUDA each chunk moves
+    through a device staging buffer laid out exactly like its slot: a store gathers every layer's
+    blocks of the chunk on the GPU (one ``index_select`` per layer) and then makes ONE device->host
+    copy of the whole chunk; a load makes ONE host->device copy of the slot and then one
+    ``index_copy_`` per layer. Copies run on a dedicated stream and overlap the gathers/scatters of
+    the next chunk (``num_staging`` buffers, at least two for overlap). On CPU the blocks move
+    straight between the engine's tensors and the slots, synchronously.
+
+    ``gather_chunks`` and ``scatter_chunks`` return once the work is queued; results are final
+    only after ``wait()``. A store reads the engine's blocks after the forward queued before the
+    call; a load is ordered before any work queued on the engine's stream after the call. The
+    caller must ``wait()`` before it reports a store, reads a slot on the CPU (disk writes) or
+    lets the engine reuse the stored blocks.
+    """
+
+    def __init__(self, paged: PagedKV, pool: HostPool, blocks_per_chunk: int, num_staging: int = 4) -> None:
+        self.paged = paged
+        self.pool = pool
+        self.blocks_per_chunk = blocks_per_chunk
+        self._ring: StagingRing | None = None
+        if paged.device.type == "cuda":
+            self._ring = StagingRing(paged.device, pool.slot_bytes, num_staging)
+
+    def gather_chunks(self, ops: Sequence[StoreOp]) -> None:
+        """Copy each op's engine blocks (one whole chunk) into its memory slot."""
+        if not ops:
+            return
+        if self._ring is None:
+            for op in ops:
+                self.paged.gather(op.block_ids, self._slot_view(self.pool.slot(op.slot)))
+            return
+        self._ring.begin()
+        ids = self._upload_ids([op.block_ids for op in ops])
+        for op, chunk_ids in zip(ops, ids):
+            self._ring.to_host(functools.partial(self._gather_into, chunk_ids),
+                               functools.partial(_copy_from, self.pool.slot(op.slot)))
+
+    def scatter_chunks(self, ops: Sequence[LoadOp]) -> None:
+        """Copy blocks ``first_block..`` of each op's slot into its engine blocks."""
+        if not ops:
+            return
+        if self._ring is None:
+            for op in ops:
+                self.paged.scatter(self._slot_view(self.pool.slot(op.slot)), op.first_block, op.block_ids)
+            return
+        self._ring.begin()
+        ids = self._upload_ids([op.block_ids for op in ops])
+        for op, chunk_ids in zip(ops, ids):
+            self._ring.from_host(functools.partial(_copy_into, self.pool.slot(op.slot)),
+                                 functools.partial(self._scatter_from, op.first_block, chunk_ids))
+        self._ring.fence()
+
+    def wait(self) -> None:
+        """Block until every queued store and load is done (slots and blocks hold their data)."""
+        if self._ring is not None:
+            self._ring.wait()
+
+    def _slot_view(self, data: torch.Tensor) -> torch.Tensor:
+        return self.paged.slot_view(data[:self.pool.slot_bytes], self.blocks_per_chunk)
+
+    def _upload_ids(self, block_ids: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """Every op's block ids in one pinned, asynchronous upload on the work stream."""
+        assert self._ring is not None
+        flat = [block for ids in block_ids for block in ids]
+        host = torch.tensor(flat, dtype=torch.long).pin_memory()
+        with torch.cuda.stream(self._ring.work_stream):
+            device_ids = host.to(self.paged.device, non_blocking=True)
+        return list(device_ids.split([len(ids) for ids in block_ids]))
+
+    def _gather_into(self, ids: torch.Tensor, buffer: torch.Tensor) -> None:
+        self.paged.gather_into(ids, self._slot_view(buffer))
+
+    def _scatter_from(self, first_block: int, ids: torch.Tensor, buffer: torch.Tensor) -> None:
+        self.paged.scatter_from(self._slot_view(buffer), first_block, ids)
+
+
+def _copy_from(dst: torch.Tensor, buffer: torch.Tensor) -> None:
+    dst.copy_(buffer[:dst.numel()], non_blocking=True)
+
+
+def _copy_into(src: torch.Tensor, buffer: torch.Tensor) -> None:
+    buffer[:src.numel()].copy_(src, non_blocking=True)
 
 
 def ordered_layers(kv_caches: Mapping[str, torch.Tensor], layer_names: Sequence[str]) -> list[torch.Tensor]:

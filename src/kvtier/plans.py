@@ -6,10 +6,10 @@ vLLM's connector metadata, so they hold only plain values (ints, bytes, tuples).
 
 Execution order on the worker (it matters, slots are reused):
 1. ``spills``: copy each named memory slot aside for a disk write (before the slot is reused).
-2. ``promotes``: read disk entries into memory slots and verify them.
+2. ``promotes`` / ``remote_fetches``: read disk / remote entries into memory slots, verified.
 3. ``loads``: copy memory slots into engine blocks (before the forward).
 4. ``stores``: copy engine blocks into memory slots (after the forward).
-5. ``write_through``: copy freshly stored slots aside for a disk write.
+5. ``write_through`` / ``remote_puts``: copy freshly stored slots aside for a disk write / an upload.
 6. ``deletes``: remove disk entries (queued behind earlier writes).
 """
 
@@ -49,14 +49,16 @@ class SlotOp:
 class StepPlan:
     spills: list[SlotOp] = field(default_factory=list)
     promotes: list[SlotOp] = field(default_factory=list)
+    remote_fetches: list[SlotOp] = field(default_factory=list)
     loads: list[LoadOp] = field(default_factory=list)
     stores: list[StoreOp] = field(default_factory=list)
     write_through: list[SlotOp] = field(default_factory=list)
+    remote_puts: list[SlotOp] = field(default_factory=list)
     deletes: list[bytes] = field(default_factory=list)
 
     def is_empty(self) -> bool:
-        return not (self.spills or self.promotes or self.loads or self.stores
-                    or self.write_through or self.deletes)
+        return not (self.spills or self.promotes or self.remote_fetches or self.loads or self.stores
+                    or self.write_through or self.remote_puts or self.deletes)
 
 
 @dataclass
@@ -79,6 +81,11 @@ class WorkerReport:
     memory_written_bytes: int = 0
     disk_read_bytes: int = 0
     disk_written_bytes: int = 0
+    remote_failed: list[bytes] = field(default_factory=list)  # uploads or fetches that failed
+    remote_read_bytes: int = 0
+    remote_written_bytes: int = 0
+    num_remote_errors: int = 0
+    num_remote_dropped: int = 0
     load_seconds: list[float] = field(default_factory=list)
     store_seconds: list[float] = field(default_factory=list)
 

@@ -54,6 +54,7 @@ class DiskSettings:
 class _PendingOps:
     spills: list[SlotOp] = field(default_factory=list)
     promotes: list[SlotOp] = field(default_factory=list)
+    remote_fetches: list[SlotOp] = field(default_factory=list)
     write_through: list[SlotOp] = field(default_factory=list)
     deletes: list[bytes] = field(default_factory=list)
 
@@ -123,8 +124,8 @@ class TieredStore:
             if self._disk_policy is not None and key in self._disk:
                 self._disk_policy.touch(key)
 
-    def prepare_promote(self, owner: str, keys: Sequence[bytes]) -> list[bytes]:
-        """Plan disk -> memory reads of ``keys`` (disk-only, ready) for ``owner``.
+    def prepare_promote(self, owner: str, keys: Sequence[bytes], from_remote: bool = False) -> list[bytes]:
+        """Plan disk -> memory (or remote -> memory) reads of ``keys`` for ``owner``.
 
         Returns the keys actually planned, a prefix of ``keys`` (shorter when memory is full of
         leased entries). Planned entries are pending and leased to ``owner``.
@@ -135,8 +136,8 @@ class TieredStore:
             if slot is None:
                 self._metrics.dropped_stores.labels(tier="memory").inc()
                 break
-            self._memory[key] = MemoryEntry(slot, State.PENDING, on_disk=True)
-            self._ops.promotes.append(SlotOp(key, slot))
+            self._memory[key] = MemoryEntry(slot, State.PENDING, on_disk=not from_remote)
+            (self._ops.remote_fetches if from_remote else self._ops.promotes).append(SlotOp(key, slot))
             planned.append(key)
         self.leases.acquire(owner, planned)
         return planned

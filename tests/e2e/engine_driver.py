@@ -4,7 +4,8 @@ Used by the end-to-end tests: each engine lives in its own subprocess, so a rest
 process, exactly as in production. Input (argv[1], a JSON file):
   {"model": DIR, "kvtier": {extra config} | null, "prefix_caching": bool, "kv_cache_gib": float,
    "actions": [{"op": "generate", "prompts": [[ids...], ...], "max_tokens": N, "kvtier": {per-request}}
-               | {"op": "reset_prefix_cache"} | {"op": "metrics"}]}
+               | {"op": "reset_prefix_cache"} | {"op": "metrics"} | {"op": "sleep", "seconds": S}
+               | {"op": "barrier", "reached": FILE, "go": FILE}]}
 Output (stdout, last line): a JSON list with one result per action.
 """
 
@@ -13,7 +14,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import urllib.request
+from pathlib import Path
 
 
 def run(spec: dict) -> list:
@@ -36,6 +39,15 @@ def run(spec: dict) -> list:
                                     extra_args=extra)
             outs = llm.generate([{"prompt_token_ids": p} for p in action["prompts"]], params, use_tqdm=False)
             results.append([_output(o) for o in outs])
+        elif action["op"] == "barrier":  # tell the test where we are, wait for its go-ahead
+            Path(action["reached"]).touch()
+            deadline = time.monotonic() + 120
+            while not Path(action["go"]).exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            results.append(None)
+        elif action["op"] == "sleep":
+            time.sleep(action["seconds"])
+            results.append(None)
         elif action["op"] == "reset_prefix_cache":
             results.append(llm.reset_prefix_cache())
         elif action["op"] == "metrics":

@@ -6,24 +6,49 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 DRIVER = Path(__file__).with_name("engine_driver.py")
 
 
+class Engine:
+    """An engine subprocess running a driver spec; ``result()`` waits for it and parses its output."""
+
+    def __init__(self, spec: dict, workdir: Path, name: str) -> None:
+        self.name = name
+        spec_path = workdir / f"{name}.json"
+        spec_path.write_text(json.dumps(spec))
+        self.log_path = workdir / f"{name}.log"
+        # PYTHONHASHSEED differs per engine: kvtier's keys must not care
+        env = dict(os.environ, VLLM_CPU_NUM_OF_RESERVED_CPU="0", PYTHONHASHSEED=str(sum(map(ord, name))))
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen([sys.executable, str(DRIVER), str(spec_path)], stdout=subprocess.PIPE,
+                                         stderr=log, text=True, env=env)
+
+    def result(self, timeout_s: float = 900) -> list:
+        try:
+            out, _ = self.proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"engine {self.name} timed out:\n{self.log_path.read_text()[-4000:]}") from None
+        lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+        if self.proc.returncode != 0 or not lines:
+            tail = self.log_path.read_text()[-4000:]
+            raise AssertionError(f"engine {self.name} failed (rc={self.proc.returncode}):\n{tail}")
+        return json.loads(lines[-1][len("RESULT "):])
+
+
 def run_engine(spec: dict, workdir: Path, name: str, timeout_s: float = 900) -> list:
-    spec_path = workdir / f"{name}.json"
-    spec_path.write_text(json.dumps(spec))
-    log_path = workdir / f"{name}.log"
-    env = dict(os.environ, VLLM_CPU_NUM_OF_RESERVED_CPU="0", PYTHONHASHSEED=str(sum(map(ord, name))))  # differs per engine: keys must not care
-    with open(log_path, "w") as log:
-        proc = subprocess.run([sys.executable, str(DRIVER), str(spec_path)], stdout=subprocess.PIPE,
-                              stderr=log, text=True, timeout=timeout_s, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        tail = log_path.read_text()[-4000:]
-        raise AssertionError(f"engine {name} failed (rc={proc.returncode}):\n{tail}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return Engine(spec, workdir, name).result(timeout_s)
+
+
+def wait_for(path: Path, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} never appeared")
+        time.sleep(0.05)
 
 
 def metric(text: str, name: str, tier: str | None = None) -> float:

@@ -97,10 +97,11 @@ class RedisTier(RemoteTier):
         if self.target.cluster:
             # redis-py hands connection_class to the nodes' pools only for a client built from a
             # URL; the URL is plain redis:// because TLS comes with the connection class.
-            return RedisCluster(url=f"redis://{host}:{port}", startup_nodes=[ClusterNode(*node) for node in
-                                                                         self.target.nodes[1:]],
-                                retry=no_retry, connection_class=connection_class, username=self.target.username, password=self.target.password,
-                                socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s, **tls)
+            seeds = [ClusterNode(*node) for node in self.target.nodes[1:]]
+            return RedisCluster(url=f"redis://{host}:{port}", startup_nodes=seeds, retry=no_retry,
+                                connection_class=connection_class, username=self.target.username,
+                                password=self.target.password, socket_timeout=self.timeout_s,
+                                socket_connect_timeout=self.timeout_s, **tls)
         pool = redis.ConnectionPool(connection_class=connection_class, host=host, port=port, db=self.target.db,
                                     retry=no_retry, username=self.target.username, password=self.target.password,
                                     socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s,

@@ -61,17 +61,18 @@ class KVTierConnector(KVConnectorBase_V1):
         self._worker = None
         if role == KVConnectorRole.SCHEDULER:
             from kvtier.integrations.vllm.scheduler import SchedulerSide
-            from kvtier.integrations.vllm.startup import scan_disk, serve_metrics
+            from kvtier.integrations.vllm.startup import open_remote_tier, scan_disk, serve_metrics
 
             metrics = Metrics()
             serve_metrics(metrics, setup)
-            self._scheduler = SchedulerSide(setup, scan_disk(setup, metrics), metrics)
+            self._scheduler = SchedulerSide(setup, scan_disk(setup, metrics), metrics, open_remote_tier(setup))
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
+            from kvtier.integrations.vllm.startup import open_remote_tier
             from kvtier.integrations.vllm.worker import WorkerSide
 
-            self._worker = WorkerSide(setup, get_tensor_model_parallel_rank())
+            self._worker = WorkerSide(setup, get_tensor_model_parallel_rank(), open_remote_tier(setup))
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -105,6 +106,8 @@ class KVTierConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()
+        if self._scheduler is not None:
+            self._scheduler.shutdown()
 
     def _plan(self) -> StepPlan:
         meta = self._get_connector_metadata()

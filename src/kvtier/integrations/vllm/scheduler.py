@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from kvtier.integrations.vllm.requests import RequestControls, request_controls
 from kvtier.integrations.vllm.setup import EngineSetup
 from kvtier.keys import chunk_keys
-from kvtier.metrics import Metrics
-from kvtier.plans import LoadOp, StepPlan, StoreOp, WorkerReport
+from kvtier.metrics import TIERS, Metrics
+from kvtier.plans import LoadOp, SlotOp, StepPlan, StoreOp, WorkerReport
 from kvtier.store import DiskSettings, TieredStore
+from kvtier.tiers.remote import RemoteTier
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
@@ -33,6 +35,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("kvtier")
 
+MAX_PROMOTE_ROUNDS = 2
+REMOTE_KNOWN_KEYS = 200_000
+
 
 @dataclass
 class RequestState:
@@ -40,15 +45,19 @@ class RequestState:
     keys: list[bytes] = field(default_factory=list)  # chunk keys of the token ids seen so far
     num_local_tokens: int = 0  # vLLM's own prefix hit at the last lookup
     promoting: list[bytes] = field(default_factory=list)
-    promoted: set[bytes] = field(default_factory=set)
+    promoted_from: dict[bytes, str] = field(default_factory=dict)  # chunk -> tier it came from
+    num_promote_rounds: int = 0
     counted: bool = False
     num_store_checked: int = 0  # chunks already considered for storing
     controls: RequestControls = field(default_factory=lambda: RequestControls("", True, True))
 
 
 class SchedulerSide:
-    def __init__(self, setup: EngineSetup, initial_disk_keys: list[bytes], metrics: Metrics) -> None:
+    def __init__(self, setup: EngineSetup, initial_disk_keys: list[bytes], metrics: Metrics,
+                 remote: RemoteTier | None) -> None:
         self.setup = setup
+        self.remote = remote
+        self._remote_known: OrderedDict[bytes, None] = OrderedDict()  # chunks known to be on the remote
         self.metrics = metrics
         disk = None
         if setup.disk_dir is not None:
@@ -82,41 +91,81 @@ class SchedulerSide:
         block, chunk = self.setup.layout.block_size, self.setup.chunk_tokens
         max_hit = (len(prompt) - 1) // block * block
         keys = self._keys(state, prompt)[: -(-max_hit // chunk)]
-        first = num_local // chunk
-        found = self.store.lookup(keys)
-        to_promote = [keys[i] for i in found.disk_only if i >= first]
-        if to_promote:
-            planned = self.store.prepare_promote(state.request.request_id, to_promote)
-            if planned:
-                state.promoting = planned
-                state.promoted.update(planned)
-                return None
-            found_chunks = min(found.num_chunks, keys.index(to_promote[0]))
-        else:
-            found_chunks = found.num_chunks
-        hit = min(found_chunks * chunk, max_hit)
-        self._count(state, keys[first:], found_chunks - first)
+        first = num_local // chunk  # chunks before this one are in vLLM's own cache
+        wanted = keys[first:]
+        if not wanted:
+            return 0
+        found = self.store.lookup(wanted)
+        remote_run = self._remote_run(wanted[found.num_chunks:])
+        disk_keys = [wanted[i] for i in found.disk_only]
+        if (disk_keys or remote_run) and self._plan_promotes(state, disk_keys, remote_run):
+            return None  # promotes planned: vLLM asks again, and they are in memory by then
+        num_found = found.disk_only[0] if found.disk_only else found.num_chunks  # ready in memory
+        self._count(state, wanted, num_found)
+        hit = min((first + num_found) * chunk, max_hit)
         if hit <= num_local:
             return 0
-        used = keys[first: -(-hit // chunk)]
+        used = wanted[: -(-hit // chunk) - first]
         self.store.leases.acquire(state.request.request_id, used)
         self.store.touch(used)
         state.num_local_tokens = num_local
         return hit - num_local
 
+    def _plan_promotes(self, state: RequestState, disk_keys: list[bytes], remote_keys: list[bytes]) -> bool:
+        """Plan disk -> memory and remote -> memory reads; False when none could be planned (memory
+        full of leased entries, or this request already had its rounds: a flapping tier must not
+        hold a request back forever)."""
+        if state.num_promote_rounds >= MAX_PROMOTE_ROUNDS:
+            return False
+        state.num_promote_rounds += 1
+        owner = state.request.request_id
+        planned = self.store.prepare_promote(owner, disk_keys)
+        state.promoted_from.update(dict.fromkeys(planned, "disk"))
+        if len(planned) == len(disk_keys) and remote_keys:
+            from_remote = self.store.prepare_promote(owner, remote_keys, from_remote=True)
+            state.promoted_from.update(dict.fromkeys(from_remote, "remote"))
+            planned += from_remote
+        state.promoting = planned
+        return bool(planned)
+
+    def _remote_run(self, keys: list[bytes]) -> list[bytes]:
+        """The consecutive ``keys`` (after the local prefix) that the remote tier holds and no local
+        tier is already handling."""
+        if self.remote is None or not keys:
+            return []
+        run: list[bytes] = []
+        for key in keys:
+            if self.store.in_memory(key) or self.store.on_disk(key):
+                break
+            run.append(key)
+        if not run:
+            return []
+        num_held = self.remote.exists_prefix(run)
+        for key in run[:num_held]:
+            self._remember_remote(key)
+        return run[:num_held]
+
+    def _remember_remote(self, key: bytes) -> None:
+        self._remote_known[key] = None
+        self._remote_known.move_to_end(key)
+        if len(self._remote_known) > REMOTE_KNOWN_KEYS:
+            self._remote_known.popitem(last=False)
+
     def _count(self, state: RequestState, looked_up: list[bytes], num_found: int) -> None:
-        if state.counted or not looked_up:
+        if state.counted:
             return
         state.counted = True
-        num_found = max(num_found, 0)
-        num_disk = sum(1 for key in looked_up[:num_found] if key in state.promoted)
-        num_memory = num_found - num_disk
+        served = looked_up[:num_found]
+        by_tier = {tier: sum(1 for key in served if state.promoted_from.get(key, "memory") == tier)
+                   for tier in TIERS}
         self.metrics.lookups.inc(len(looked_up))
-        self.metrics.hits.labels(tier="memory").inc(num_memory)
-        self.metrics.misses.labels(tier="memory").inc(len(looked_up) - num_memory)
-        if self.setup.disk_dir is not None:
-            self.metrics.hits.labels(tier="disk").inc(num_disk)
-            self.metrics.misses.labels(tier="disk").inc(len(looked_up) - num_found)
+        remaining = len(looked_up)
+        for tier in TIERS:
+            if tier == "disk" and self.setup.disk_dir is None or tier == "remote" and self.remote is None:
+                continue
+            self.metrics.hits.labels(tier=tier).inc(by_tier[tier])
+            remaining -= by_tier[tier]
+            self.metrics.misses.labels(tier=tier).inc(remaining)
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
                                  num_external_tokens: int) -> None:
@@ -152,7 +201,7 @@ class SchedulerSide:
             self.store.leases.release(req_id)
         self.metrics.lease_owners.set(self.store.leases.num_owners())
         ops = self.store.take_ops()
-        plan.spills, plan.promotes = ops.spills, ops.promotes
+        plan.spills, plan.promotes, plan.remote_fetches = ops.spills, ops.promotes, ops.remote_fetches
         plan.write_through, plan.deletes = ops.write_through, ops.deletes
         return plan
 
@@ -171,12 +220,18 @@ class SchedulerSide:
         per_chunk = self.setup.blocks_per_chunk
         for i in range(state.num_store_checked, num_full):
             slot = self.store.prepare_store(keys[i])
-            if slot is not None:
-                plan.stores.append(StoreOp(keys[i], slot, tuple(block_ids[i * per_chunk:(i + 1) * per_chunk])))
+            if slot is None:
+                continue
+            plan.stores.append(StoreOp(keys[i], slot, tuple(block_ids[i * per_chunk:(i + 1) * per_chunk])))
+            if self.remote is not None and keys[i] not in self._remote_known:
+                plan.remote_puts.append(SlotOp(keys[i], slot))  # never re-upload what the remote holds
+                self._remember_remote(keys[i])
         state.num_store_checked = num_full
 
     def complete(self, report: WorkerReport) -> None:
         self.store.complete(report)
+        for key in report.remote_failed:
+            self._remote_known.pop(key, None)
         m = self.metrics
         m.entries.labels(tier="memory").set(self.store.num_memory_entries)
         m.entries.labels(tier="disk").set(self.store.num_disk_entries)
@@ -186,10 +241,18 @@ class SchedulerSide:
         m.written_bytes.labels(tier="disk").inc(report.disk_written_bytes)
         m.errors.labels(tier="disk").inc(report.num_corrupt + report.num_disk_write_errors)
         m.dropped_stores.labels(tier="disk").inc(report.num_dropped_writes)
+        m.read_bytes.labels(tier="remote").inc(report.remote_read_bytes)
+        m.written_bytes.labels(tier="remote").inc(report.remote_written_bytes)
+        m.errors.labels(tier="remote").inc(report.num_remote_errors)
+        m.dropped_stores.labels(tier="remote").inc(report.num_remote_dropped)
         for seconds in report.load_seconds:
             m.load_seconds.observe(seconds)
         for seconds in report.store_seconds:
             m.store_seconds.observe(seconds)
+
+    def shutdown(self) -> None:
+        if self.remote is not None:
+            self.remote.close()
 
     def request_finished(self, request: "Request") -> None:
         self.store.leases.release(request.request_id)

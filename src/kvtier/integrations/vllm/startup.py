@@ -9,6 +9,7 @@ from kvtier.entry import HEADER_BYTES
 from kvtier.integrations.vllm.setup import EngineSetup
 from kvtier.metrics import Metrics
 from kvtier.tiers.disk import DiskFiles
+from kvtier.tiers.remote import RemoteTier
 
 logger = logging.getLogger("kvtier")
 
@@ -36,6 +37,20 @@ def scan_disk(setup: EngineSetup, metrics: Metrics) -> list[bytes]:
     complete.sort(key=lambda key: newest[key])
     logger.info("kvtier: disk tier %s holds %d entries", setup.disk_dir, len(complete))
     return complete
+
+
+def open_remote_tier(setup: EngineSetup) -> RemoteTier | None:
+    """The configured remote tier, or None. A server that is down is not an error: the tier starts
+    unhealthy (a warning is logged) and kvtier runs on its local tiers until it comes back."""
+    remote = setup.config.remote
+    if remote.url is None:
+        return None
+    from kvtier.tiers.remote import open_remote
+
+    return open_remote(remote.url, ttl_s=remote.ttl_s or None, timeout_s=remote.timeout_ms / 1000,
+                       username=remote.username, password=remote.password, tls_ca=remote.tls_ca,
+                       s3_endpoint=remote.s3_endpoint, s3_region=remote.s3_region,
+                       access_key=remote.access_key, secret_key=remote.secret_key)
 
 
 def serve_metrics(metrics: Metrics, setup: EngineSetup) -> None:

@@ -18,14 +18,20 @@ from kvtier.datapath import HostPool, PagedKV, ordered_layers
 from kvtier.integrations.vllm.setup import EngineSetup
 from kvtier.plans import StepPlan, WorkerReport
 from kvtier.tiers.disk import DiskFiles, DiskWriter, ReadResult
+from kvtier.tiers.remote import RemoteTier
+from kvtier.tiers.uploader import RemoteUploader
 
 logger = logging.getLogger("kvtier")
 
 
 class WorkerSide:
-    def __init__(self, setup: EngineSetup, rank: int) -> None:
+    def __init__(self, setup: EngineSetup, rank: int, remote: RemoteTier | None) -> None:
         self.setup = setup
         self.rank = rank
+        self.remote = remote
+        self.uploader: RemoteUploader | None = None
+        if remote is not None:
+            self.uploader = RemoteUploader(remote, setup.layout.fingerprint(), setup.config.remote.queue_depth)
         self.report = WorkerReport()
         self.paged: PagedKV | None = None
         self.pool: HostPool | None = None
@@ -51,6 +57,8 @@ class WorkerSide:
             self._submit_disk_write(op.key, op.slot)
         for op in plan.promotes:
             self._promote(op.key, op.slot)
+        if plan.remote_fetches:
+            self._fetch_remote(plan)
         if plan.loads:
             self._load(plan)
 
@@ -65,6 +73,22 @@ class WorkerSide:
         if result is ReadResult.CORRUPT:
             self.report.num_corrupt += 1
             logger.warning("kvtier: corrupt disk entry %s removed; the engine recomputes it", key.hex())
+
+    def _fetch_remote(self, plan: StepPlan) -> None:
+        """Remote -> memory slots, verified; a failure is a miss (the engine recomputes)."""
+        assert self.remote is not None and self.pool is not None
+        items = [(op.key, self.pool.memoryview(op.slot)) for op in plan.remote_fetches]
+        results = self.remote.get_many_into(items, self.rank, self.setup.layout.fingerprint())
+        for op, result in zip(plan.remote_fetches, results):
+            if result is ReadResult.OK:
+                self.report.promoted.append(op.key)
+                self.report.remote_read_bytes += self.setup.chunk_bytes
+                continue
+            self.report.promote_failed.append(op.key)
+            self.report.remote_failed.append(op.key)
+            if result is ReadResult.CORRUPT:
+                self.report.num_remote_errors += 1
+                logger.warning("kvtier: corrupt remote entry %s; the engine recomputes it", op.key.hex())
 
     def _load(self, plan: StepPlan) -> None:
         assert self.paged is not None and self.pool is not None
@@ -82,6 +106,8 @@ class WorkerSide:
             self._store(plan)
         for op in plan.write_through:
             self._submit_disk_write(op.key, op.slot)
+        for op in plan.remote_puts:
+            self._submit_upload(op.key, op.slot)
         for key in plan.deletes:
             if self.writer is not None:
                 self.writer.submit_delete(key, self.rank)
@@ -106,6 +132,12 @@ class WorkerSide:
             self.report.num_dropped_writes += 1
             self.report.disk_failed.append(key)
 
+    def _submit_upload(self, key: bytes, slot: int) -> None:
+        assert self.pool is not None and self.uploader is not None
+        if not self.uploader.submit(key, self.rank, bytes(self.pool.memoryview(slot))):
+            self.report.num_remote_dropped += 1
+            self.report.remote_failed.append(key)
+
     # ----- reporting -------------------------------------------------------------------------
     def take_report(self) -> WorkerReport | None:
         if self.writer is not None:
@@ -114,12 +146,21 @@ class WorkerSide:
             self.report.disk_failed.extend(failed)
             self.report.num_disk_write_errors += len(failed)
             self.report.disk_written_bytes += len(written) * self.setup.chunk_bytes
+        if self.uploader is not None:
+            uploaded, failed = self.uploader.take_results()
+            self.report.remote_written_bytes += len(uploaded) * self.setup.chunk_bytes
+            self.report.remote_failed.extend(failed)
+            self.report.num_remote_errors += len(failed)
         report, self.report = self.report, WorkerReport()
         return None if report.is_empty() else report
 
     def shutdown(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.uploader is not None:
+            self.uploader.close()
+        if self.remote is not None:
+            self.remote.close()
 
 
 def _synchronize(device: torch.device) -> None:

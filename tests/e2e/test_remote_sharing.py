@@ -1,0 +1,94 @@
+"""Two vLLM-CPU engines in separate processes share KV through a real Redis and a real S3 server.
+
+Each reader engine starts with empty memory and no disk tier: whatever it loads came from the
+remote tier that another process filled. Outputs must equal the oracle (the writer's own run with
+the prefix from vLLM's prefix cache). A fault scenario kills Redis in the middle of a workload and
+brings it back: requests keep completing with correct output, and uploads resume.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.conftest import free_port
+from tests.e2e.engines import Engine, metric, run_engine, wait_for
+from tests.e2e.test_vllm_connector import CHUNK, P, Q, QS, S2, tokens
+from tests.servers import S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, ServerProcess, fresh_redis, port_of, \
+    redis_server, seaweed  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.e2e
+
+
+def remote_config(url: str, extra: dict | None = None) -> dict:
+    return {"memory.capacity": "64MiB", "remote.url": url, "remote.timeout_ms": 1000,
+            "metrics.port": free_port(), **(extra or {})}
+
+
+def writer_then_reader(model: str, work: Path, name: str, kvtier: dict) -> tuple[list, list]:
+    writer = run_engine({"model": model, "kvtier": kvtier, "actions": [
+        {"op": "generate", "prompts": [P + S2]},  # cold: computed, stored, uploaded
+        {"op": "generate", "prompts": [P + S2]},  # the oracle: prefix from vLLM's own cache
+    ]}, work, f"{name}-writer")
+    reader = run_engine({"model": model, "kvtier": {**kvtier, "metrics.port": free_port()}, "actions": [
+        {"op": "generate", "prompts": [P + S2]},
+        {"op": "metrics"},
+    ]}, work, f"{name}-reader")
+    return writer, reader
+
+
+def check_shared(writer: list, reader: list) -> None:
+    oracle, shared, text = writer[1][0], reader[0][0], reader[1]
+    assert oracle["num_cached_tokens"] == 4 * CHUNK
+    assert shared["num_cached_tokens"] == 4 * CHUNK  # a fresh engine: all of it came from the remote
+    assert shared["tokens"] == oracle["tokens"]
+    assert shared["logprobs"] == oracle["logprobs"]
+    assert metric(text, "kvtier_hits_total", "remote") == 4
+    assert metric(text, "kvtier_read_bytes_total", "remote") > 0
+
+
+def test_engines_share_through_redis(tiny_model: str, redis_server: ServerProcess, tmp_path: Path) -> None:
+    url = f"redis://127.0.0.1:{port_of(redis_server)}/0"
+    check_shared(*writer_then_reader(tiny_model, tmp_path, "redis", remote_config(url)))
+
+
+def test_engines_share_through_s3(tiny_model: str, seaweed: tuple[ServerProcess, str], tmp_path: Path) -> None:
+    _, endpoint = seaweed
+    config = remote_config(f"s3://{S3_BUCKET}/e2e-{tmp_path.name}", {
+        "remote.s3_endpoint": endpoint, "remote.s3_region": "us-east-1",
+        "remote.access_key": S3_ACCESS_KEY, "remote.secret_key": S3_SECRET_KEY})
+    check_shared(*writer_then_reader(tiny_model, tmp_path, "s3", config))
+
+
+def test_redis_dies_mid_workload_and_comes_back(tiny_model: str, fresh_redis: ServerProcess,
+                                                tmp_path: Path) -> None:
+    url = f"redis://127.0.0.1:{port_of(fresh_redis)}/0"
+    reference = run_engine({"model": tiny_model, "kvtier": None, "actions": [
+        {"op": "generate", "prompts": [Q + QS]},  # a full prefill without any cache
+    ]}, tmp_path, "reference")[0][0]
+    late = tokens(77, 2 * CHUNK + 10)
+    engine = Engine({"model": tiny_model, "kvtier": remote_config(url), "actions": [
+        {"op": "generate", "prompts": [P + S2]},
+        {"op": "barrier", "reached": str(tmp_path / "up"), "go": str(tmp_path / "killed")},
+        {"op": "generate", "prompts": [Q + QS]},  # Redis is down: a miss, computed, correct
+        {"op": "barrier", "reached": str(tmp_path / "down"), "go": str(tmp_path / "back")},
+        {"op": "sleep", "seconds": 3},  # past the first backoff
+        {"op": "generate", "prompts": [late]},
+        {"op": "generate", "prompts": [late + S2]},  # give the uploader a retry after recovery
+        {"op": "metrics"},
+    ]}, tmp_path, "fault")
+    wait_for(tmp_path / "up")
+    fresh_redis.kill()
+    (tmp_path / "killed").touch()
+    wait_for(tmp_path / "down")
+    fresh_redis.restart()  # comes back empty (no persistence)
+    (tmp_path / "back").touch()
+    results = engine.result()
+    during, text = results[2][0], results[7]
+    assert during["tokens"] == reference["tokens"]
+    assert during["logprobs"] == reference["logprobs"]
+    assert metric(text, "kvtier_dropped_stores_total", "remote") + metric(text, "kvtier_errors_total", "remote") >= 1
+    client = redis.Redis(port=port_of(fresh_redis))
+    assert len(client.keys("kvtier/*")) >= 2  # the late prompt's chunks were uploaded after recovery
