@@ -115,9 +115,10 @@ class PagedKV:
         for layer, pages in enumerate(self._pages):
             dst[layer].copy_(pages.index_select(self._axis, ids), non_blocking=True)
 
-    def gather_into(self, ids: torch.Tensor, dst: torch.Tensor) -> None:
+    def gather_into(self, ids: torch.Tensor, dst: torch.Tensor | Sequence[torch.Tensor]) -> None:
         """Copy engine blocks ``ids`` (an index tensor on the engine's device) into ``dst``, a
-        ``slot_view`` on the same device: one ``index_select`` per layer, no temporary."""
+        ``slot_view`` on the same device or the list of its per-layer views: one ``index_select``
+        per layer, no temporary."""
         for layer, pages in enumerate(self._pages):
             torch.index_select(pages, self._axis, ids, out=dst[layer])
 
@@ -125,12 +126,18 @@ class PagedKV:
         """Copy blocks ``first_block..`` of ``src`` (a ``slot_view``) into engine blocks ``block_ids``."""
         self.scatter_from(src, first_block, self.block_ids(block_ids))
 
-    def scatter_from(self, src: torch.Tensor, first_block: int, ids: torch.Tensor) -> None:
-        """Copy blocks ``first_block .. first_block+len(ids)`` of ``src`` (a ``slot_view``, on any
-        device) into engine blocks ``ids`` (an index tensor on the engine's device)."""
+    def scatter_from(self, src: torch.Tensor | Sequence[torch.Tensor], first_block: int, ids: torch.Tensor) -> None:
+        """Copy blocks ``first_block .. first_block+len(ids)`` of ``src`` (a ``slot_view`` on any
+        device, or the list of its per-layer views) into engine blocks ``ids`` (an index tensor on
+        the engine's device): one ``index_copy_`` per layer."""
+        num_blocks = ids.numel()
         for layer, pages in enumerate(self._pages):
-            part = src[layer].narrow(self._axis, first_block, ids.numel())
-            pages.index_copy_(self._axis, ids, part.to(self.device, non_blocking=True))
+            part = src[layer]
+            if first_block or num_blocks != part.shape[self._axis]:
+                part = part.narrow(self._axis, first_block, num_blocks)
+            if part.device != self.device:
+                part = part.to(self.device, non_blocking=True)
+            pages.index_copy_(self._axis, ids, part)
 
 
 class StagingRing:
@@ -249,6 +256,7 @@ class ChunkMover:
         self.pool = pool
         self.blocks_per_chunk = blocks_per_chunk
         self._ring: StagingRing | None = None
+        self._layer_views: dict[int, list[torch.Tensor]] = {}  # staging buffer address -> per-layer views
         if paged.device.type == "cuda":
             self._ring = StagingRing(paged.device, pool.slot_bytes, num_staging)
 
@@ -298,11 +306,20 @@ class ChunkMover:
             device_ids = host.to(self.paged.device, non_blocking=True)
         return list(device_ids.split([len(ids) for ids in block_ids]))
 
+    def _staged_layers(self, buffer: torch.Tensor) -> list[torch.Tensor]:
+        """Per-layer slot views of a staging buffer, made once per buffer (fewer Python ops per
+        chunk keep the CPU ahead of the copy engine)."""
+        views = self._layer_views.get(buffer.data_ptr())
+        if views is None:
+            views = list(self._slot_view(buffer).unbind(0))
+            self._layer_views[buffer.data_ptr()] = views
+        return views
+
     def _gather_into(self, ids: torch.Tensor, buffer: torch.Tensor) -> None:
-        self.paged.gather_into(ids, self._slot_view(buffer))
+        self.paged.gather_into(ids, self._staged_layers(buffer))
 
     def _scatter_from(self, first_block: int, ids: torch.Tensor, buffer: torch.Tensor) -> None:
-        self.paged.scatter_from(self._slot_view(buffer), first_block, ids)
+        self.paged.scatter_from(self._staged_layers(buffer), first_block, ids)
 
 
 def _copy_from(dst: torch.Tensor, buffer: torch.Tensor) -> None:

@@ -31,6 +31,9 @@ class Metrics:
                               registry=reg)
         self.dropped_stores = Counter("kvtier_dropped_stores", "Stores dropped (queue full or no room)",
                                       ["tier"], registry=reg)
+        self.skipped_loads = Counter("kvtier_skipped_loads", "Chunks held by a tier but not loaded because "
+                                     "loading was expected to be slower than recomputing", ["tier"],
+                                     registry=reg)
         self.loaded_tokens = Counter("kvtier_loaded_tokens", "Tokens the engine loaded instead of computing",
                                      registry=reg)
         self.entries = Gauge("kvtier_entries", "Entries a tier holds now", ["tier"], registry=reg)

@@ -83,6 +83,8 @@ class WorkerReport:
     disk_written_bytes: int = 0
     remote_failed: list[bytes] = field(default_factory=list)  # uploads or fetches that failed
     remote_read_bytes: int = 0
+    remote_fetch_seconds: float = 0.0
+    forward_seconds: float = 0.0  # from start_load_kv to wait_for_save of the last step (max over ranks)
     remote_written_bytes: int = 0
     num_remote_errors: int = 0
     num_remote_dropped: int = 0
@@ -93,6 +95,7 @@ class WorkerReport:
         merged = WorkerReport()
         for name, value in vars(self).items():
             setattr(merged, name, value + getattr(other, name))
+        merged.forward_seconds = max(self.forward_seconds, other.forward_seconds)
         return merged
 
     def is_empty(self) -> bool:

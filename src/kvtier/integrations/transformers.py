@@ -57,11 +57,12 @@ class PendingLoad:
 
     num_tokens: int
     cache: DynamicCache | None
+    device: torch.device
     layer_ready: tuple[torch.cuda.Event, ...]  # one per layer on CUDA; empty when all is in place
 
     def wait_layer(self, layer: int) -> None:
         if self.layer_ready:
-            torch.cuda.current_stream(self.layer_ready[layer].device).wait_event(self.layer_ready[layer])
+            torch.cuda.current_stream(self.device).wait_event(self.layer_ready[layer])
 
     def wait_all(self) -> None:
         for layer in range(len(self.layer_ready)):
@@ -203,7 +204,7 @@ class PrefixKVCache:
         """Queue the load of ``load``, layer group by layer group; see ``PendingLoad``."""
         keys = self._held_prefix(token_ids)
         if not keys:
-            return PendingLoad(0, None, ())
+            return PendingLoad(0, None, self.device, ())
         for key in keys:
             self._policy.touch(key)
         slots = [self._slots[key] for key in keys]
@@ -225,7 +226,7 @@ class PrefixKVCache:
             for pair in tensors:
                 for tensor in pair:
                     tensor.record_stream(self._ring.work_stream)
-        return PendingLoad(num_tokens, _dynamic_cache(tensors), tuple(layer_ready))
+        return PendingLoad(num_tokens, _dynamic_cache(tensors), self.device, tuple(layer_ready))
 
     def _copy_from_slots(self, slots: list[int], first: int, last: int, buffer: torch.Tensor) -> None:
         """Copy stream: one host->device copy per chunk of the unit."""

@@ -20,6 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from kvtier.costmodel import CostModel
 from kvtier.integrations.vllm.requests import RequestControls, request_controls
 from kvtier.integrations.vllm.setup import EngineSetup
 from kvtier.keys import chunk_keys
@@ -58,6 +59,8 @@ class SchedulerSide:
         self.setup = setup
         self.remote = remote
         self._remote_known: OrderedDict[bytes, None] = OrderedDict()  # chunks known to be on the remote
+        self.cost = CostModel(min_step_tokens=setup.chunk_tokens)
+        self._last_step_tokens = 0  # tokens scheduled in the step whose report comes next
         self.metrics = metrics
         disk = None
         if setup.disk_dir is not None:
@@ -143,6 +146,9 @@ class SchedulerSide:
         num_held = self.remote.exists_prefix(run)
         for key in run[:num_held]:
             self._remember_remote(key)
+        if num_held and not self.cost.fetch_pays(num_held * self.setup.chunk_bytes, num_held * self.setup.chunk_tokens):
+            self.metrics.skipped_loads.labels(tier="remote").inc(num_held)
+            return []  # the engine recomputes these faster than the remote delivers them
         return run[:num_held]
 
     def _remember_remote(self, key: bytes) -> None:
@@ -185,6 +191,7 @@ class SchedulerSide:
 
     # ----- per step --------------------------------------------------------------------------
     def build_plan(self, scheduler_output: "SchedulerOutput") -> StepPlan:
+        self._last_step_tokens = scheduler_output.total_num_scheduled_tokens
         plan = StepPlan()
         for new in scheduler_output.scheduled_new_reqs:
             scheduled = scheduler_output.num_scheduled_tokens.get(new.req_id, 0)
@@ -232,6 +239,8 @@ class SchedulerSide:
         self.store.complete(report)
         for key in report.remote_failed:
             self._remote_known.pop(key, None)
+        self.cost.observe_fetch(report.remote_read_bytes, report.remote_fetch_seconds)
+        self.cost.observe_step(self._last_step_tokens, report.forward_seconds)
         m = self.metrics
         m.entries.labels(tier="memory").set(self.store.num_memory_entries)
         m.entries.labels(tier="disk").set(self.store.num_disk_entries)

@@ -30,6 +30,7 @@ class WorkerSide:
         self.rank = rank
         self.remote = remote
         self.uploader: RemoteUploader | None = None
+        self._step_started: float | None = None
         if remote is not None:
             self.uploader = RemoteUploader(remote, setup.layout.fingerprint(), setup.config.remote.queue_depth)
         self.report = WorkerReport()
@@ -50,6 +51,10 @@ class WorkerSide:
                     self.setup.chunk_bytes, self.setup.disk_dir or "off")
 
     # ----- before the forward ----------------------------------------------------------------
+    def begin_step(self) -> None:
+        """Called when vLLM binds a step's plan, before its forward."""
+        self._step_started = time.perf_counter()
+
     def start_load(self, plan: StepPlan) -> None:
         if plan.is_empty():
             return
@@ -78,7 +83,9 @@ class WorkerSide:
         """Remote -> memory slots, verified; a failure is a miss (the engine recomputes)."""
         assert self.remote is not None and self.pool is not None
         items = [(op.key, self.pool.memoryview(op.slot)) for op in plan.remote_fetches]
+        started = time.perf_counter()
         results = self.remote.get_many_into(items, self.rank, self.setup.layout.fingerprint())
+        self.report.remote_fetch_seconds += time.perf_counter() - started
         for op, result in zip(plan.remote_fetches, results):
             if result is ReadResult.OK:
                 self.report.promoted.append(op.key)
@@ -102,6 +109,9 @@ class WorkerSide:
 
     # ----- after the forward -----------------------------------------------------------------
     def save(self, plan: StepPlan) -> None:
+        if self._step_started is not None:
+            self.report.forward_seconds = time.perf_counter() - self._step_started
+            self._step_started = None
         if plan.stores:
             self._store(plan)
         for op in plan.write_through:
