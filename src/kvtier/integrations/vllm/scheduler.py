@@ -5,11 +5,13 @@ Runs in vLLM's EngineCore process, on the scheduler thread only.
 
 Lookup protocol for one new request (``get_num_new_matched_tokens``):
 - chunks in memory: answer at once; the engine loads them synchronously before the forward.
-- chunks only on disk: plan promotes (disk -> memory slot, verified by the worker), answer ``None``
-  ("ask again"); once the worker reports them in memory, the next call answers with them. A disk
-  entry that fails verification is dropped and the answer stops before it: corrupt data is a miss,
-  it never reaches the engine.
-The hit always ends on a block boundary and leaves at least one prompt token to compute.
+- chunks only on disk, or (after the local prefix) on the remote tier: plan promotes (-> a memory
+  slot, verified by the worker), answer ``None`` ("ask again"); once the worker reports them in
+  memory, the next call answers with them. An entry that fails verification is dropped and the
+  answer stops before it: corrupt data is a miss, it never reaches the engine. A remote fetch is
+  planned only when the cost model expects it to beat recomputing.
+Only the chunks beyond vLLM's own prefix hit are looked up. The hit always ends on a block boundary
+and leaves at least one prompt token to compute.
 """
 
 from __future__ import annotations
