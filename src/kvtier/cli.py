@@ -1,4 +1,4 @@
-"""The ``kvtier`` command: serve, config check, stats, demo.
+"""The ``kvtier`` command: serve, config check, stats, demo, bench.
 
 A mistake the user can fix (bad arguments, a bad config file, a model folder in the way) prints one
 line ``kvtier: error: ...`` and a hint, and exits 2; a server that fails or cannot be reached
@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(commands)
     _add_stats(commands)
     _add_demo(commands)
+    _add_bench(commands)
     return parser
 
 
@@ -114,6 +115,12 @@ def _add_demo(commands: Commands) -> None:
     demo.add_argument("--port", type=_port, help="the vLLM server's port (default: any free port)")
     demo.add_argument("--startup-timeout", type=_positive_int, default=300, metavar="SECONDS",
                       help="how long to wait for each server to become healthy (default: 300)")
+
+
+def _add_bench(commands: Commands) -> None:
+    from kvtier.bench.options import add_bench_parser
+
+    add_bench_parser(commands)
 
 
 def cmd_serve(args: argparse.Namespace, engine_args: list[str]) -> int:
@@ -183,7 +190,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from kvtier.bench.main import run_bench, say
+    from kvtier.bench.options import bench_options
+    from kvtier.models import SMOLLM2_MODEL, TINY_MODEL, make_tiny_model, prepare_smollm2
+    from kvtier.serve import connector_config_json
+
+    options = bench_options(args)
+    if args.model:
+        model_dir = os.path.abspath(args.model)
+    elif args.tiny:
+        model_dir = make_tiny_model(os.path.join(args.models_dir, TINY_MODEL), say)
+    else:
+        model_dir = prepare_smollm2(os.path.join(args.models_dir, SMOLLM2_MODEL), say)
+    run_bench(options, model_dir, lambda keys: connector_config_json(None, keys), say)
+    return 0
+
+
 def _hint(args: argparse.Namespace, exc: KVTierError) -> str:
+    if isinstance(exc, ConfigError) and args.command == "bench":
+        return "`kvtier bench WORKLOAD --help` lists the flags and their defaults"
     if isinstance(exc, ConfigError):
         return "`kvtier config check FILE` shows every key; docs/configuration.md describes them"
     if isinstance(exc, ModelError):
@@ -193,6 +219,9 @@ def _hint(args: argparse.Namespace, exc: KVTierError) -> str:
     if args.command == "demo":
         return (f"server logs are in {os.path.join(args.out_dir, 'logs')}; if a port is taken, pass another "
                 "--port or leave it out")
+    if args.command == "bench":
+        return (f"the report and server logs are in {args.out_dir or os.path.join('out', 'bench', args.workload)}; "
+                "a failed configuration's log is named after it")
     return "see the message above"
 
 
@@ -206,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra and args.command != "serve":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
-        "config": cmd_config_check, "stats": cmd_stats, "demo": cmd_demo,
+        "config": cmd_config_check, "stats": cmd_stats, "demo": cmd_demo, "bench": cmd_bench,
         "serve": lambda a: cmd_serve(a, extra),
     }
     signal.signal(signal.SIGTERM, _raise_interrupt)  # so servers we started are stopped

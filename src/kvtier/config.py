@@ -70,6 +70,20 @@ class RemoteConfig:
 
 
 @dataclass(frozen=True)
+class EncryptionConfig:
+    """Encryption at rest of the disk and remote tiers (``kvtier.crypto``): the master key comes
+    from the file ``key_file`` or the environment variable named ``key_env``. Both None: entries
+    are stored in clear. Both set: ``ConfigError`` on construction."""
+
+    key_file: str | None  # file holding the 32-byte master key as 64 hex digits or base64
+    key_env: str | None  # name of the environment variable holding it (hex or base64)
+
+    def __post_init__(self) -> None:
+        if self.key_file is not None and self.key_env is not None:
+            raise ConfigError("encryption.key_env", "set only one of encryption.key_file and encryption.key_env")
+
+
+@dataclass(frozen=True)
 class KVTierConfig:
     """Everything kvtier reads from its configuration, checked."""
 
@@ -81,6 +95,7 @@ class KVTierConfig:
     disk: DiskConfig
     metrics: MetricsConfig
     remote: RemoteConfig
+    encryption: EncryptionConfig
 
 
 @dataclass(frozen=True)
@@ -193,6 +208,17 @@ def _optional_str(value: object) -> str | None:
     return None if value is None else (_str(value) or None)
 
 
+def _optional_env_name(value: object) -> str | None:
+    """An environment variable's name, or None ("" too). ``KVTIER_*`` names are refused: those are
+    kvtier's own configuration variables, and an unknown one stops start-up."""
+    name = _optional_str(value)
+    if name is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise ValueError(f"must be an environment variable name (letters, digits, _), got {name!r}")
+    if name is not None and name.startswith("KVTIER_"):
+        raise ValueError(f"must not start with KVTIER_ (kvtier reads those as config keys), got {name!r}")
+    return name
+
+
 def _positive_size(value: object) -> int:
     if _size_bytes(value) == 0:
         raise ValueError("must be > 0")
@@ -269,10 +295,12 @@ _KEYS = (
     _Key("remote.s3_region", None, _optional_str),
     _Key("remote.access_key", None, _optional_str),
     _Key("remote.secret_key", None, _optional_str, render=_render_secret),
+    _Key("encryption.key_file", None, _optional_str),
+    _Key("encryption.key_env", None, _optional_env_name),
 )
 _KEYS_BY_NAME = {key.dotted: key for key in _KEYS}
 _KEYS_BY_ENV = {key.env_var: key for key in _KEYS}
-_SECTIONS = ("memory", "disk", "metrics", "remote")
+_SECTIONS = ("memory", "disk", "metrics", "remote", "encryption")
 
 
 # ---- loading ------------------------------------------------------------------------------------
@@ -420,6 +448,8 @@ def _build(values: Mapping[str, _Value]) -> KVTierConfig:
             password=optional("remote.password"), tls_ca=optional("remote.tls_ca"),
             s3_endpoint=optional("remote.s3_endpoint"), s3_region=optional("remote.s3_region"),
             access_key=optional("remote.access_key"), secret_key=optional("remote.secret_key")),
+        encryption=EncryptionConfig(key_file=optional("encryption.key_file"),
+                                    key_env=optional("encryption.key_env")),
     )
 
 
@@ -438,4 +468,5 @@ def _values_of(config: KVTierConfig) -> dict[str, _Value]:
         "remote.tls_ca": config.remote.tls_ca, "remote.s3_endpoint": config.remote.s3_endpoint,
         "remote.s3_region": config.remote.s3_region, "remote.access_key": config.remote.access_key,
         "remote.secret_key": config.remote.secret_key,
+        "encryption.key_file": config.encryption.key_file, "encryption.key_env": config.encryption.key_env,
     }

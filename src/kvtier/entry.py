@@ -1,4 +1,4 @@
-"""The self-describing entry format every byte-storing tier uses (disk now, remote tiers later).
+"""The self-describing entry format every byte-storing tier uses (disk, Redis, S3).
 
 An entry is a fixed-size header followed by the payload. The header, little-endian:
 
@@ -7,14 +7,19 @@ off   bytes  field
 ====  =====  ===============================================================
 0     4      magic ``b"KVT1"``
 4     2      format version (u16, ``FORMAT_VERSION``)
-6     2      codec (u16, ``CODEC_RAW`` = 0: the payload is the chunk's bytes)
+6     2      codec (u16): ``CODEC_RAW`` = 0, the payload is the chunk's bytes;
+             ``CODEC_AES256_GCM`` = 1, the payload is the chunk's bytes sealed (``kvtier.crypto``)
 8     16     storage key (the chunk's key for this rank)
 24    4      tensor-parallel rank (u32)
 28    16     layout fingerprint (``KVLayout.fingerprint()``)
-44    8      payload_bytes (u64)
-52    16     payload checksum: xxh3_128 of the payload
+44    8      payload_bytes (u64): the stored payload's length (sealed: the sealed length)
+52    16     payload checksum: xxh3_128 of the stored payload (sealed: of the sealed bytes, so
+             damage is caught without decrypting)
 68    8      header checksum: xxh3_64 of bytes 0..68
 ====  =====  ===============================================================
+
+A sealed payload is authenticated together with ``sealed_aad``: magic, format version, codec,
+key, rank and layout fingerprint, so it opens only as the entry of that chunk, rank and layout.
 
 Encoding rule: the field order and sizes are part of the format. Any change bumps
 ``FORMAT_VERSION``; a reader refuses versions it does not know (``EntryError``), so an old entry
@@ -35,9 +40,11 @@ from kvtier.errors import EntryError
 MAGIC = b"KVT1"
 FORMAT_VERSION = 1
 CODEC_RAW = 0
+CODEC_AES256_GCM = 1
 CHECKSUM_BYTES = 16
 
 _FIELDS = struct.Struct("<4sHH16sI16sQ16s")
+_AAD = struct.Struct("<4sHH16sI16s")
 _HEADER_CHECKSUM = struct.Struct("<Q")
 HEADER_BYTES = _FIELDS.size + _HEADER_CHECKSUM.size  # 76
 
@@ -90,6 +97,16 @@ def decode_header(buf: bytes | bytearray | memoryview) -> EntryHeader:
     if stored != xxhash.xxh3_64_intdigest(view[:_FIELDS.size]):
         raise EntryError("entry header checksum mismatch")
     return EntryHeader(key, rank, fingerprint, codec, payload_bytes, checksum)
+
+
+def sealed_aad(key: bytes, rank: int, layout_fingerprint: bytes) -> bytes:
+    """The associated data a sealed payload of ``(key, rank)`` in layout ``layout_fingerprint``
+    is authenticated with: magic, format version, ``CODEC_AES256_GCM``, key, rank, fingerprint,
+    little-endian. Sizes are checked (ValueError)."""
+    _check_len("key", key, _KEY_BYTES)
+    _check_len("layout_fingerprint", layout_fingerprint, _FINGERPRINT_BYTES)
+    _check_range("rank", rank, 32)
+    return _AAD.pack(MAGIC, FORMAT_VERSION, CODEC_AES256_GCM, key, rank, layout_fingerprint)
 
 
 def payload_checksum(payload: bytes | bytearray | memoryview) -> bytes:

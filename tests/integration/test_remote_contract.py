@@ -13,14 +13,17 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import pytest
 import redis
 from botocore.exceptions import ClientError
 from redis.cluster import RedisCluster
 
-from kvtier.entry import HEADER_BYTES
+from kvtier.crypto import SEAL_OVERHEAD_BYTES, Sealer
+from kvtier.entry import CODEC_AES256_GCM, HEADER_BYTES, EntryHeader, decode_header, encode_header, payload_checksum
 from kvtier.errors import ConfigError
+from kvtier.tiers import remote
 from kvtier.tiers.disk import ReadResult
 from kvtier.tiers.remote import RemoteTier, object_name, open_remote
 from tests.servers import S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, TLS_PASSWORD, TLS_USER, ServerProcess, \
@@ -33,12 +36,16 @@ PAYLOAD_BYTES = 256 << 10
 TIMEOUT_S = 2.0
 
 
+class Opener(Protocol):
+    def __call__(self, ttl_s: int | None, timeout_s: float, *, sealer: Sealer | None = None) -> RemoteTier: ...
+
+
 @dataclass
 class Backend:
     """How a test reaches one server: open a tier, and a raw client to look at or tamper with values."""
 
     name: str
-    open: Callable[[int | None, float], RemoteTier]  # (ttl_s, timeout_s) -> tier
+    open: Opener  # (ttl_s, timeout_s, sealer=None) -> tier
     open_unreachable: Callable[[float], RemoteTier]  # timeout_s -> tier aimed at a closed port
     raw_get: Callable[[str], bytes | None]
     raw_set: Callable[[str, bytes], None]
@@ -49,9 +56,9 @@ class Backend:
 def redis_backend(name: str, url: str, raw: redis.Redis | RedisCluster, unreachable_url: str,
                   tls_ca: str | None = None, username: str | None = None,
                   password: str | None = None) -> Backend:
-    def open_tier(ttl_s: int | None, timeout_s: float, target: str = url) -> RemoteTier:
+    def open_tier(ttl_s: int | None, timeout_s: float, target: str = url, *, sealer: Sealer | None = None) -> RemoteTier:
         return open_remote(target, ttl_s=ttl_s, timeout_s=timeout_s, tls_ca=tls_ca, username=username,
-                           password=password)
+                           password=password, sealer=sealer)
 
     def remaining(name: str) -> float | None:
         return int(raw.pttl(name)) / 1000
@@ -64,9 +71,10 @@ def s3_backend(endpoint: str) -> Backend:
     client = s3_client(endpoint)
     prefix = f"test-{uuid.uuid4().hex[:8]}"
 
-    def open_tier(ttl_s: int | None, timeout_s: float, target: str = endpoint) -> RemoteTier:
+    def open_tier(ttl_s: int | None, timeout_s: float, target: str = endpoint, *,
+                  sealer: Sealer | None = None) -> RemoteTier:
         return open_remote(f"s3://{S3_BUCKET}/{prefix}", ttl_s=ttl_s, timeout_s=timeout_s, s3_endpoint=target,
-                           s3_region="us-east-1", access_key=S3_ACCESS_KEY, secret_key=S3_SECRET_KEY)
+                           s3_region="us-east-1", access_key=S3_ACCESS_KEY, secret_key=S3_SECRET_KEY, sealer=sealer)
 
     def raw_get(name: str) -> bytes | None:
         try:
@@ -136,9 +144,9 @@ def payload_of(num_bytes: int = PAYLOAD_BYTES) -> bytes:
 
 
 def read(tier: RemoteTier, key: bytes, num_bytes: int = PAYLOAD_BYTES, rank: int = 0,
-         layout: bytes = LAYOUT) -> tuple[ReadResult, bytes]:
+         layout: bytes = LAYOUT, namespace: str = "") -> tuple[ReadResult, bytes]:
     out = bytearray(num_bytes)
-    return tier.get_into(key, rank, memoryview(out), layout), bytes(out)
+    return tier.get_into(key, rank, memoryview(out), layout, namespace=namespace), bytes(out)
 
 
 # --------------------------------------------------------------------------------------- contract
@@ -263,6 +271,127 @@ def test_wrong_size_request_reads_corrupt(tier: RemoteTier) -> None:
     key = new_key()
     assert tier.put(key, 0, payload_of(), LAYOUT)
     assert read(tier, key, num_bytes=PAYLOAD_BYTES - 1)[0] is ReadResult.CORRUPT
+
+
+# --------------------------------------------------------------------------------------- encryption at rest
+
+SEALER = Sealer(os.urandom(32))
+TENANT = "tenant-a"
+
+
+@pytest.fixture
+def sealed_tier(backend: Backend) -> Iterator[RemoteTier]:
+    opened = backend.open(None, TIMEOUT_S, sealer=SEALER)
+    yield opened
+    opened.close()
+
+
+def forged(value: bytes, key: bytes | None = None, stored: bytes | None = None) -> bytes:
+    """``value`` with its header's key and/or payload replaced and every checksum recomputed, as
+    anyone with write access to the store can do (xxh3 is no secret)."""
+    old = decode_header(value)
+    stored = value[HEADER_BYTES:] if stored is None else stored
+    header = EntryHeader(key or old.key, old.rank, old.layout_fingerprint, old.codec, len(stored),
+                         payload_checksum(stored))
+    return encode_header(header) + stored
+
+
+def test_encrypted_round_trip(backend: Backend, sealed_tier: RemoteTier) -> None:
+    keys = [new_key() for _ in range(3)]
+    payloads = [payload_of() for _ in keys]
+    big_key, big_payload = new_key(), payload_of(5_900_000)
+    assert all(sealed_tier.put(key, 0, payload, LAYOUT, namespace=TENANT) for key, payload in zip(keys, payloads))
+    assert sealed_tier.put(big_key, 0, memoryview(big_payload), LAYOUT, namespace=TENANT)
+    outs = [bytearray(PAYLOAD_BYTES) for _ in range(4)]
+    items = [(key, memoryview(out)) for key, out in zip([*keys, new_key()], outs)]
+    assert sealed_tier.get_many_into(items, 0, LAYOUT, namespace=TENANT) == [ReadResult.OK] * 3 + [ReadResult.MISSING]
+    assert [bytes(out) for out in outs[:3]] == payloads
+    assert read(sealed_tier, big_key, len(big_payload), namespace=TENANT) == (ReadResult.OK, big_payload)
+    # Step: what the server holds is sealed: the sealed length, codec 1, no run of the plaintext.
+    stored = backend.raw_get(sealed_tier.name_for(keys[0], 0))
+    assert stored is not None and len(stored) == HEADER_BYTES + PAYLOAD_BYTES + SEAL_OVERHEAD_BYTES
+    assert decode_header(stored).codec == CODEC_AES256_GCM
+    assert not any(payloads[0][i:i + 32] in stored for i in range(0, PAYLOAD_BYTES - 32, 997))
+    assert sealed_tier.exists_prefix(keys) == 3 and sealed_tier.num_corrupt == 0
+    # Step: another namespace label, a tier in clear, another master key: none of them reads it.
+    assert read(sealed_tier, keys[0], namespace="tenant-b")[0] is ReadResult.CORRUPT
+    clear = backend.open(None, TIMEOUT_S)
+    assert read(clear, keys[1])[0] is ReadResult.CORRUPT
+    other = backend.open(None, TIMEOUT_S, sealer=Sealer(os.urandom(32)))
+    assert read(other, keys[2], namespace=TENANT)[0] is ReadResult.CORRUPT
+    clear.close()
+    other.close()
+
+
+def test_encrypted_reads_in_groups(monkeypatch: pytest.MonkeyPatch, sealed_tier: RemoteTier) -> None:
+    monkeypatch.setattr(remote, "SEALED_GROUP_BYTES", 3 * PAYLOAD_BYTES)  # groups of 4 (the minimum)
+    keys = [new_key() for _ in range(10)]
+    payloads = [payload_of() for _ in keys]
+    for key, payload in zip(keys, payloads):
+        assert sealed_tier.put(key, 0, payload, LAYOUT, namespace=TENANT)
+    outs = [bytearray(PAYLOAD_BYTES) for _ in keys]
+    results = sealed_tier.get_many_into([(key, memoryview(out)) for key, out in zip(keys, outs)], 0, LAYOUT,
+                                        namespace=TENANT)
+    assert results == [ReadResult.OK] * 10 and [bytes(out) for out in outs] == payloads
+
+
+SEALED_TAMPERING: dict[str, Callable[[bytes, bytes], bytes]] = {  # (stored value, another key's value) -> new value
+    **TAMPERING,
+    "tag byte flipped, checksums forged": lambda value, other: forged(flip_byte(value, len(value) - 1)),
+    "another key's value, checksums forged": lambda value, other: forged(value, stored=other[HEADER_BYTES:]),
+}
+
+
+@pytest.mark.parametrize("tampering", list(SEALED_TAMPERING))
+def test_bad_encrypted_values_read_corrupt_and_are_deleted(backend: Backend, sealed_tier: RemoteTier,
+                                                           tampering: str) -> None:
+    key, neighbour, other = new_key(), new_key(), new_key()
+    for each in (key, neighbour, other):
+        assert sealed_tier.put(each, 0, payload_of(), LAYOUT, namespace=TENANT)
+    name = sealed_tier.name_for(key, 0)
+    stored, other_value = backend.raw_get(name), backend.raw_get(sealed_tier.name_for(other, 0))
+    assert stored is not None and other_value is not None
+    backend.raw_set(name, SEALED_TAMPERING[tampering](stored, other_value))
+    outs = [bytearray(PAYLOAD_BYTES), bytearray(PAYLOAD_BYTES)]
+    results = sealed_tier.get_many_into([(key, memoryview(outs[0])), (neighbour, memoryview(outs[1]))], 0, LAYOUT,
+                                        namespace=TENANT)
+    assert results == [ReadResult.CORRUPT, ReadResult.OK]
+    assert sealed_tier.num_corrupt == 1 and sealed_tier.healthy
+    assert backend.raw_get(name) is None  # deleted
+
+
+def test_swapped_encrypted_values_read_corrupt(backend: Backend, sealed_tier: RemoteTier,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    # Step: two keys' values swapped server-side, as they are and with headers forged to match the names.
+    for forge_headers in (False, True):
+        one, two = new_key(), new_key()
+        assert sealed_tier.put(one, 0, payload_of(), LAYOUT, namespace=TENANT)
+        assert sealed_tier.put(two, 0, payload_of(), LAYOUT, namespace=TENANT)
+        names = [sealed_tier.name_for(one, 0), sealed_tier.name_for(two, 0)]
+        values = [backend.raw_get(name) for name in names]
+        assert values[0] is not None and values[1] is not None
+        swapped = [values[1], values[0]]
+        if forge_headers:
+            swapped = [forged(value, key=key) for value, key in zip(swapped, (one, two))]
+        for name, value in zip(names, swapped):
+            backend.raw_set(name, value)
+        caplog.clear()
+        assert read(sealed_tier, one, namespace=TENANT)[0] is ReadResult.CORRUPT
+        assert read(sealed_tier, two, namespace=TENANT)[0] is ReadResult.CORRUPT
+        assert all(backend.raw_get(name) is None for name in names)
+        # Forged headers pass every header check: the GCM tag is what refuses them.
+        assert caplog.text.count("does not authenticate") == (2 if forge_headers else 0)
+
+
+def test_encrypted_value_replayed_under_another_key_reads_corrupt(backend: Backend, sealed_tier: RemoteTier) -> None:
+    key, target = new_key(), new_key()
+    payload = payload_of()
+    assert sealed_tier.put(key, 0, payload, LAYOUT, namespace=TENANT)
+    value = backend.raw_get(sealed_tier.name_for(key, 0))
+    assert value is not None
+    backend.raw_set(sealed_tier.name_for(target, 0), forged(value, key=target))
+    assert read(sealed_tier, target, namespace=TENANT)[0] is ReadResult.CORRUPT
+    assert read(sealed_tier, key, namespace=TENANT) == (ReadResult.OK, payload)
 
 
 # --------------------------------------------------------------------------------------- faults

@@ -11,9 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvtier.config import (DiskConfig, KVTierConfig, LoadedConfig, MemoryConfig, MetricsConfig,
-    RemoteConfig, describe,
-                           load_config, parse_size)
+from kvtier.config import (DiskConfig, EncryptionConfig, KVTierConfig, LoadedConfig, MemoryConfig,
+                           MetricsConfig, RemoteConfig, describe, load_config, parse_size)
 from kvtier.errors import ConfigError
 
 GIB = 2**30
@@ -25,6 +24,9 @@ REMOTE_KEYS = ["remote.url", "remote.ttl", "remote.timeout_ms", "remote.queue_de
                "remote.secret_key"]
 DEFAULT_REMOTE = RemoteConfig(url=None, ttl_s=86400, timeout_ms=2000, queue_depth=64, username=None, password=None,
                               tls_ca=None, s3_endpoint=None, s3_region=None, access_key=None, secret_key=None)
+ENCRYPTION_KEYS = ["encryption.key_file", "encryption.key_env"]
+DEFAULT_ENCRYPTION = EncryptionConfig(key_file=None, key_env=None)
+UNSET_KEYS = REMOTE_KEYS + ENCRYPTION_KEYS  # the keys the "every key" tests below leave at their defaults
 
 
 def load(inline: Mapping[str, object] | None = None, env: Mapping[str, str] | None = None) -> LoadedConfig:
@@ -54,8 +56,9 @@ def test_defaults() -> None:
         memory=MemoryConfig(capacity_bytes=2 * GIB, policy="s3fifo"),
         disk=DiskConfig(path=None, capacity_bytes=16 * GIB, write_policy="write_through", queue_depth=64),
         metrics=MetricsConfig(port=0, host="127.0.0.1"), remote=DEFAULT_REMOTE,
+        encryption=DEFAULT_ENCRYPTION,
     )
-    assert loaded.sources == dict.fromkeys(ALL_KEYS + REMOTE_KEYS, "default")
+    assert loaded.sources == dict.fromkeys(ALL_KEYS + UNSET_KEYS, "default")
 
 
 def test_config_is_frozen() -> None:
@@ -96,8 +99,9 @@ def test_file_named_inline_sets_every_key(tmp_path: Path) -> None:
         disk=DiskConfig(path="/var/cache/kvtier", capacity_bytes=100 * 10**9, write_policy="write_through",
                         queue_depth=8),
         metrics=MetricsConfig(port=9400, host="0.0.0.0"), remote=DEFAULT_REMOTE,
+        encryption=DEFAULT_ENCRYPTION,
     )
-    assert loaded.sources == {**dict.fromkeys(ALL_KEYS, f"file:{path}"), **dict.fromkeys(REMOTE_KEYS, "default")}
+    assert loaded.sources == {**dict.fromkeys(ALL_KEYS, f"file:{path}"), **dict.fromkeys(UNSET_KEYS, "default")}
 
 
 def test_file_named_by_env(tmp_path: Path) -> None:
@@ -173,9 +177,10 @@ def test_env_sets_every_key() -> None:
         disk=DiskConfig(path="/d", capacity_bytes=1_500_000_000, write_policy="write_through",
                         queue_depth=16),
         metrics=MetricsConfig(port=9400, host="::1"), remote=DEFAULT_REMOTE,
+        encryption=DEFAULT_ENCRYPTION,
     )
     assert loaded.sources == {**{key: f"env:KVTIER_{key.replace('.', '_').upper()}" for key in ALL_KEYS},
-                              **dict.fromkeys(REMOTE_KEYS, "default")}
+                              **dict.fromkeys(UNSET_KEYS, "default")}
 
 
 def test_remote_keys_from_env_and_secrets_never_shown() -> None:
@@ -190,6 +195,33 @@ def test_remote_keys_from_env_and_secrets_never_shown() -> None:
     assert shown["remote.password"] == shown["remote.secret_key"] == '"***"'
     assert "hunter2" not in str(describe(loaded))
     assert load().config.remote == DEFAULT_REMOTE
+
+
+def test_encryption_keys_from_file_and_env(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, "encryption:\n  key_file: /etc/kvtier/master.key\n")
+    loaded = load({"config": path})
+    assert loaded.config.encryption == EncryptionConfig(key_file="/etc/kvtier/master.key", key_env=None)
+    assert loaded.sources["encryption.key_file"] == f"file:{path}"
+    loaded = load(env={"KVTIER_ENCRYPTION_KEY_ENV": "KV_MASTER_KEY"})
+    assert loaded.config.encryption == EncryptionConfig(key_file=None, key_env="KV_MASTER_KEY")
+    assert loaded.sources["encryption.key_env"] == "env:KVTIER_ENCRYPTION_KEY_ENV"
+    assert load({"encryption": {"key_file": "", "key_env": ""}}).config.encryption == DEFAULT_ENCRYPTION
+
+
+@pytest.mark.parametrize(("name", "reason"), [
+    ("KVTIER_MASTER_KEY", "must not start with KVTIER_"), ("MY-KEY", "environment variable name"),
+    ("1KEY", "environment variable name"), (42, "expected a string"),
+])
+def test_encryption_key_env_must_be_a_usable_name(name: object, reason: str) -> None:
+    error = config_error({"encryption.key_env": name})
+    assert error.key == "encryption.key_env"
+    assert reason in str(error) and "extra_config" in str(error)
+
+
+def test_encryption_key_file_and_key_env_are_exclusive() -> None:
+    error = config_error({"encryption": {"key_file": "/k", "key_env": "K"}})
+    assert error.key == "encryption.key_env"
+    assert "only one of" in str(error)
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -463,6 +495,7 @@ def test_describe_rows(tmp_path: Path) -> None:
         ("remote.url", "null", "default"), ("remote.ttl", "86400", "default"),
         ("remote.timeout_ms", "2000", "default"), ("remote.queue_depth", "64", "default"),
         *[(key, "null", "default") for key in REMOTE_KEYS[4:]],
+        ("encryption.key_file", "null", "default"), ("encryption.key_env", "null", "default"),
     ]
 
 

@@ -11,7 +11,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from kvtier.entry import HEADER_BYTES
+from kvtier.crypto import SEAL_OVERHEAD_BYTES, Sealer
+from kvtier.entry import CODEC_AES256_GCM, CODEC_RAW, HEADER_BYTES, EntryHeader, decode_header, encode_header, \
+    payload_checksum
 from kvtier.errors import ConfigError
 from kvtier.tiers.disk import DiskFiles, DiskWriter, ReadResult
 
@@ -200,6 +202,157 @@ def test_full_disk_on_a_real_file_system(tiny_fs: str) -> None:
     assert all(read(files, key, num_bytes=len(payload))[0] is ReadResult.OK for key in written)
 
 
+# ----- encryption at rest --------------------------------------------------------------------
+
+SECRET = os.urandom(4096)  # random: a run of it in a file can only come from the plaintext
+SEALER = Sealer(bytes(range(32)))
+TENANT = "tenant-a"
+
+
+@pytest.fixture
+def sealed(tmp_path) -> DiskFiles:
+    return DiskFiles(str(tmp_path / "disk"), LAYOUT, sealer=SEALER)
+
+
+def read_secret(files: DiskFiles, key: bytes, rank: int = 0, namespace: str = TENANT) -> tuple[ReadResult, bytes]:
+    out = bytearray(len(SECRET))
+    return files.read_into(key, rank, memoryview(out), namespace=namespace), bytes(out)
+
+
+def forge(source: str, dest: str, key: bytes | None = None, rank: int | None = None, layout: bytes | None = None,
+          codec: int | None = None, stored: bytes | None = None) -> None:
+    """Write at ``dest`` the entry at ``source`` with header fields replaced and every checksum
+    recomputed, as an attacker with write access to the directory can (xxh3 is no secret)."""
+    with open(source, "rb") as f:
+        data = f.read()
+    old = decode_header(data)
+    stored = data[HEADER_BYTES:] if stored is None else stored
+    header = EntryHeader(key or old.key, old.rank if rank is None else rank, layout or old.layout_fingerprint,
+                         old.codec if codec is None else codec, len(stored), payload_checksum(stored))
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    with open(dest, "wb") as f:
+        f.write(encode_header(header) + stored)
+
+
+def test_encrypted_round_trip_leaves_no_plaintext_on_disk(sealed: DiskFiles) -> None:
+    key = key_of(1)
+    written = sealed.write(key, 0, SECRET, namespace=TENANT)
+    assert written == sealed.entry_bytes(len(SECRET)) == HEADER_BYTES + len(SECRET) + SEAL_OVERHEAD_BYTES
+    with open(sealed.path_for(key, 0), "rb") as f:
+        data = f.read()
+    assert len(data) == written and decode_header(data).codec == CODEC_AES256_GCM
+    assert not any(SECRET[i:i + 16] in data for i in range(len(SECRET) - 16))
+    assert read_secret(sealed, key) == (ReadResult.OK, SECRET)
+    # scan() reports the sealed size: start-up must compare it with entry_bytes(), not HEADER_BYTES + chunk.
+    assert [(k, rank, size) for k, rank, size, _ in sealed.scan()] == [(key, 0, written)]
+
+
+def test_encrypted_read_writes_only_the_callers_slot(sealed: DiskFiles) -> None:
+    sealed.write(key_of(1), 0, SECRET, namespace=TENANT)
+    pool = bytearray(b"\x5a" * (3 * len(SECRET)))
+    slot = memoryview(pool)[len(SECRET):2 * len(SECRET)]
+    assert sealed.read_into(key_of(1), 0, slot, namespace=TENANT) is ReadResult.OK
+    assert pool == b"\x5a" * len(SECRET) + SECRET + b"\x5a" * len(SECRET)
+
+
+@pytest.mark.parametrize("offset", [10, HEADER_BYTES, HEADER_BYTES + 20, HEADER_BYTES + 28 + 100, -1],
+                         ids=["header", "salt", "nonce", "ciphertext", "tag"])
+def test_tampered_encrypted_entry_is_corrupt(sealed: DiskFiles, offset: int, caplog) -> None:
+    key = key_of(7)
+    sealed.write(key, 0, SECRET, namespace=TENANT)
+    path = sealed.path_for(key, 0)
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    data[offset] ^= 0x04
+    with open(path, "wb") as f:
+        f.write(data)
+    assert read_secret(sealed, key)[0] is ReadResult.CORRUPT
+    assert not os.path.exists(path)
+    if offset == 10:
+        return
+    # Step: the same damage with both checksums recomputed (xxh3 is no secret): the tag still refuses it.
+    sealed.write(key, 0, SECRET, namespace=TENANT)
+    forge(path, path, stored=bytes(data[HEADER_BYTES:]))
+    caplog.clear()
+    assert read_secret(sealed, key)[0] is ReadResult.CORRUPT
+    assert not os.path.exists(path)
+    assert "does not authenticate" in caplog.text
+
+
+def test_swapped_encrypted_entries_are_corrupt(sealed: DiskFiles, caplog) -> None:
+    # Each file keeps its own header (key, checksums forged) but carries the other key's sealed payload.
+    one, two = key_of(1), key_of(2)
+    sealed.write(one, 0, SECRET, namespace=TENANT)
+    sealed.write(two, 0, SECRET[::-1], namespace=TENANT)
+    paths = {key: sealed.path_for(key, 0) for key in (one, two)}
+    stored = {}
+    for key, path in paths.items():
+        with open(path, "rb") as f:
+            stored[key] = f.read()[HEADER_BYTES:]
+    forge(paths[one], paths[one], stored=stored[two])
+    forge(paths[two], paths[two], stored=stored[one])
+    assert read_secret(sealed, one)[0] is ReadResult.CORRUPT
+    assert read_secret(sealed, two)[0] is ReadResult.CORRUPT
+    assert caplog.text.count("does not authenticate") == 2  # the tag refused them, not a header check
+
+
+@pytest.mark.parametrize("replay", ["another key", "another rank", "another layout"])
+def test_encrypted_entry_replayed_under_another_identity_is_corrupt(tmp_path, sealed: DiskFiles, replay: str,
+                                                                    caplog) -> None:
+    sealed.write(key_of(1), 0, SECRET, namespace=TENANT)
+    source = sealed.path_for(key_of(1), 0)
+    if replay == "another key":
+        forge(source, sealed.path_for(key_of(2), 0), key=key_of(2))
+        assert read_secret(sealed, key_of(2))[0] is ReadResult.CORRUPT
+    elif replay == "another rank":
+        forge(source, sealed.path_for(key_of(1), 1), rank=1)
+        assert read_secret(sealed, key_of(1), rank=1)[0] is ReadResult.CORRUPT
+    else:
+        other = DiskFiles(str(tmp_path / "other"), bytes(16), sealer=SEALER)
+        forge(source, other.path_for(key_of(1), 0), layout=bytes(16))
+        assert read_secret(other, key_of(1))[0] is ReadResult.CORRUPT
+    assert "does not authenticate" in caplog.text
+    assert read_secret(sealed, key_of(1)) == (ReadResult.OK, SECRET)  # the original is untouched
+
+
+def test_clear_entry_is_refused_when_encryption_is_on(sealed: DiskFiles, caplog) -> None:
+    # A clear entry of the right file size needs no key to forge: with encryption on it must not load.
+    sealed.write(key_of(1), 0, SECRET, namespace=TENANT)
+    path = sealed.path_for(key_of(1), 0)
+    forge(path, path, codec=CODEC_RAW, stored=os.urandom(len(SECRET) + SEAL_OVERHEAD_BYTES))
+    assert read_secret(sealed, key_of(1))[0] is ReadResult.CORRUPT
+    assert "entry codec 0" in caplog.text
+    # And a reader without encryption cannot read a sealed entry.
+    sealed.write(key_of(2), 0, SECRET, namespace=TENANT)
+    clear = DiskFiles(sealed.root, LAYOUT)
+    for num_bytes in (len(SECRET), len(SECRET) + SEAL_OVERHEAD_BYTES):
+        out = bytearray(num_bytes)
+        assert clear.read_into(key_of(2), 0, memoryview(out)) is ReadResult.CORRUPT
+        sealed.write(key_of(2), 0, SECRET, namespace=TENANT)
+
+
+def test_other_namespace_or_master_key_is_corrupt(sealed: DiskFiles) -> None:
+    sealed.write(key_of(1), 0, SECRET, namespace=TENANT)
+    assert read_secret(sealed, key_of(1), namespace="tenant-b")[0] is ReadResult.CORRUPT
+    sealed.write(key_of(1), 0, SECRET, namespace=TENANT)
+    other_master = DiskFiles(sealed.root, LAYOUT, sealer=Sealer(bytes(range(1, 33))))
+    assert read_secret(other_master, key_of(1))[0] is ReadResult.CORRUPT
+    sealed.write(key_of(1), 0, SECRET)  # no label: the deployment-wide context
+    assert read_secret(sealed, key_of(1), namespace="") == (ReadResult.OK, SECRET)
+
+
+def test_writer_seals_on_its_thread(sealed: DiskFiles) -> None:
+    writer = DiskWriter(sealed, queue_depth=2)
+    try:
+        assert writer.submit_write(key_of(1), 0, SECRET, namespace=TENANT)
+        assert writer.flush(5)
+        assert writer.take_results() == ([key_of(1)], [])
+    finally:
+        writer.close()
+    assert read_secret(sealed, key_of(1)) == (ReadResult.OK, SECRET)
+    assert os.path.getsize(sealed.path_for(key_of(1), 0)) == sealed.entry_bytes(len(SECRET))
+
+
 # ----- DiskWriter ----------------------------------------------------------------------------
 
 
@@ -215,9 +368,9 @@ def hold_writes(monkeypatch, files: DiskFiles) -> threading.Event:
     release = threading.Event()
     real_write = files.write
 
-    def held_write(key: bytes, rank: int, payload: bytes, codec: int = 0) -> int:
+    def held_write(key: bytes, rank: int, payload: bytes, *, namespace: str = "") -> int:
         release.wait(10)
-        return real_write(key, rank, payload, codec)
+        return real_write(key, rank, payload, namespace=namespace)
 
     monkeypatch.setattr(files, "write", held_write)
     return release

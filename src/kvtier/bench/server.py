@@ -107,6 +107,11 @@ class ServerProcess:
                  traceback: TracebackType | None) -> None:
         self.stop()
 
+    @property
+    def pid(self) -> int | None:
+        """The server's main process id (the group leader); None when not running."""
+        return None if self._process is None else self._process.pid
+
     def start(self) -> None:
         spec = self.spec
         if not port_is_free(spec.port):

@@ -1,7 +1,8 @@
 """Worker-side disk files of one directory: one entry file per (key, rank), plus a writer thread.
 
 Layout on disk: ``root/<first 2 hex of key>/<32 hex key>.<rank>.kvt``, each file one entry
-(``kvtier.entry``: header, then payload). Writes go to a temp file in the same directory
+(``kvtier.entry``: header, then payload; with a ``Sealer`` the payload is sealed, see
+``tiers/framing.py``). Writes go to a temp file in the same directory
 (``<final name>.<pid>.<thread>.tmp``) and are published with ``os.replace``, so a reader sees a
 whole old file, a whole new file or none. No fsync: after a power loss a published file may be
 torn, which the checksums catch on read (a miss, never wrong KV).
@@ -21,9 +22,10 @@ import re
 import threading
 from dataclasses import dataclass
 
-from kvtier.entry import CODEC_RAW, HEADER_BYTES, EntryHeader, check_entry, decode_header, \
-    encode_header, payload_checksum
+from kvtier.crypto import Sealer
+from kvtier.entry import HEADER_BYTES
 from kvtier.errors import ConfigError, EntryError
+from kvtier.tiers.framing import frame, stored_bytes, unframe_into
 
 logger = logging.getLogger(__name__)
 
@@ -40,13 +42,20 @@ class ReadResult(enum.Enum):
 
 
 class DiskFiles:
-    """Entry files under ``root`` for one KV layout (its fingerprint is in every header)."""
+    """Entry files under ``root`` for one KV layout (its fingerprint is in every header).
 
-    def __init__(self, root: str, layout_fingerprint: bytes) -> None:
+    With ``sealer``, payloads are encrypted at rest (AES-256-GCM, ``kvtier.crypto``) and only
+    sealed entries are readable; without, they are stored in clear and only clear entries are
+    readable. ``namespace`` (reads and writes) is the tenant label the key is derived for: a
+    reader must pass the writer's label, or the entry reads CORRUPT. Ignored without a sealer.
+    """
+
+    def __init__(self, root: str, layout_fingerprint: bytes, sealer: Sealer | None = None) -> None:
         """Create ``root`` if needed. Raises ``ConfigError("disk.path", ...)`` when it cannot be
         created or written."""
         self.root = root
         self.layout_fingerprint = layout_fingerprint
+        self.sealer = sealer
         probe = os.path.join(root, f".kvtier-probe.{os.getpid()}.{threading.get_ident()}")
         try:
             os.makedirs(root, exist_ok=True)
@@ -63,8 +72,9 @@ class DiskFiles:
         return os.path.join(self.root, name[:2], f"{name}.{rank}.kvt")
 
     def entry_bytes(self, payload_bytes: int) -> int:
-        """Size of the file holding a payload of ``payload_bytes`` bytes."""
-        return HEADER_BYTES + payload_bytes
+        """Size of the file holding a payload (chunk) of ``payload_bytes`` bytes: a file of any
+        other size is not a valid entry (sealing adds ``SEAL_OVERHEAD_BYTES``)."""
+        return HEADER_BYTES + stored_bytes(payload_bytes, self.sealer)
 
     def scan(self) -> list[tuple[bytes, int, int, float]]:
         """``(key, rank, file_bytes, mtime)`` of every entry file, in no particular order.
@@ -95,23 +105,23 @@ class DiskFiles:
             found.append((bytes.fromhex(match.group(1)), int(match.group(2)), stat.st_size, stat.st_mtime))
         return found
 
-    def write(self, key: bytes, rank: int, payload: bytes | memoryview, codec: int = CODEC_RAW) -> int:
-        """Write the entry of ``(key, rank)`` and publish it atomically; returns the bytes written.
+    def write(self, key: bytes, rank: int, payload: bytes | memoryview, *, namespace: str = "") -> int:
+        """Write the entry of ``(key, rank)`` (sealed when the files have a sealer) and publish it
+        atomically; returns the bytes written (``entry_bytes(len(payload))``).
 
         On ``OSError`` (e.g. ENOSPC) the temp file is removed and the error re-raised; an earlier
         entry of the same key, if any, is left as it was.
         """
         path = self.path_for(key, rank)
-        view = memoryview(payload).cast("B")
-        header = encode_header(EntryHeader(key, rank, self.layout_fingerprint, codec, view.nbytes,
-                                           payload_checksum(view)))
+        header, stored = frame(key, rank, self.layout_fingerprint, memoryview(payload).cast("B"), self.sealer,
+                               namespace)
         temp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
             try:
                 _write_all(fd, header)
-                _write_all(fd, view)
+                _write_all(fd, stored)
             finally:
                 os.close(fd)
             os.replace(temp, path)
@@ -119,17 +129,19 @@ class DiskFiles:
             with contextlib.suppress(OSError):
                 os.unlink(temp)
             raise
-        return HEADER_BYTES + view.nbytes
+        return HEADER_BYTES + stored.nbytes
 
-    def read_into(self, key: bytes, rank: int, out: memoryview) -> ReadResult:
-        """Read the payload of ``(key, rank)`` into ``out`` (exactly the expected payload size),
-        with no intermediate copy, and verify it (``entry.check_entry``).
+    def read_into(self, key: bytes, rank: int, out: memoryview, *, namespace: str = "") -> ReadResult:
+        """Read the payload of ``(key, rank)`` into ``out`` (exactly the expected payload size)
+        and verify it (``tiers.framing.unframe_into``). Clear entries are read straight into
+        ``out``; sealed ones are read into one temporary buffer (the sealed length), checksummed,
+        then decrypted straight into ``out``.
 
-        Returns OK, MISSING (no file), or CORRUPT (the file was wrong in any way, or opening or
-        reading it failed; it has been removed where the file system allows). Unless OK, the
-        content of ``out`` is unspecified. Only raw entries are readable; an entry of another
-        codec is reported CORRUPT. Called on the worker's engine thread, concurrently with the
-        writer thread: ``os.replace`` makes a concurrent write invisible until whole.
+        Returns OK, MISSING (no file), or CORRUPT (the file was wrong in any way, of the other
+        codec, did not authenticate, or opening or reading it failed; it has been removed where
+        the file system allows). Unless OK, the content of ``out`` is unspecified; nothing outside
+        ``out`` is written. Called on the worker's engine thread, concurrently with the writer
+        thread: ``os.replace`` makes a concurrent write invisible until whole.
         """
         path = self.path_for(key, rank)
         try:
@@ -143,7 +155,7 @@ class DiskFiles:
         opened: os.stat_result | None = None
         try:
             opened = os.fstat(fd)
-            self._read_checked(fd, opened.st_size, key, rank, memoryview(out).cast("B"))
+            self._read_checked(fd, opened.st_size, key, rank, memoryview(out).cast("B"), namespace)
             return ReadResult.OK
         except (EntryError, OSError) as exc:
             logger.warning("kvtier: bad disk entry %s: %s", path, exc)
@@ -152,18 +164,17 @@ class DiskFiles:
         finally:
             os.close(fd)
 
-    def _read_checked(self, fd: int, file_bytes: int, key: bytes, rank: int, out: memoryview) -> None:
-        expected_bytes = HEADER_BYTES + out.nbytes
+    def _read_checked(self, fd: int, file_bytes: int, key: bytes, rank: int, out: memoryview,
+                      namespace: str) -> None:
+        expected_bytes = self.entry_bytes(out.nbytes)
         if file_bytes != expected_bytes:
             raise EntryError(f"entry file has {file_bytes} bytes, expected {expected_bytes}")
         header_buf = bytearray(HEADER_BYTES)
-        num_read = _preadv_all(fd, [memoryview(header_buf), out])
+        stored = out if self.sealer is None else memoryview(bytearray(expected_bytes - HEADER_BYTES))
+        num_read = _preadv_all(fd, [memoryview(header_buf), stored])
         if num_read != expected_bytes:
             raise EntryError(f"entry file truncated while reading: {num_read} of {expected_bytes} bytes")
-        header = decode_header(header_buf)
-        if header.codec != CODEC_RAW:
-            raise EntryError(f"entry codec {header.codec} is not readable by this kvtier")
-        check_entry(header, key, rank, self.layout_fingerprint, out)
+        unframe_into(header_buf, stored, key, rank, self.layout_fingerprint, out, self.sealer, namespace)
 
     def delete(self, key: bytes, rank: int) -> None:
         """Remove the entry of ``(key, rank)``; a missing file is fine."""
@@ -175,6 +186,7 @@ class _Op:
     key: bytes
     rank: int
     payload: bytes | None  # None = delete
+    namespace: str = ""
 
 
 class DiskWriter:
@@ -202,14 +214,15 @@ class DiskWriter:
         self._thread = threading.Thread(target=self._run, name="kvtier-disk-writer", daemon=True)
         self._thread.start()
 
-    def submit_write(self, key: bytes, rank: int, payload: bytes) -> bool:
-        """Queue a write; False (dropped, nothing queued) when the queue is full or closed.
-        ``payload`` must not change afterwards (pass ``bytes``)."""
+    def submit_write(self, key: bytes, rank: int, payload: bytes, *, namespace: str = "") -> bool:
+        """Queue a write (``DiskFiles.write``, sealed on the writer thread when the files have a
+        sealer); False (dropped, nothing queued) when the queue is full or closed. ``payload``
+        must not change afterwards (pass ``bytes``)."""
         with self._cond:
             if self._closed or self._num_writes_queued >= self._queue_depth:
                 return False
             self._num_writes_queued += 1
-            self._ops.append(_Op(key, rank, payload))
+            self._ops.append(_Op(key, rank, payload, namespace))
             self._cond.notify_all()
             return True
 
@@ -263,7 +276,7 @@ class DiskWriter:
             if op.payload is None:
                 self._files.delete(op.key, op.rank)
             else:
-                self._files.write(op.key, op.rank, op.payload)
+                self._files.write(op.key, op.rank, op.payload, namespace=op.namespace)
             return True
         except OSError as exc:
             logger.warning("kvtier: disk %s of %s failed: %s", "delete" if op.payload is None else "write",

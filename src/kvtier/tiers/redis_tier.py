@@ -77,7 +77,7 @@ class RedisTier(RemoteTier):
 
     def __init__(self, target: RedisTarget, options: RemoteOptions) -> None:
         """Connects at once; an unreachable server leaves the tier unhealthy (no exception)."""
-        super().__init__(target.describe(), options.timeout_s)
+        super().__init__(target.describe(), options.timeout_s, options.sealer)
         self.target = target
         self.ttl_s = options.ttl_s
         self._tls_ca = options.tls_ca

@@ -7,6 +7,14 @@ key, is truncated, corrupt, of another codec or of another layout reads as
 ``ReadResult.CORRUPT``: it is counted in ``num_corrupt``, deleted best-effort, and its bytes
 never reach the caller as data.
 
+Encryption at rest: a tier opened with a ``Sealer`` (``open_remote(..., sealer=...)``) seals every
+payload it puts (AES-256-GCM, ``kvtier.crypto``; ``tiers/framing.py``) and reads only sealed
+values; a value that does not authenticate (altered, swapped with another key's, sealed for
+another namespace label or under another master key) reads CORRUPT like any other bad value.
+Sealed reads land in temporary buffers (the sealed length, at most about ``SEALED_GROUP_BYTES`` at
+a time), then are decrypted straight into the caller's buffers. Engines sharing a store must
+share its encryption settings: each reads the others' values as CORRUPT and deletes them.
+
 Failure model: no method raises on I/O failure. A failed call returns a miss (``MISSING``,
 ``False``, ``0``), increments ``num_errors`` and marks the tier unhealthy. While unhealthy,
 calls return misses at once, without touching the network, until ``retry_after_s`` has passed
@@ -26,6 +34,7 @@ lazily by URL scheme (``open_remote``), so redis-py and boto3 are imported only 
 from __future__ import annotations
 
 import abc
+import functools
 import importlib
 import logging
 import time
@@ -33,10 +42,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from kvtier.entry import CODEC_RAW, HEADER_BYTES, EntryHeader, check_entry, decode_header, \
-    encode_header, payload_checksum
+from kvtier.crypto import Sealer
+from kvtier.entry import HEADER_BYTES
 from kvtier.errors import ConfigError, EntryError
 from kvtier.tiers.disk import ReadResult
+from kvtier.tiers.framing import frame, stored_bytes, unframe_into
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +54,8 @@ OBJECT_PREFIX = "kvtier/"
 FIRST_BACKOFF_S = 1.0
 MAX_BACKOFF_S = 30.0
 INSTALL_HINT = "pip install 'kvtier[remote]'"
+SEALED_GROUP_BYTES = 64 << 20  # sealed reads fetch about this much per group (temporary buffers)
+_MIN_GROUP_ITEMS = 4  # ... and at least this many items, to keep concurrent backends busy
 
 # scheme -> module that implements it; each module has ``open_tier(url, options) -> RemoteTier``.
 _BACKENDS = {
@@ -70,6 +82,7 @@ class RemoteOptions:
     s3_region: str | None = None
     access_key: str | None = None
     secret_key: str | None = None
+    sealer: Sealer | None = None  # encryption at rest; None = values in clear
 
     def __post_init__(self) -> None:
         if not self.timeout_s > 0:
@@ -99,11 +112,12 @@ class RemoteTier(abc.ABC):
     #: Exceptions a backend's primitives raise on I/O failure; anything else is a bug and propagates.
     io_errors: tuple[type[Exception], ...] = (OSError,)
 
-    def __init__(self, description: str, timeout_s: float) -> None:
-        """``description`` names the store in logs (never with credentials). Backends call
-        ``self._start()`` at the end of their own ``__init__``."""
+    def __init__(self, description: str, timeout_s: float, sealer: Sealer | None = None) -> None:
+        """``description`` names the store in logs (never with credentials); ``sealer`` turns on
+        encryption at rest. Backends call ``self._start()`` at the end of their own ``__init__``."""
         self.description = description
         self.timeout_s = timeout_s
+        self.sealer = sealer
         self.num_errors = 0
         self.num_corrupt = 0
         self._healthy = True
@@ -121,39 +135,48 @@ class RemoteTier(abc.ABC):
         names = [self.name_for(key, rank) for key in keys]
         return self._guarded(lambda: self._count_prefix(names), 0)
 
-    def get_into(self, key: bytes, rank: int, out: memoryview, layout_fingerprint: bytes) -> ReadResult:
+    def get_into(self, key: bytes, rank: int, out: memoryview, layout_fingerprint: bytes, *,
+                 namespace: str = "") -> ReadResult:
         """Fetch the entry of ``(key, rank)``, verify it, and copy its payload into ``out``
         (exactly the expected payload size). Unless OK, the content of ``out`` is unspecified."""
-        return self.get_many_into([(key, out)], rank, layout_fingerprint)[0]
+        return self.get_many_into([(key, out)], rank, layout_fingerprint, namespace=namespace)[0]
 
-    def get_many_into(self, items: Sequence[tuple[bytes, memoryview]], rank: int,
-                      layout_fingerprint: bytes) -> list[ReadResult]:
+    def get_many_into(self, items: Sequence[tuple[bytes, memoryview]], rank: int, layout_fingerprint: bytes,
+                      *, namespace: str = "") -> list[ReadResult]:
         """``get_into`` for many keys in one batch (pipelined or concurrent), results in order.
+        ``namespace``: the tenant label every item was put with (used only with a sealer).
 
         An I/O failure fails the whole batch: every result is MISSING (nothing partial is OK)."""
         if not items:
             return []
         outs = [memoryview(out).cast("B") for _, out in items]
         names = [self.name_for(key, rank) for key, _ in items]
-        fetched = self._guarded(lambda: self._fetch_many(list(zip(names, outs))), None)
-        if fetched is None:
-            return [ReadResult.MISSING] * len(items)
-        results = [self._verify(found, key, rank, layout_fingerprint, out, name)
-                   for found, (key, _), out, name in zip(fetched, items, outs, names)]
+        results: list[ReadResult] = []
+        for start, stop in self._read_groups(outs):
+            stores = outs[start:stop] if self.sealer is None else \
+                [memoryview(bytearray(stored_bytes(out.nbytes, self.sealer))) for out in outs[start:stop]]
+            group = list(zip(names[start:stop], stores))
+            fetched = self._guarded(functools.partial(self._fetch_many, group), None)
+            if fetched is None:
+                return [ReadResult.MISSING] * len(items)
+            results += [self._verify(found, key, rank, layout_fingerprint, stored, out, name, namespace)
+                        for found, (key, _), stored, out, name
+                        in zip(fetched, items[start:stop], stores, outs[start:stop], names[start:stop])]
         corrupt = [name for name, result in zip(names, results) if result is ReadResult.CORRUPT]
         if corrupt:
             self._delete_quietly(corrupt)
         return results
 
-    def put(self, key: bytes, rank: int, payload: bytes | memoryview, layout_fingerprint: bytes) -> bool:
-        """Store the entry of ``(key, rank)`` (header + payload) with the tier's TTL, unless the
-        store already holds that name (never overwritten, TTL not refreshed). True when the entry
-        is there afterwards (written now or before), False on failure or while unhealthy."""
-        view = memoryview(payload).cast("B")
-        header = encode_header(EntryHeader(key, rank, layout_fingerprint, CODEC_RAW, view.nbytes,
-                                           payload_checksum(view)))
+    def put(self, key: bytes, rank: int, payload: bytes | memoryview, layout_fingerprint: bytes, *,
+            namespace: str = "") -> bool:
+        """Store the entry of ``(key, rank)`` (header + payload, sealed for ``namespace`` when the
+        tier has a sealer) with the tier's TTL, unless the store already holds that name (never
+        overwritten, TTL not refreshed). True when the entry is there afterwards (written now or
+        before), False on failure or while unhealthy."""
+        header, stored = frame(key, rank, layout_fingerprint, memoryview(payload).cast("B"), self.sealer,
+                               namespace)
         name = self.name_for(key, rank)
-        return self._guarded(lambda: self._put_new(name, header, view), False)
+        return self._guarded(lambda: self._put_new(name, header, stored), False)
 
     def delete(self, keys: Sequence[bytes], rank: int) -> int:
         """Remove the entries of ``keys`` for ``rank``; returns how many the server removed
@@ -256,17 +279,32 @@ class RemoteTier(abc.ABC):
         self._healthy = True
         self._backoff_s = 0.0
 
+    def _read_groups(self, outs: Sequence[memoryview]) -> list[tuple[int, int]]:
+        """``(start, stop)`` of the groups a batch is fetched in: one group in clear (the values
+        land in the callers' buffers); sealed, groups of about ``SEALED_GROUP_BYTES`` (at least
+        ``_MIN_GROUP_ITEMS``), which bounds the temporary buffers held at once."""
+        if self.sealer is None:
+            return [(0, len(outs))]
+        groups: list[tuple[int, int]] = []
+        start, num_bytes = 0, 0
+        for index, out in enumerate(outs):
+            if index - start >= _MIN_GROUP_ITEMS and num_bytes + out.nbytes > SEALED_GROUP_BYTES:
+                groups.append((start, index))
+                start, num_bytes = index, 0
+            num_bytes += out.nbytes
+        return groups + [(start, len(outs))]
+
     def _verify(self, found: Fetched | None, key: bytes, rank: int, layout_fingerprint: bytes,
-                out: memoryview, name: str) -> ReadResult:
+                stored: memoryview, out: memoryview, name: str, namespace: str) -> ReadResult:
+        """The result of one fetched value: ``found`` as the backend returned it, its payload in
+        ``stored`` (which is ``out`` itself in clear). MISSING, OK (``out`` holds the chunk) or
+        CORRUPT; raises nothing, whatever the bytes."""
         if found is None:
             return ReadResult.MISSING
         try:
-            if found.value_bytes != HEADER_BYTES + out.nbytes:
-                raise EntryError(f"value has {found.value_bytes} bytes, expected {HEADER_BYTES + out.nbytes}")
-            header = decode_header(found.header)
-            if header.codec != CODEC_RAW:
-                raise EntryError(f"entry codec {header.codec} is not readable by this kvtier")
-            check_entry(header, key, rank, layout_fingerprint, out)
+            if found.value_bytes != HEADER_BYTES + stored.nbytes:
+                raise EntryError(f"value has {found.value_bytes} bytes, expected {HEADER_BYTES + stored.nbytes}")
+            unframe_into(found.header, stored, key, rank, layout_fingerprint, out, self.sealer, namespace)
         except EntryError as exc:
             self.num_corrupt += 1
             logger.warning("kvtier: bad remote entry %s in %s: %s", name, self.description, exc)
@@ -283,9 +321,10 @@ class RemoteTier(abc.ABC):
 def open_remote(url: str, *, ttl_s: int | None, timeout_s: float, username: str | None = None,
                 password: str | None = None, tls_ca: str | None = None, s3_endpoint: str | None = None,
                 s3_region: str | None = None, access_key: str | None = None,
-                secret_key: str | None = None) -> RemoteTier:
+                secret_key: str | None = None, sealer: Sealer | None = None) -> RemoteTier:
     """The remote tier named by ``url``: ``redis://``, ``rediss://`` (TLS),
-    ``redis+cluster://h:p,h:p``, ``rediss+cluster://...`` or ``s3://bucket/prefix``.
+    ``redis+cluster://h:p,h:p``, ``rediss+cluster://...`` or ``s3://bucket/prefix``; with
+    ``sealer``, values are encrypted at rest (``kvtier.crypto.load_sealer``).
 
     Raises ``ConfigError("remote.url", ...)`` for an unknown scheme, a malformed URL, or a
     missing client library (naming the install step). Never raises because the server is down.
@@ -295,7 +334,7 @@ def open_remote(url: str, *, ttl_s: int | None, timeout_s: float, username: str 
         raise ConfigError("remote.url", f"unknown scheme {scheme!r} in {url!r}; "
                                         f"expected one of {', '.join(f'{s}://' for s in _BACKENDS)}")
     options = RemoteOptions(ttl_s, timeout_s, username, password, tls_ca, s3_endpoint, s3_region,
-                            access_key, secret_key)
+                            access_key, secret_key, sealer)
     try:
         module = importlib.import_module(_BACKENDS[scheme])
     except ModuleNotFoundError as exc:

@@ -57,7 +57,7 @@ class S3Tier(RemoteTier):
 
     def __init__(self, bucket: str, prefix: str, options: RemoteOptions) -> None:
         """Checks the bucket at once; an unreachable server leaves the tier unhealthy."""
-        super().__init__(f"s3://{bucket}/{prefix}", options.timeout_s)
+        super().__init__(f"s3://{bucket}/{prefix}", options.timeout_s, options.sealer)
         self.bucket = bucket
         self.prefix = prefix
         self.ttl_s = options.ttl_s

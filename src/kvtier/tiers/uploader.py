@@ -18,6 +18,7 @@ class _Upload:
     key: bytes
     rank: int
     payload: bytes
+    namespace: str
 
 
 class RemoteUploader:
@@ -31,10 +32,11 @@ class RemoteUploader:
         self._thread = threading.Thread(target=self._run, name="kvtier-uploader", daemon=True)
         self._thread.start()
 
-    def submit(self, key: bytes, rank: int, payload: bytes) -> bool:
-        """Queue an upload; False (dropped) when the queue is full. Never blocks."""
+    def submit(self, key: bytes, rank: int, payload: bytes, *, namespace: str = "") -> bool:
+        """Queue an upload (``RemoteTier.put``: sealed for ``namespace`` on the upload thread when
+        the tier has a sealer); False (dropped) when the queue is full. Never blocks."""
         try:
-            self._queue.put_nowait(_Upload(key, rank, payload))
+            self._queue.put_nowait(_Upload(key, rank, payload, namespace))
         except queue.Full:
             return False
         return True
@@ -62,7 +64,8 @@ class RemoteUploader:
             try:
                 if item is None:
                     return
-                ok = self._remote.put(item.key, item.rank, item.payload, self._layout_fingerprint)
+                ok = self._remote.put(item.key, item.rank, item.payload, self._layout_fingerprint,
+                                      namespace=item.namespace)
                 with self._lock:
                     (self._done if ok else self._failed).append(item.key)
             finally:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import torch
 
-from kvtier.datapath import HostPool, PagedKV, ordered_layers
+from kvtier.datapath import ChunkMover, HostPool, PagedKV, ordered_layers
 from kvtier.integrations.vllm.setup import EngineSetup
 from kvtier.plans import StepPlan, WorkerReport
 from kvtier.tiers.disk import DiskFiles, DiskWriter, ReadResult
@@ -36,6 +36,7 @@ class WorkerSide:
         self.report = WorkerReport()
         self.paged: PagedKV | None = None
         self.pool: HostPool | None = None
+        self.mover: ChunkMover | None = None
         self.disk: DiskFiles | None = None
         self.writer: DiskWriter | None = None
         if setup.disk_dir is not None:
@@ -47,6 +48,7 @@ class WorkerSide:
         self.paged = PagedKV(layers, self.setup.layout)
         pin = self.paged.device.type == "cuda"
         self.pool = HostPool(self.setup.num_slots, self.setup.chunk_bytes, pin_memory=pin)
+        self.mover = ChunkMover(self.paged, self.pool, self.setup.blocks_per_chunk)
         logger.info("kvtier: %d memory slots of %d bytes, disk %s", self.setup.num_slots,
                     self.setup.chunk_bytes, self.setup.disk_dir or "off")
 
@@ -98,13 +100,12 @@ class WorkerSide:
                 logger.warning("kvtier: corrupt remote entry %s; the engine recomputes it", op.key.hex())
 
     def _load(self, plan: StepPlan) -> None:
-        assert self.paged is not None and self.pool is not None
+        assert self.mover is not None
         started = time.perf_counter()
-        for op in plan.loads:
-            src = self.paged.slot_view(self.pool.slot(op.slot), self.setup.blocks_per_chunk)
-            self.paged.scatter(src, op.first_block, op.block_ids)
-            self.report.memory_read_bytes += len(op.block_ids) * self.setup.chunk_bytes // self.setup.blocks_per_chunk
-        _synchronize(self.paged.device)
+        self.mover.scatter_chunks(plan.loads)
+        num_blocks = sum(len(op.block_ids) for op in plan.loads)
+        self.report.memory_read_bytes += num_blocks * self.setup.chunk_bytes // self.setup.blocks_per_chunk
+        self.mover.wait()
         self.report.load_seconds.append(time.perf_counter() - started)
 
     # ----- after the forward -----------------------------------------------------------------
@@ -123,13 +124,11 @@ class WorkerSide:
                 self.writer.submit_delete(key, self.rank)
 
     def _store(self, plan: StepPlan) -> None:
-        assert self.paged is not None and self.pool is not None
+        assert self.mover is not None
         started = time.perf_counter()
-        for op in plan.stores:
-            dst = self.paged.slot_view(self.pool.slot(op.slot), self.setup.blocks_per_chunk)
-            self.paged.gather(op.block_ids, dst)
-            self.report.memory_written_bytes += self.setup.chunk_bytes
-        _synchronize(self.paged.device)
+        self.mover.gather_chunks(plan.stores)
+        self.report.memory_written_bytes += len(plan.stores) * self.setup.chunk_bytes
+        self.mover.wait()  # write-through and uploads read the slots right after
         self.report.stored.extend(op.key for op in plan.stores)
         self.report.store_seconds.append(time.perf_counter() - started)
 
@@ -172,7 +171,3 @@ class WorkerSide:
         if self.remote is not None:
             self.remote.close()
 
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

@@ -1,0 +1,117 @@
+"""The configurations ``kvtier bench`` compares, and the one set of engine settings they all share.
+
+- ``vllm``: no connector; vLLM's own prefix cache on (its default).
+- ``kvtier-memory``: kvtier with its host-memory tier only.
+- ``kvtier-memory+disk``: memory and local disk (write-through).
+- ``kvtier-memory+redis`` / ``kvtier-memory+s3``: memory and a shared remote tier, only when a URL
+  is given. No disk here, so chunks memory does not hold come from the remote.
+
+Every server gets the same engine arguments (a deliberately small engine KV cache, so vLLM's own
+prefix cache must evict, as in ``kvtier demo``) and the same environment; kvtier's settings go
+inline into ``kv_connector_extra_config``, with ``KVTIER_*`` variables removed from the server's
+environment (credentials excepted) so nothing outside the bench changes a configuration.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from kvtier.bench.server import ServerSpec
+from kvtier.errors import ConfigError
+
+MAX_MODEL_LEN_TOKENS = 4096
+BLOCK_TOKENS = 128
+DEFAULT_ENGINE_KV_TOKENS = 34 * BLOCK_TOKENS  # as the demo: one max-length request, and vLLM's null block
+BASELINE = "vllm"
+# Credentials may come from the environment (the documented way for secrets): these are kept.
+_KEPT_KVTIER_ENV = ("KVTIER_REMOTE_USERNAME", "KVTIER_REMOTE_PASSWORD", "KVTIER_REMOTE_ACCESS_KEY",
+                    "KVTIER_REMOTE_SECRET_KEY", "KVTIER_REMOTE_TLS_CA")
+
+KvTransferJson = Callable[[dict[str, object]], str]  # inline kvtier keys -> --kv-transfer-config value
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    name: str
+    kvtier_keys: tuple[tuple[str, str], ...] | None  # inline kvtier keys; None = no kvtier
+    uses_disk: bool = False
+
+    @property
+    def uses_kvtier(self) -> bool:
+        return self.kvtier_keys is not None
+
+
+@dataclass(frozen=True)
+class RemoteOptions:
+    redis_url: str | None
+    s3_url: str | None
+    s3_endpoint: str | None
+
+
+def all_configs(memory_capacity: str, remote: RemoteOptions) -> list[BenchConfig]:
+    """Every configuration this run can compare, the baseline first."""
+    memory = (("memory.capacity", memory_capacity),)
+    configs = [BenchConfig(BASELINE, None), BenchConfig("kvtier-memory", memory),
+               BenchConfig("kvtier-memory+disk", memory, uses_disk=True)]
+    if remote.redis_url:
+        configs.append(BenchConfig("kvtier-memory+redis", (*memory, ("remote.url", remote.redis_url))))
+    if remote.s3_url:
+        s3 = (("remote.url", remote.s3_url),)
+        if remote.s3_endpoint:
+            s3 += (("remote.s3_endpoint", remote.s3_endpoint),)
+        configs.append(BenchConfig("kvtier-memory+s3", (*memory, *s3)))
+    return configs
+
+
+def select_configs(configs: list[BenchConfig], names: list[str] | None) -> list[BenchConfig]:
+    """The configurations named (all when ``names`` is None), in the order of ``configs``.
+    Raises ConfigError naming an unknown one."""
+    if names is None:
+        return configs
+    known = {config.name for config in configs}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ConfigError("--configs", f"unknown configuration {', '.join(unknown)}; this run has "
+                                       f"{', '.join(sorted(known))} (remote ones need --redis-url / --s3-url)")
+    return [config for config in configs if config.name in names]
+
+
+def engine_args(engine_kv_bytes: int) -> list[str]:
+    """vLLM arguments every configuration gets (``--kv-transfer-config`` is added for kvtier)."""
+    return ["--max-model-len", str(MAX_MODEL_LEN_TOKENS), "--enforce-eager", "--block-size", str(BLOCK_TOKENS),
+            "--dtype", "bfloat16", "--seed", "0", "--kv-cache-memory-bytes", str(engine_kv_bytes),
+            "--enable-prompt-tokens-details"]
+
+
+def kvtier_inline_keys(config: BenchConfig, metrics_port: int, disk_dir: str,
+                       namespace: str) -> dict[str, object]:
+    """The inline kvtier keys of one server: the configuration's own, plus the metrics port, a fresh
+    disk folder (only if the configuration has a disk tier) and a namespace unique to this run (so a
+    shared remote tier holds nothing from an earlier run)."""
+    assert config.kvtier_keys is not None, "only for kvtier configurations"
+    keys: dict[str, object] = dict(config.kvtier_keys)
+    keys["metrics.port"] = metrics_port
+    keys["namespace"] = namespace
+    if config.uses_disk:
+        keys["disk.path"] = disk_dir
+    return keys
+
+
+def server_spec(config: BenchConfig, model_dir: str, port: int, engine_kv_bytes: int,
+                kv_transfer_json: str | None, log_path: str, environ: Mapping[str, str]) -> ServerSpec:
+    """The server of one configuration. ``VLLM_CPU_KVCACHE_SPACE`` would override
+    ``--kv-cache-memory-bytes`` and ``KVTIER_*`` would override the inline keys: both are removed
+    (remote credentials excepted)."""
+    args = engine_args(engine_kv_bytes)
+    if kv_transfer_json is not None:
+        args += ["--kv-transfer-config", kv_transfer_json]
+    unset = ("VLLM_CPU_KVCACHE_SPACE", *sorted(key for key in environ
+                                                      if key.startswith("KVTIER_") and key not in _KEPT_KVTIER_ENV))
+    return ServerSpec(name=config.name, model=model_dir, port=port, engine_args=tuple(args),
+                      env=(("VLLM_CPU_NUM_OF_RESERVED_CPU", "0"),), unset_env=unset, log_path=log_path)
+
+
+def log_path_for(log_dir: str, config_name: str) -> str:
+    return os.path.join(log_dir, f"{config_name.replace('+', '_')}.log")

@@ -1,0 +1,198 @@
+"""The benchmark's report: plain statements of what helped and what did not, tables, cost view.
+
+``statements`` come first in every output and are never suppressed: for each kvtier configuration
+the TTFT change against ``vllm`` with a verdict, and when kvtier found nothing to reuse, its
+overhead as numbers. ``markdown`` renders the whole report; ``results_json`` is the same content as
+data (every number finite or null).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from kvtier.bench.configs import BASELINE
+from kvtier.bench.cost import CostView, Prices, cost_view
+from kvtier.bench.runner import ConfigRun
+from kvtier.bench.stats import TIERS, Comparison, ConfigSummary, Spread, compare
+from kvtier.bench.summary import format_bytes, format_ratio, format_seconds
+
+_CPU_NOTE = ("Engine compute is the CPU seconds (user + system) of the server's process tree during the "
+             "timed requests; on this CPU machine it stands in for GPU seconds in the cost view.")
+
+
+@dataclass(frozen=True)
+class Report:
+    title: str
+    context: tuple[tuple[str, str], ...]  # what ran where, for the header
+    summaries: tuple[ConfigSummary, ...]
+    comparisons: tuple[Comparison, ...]
+    costs: tuple[tuple[str, CostView], ...]
+    prices: Prices
+    has_rounds: bool
+
+
+def build_report(title: str, context: list[tuple[str, str]], summaries: list[ConfigSummary], prices: Prices,
+                 has_rounds: bool) -> Report:
+    base = next((s for s in summaries if s.name == BASELINE and s.error is None and s.metrics), None)
+    others = [s for s in summaries if s.name != BASELINE and s.metrics]
+    comparisons = tuple(compare(base, other) for other in others) if base else ()
+    costs = tuple((other.name, view) for other in others if base and (view := config_cost(base, other, prices)))
+    return Report(title, tuple(context), tuple(summaries), comparisons, costs, prices, has_rounds)
+
+
+def config_cost(base: ConfigSummary, other: ConfigSummary, prices: Prices) -> CostView | None:
+    """The cost view of ``other`` against ``base`` from medians; None without CPU measurements."""
+    base_s, other_s = base.median("cpu_s_per_request"), other.median("cpu_s_per_request")
+    num_requests = other.median("num_requests")
+    if base_s is None or other_s is None or not num_requests:
+        return None
+
+    def per_request(*names: str) -> float:
+        return sum(other.median(name) or 0.0 for name in names) / num_requests
+
+    return cost_view(base_s, other_s, per_request("written_bytes_disk", "written_bytes_remote"),
+                     per_request("read_bytes_remote", "written_bytes_remote"), prices)
+
+
+def _pct(fraction: float | None) -> str:
+    return "n/a" if fraction is None else f"{fraction * 100:+.0f}%"
+
+
+def statements(report: Report) -> list[str]:
+    """One or two sentences per kvtier configuration; the baseline's absence or failure is said too."""
+    if not report.comparisons:
+        return ["No comparison: the `vllm` baseline did not run or measured nothing (see the failures below)."]
+    lines = []
+    for c in report.comparisons:
+        summary = next(s for s in report.summaries if s.name == c.name)
+        words = {"helped": "helped", "did not help": "did NOT help (slower)",
+                 "no clear difference": "made no clear difference (ranges over repeats overlap)"}.get(c.verdict, c.verdict)
+        lines.append(f"**{c.name}** {words}: mean TTFT {_pct(c.ttft_mean_change)}, p95 TTFT "
+                     f"{_pct(c.ttft_p95_change)}, output throughput {_pct(c.throughput_change)}, engine compute "
+                     f"{_pct(None if c.cpu_saved is None else -c.cpu_saved)} vs `vllm`; kvtier served "
+                     f"{format_ratio(summary.median('hit_rate_all'))} of the chunks vLLM lacked.")
+        if c.no_reuse:
+            lines.append(f"  **{c.name}** found nothing to reuse, so these differences are its overhead on "
+                         f"zero-reuse traffic: mean TTFT {_pct(c.ttft_mean_change)}, p95 TTFT "
+                         f"{_pct(c.ttft_p95_change)}, engine compute {_pct(None if c.cpu_saved is None else -c.cpu_saved)}.")
+    for name, view in report.costs:
+        verb = "saves" if view.net_saving_per_million >= 0 else "COSTS"
+        lines.append(f"At the prices below, **{name}** {verb} {abs(view.net_saving_per_million):,.2f} per million "
+                     "requests of this traffic.")
+    return lines
+
+
+def _cell(spread: Spread | None, kind: str) -> str:
+    if spread is None:
+        return "n/a"
+    fmt = {"s": format_seconds, "bytes": format_bytes, "ratio": format_ratio,
+           "rate": lambda v: f"{v:.2f}", "cpu": lambda v: f"{v:.2f} s"}[kind]
+    if spread.count < 2 or math.isclose(spread.low, spread.high):
+        return fmt(spread.median)
+    return f"{fmt(spread.median)} ({fmt(spread.low)}-{fmt(spread.high)})"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+_MAIN_COLUMNS = (("TTFT mean", "ttft_mean_s", "s"), ("TTFT p50", "ttft_p50_s", "s"), ("TTFT p95", "ttft_p95_s", "s"),
+                 ("TTFT p99", "ttft_p99_s", "s"), ("ITL p50", "itl_p50_s", "s"), ("ITL p95", "itl_p95_s", "s"),
+                 ("req/s", "request_throughput_per_s", "rate"), ("out tok/s", "output_tokens_per_s", "rate"),
+                 ("tok/s (in+out)", "total_tokens_per_s", "rate"), ("prompt cached", "prompt_cached_fraction", "ratio"),
+                 ("engine CPU s/req", "cpu_s_per_request", "cpu"))
+
+
+def main_table(report: Report) -> list[str]:
+    saved = {c.name: c.cpu_saved for c in report.comparisons}
+    rows = []
+    for s in report.summaries:
+        warmup = None if s.startup_s is None else s.startup_s + (s.warmup_request_s or 0.0)
+        rows.append([s.name, "ok" if s.error is None else "FAILED",
+                     *(_cell(s.metrics.get(key), kind) for _, key, kind in _MAIN_COLUMNS),
+                     "baseline" if s.name == BASELINE else _pct(saved.get(s.name)),
+                     format_seconds(warmup)])
+    return _table(["configuration", "status", *(title for title, _, _ in _MAIN_COLUMNS), "compute saved",
+                   "warm-up"], rows)
+
+
+def tier_table(report: Report) -> list[str]:
+    rows = []
+    for s in report.summaries:
+        for tier in TIERS:
+            cells = [s.metrics.get(f"{name}_{tier}") for name in ("hit_rate", "read_bytes", "written_bytes")]
+            if s.uses_kvtier and any(c is not None and c.median > 0 for c in cells[1:]) or cells[0] is not None:
+                rows.append([s.name, tier, _cell(cells[0], "ratio"), _cell(cells[1], "bytes"), _cell(cells[2], "bytes")])
+    if not rows:
+        return ["No kvtier counters were read."]
+    return _table(["configuration", "tier", "hit rate", "read", "written"], rows)
+
+
+def round_table(report: Report) -> list[str]:
+    live = [s for s in report.summaries if s.ttft_by_round]
+    rounds = sorted({r for s in live for r in s.ttft_by_round})
+    rows = [[str(r), *(_cell(s.ttft_by_round.get(r), "s") for s in live)] for r in rounds]
+    return _table(["round", *(s.name for s in live)], rows)
+
+
+def cost_table(report: Report) -> list[str]:
+    if not report.costs:
+        return ["No cost view: engine CPU seconds were not measured for the baseline and a kvtier configuration."]
+    rows = [[name, f"{v.compute_saved_s_per_request * 1000:+.1f} ms", format_bytes(v.stored_bytes_per_request),
+             format_bytes(v.network_bytes_per_request), f"{v.compute_saving_per_million:,.2f}",
+             f"{v.storage_cost_per_million:,.2f}", f"{v.transfer_cost_per_million:,.2f}",
+             f"**{v.net_saving_per_million:,.2f}**"] for name, v in report.costs]
+    p = report.prices
+    return [f"Prices ({p.source}): {p.gpu_hour} per GPU-hour, {p.storage_gb_month} per GB-month stored "
+            f"(kept {p.retention_hours:g} h), {p.transfer_gb} per GB transferred.", "",
+            *_table(["configuration", "compute saved/req", "stored/req", "network/req", "compute saved /1M req",
+                     "storage /1M req", "transfer /1M req", "net saving /1M req"], rows)]
+
+
+def markdown(report: Report) -> str:
+    lines = [f"# {report.title}", "", *(f"- {key}: {value}" for key, value in report.context), "",
+             "## Verdict", "", *(f"- {line}" for line in statements(report)), "",
+             "## Results (median over repeats, min-max in brackets)", "", *main_table(report), "",
+             "## kvtier tiers", "", *tier_table(report), ""]
+    if report.has_rounds:
+        lines += ["## Mean TTFT per round", "", *round_table(report), ""]
+    lines += ["## Cost view (per million requests)", "", *cost_table(report), "", "## How this was measured", "",
+              f"- {_CPU_NOTE}", "- TTFT: from sending a streamed request to its first content chunk; ITL: gaps "
+              "between streamed chunks; throughput over each repeat's wall time.",
+              "- Every configuration: same engine settings, own server, one warm-up request; each repeat uses "
+              "its own `cache_salt`, so vLLM's and kvtier's caches start cold for it.",
+              "- Hit rate of a tier: hits / (hits + misses) of the chunks that reached it; `all`: share of "
+              "the chunks vLLM's own cache lacked that kvtier served."]
+    failures = [s for s in report.summaries if s.error is not None]
+    if failures:
+        lines += ["", "## Failures", "", *(f"- **{s.name}**: {s.error}" for s in failures)]
+    return "\n".join(lines) + "\n"
+
+
+def _request_rows(run: ConfigRun) -> list[dict[str, object]]:
+    rows = []
+    for measure in run.repeats:
+        for r in measure.outcome.results:
+            row = asdict(r)
+            row["repeat"] = measure.repeat
+            row["itl_s"] = list(r.itl_s)
+            rows.append(row)
+    return rows
+
+
+def results_json(report: Report, runs: list[ConfigRun], extra: dict[str, object]) -> dict[str, object]:
+    """Everything of the report as JSON-ready data (NaN never appears: missing numbers are null)."""
+    configurations: dict[str, object] = {}
+    for summary, run in zip(report.summaries, runs):
+        configurations[summary.name] = {
+            "error": summary.error, "uses_kvtier": summary.uses_kvtier, "log": run.log_path,
+            "startup_s": summary.startup_s, "warmup_request_s": summary.warmup_request_s,
+            "metrics": {name: spread.as_dict() for name, spread in summary.metrics.items()},
+            "ttft_mean_s_by_round": {str(r): s.as_dict() for r, s in summary.ttft_by_round.items()},
+            "failures": [asdict(f) for m in run.repeats for f in m.outcome.failures],
+            "requests": _request_rows(run)}
+    return {**extra, "statements": statements(report), "prices": report.prices.as_dict(),
+            "comparisons": {c.name: asdict(c) for c in report.comparisons},
+            "cost_per_million_requests": {name: view.as_dict() for name, view in report.costs},
+            "configurations": configurations}
