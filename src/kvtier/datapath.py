@@ -206,6 +206,15 @@ class StagingRing:
         event.record(self.work_stream)
         return event
 
+    def mark_copies(self) -> torch.cuda.Event | None:
+        """An event recorded on the copy stream after everything queued so far: once it completes,
+        every ``transfer`` queued so far (device->host copies included) is done. None on CPU."""
+        if not self._is_cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record(self.copy_stream)
+        return event
+
     def fence(self) -> None:
         """Make the caller's current stream wait (on the device, not the CPU) for the work stream:
         work queued after this call sees the result of every ``consume`` (and ``produce``) queued
@@ -293,6 +302,12 @@ class ChunkMover:
         """Block until every queued store and load is done (slots and blocks hold their data)."""
         if self._ring is not None:
             self._ring.wait()
+
+    def mark_stores(self) -> "torch.cuda.Event | None":
+        """An event that completes when every store queued so far is in its slot (None on CPU,
+        where stores are done when ``gather_chunks`` returns). Lets the caller poll instead of
+        blocking, so stores overlap the next forward."""
+        return None if self._ring is None else self._ring.mark_copies()
 
     def _slot_view(self, data: torch.Tensor) -> torch.Tensor:
         return self.paged.slot_view(data[:self.pool.slot_bytes], self.blocks_per_chunk)

@@ -30,11 +30,13 @@ class LoadOp:
 
 @dataclass(frozen=True)
 class StoreOp:
-    """Copy the engine blocks ``block_ids`` (one whole chunk) into memory slot ``slot``."""
+    """Copy the engine blocks ``block_ids`` (one whole chunk) of request ``req_id`` into memory
+    slot ``slot``."""
 
     key: bytes
     slot: int
     block_ids: tuple[int, ...]
+    req_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -55,10 +57,13 @@ class StepPlan:
     write_through: list[SlotOp] = field(default_factory=list)
     remote_puts: list[SlotOp] = field(default_factory=list)
     deletes: list[bytes] = field(default_factory=list)
+    # finished requests whose blocks vLLM keeps until the worker reports their stores done
+    # (``get_finished``): stores run asynchronously and must not read freed blocks
+    delayed_frees: list[str] = field(default_factory=list)
 
     def is_empty(self) -> bool:
         return not (self.spills or self.promotes or self.remote_fetches or self.loads or self.stores
-                    or self.write_through or self.remote_puts or self.deletes)
+                    or self.write_through or self.remote_puts or self.deletes or self.delayed_frees)
 
 
 @dataclass

@@ -61,7 +61,8 @@ def _common_flags() -> argparse.ArgumentParser:
     g = common.add_argument_group("engine and configurations")
     g.add_argument("--model", metavar="DIR", help="model folder (default: SmolLM2-135M-Instruct, prepared in "
                                                    "--models-dir)")
-    g.add_argument("--models-dir", default="models", metavar="DIR", help="where models are prepared (default: ./models)")
+    g.add_argument("--models-dir", default="models", metavar="DIR",
+                   help="where models are prepared (default: ./models)")
     g.add_argument("--tiny", action="store_true", help="a tiny random model (for CI; answers are noise)")
     g.add_argument("--configs", metavar="A,B", help="only these configurations (default: all this run has: vllm, "
                                                      "kvtier-memory, kvtier-memory+disk, and +redis/+s3 if given)")

@@ -59,27 +59,35 @@ def _pct(fraction: float | None) -> str:
     return "n/a" if fraction is None else f"{fraction * 100:+.0f}%"
 
 
+_VERDICT_WORDS = {"helped": "helped", "did not help": "did NOT help (slower)",
+                  "no clear difference": "made no clear difference (ranges over repeats overlap)"}
+
+
+def _changes(c: Comparison) -> str:
+    compute = None if c.cpu_saved is None else -c.cpu_saved
+    return (f"mean TTFT {_pct(c.ttft_mean_change)}, p95 TTFT {_pct(c.ttft_p95_change)}, output throughput "
+            f"{_pct(c.throughput_change)}, engine compute {_pct(compute)} vs `vllm`")
+
+
 def statements(report: Report) -> list[str]:
-    """One or two sentences per kvtier configuration; the baseline's absence or failure is said too."""
+    """One sentence per kvtier configuration, and one per cost view; the baseline's absence is said too.
+    A configuration that found nothing to reuse is reported as overhead, with its numbers."""
     if not report.comparisons:
         return ["No comparison: the `vllm` baseline did not run or measured nothing (see the failures below)."]
     lines = []
     for c in report.comparisons:
-        summary = next(s for s in report.summaries if s.name == c.name)
-        words = {"helped": "helped", "did not help": "did NOT help (slower)",
-                 "no clear difference": "made no clear difference (ranges over repeats overlap)"}.get(c.verdict, c.verdict)
-        lines.append(f"**{c.name}** {words}: mean TTFT {_pct(c.ttft_mean_change)}, p95 TTFT "
-                     f"{_pct(c.ttft_p95_change)}, output throughput {_pct(c.throughput_change)}, engine compute "
-                     f"{_pct(None if c.cpu_saved is None else -c.cpu_saved)} vs `vllm`; kvtier served "
-                     f"{format_ratio(summary.median('hit_rate_all'))} of the chunks vLLM lacked.")
+        hits = format_ratio(next(s for s in report.summaries if s.name == c.name).median("hit_rate_all"))
         if c.no_reuse:
-            lines.append(f"  **{c.name}** found nothing to reuse, so these differences are its overhead on "
-                         f"zero-reuse traffic: mean TTFT {_pct(c.ttft_mean_change)}, p95 TTFT "
-                         f"{_pct(c.ttft_p95_change)}, engine compute {_pct(None if c.cpu_saved is None else -c.cpu_saved)}.")
+            lines.append(f"**{c.name}** found nothing to reuse (served {hits} of the chunks vLLM lacked), so "
+                         f"this is its overhead on this traffic: {_changes(c)} "
+                         f"(TTFT verdict: {_VERDICT_WORDS.get(c.verdict, c.verdict)}).")
+        else:
+            lines.append(f"**{c.name}** {_VERDICT_WORDS.get(c.verdict, c.verdict)}: {_changes(c)}; kvtier served "
+                         f"{hits} of the chunks vLLM lacked.")
     for name, view in report.costs:
         verb = "saves" if view.net_saving_per_million >= 0 else "COSTS"
         lines.append(f"At the prices below, **{name}** {verb} {abs(view.net_saving_per_million):,.2f} per million "
-                     "requests of this traffic.")
+                     "requests of this traffic (engine compute priced as GPU time).")
     return lines
 
 
@@ -122,8 +130,9 @@ def tier_table(report: Report) -> list[str]:
     for s in report.summaries:
         for tier in TIERS:
             cells = [s.metrics.get(f"{name}_{tier}") for name in ("hit_rate", "read_bytes", "written_bytes")]
-            if s.uses_kvtier and any(c is not None and c.median > 0 for c in cells[1:]) or cells[0] is not None:
-                rows.append([s.name, tier, _cell(cells[0], "ratio"), _cell(cells[1], "bytes"), _cell(cells[2], "bytes")])
+            if cells[0] is not None or any(c is not None and c.median > 0 for c in cells[1:]):
+                rows.append([s.name, tier, _cell(cells[0], "ratio"), _cell(cells[1], "bytes"),
+                             _cell(cells[2], "bytes")])
     if not rows:
         return ["No kvtier counters were read."]
     return _table(["configuration", "tier", "hit rate", "read", "written"], rows)

@@ -173,12 +173,13 @@ def _repeat(session: _Session, workload: Workload, repeat: int, settings: RunSet
     cpu_before, metrics_before = _cpu(session), _scrape(session.metrics_url, progress)
     outcome = dispatch(session.target, workload.requests, options, settings.max_concurrency,
                        settings.request_timeout_s, say)
+    cpu_s = _cpu_increase(cpu_before, _cpu(session))  # read before the settle time, for every configuration
     if session.metrics_url is not None:
         time.sleep(settings.settle_s)
     if session.server is not None:
         session.server.check_alive()
-    measure = RepeatMeasure(repeat, outcome, _cpu_increase(cpu_before, _cpu(session)),
-                            metrics_increase(metrics_before, _scrape(session.metrics_url, progress)))
+    measure = RepeatMeasure(repeat, outcome, cpu_s, metrics_increase(metrics_before, _scrape(session.metrics_url,
+                                                                                               progress)))
     session.run.repeats.append(measure)
     ttfts = sorted(result.ttft_s for result in outcome.results)
     median = ttfts[len(ttfts) // 2] if ttfts else math.nan

@@ -117,7 +117,7 @@ def trace_workload(params: TraceParams, id_range: tuple[int, int], max_prompt_to
 def make_sample_trace(num_requests: int, seed: int) -> list[dict[str, object]]:
     """A small synthetic trace in the Mooncake format: a few conversations whose requests extend a
     shared prefix (system prompt, then the conversation's history) plus one-off requests. Hash ids
-    are numbered in order of first appearance, as in the public traces."""
+    are small consecutive integers, as in the public traces."""
     rng = random.Random(seed)
     next_id = 0
 

@@ -103,6 +103,14 @@ class KVTierConnector(KVConnectorBase_V1):
         assert self._worker is not None
         self._worker.save(self._plan())
 
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        assert self._worker is not None
+        return self._worker.finished_frees() or None, None
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        assert self._worker is not None
+        self._worker.drain()  # preempted requests' blocks are freed: no store may still read them
+
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
         assert self._worker is not None
         report = self._worker.take_report()
@@ -146,5 +154,4 @@ class KVTierConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self._scheduler is not None
-        self._scheduler.request_finished(request)
-        return False, None
+        return self._scheduler.request_finished(request), None

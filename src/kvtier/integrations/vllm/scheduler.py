@@ -53,6 +53,7 @@ class RequestState:
     counted: bool = False
     num_store_checked: int = 0  # chunks already considered for storing
     controls: RequestControls = field(default_factory=lambda: RequestControls("", True, True))
+    store_keys: list[bytes] = field(default_factory=list)  # chunks this request's blocks were stored as
 
 
 class SchedulerSide:
@@ -75,6 +76,7 @@ class SchedulerSide:
         metrics.entries.labels(tier="disk").set(self.store.num_disk_entries)
         self._loads: list[LoadOp] = []
         self._loaded_owners: list[str] = []
+        self._delayed_frees: list[str] = []
         self.kv_cache_manager: KVCacheManager | None = None
         self._digests: dict[tuple[str, str], bytes] = {}
 
@@ -203,6 +205,7 @@ class SchedulerSide:
             scheduled = scheduler_output.num_scheduled_tokens.get(req_id, 0)
             self._plan_stores(req_id, num_computed + scheduled, plan)
         plan.loads, self._loads = self._loads, []
+        plan.delayed_frees, self._delayed_frees = self._delayed_frees, []
         for owner in self._loaded_owners:  # slots are safe: the loads run before this step's stores
             self.store.leases.release(owner)
         self._loaded_owners = []
@@ -231,7 +234,8 @@ class SchedulerSide:
             slot = self.store.prepare_store(keys[i])
             if slot is None:
                 continue
-            plan.stores.append(StoreOp(keys[i], slot, tuple(block_ids[i * per_chunk:(i + 1) * per_chunk])))
+            plan.stores.append(StoreOp(keys[i], slot, tuple(block_ids[i * per_chunk:(i + 1) * per_chunk]), req_id))
+            state.store_keys.append(keys[i])
             if self.remote is not None and keys[i] not in self._remote_known:
                 plan.remote_puts.append(SlotOp(keys[i], slot))  # never re-upload what the remote holds
                 self._remember_remote(keys[i])
@@ -265,10 +269,16 @@ class SchedulerSide:
         if self.remote is not None:
             self.remote.close()
 
-    def request_finished(self, request: "Request") -> None:
+    def request_finished(self, request: "Request") -> bool:
+        """Forget the request; True when vLLM must keep its blocks until the worker reports its
+        in-flight stores done (stores copy asynchronously and must not read reused blocks)."""
         self.store.leases.release(request.request_id)
-        self.requests.pop(request.request_id, None)
+        state = self.requests.pop(request.request_id, None)
+        delay = state is not None and any(self.store.is_pending(key) for key in state.store_keys)
+        if delay:
+            self._delayed_frees.append(request.request_id)
         self.metrics.lease_owners.set(self.store.leases.num_owners())
+        return delay
 
     # ----- helpers ---------------------------------------------------------------------------
     def _state(self, request: "Request") -> RequestState:

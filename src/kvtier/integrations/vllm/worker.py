@@ -10,18 +10,30 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from collections.abc import Mapping
 
 import torch
 
 from kvtier.datapath import ChunkMover, HostPool, PagedKV, ordered_layers
 from kvtier.integrations.vllm.setup import EngineSetup
-from kvtier.plans import StepPlan, WorkerReport
+from kvtier.plans import SlotOp, StepPlan, StoreOp, WorkerReport
 from kvtier.tiers.disk import DiskFiles, DiskWriter, ReadResult
 from kvtier.tiers.remote import RemoteTier
 from kvtier.tiers.uploader import RemoteUploader
 
 logger = logging.getLogger("kvtier")
+
+
+@dataclass
+class _PendingStore:
+    """Stores of one step whose copies may still be in flight (``event`` None: already done)."""
+
+    event: "torch.cuda.Event | None"
+    stores: list[StoreOp]
+    write_through: list[SlotOp]
+    remote_puts: list[SlotOp]
+    started: float
 
 
 class WorkerSide:
@@ -31,6 +43,8 @@ class WorkerSide:
         self.remote = remote
         self.uploader: RemoteUploader | None = None
         self._step_started: float | None = None
+        self._pending: list[_PendingStore] = []  # queued stores, oldest first
+        self._awaiting_free: set[str] = set()
         if remote is not None:
             self.uploader = RemoteUploader(remote, setup.layout.fingerprint(), setup.config.remote.queue_depth)
         self.report = WorkerReport()
@@ -115,22 +129,46 @@ class WorkerSide:
             self._step_started = None
         if plan.stores:
             self._store(plan)
-        for op in plan.write_through:
-            self._submit_disk_write(op.key, op.slot)
-        for op in plan.remote_puts:
-            self._submit_upload(op.key, op.slot)
+        self._awaiting_free.update(plan.delayed_frees)
+        self._poll()
         for key in plan.deletes:
             if self.writer is not None:
                 self.writer.submit_delete(key, self.rank)
 
     def _store(self, plan: StepPlan) -> None:
+        """Queue the copies and return: on CUDA they overlap the next forward. Write-through and
+        uploads read the slots, so they wait in ``_pending`` until the copies are done."""
         assert self.mover is not None
         started = time.perf_counter()
         self.mover.gather_chunks(plan.stores)
+        event = self.mover.mark_stores()
+        self._pending.append(_PendingStore(event, plan.stores, plan.write_through, plan.remote_puts, started))
         self.report.memory_written_bytes += len(plan.stores) * self.setup.chunk_bytes
-        self.mover.wait()  # write-through and uploads read the slots right after
-        self.report.stored.extend(op.key for op in plan.stores)
-        self.report.store_seconds.append(time.perf_counter() - started)
+
+    def _poll(self) -> None:
+        """Finish the stores whose copies are done, oldest first (they complete in order)."""
+        while self._pending and (self._pending[0].event is None or self._pending[0].event.query()):
+            done = self._pending.pop(0)
+            self.report.stored.extend(op.key for op in done.stores)
+            self.report.store_seconds.append(time.perf_counter() - done.started)
+            for op in done.write_through:
+                self._submit_disk_write(op.key, op.slot)
+            for op in done.remote_puts:
+                self._submit_upload(op.key, op.slot)
+
+    def drain(self) -> None:
+        """Block until every queued copy is done, then finish them."""
+        if self.mover is not None:
+            self.mover.wait()
+        self._poll()
+
+    def finished_frees(self) -> set[str]:
+        """Finished requests whose blocks vLLM kept for our stores and whose stores are done."""
+        self._poll()
+        busy = {op.req_id for pending in self._pending for op in pending.stores}
+        done = {req_id for req_id in self._awaiting_free if req_id not in busy}
+        self._awaiting_free -= done
+        return done
 
     def _submit_disk_write(self, key: bytes, slot: int) -> None:
         assert self.pool is not None
@@ -149,6 +187,7 @@ class WorkerSide:
 
     # ----- reporting -------------------------------------------------------------------------
     def take_report(self) -> WorkerReport | None:
+        self._poll()
         if self.writer is not None:
             written, failed = self.writer.take_results()
             self.report.disk_written.extend(written)
@@ -164,6 +203,7 @@ class WorkerSide:
         return None if report.is_empty() else report
 
     def shutdown(self) -> None:
+        self.drain()
         if self.writer is not None:
             self.writer.close()
         if self.uploader is not None:

@@ -1,0 +1,132 @@
+"""Statistics, verdicts and the report of ``kvtier bench``, on hand-made measurements."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from kvtier.bench.cost import load_prices
+from kvtier.bench.dispatch import DispatchOutcome, RequestFailure, RequestResult
+from kvtier.bench.report import build_report, markdown, results_json, statements
+from kvtier.bench.runner import ConfigRun, RepeatMeasure, metrics_increase
+from kvtier.bench.stats import Spread, change, compare, repeat_metrics, spread, summarize_run, tier_metrics, verdict
+
+
+def result(index: int, ttft_s: float, round_: int = 1, cached: int | None = 0) -> RequestResult:
+    return RequestResult(index=index, round=round_, sent_s=float(index), ttft_s=ttft_s, total_s=ttft_s + 0.3,
+                         itl_s=(0.1, 0.1, 0.1), num_prompt_tokens=1000, num_cached_tokens=cached,
+                         num_completion_tokens=4)
+
+
+def measure(repeat: int, ttfts: list[float], cpu_s: float | None = 10.0, wall_s: float = 10.0,
+            metrics: dict[str, dict[str, float]] | None = None) -> RepeatMeasure:
+    results = tuple(result(i, t, round_=1 + i % 2) for i, t in enumerate(ttfts))
+    return RepeatMeasure(repeat, DispatchOutcome(results, (), wall_s), cpu_s, metrics)
+
+
+def run(name: str, ttft_sets: list[list[float]], cpu_s: float = 10.0, kvtier: bool = False,
+        metrics: dict[str, dict[str, float]] | None = None) -> ConfigRun:
+    return ConfigRun(name, kvtier, None, 20.0, 0.5,
+                     [measure(i + 1, ttfts, cpu_s, metrics=metrics) for i, ttfts in enumerate(ttft_sets)])
+
+
+KVTIER_COUNTERS = {"kvtier_hits_total": {"memory": 6.0, "disk": 2.0, "remote": 0.0},
+                   "kvtier_misses_total": {"memory": 4.0, "disk": 2.0, "remote": 0.0},
+                   "kvtier_read_bytes_total": {"memory": 6e6, "disk": 2e6},
+                   "kvtier_written_bytes_total": {"memory": 1e7, "disk": 1e7},
+                   "kvtier_lookup_chunks_total": {"-": 10.0}, "kvtier_loaded_tokens_total": {"-": 2048.0}}
+
+
+def test_spread_and_change() -> None:
+    assert spread([3.0, None, 1.0, 2.0]) == Spread(2.0, 1.0, 3.0, 3)
+    assert spread([None, math.nan]) is None
+    assert change(2.0, 1.0) == -0.5
+    assert change(0.0, 1.0) is None and change(None, 1.0) is None
+
+
+def test_verdict_needs_ranges_apart() -> None:
+    base = Spread(1.0, 0.9, 1.1, 3)
+    assert verdict(base, Spread(0.5, 0.4, 0.6, 3)) == "helped"
+    assert verdict(base, Spread(1.5, 1.4, 1.6, 3)) == "did not help"
+    assert verdict(base, Spread(0.95, 0.85, 1.0, 3)) == "no clear difference"
+    assert verdict(None, base) == "not measured"
+
+
+def test_repeat_metrics() -> None:
+    metrics = repeat_metrics(measure(1, [0.1, 0.2, 0.3, 0.4], cpu_s=8.0, wall_s=2.0, metrics=KVTIER_COUNTERS))
+    assert metrics["ttft_mean_s"] == pytest.approx(0.25)
+    assert metrics["ttft_p50_s"] == pytest.approx(0.25)
+    assert metrics["itl_p95_s"] == pytest.approx(0.1)
+    assert metrics["request_throughput_per_s"] == 2.0
+    assert metrics["output_tokens_per_s"] == 8.0
+    assert metrics["total_tokens_per_s"] == (4 * 1004) / 2.0
+    assert metrics["cpu_s_per_request"] == 2.0
+    assert metrics["prompt_cached_fraction"] == 0.0
+    assert metrics["hit_rate_memory"] == 0.6 and metrics["hit_rate_disk"] == 0.5
+    assert metrics["hit_rate_remote"] is None  # nothing reached it
+    assert metrics["hit_rate_all"] == 0.8
+    assert metrics["read_bytes_disk"] == 2e6
+
+
+def test_tier_metrics_without_counters() -> None:
+    assert tier_metrics(None) == {}
+
+
+def test_metrics_increase_keeps_counters_only() -> None:
+    before = {"kvtier_hits_total": {"memory": 2.0}, "kvtier_entries": {"memory": 5.0}}
+    after = {"kvtier_hits_total": {"memory": 5.0, "disk": 1.0}, "kvtier_entries": {"memory": 9.0}}
+    assert metrics_increase(before, after) == {"kvtier_hits_total": {"memory": 3.0, "disk": 1.0}}
+    assert metrics_increase(None, after) is None
+
+
+def test_summary_takes_medians_per_round() -> None:
+    summary = summarize_run(run("x", [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]))
+    assert summary.metrics["ttft_mean_s"] == Spread(3.5, 1.5, 5.5, 3)
+    assert summary.ttft_by_round[1] == Spread(3.0, 1.0, 5.0, 3)
+    assert summary.ttft_by_round[2] == Spread(4.0, 2.0, 6.0, 3)
+    assert len(summary.ttfts_s) == 6
+
+
+def test_compare_and_honest_statements() -> None:
+    base = summarize_run(run("vllm", [[1.0, 1.0]] * 3, cpu_s=10.0))
+    faster = summarize_run(run("kvtier-memory", [[0.2, 0.2]] * 3, cpu_s=5.0, kvtier=True, metrics=KVTIER_COUNTERS))
+    zero = dict(KVTIER_COUNTERS, kvtier_hits_total={"memory": 0.0, "disk": 0.0, "remote": 0.0})
+    slower = summarize_run(run("kvtier-memory+disk", [[1.1, 1.1]] * 3, cpu_s=11.0, kvtier=True, metrics=zero))
+    comparison = compare(base, faster)
+    assert comparison.ttft_mean_change == pytest.approx(-0.8)
+    assert comparison.cpu_saved == pytest.approx(0.5)
+    assert comparison.verdict == "helped" and not comparison.no_reuse
+    overhead = compare(base, slower)
+    assert overhead.verdict == "did not help" and overhead.no_reuse
+    report = build_report("t", [("k", "v")], [base, faster, slower], load_prices(None, {}), has_rounds=True)
+    lines = statements(report)
+    assert "**kvtier-memory** helped: mean TTFT -80%" in lines[0]
+    assert "found nothing to reuse" in lines[1] and "mean TTFT +10%" in lines[1] and "did NOT help" in lines[1]
+    assert any("kvtier-memory+disk** COSTS" in line for line in lines)  # 10% more compute: a loss
+    text = markdown(report)
+    for name in ("vllm", "kvtier-memory", "kvtier-memory+disk", "Mean TTFT per round", "Cost view"):
+        assert name in text
+
+
+def test_failures_are_reported_and_json_is_finite() -> None:
+    base = run("vllm", [[1.0, 2.0]])
+    failed = ConfigRun("kvtier-memory+redis", True, "logs/x.log", error="server exited: ConfigError: remote.url")
+    broken = run("kvtier-memory", [[0.5]], kvtier=True)
+    broken.repeats[0].outcome = DispatchOutcome((), (RequestFailure(0, "HTTP 500"),), 1.0)
+    runs = [base, failed, broken]
+    summaries = [summarize_run(r) for r in runs]
+    report = build_report("t", [], summaries, load_prices(None, {}), has_rounds=False)
+    text = markdown(report)
+    assert "## Failures" in text and "remote.url" in text and "FAILED" in text
+    data = results_json(report, runs, {"workload": "chat"})
+    json.dumps(data, allow_nan=False)  # every number finite or null
+    assert data["configurations"]["kvtier-memory+redis"]["error"].endswith("remote.url")
+    assert data["configurations"]["kvtier-memory"]["failures"] == [{"index": 0, "error": "HTTP 500"}]
+
+
+def test_no_baseline_says_so() -> None:
+    report = build_report("t", [], [summarize_run(run("kvtier-memory", [[1.0]], kvtier=True))],
+                          load_prices(None, {}), has_rounds=False)
+    assert statements(report)[0].startswith("No comparison")

@@ -1,0 +1,91 @@
+"""Trace replay: prompts share exactly the blocks the trace says they share."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from kvtier.bench.specs import TokenPrompt
+from kvtier.bench.trace import (TRACE_BLOCK_TOKENS, TraceParams, TraceRecord, block_token_ids, make_sample_trace,
+                                parse_record, prompt_token_ids, read_trace, trace_workload)
+from kvtier.errors import ConfigError
+
+SAMPLE = Path(__file__).parents[1] / "data" / "mooncake_sample.jsonl"
+ID_RANGE = (3072, 49152)
+
+
+def common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def shared_blocks(a: TraceRecord, b: TraceRecord) -> int:
+    return common_prefix(a.hash_ids, b.hash_ids)
+
+
+@pytest.mark.parametrize("block_tokens", [TRACE_BLOCK_TOKENS, 128])
+def test_prompts_share_exactly_the_traced_blocks(block_tokens: int) -> None:
+    records = read_trace(str(SAMPLE), None)
+    prompts = [prompt_token_ids(r, block_tokens, 10**9, ID_RANGE) for r in records]
+    num_pairs_sharing = 0
+    for i, (a, pa) in enumerate(zip(records, prompts)):
+        for b, pb in zip(records[i + 1:], prompts[i + 1:]):
+            blocks = shared_blocks(a, b)
+            shortest = min(len(pa), len(pb))
+            lcp = common_prefix(pa, pb)
+            # the shared blocks are identical token for token ...
+            assert lcp >= min(blocks * block_tokens, shortest)
+            # ... and the first differing hash id starts a different block (when both have it)
+            if blocks < min(len(a.hash_ids), len(b.hash_ids)) and shortest > blocks * block_tokens:
+                assert lcp < (blocks + 1) * block_tokens
+                assert pa[blocks * block_tokens:(blocks + 1) * block_tokens] != pb[blocks * block_tokens:
+                                                                                   (blocks + 1) * block_tokens]
+            num_pairs_sharing += blocks > 0
+    assert num_pairs_sharing > 20  # the sample does share prefixes
+
+
+def test_same_hash_id_same_tokens_anywhere() -> None:
+    assert block_token_ids(7, 512, ID_RANGE) == block_token_ids(7, 512, ID_RANGE)
+    assert block_token_ids(7, 512, ID_RANGE) != block_token_ids(8, 512, ID_RANGE)
+    assert all(ID_RANGE[0] <= t < ID_RANGE[1] for t in block_token_ids(7, 512, ID_RANGE))
+    assert block_token_ids(7, 128, ID_RANGE) == block_token_ids(7, 512, ID_RANGE)[:128]
+
+
+def test_lengths_scale_and_truncate_whole_blocks() -> None:
+    record = TraceRecord(0.0, 1300, 10, (1, 2, 3))  # two full blocks and 276 tokens
+    assert len(prompt_token_ids(record, 512, 10**9, ID_RANGE)) == 1300
+    assert len(prompt_token_ids(record, 128, 10**9, ID_RANGE)) == math.ceil(1300 * 128 / 512)
+    truncated = prompt_token_ids(record, 512, 1100, ID_RANGE)  # the third block does not fit: dropped
+    assert truncated == prompt_token_ids(record, 512, 10**9, ID_RANGE)[:1024]
+
+
+def test_workload_arrivals_and_output_cap() -> None:
+    params = TraceParams(str(SAMPLE), speed=2.0, block_tokens=128, max_tokens=16, max_requests=5)
+    workload = trace_workload(params, ID_RANGE, max_prompt_tokens=4000)
+    records = read_trace(str(SAMPLE), 5)
+    assert len(workload.requests) == 5
+    for request, record in zip(workload.requests, records):
+        assert request.arrival_s == pytest.approx((record.timestamp_ms - records[0].timestamp_ms) / 1000 / 2.0)
+        assert request.max_tokens == min(record.output_length, 16)
+        assert isinstance(request.prompt, TokenPrompt)
+    with pytest.raises(ConfigError, match="--speed"):
+        trace_workload(TraceParams(str(SAMPLE), speed=0), ID_RANGE, 4000)
+
+
+def test_bad_records_name_the_line() -> None:
+    with pytest.raises(ConfigError, match="t.jsonl:3"):
+        parse_record('{"timestamp": 1, "input_length": 10}', "t.jsonl:3")
+    with pytest.raises(ConfigError, match="per hash id"):
+        parse_record('{"timestamp": 1, "input_length": 1000, "output_length": 1, "hash_ids": [1]}', "x")
+
+
+def test_the_shipped_sample_is_what_the_script_writes() -> None:
+    lines = [json.loads(line) for line in SAMPLE.read_text().splitlines()]
+    assert lines == make_sample_trace(num_requests=20, seed=0)
