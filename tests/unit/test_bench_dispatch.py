@@ -157,3 +157,12 @@ def test_external_server_is_measured(server: FakeServer, tmp_path) -> None:
     assert summary.metrics["hit_rate_memory"].median == 1.0  # counted per repeat, not since start
     assert "cpu_s" not in summary.metrics  # no pid: not measured, not made up
     assert server.bodies[0]["model"] == "fake-model"
+
+
+def test_a_concurrency_limit_keeps_first_come_first_served(server: FakeServer) -> None:
+    # 3 chat users x 2 rounds, all arriving at once, one at a time: round robin, never a user's
+    # second turn before every first turn (that would let the engine's own cache serve it)
+    requests = tuple(token_request(round_ * 3 + user, 0.0, after=None if round_ == 0 else user)
+                     for round_ in range(2) for user in range(3))
+    outcome = dispatch(Target(server.url, "m"), requests, RequestOptions(), 1, 10.0, print)
+    assert [r.index for r in sorted(outcome.results, key=lambda r: r.sent_s)] == [0, 1, 2, 3, 4, 5]

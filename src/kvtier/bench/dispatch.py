@@ -2,7 +2,9 @@
 
 Each request is sent at its ``arrival_s`` (after the start of the repeat), or when the request it
 waits for (``after``) has finished, whichever is later, and only while fewer than
-``max_concurrency`` requests are in flight. TTFT and inter-token gaps are measured from the moment
+``max_concurrency`` requests are in flight; requests waiting for a free slot go in the order they
+became ready (first come, first served). One thread per request in flight; the caller's thread
+schedules. TTFT and inter-token gaps are measured from the moment
 it is sent. A request that fails is recorded as a failure (its error text), never retried; a
 request whose predecessor failed is still sent.
 """
@@ -72,74 +74,95 @@ def chunk_gaps(chunk_times_s: tuple[float, ...]) -> tuple[float, ...]:
 
 
 class _Run:
-    """The shared state of one dispatch: finished events, results, a concurrency gate."""
+    """The shared state of one dispatch, guarded by ``cond``: in flight, finish times, results."""
 
-    def __init__(self, requests: tuple[BenchRequest, ...], max_concurrency: int) -> None:
-        self.finished = {request.index: threading.Event() for request in requests}
-        self.gate = threading.BoundedSemaphore(max_concurrency)
-        self.lock = threading.Lock()
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.num_in_flight = 0
+        self.finished_s: dict[int, float] = {}  # request index -> when it finished (or failed)
         self.results: list[RequestResult] = []
         self.failures: list[RequestFailure] = []
         self.started_s = time.perf_counter()
 
-    def add_result(self, result: RequestResult) -> None:
-        with self.lock:
-            self.results.append(result)
+    def now_s(self) -> float:
+        return time.perf_counter() - self.started_s
 
-    def add_failure(self, failure: RequestFailure) -> None:
-        with self.lock:
-            self.failures.append(failure)
+    def ready_s(self, request: BenchRequest) -> float | None:
+        """When ``request`` became sendable (arrived, and its predecessor finished); None if not yet."""
+        if request.after is None:
+            return request.arrival_s
+        finished_s = self.finished_s.get(request.after)
+        return None if finished_s is None else max(request.arrival_s, finished_s)
 
-    @property
-    def num_done(self) -> int:
-        with self.lock:
-            return len(self.results) + len(self.failures)
+    def finish(self, index: int, outcome: RequestResult | RequestFailure) -> None:
+        with self.cond:
+            if isinstance(outcome, RequestResult):
+                self.results.append(outcome)
+            else:
+                self.failures.append(outcome)
+            self.finished_s[index] = self.now_s()
+            self.num_in_flight -= 1
+            self.cond.notify_all()
 
 
 def _serve_one(run: _Run, target: Target, request: BenchRequest, options: RequestOptions, timeout_s: float) -> None:
+    sent_s = run.now_s()
     try:
-        if request.after is not None:
-            run.finished[request.after].wait()
-        with run.gate:
-            sent_s = time.perf_counter() - run.started_s
-            try:
-                answer = send(target, request, options, timeout_s)
-            except ServerError as exc:
-                run.add_failure(RequestFailure(request.index, str(exc)))
-                return
-        run.add_result(RequestResult(request.index, request.round, sent_s, answer.ttft_s, answer.total_s,
-                                 chunk_gaps(answer.chunk_times_s), answer.num_prompt_tokens,
-                                 answer.num_cached_tokens, answer.num_completion_tokens))
-    finally:
-        run.finished[request.index].set()
+        answer = send(target, request, options, timeout_s)
+    except ServerError as exc:
+        run.finish(request.index, RequestFailure(request.index, str(exc)))
+        return
+    run.finish(request.index, RequestResult(request.index, request.round, sent_s, answer.ttft_s, answer.total_s,
+                                            chunk_gaps(answer.chunk_times_s), answer.num_prompt_tokens,
+                                            answer.num_cached_tokens, answer.num_completion_tokens))
+
+
+def _next(run: _Run, waiting: list[BenchRequest]) -> BenchRequest | None:
+    """The waiting request that became sendable first (ties: lowest index), if any; ``waiting`` is
+    sorted by arrival. Call with ``run.cond`` held."""
+    now_s, best, best_key = run.now_s(), None, (0.0, 0)
+    for request in waiting:
+        if request.arrival_s > now_s:
+            break
+        ready_s = run.ready_s(request)
+        if ready_s is not None and (best is None or (ready_s, request.index) < best_key):
+            best, best_key = request, (ready_s, request.index)
+    return best
+
+
+def _wait_s(run: _Run, waiting: list[BenchRequest]) -> float:
+    """How long to sleep before something may change: the next arrival, at most 0.5 s (a finished
+    request wakes the dispatcher earlier)."""
+    now_s = run.now_s()
+    upcoming = next((r.arrival_s for r in waiting if r.arrival_s > now_s), now_s + 0.5)
+    return max(0.001, min(0.5, upcoming - now_s))
 
 
 def dispatch(target: Target, requests: tuple[BenchRequest, ...], options: RequestOptions, max_concurrency: int,
              timeout_s: float, progress: Progress) -> DispatchOutcome:
-    """Send every request (see the module docstring) and wait for all answers. Blocks the caller;
-    one thread per request in flight or waiting. ``progress`` gets a line every few seconds."""
-    run = _Run(requests, max_concurrency)
-    threads = []
+    """Send every request (see the module docstring) and wait for all answers. Blocks the caller.
+    Among requests ready to go, the one that became ready first is sent first (ties: lower index),
+    so a concurrency limit never reorders a workload. ``progress`` gets a line every few seconds."""
+    run = _Run()
+    waiting = sorted(requests, key=lambda r: (r.arrival_s, r.index))
     next_report_s = _PROGRESS_EVERY_S
-    for request in sorted(requests, key=lambda r: (r.arrival_s, r.index)):
-        while (delay_s := request.arrival_s - (time.perf_counter() - run.started_s)) > 0:
-            time.sleep(min(delay_s, 0.5))
-            next_report_s = _maybe_report(run, len(requests), next_report_s, progress)
-        thread = threading.Thread(target=_serve_one, args=(run, target, request, options, timeout_s), daemon=True)
-        thread.start()
-        threads.append(thread)
-    for thread in threads:
-        while thread.is_alive():
-            thread.join(timeout=0.5)
-            next_report_s = _maybe_report(run, len(requests), next_report_s, progress)
-    finished = [result.finished_s for result in run.results]
-    wall_s = max(finished, default=time.perf_counter() - run.started_s)
+    with run.cond:
+        while waiting or run.num_in_flight:
+            chosen = _next(run, waiting) if run.num_in_flight < max_concurrency else None
+            if chosen is None:
+                run.cond.wait(_wait_s(run, waiting))
+                next_report_s = _maybe_report(run, len(requests), next_report_s, progress)
+                continue
+            waiting.remove(chosen)
+            run.num_in_flight += 1
+            threading.Thread(target=_serve_one, args=(run, target, chosen, options, timeout_s), daemon=True).start()
+    wall_s = max((result.finished_s for result in run.results), default=run.now_s())
     return DispatchOutcome(tuple(run.results), tuple(run.failures), wall_s)
 
 
 def _maybe_report(run: _Run, num_requests: int, next_report_s: float, progress: Progress) -> float:
-    elapsed_s = time.perf_counter() - run.started_s
+    elapsed_s = run.now_s()
     if elapsed_s < next_report_s:
         return next_report_s
-    progress(f"{run.num_done}/{num_requests} requests answered ({elapsed_s:.0f} s)")
+    progress(f"{len(run.results) + len(run.failures)}/{num_requests} requests answered ({elapsed_s:.0f} s)")
     return elapsed_s + _PROGRESS_EVERY_S

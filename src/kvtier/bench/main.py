@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -72,7 +73,8 @@ def _context(options: BenchOptions, model: ModelInfo, workload: Workload, prices
         f"engine KV cache {s.engine_kv_tokens:,} tokens, enforce-eager, bf16, VLLM_CPU_NUM_OF_RESERVED_CPU=0; "
         f"kvtier memory tier {options.memory_capacity}")
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    return [("workload", f"{describe_workload(workload)} ({params})"), ("model", model.path), ("servers", target),
+    return [("command", f"`kvtier {shlex.join(sys.argv[1:])}`"),
+            ("workload", f"{describe_workload(workload)} ({params})"), ("model", model.path), ("servers", target),
             ("repeats", f"{s.repeats}, order {s.order}, max concurrency {s.max_concurrency}"),
             ("machine", f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
                         f"load average {load[0]:.1f} at the end (shared machines are noisy)"),

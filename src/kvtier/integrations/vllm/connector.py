@@ -61,18 +61,22 @@ class KVTierConnector(KVConnectorBase_V1):
         self._worker = None
         if role == KVConnectorRole.SCHEDULER:
             from kvtier.integrations.vllm.scheduler import SchedulerSide
-            from kvtier.integrations.vllm.startup import open_remote_tier, scan_disk, serve_metrics
+            from kvtier.integrations.vllm.startup import open_remote_tier, open_sealer, scan_disk, serve_metrics
 
             metrics = Metrics()
+            sealer = open_sealer(setup)
             serve_metrics(metrics, setup)
-            self._scheduler = SchedulerSide(setup, scan_disk(setup, metrics), metrics, open_remote_tier(setup))
+            self._scheduler = SchedulerSide(setup, scan_disk(setup, metrics, sealer), metrics,
+                                            open_remote_tier(setup, sealer))
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
-            from kvtier.integrations.vllm.startup import open_remote_tier
+            from kvtier.integrations.vllm.startup import open_remote_tier, open_sealer
             from kvtier.integrations.vllm.worker import WorkerSide
 
-            self._worker = WorkerSide(setup, get_tensor_model_parallel_rank(), open_remote_tier(setup))
+            sealer = open_sealer(setup)
+            self._worker = WorkerSide(setup, get_tensor_model_parallel_rank(), open_remote_tier(setup, sealer),
+                                      sealer)
 
     @property
     def requires_kv_delivery(self) -> bool:

@@ -14,6 +14,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, MLAAtte
 
 from kvtier.config import KVTierConfig, load_config
 from kvtier.datapath import dtype_name
+from kvtier.crypto import SEAL_OVERHEAD_BYTES
 from kvtier.entry import HEADER_BYTES
 from kvtier.errors import ConfigError, LayoutError
 from kvtier.keys import Namespace
@@ -74,10 +75,12 @@ def build_setup(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> Engi
     disk_dir, disk_entries = None, 0
     if config.disk.path:
         disk_dir = os.path.join(config.disk.path, layout.fingerprint().hex()[:16])
-        disk_entries = config.disk.capacity_bytes // (world_size * (HEADER_BYTES + chunk_bytes))
+        encrypted = config.encryption.key_file is not None or config.encryption.key_env is not None
+        entry_bytes = HEADER_BYTES + chunk_bytes + (SEAL_OVERHEAD_BYTES if encrypted else 0)
+        disk_entries = config.disk.capacity_bytes // (world_size * entry_bytes)
         if disk_entries < 1:
             raise ConfigError("disk.capacity", f"{config.disk.capacity_bytes} bytes is smaller than one "
-                              f"entry ({HEADER_BYTES + chunk_bytes} bytes per rank)")
+                              f"entry ({entry_bytes} bytes per rank)")
     return EngineSetup(config, layout, namespace, layer_names, world_size, chunk_bytes, num_slots,
                        disk_dir, disk_entries)
 

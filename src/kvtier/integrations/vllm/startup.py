@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections import defaultdict
 
-from kvtier.entry import HEADER_BYTES
+from kvtier.crypto import Sealer, load_sealer
 from kvtier.integrations.vllm.setup import EngineSetup
 from kvtier.metrics import Metrics
 from kvtier.tiers.disk import DiskFiles
@@ -14,7 +15,7 @@ from kvtier.tiers.remote import RemoteTier
 logger = logging.getLogger("kvtier")
 
 
-def scan_disk(setup: EngineSetup, metrics: Metrics) -> list[bytes]:
+def scan_disk(setup: EngineSetup, metrics: Metrics, sealer: Sealer | None) -> list[bytes]:
     """Keys whose entries exist for every rank with the right size, oldest first.
 
     Entries of the wrong size (truncated by a crash or tampering) are removed and counted; the
@@ -22,8 +23,8 @@ def scan_disk(setup: EngineSetup, metrics: Metrics) -> list[bytes]:
     """
     if setup.disk_dir is None:
         return []
-    files = DiskFiles(setup.disk_dir, setup.layout.fingerprint())
-    expected = HEADER_BYTES + setup.chunk_bytes
+    files = DiskFiles(setup.disk_dir, setup.layout.fingerprint(), sealer=sealer)
+    expected = files.entry_bytes(setup.chunk_bytes)
     ranks: dict[bytes, set[int]] = defaultdict(set)
     newest: dict[bytes, float] = {}
     for key, rank, size, mtime in files.scan():
@@ -39,7 +40,7 @@ def scan_disk(setup: EngineSetup, metrics: Metrics) -> list[bytes]:
     return complete
 
 
-def open_remote_tier(setup: EngineSetup) -> RemoteTier | None:
+def open_remote_tier(setup: EngineSetup, sealer: Sealer | None) -> RemoteTier | None:
     """The configured remote tier, or None. A server that is down is not an error: the tier starts
     unhealthy (a warning is logged) and kvtier runs on its local tiers until it comes back."""
     remote = setup.config.remote
@@ -50,7 +51,13 @@ def open_remote_tier(setup: EngineSetup) -> RemoteTier | None:
     return open_remote(remote.url, ttl_s=remote.ttl_s or None, timeout_s=remote.timeout_ms / 1000,
                        username=remote.username, password=remote.password, tls_ca=remote.tls_ca,
                        s3_endpoint=remote.s3_endpoint, s3_region=remote.s3_region,
-                       access_key=remote.access_key, secret_key=remote.secret_key)
+                       access_key=remote.access_key, secret_key=remote.secret_key, sealer=sealer)
+
+
+def open_sealer(setup: EngineSetup) -> Sealer | None:
+    """The entry sealer of this process (each process loads the master key itself; the key never
+    crosses a process boundary). None: entries are stored in clear."""
+    return load_sealer(setup.config.encryption, os.environ)
 
 
 def serve_metrics(metrics: Metrics, setup: EngineSetup) -> None:

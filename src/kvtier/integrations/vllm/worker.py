@@ -15,6 +15,7 @@ from collections.abc import Mapping
 
 import torch
 
+from kvtier.crypto import Sealer
 from kvtier.datapath import ChunkMover, HostPool, PagedKV, ordered_layers
 from kvtier.integrations.vllm.setup import EngineSetup
 from kvtier.plans import SlotOp, StepPlan, StoreOp, WorkerReport
@@ -37,7 +38,7 @@ class _PendingStore:
 
 
 class WorkerSide:
-    def __init__(self, setup: EngineSetup, rank: int, remote: RemoteTier | None) -> None:
+    def __init__(self, setup: EngineSetup, rank: int, remote: RemoteTier | None, sealer: Sealer | None) -> None:
         self.setup = setup
         self.rank = rank
         self.remote = remote
@@ -54,7 +55,7 @@ class WorkerSide:
         self.disk: DiskFiles | None = None
         self.writer: DiskWriter | None = None
         if setup.disk_dir is not None:
-            self.disk = DiskFiles(setup.disk_dir, setup.layout.fingerprint())
+            self.disk = DiskFiles(setup.disk_dir, setup.layout.fingerprint(), sealer=sealer)
             self.writer = DiskWriter(self.disk, setup.config.disk.queue_depth)
 
     def register_kv_caches(self, kv_caches: Mapping[str, torch.Tensor]) -> None:
