@@ -1,6 +1,7 @@
-"""`kvtier bench chat --tiny`: every configuration on real vLLM servers, a few requests, results on disk.
+"""`kvtier bench chat` with the tiny model: every configuration on real vLLM servers, a few requests.
 
-About 1.5-2 minutes on 2 cores: three servers start (about 25 s each) and answer 6 requests each.
+About 2 minutes on 2 cores: three servers start (about 25 s each) and answer 6 requests each; a
+fourth, given a Redis URL kvtier refuses, fails at start and is reported, and the others go on.
 """
 
 from __future__ import annotations
@@ -28,14 +29,19 @@ def test_bench_compares_every_configuration(tiny_model: str, tmp_path: Path) -> 
     proc = subprocess.run([sys.executable, "-m", "kvtier.cli", "bench", "chat", "--model", tiny_model,
                            "--users", "3", "--rounds", "2", "--system-tokens", "200", "--context-tokens", "1800",
                            "--max-tokens", "4", "--qps", "0", "--max-concurrency", "1", "--repeats", "1",
-                           "--out-dir", str(out_dir)],
+                           "--redis-url", "redis://127.0.0.1:6379/not-a-database", "--out-dir", str(out_dir)],
                           capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    # a failed configuration: reported, the others measured, exit code 1 after writing everything
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    assert "kvtier-memory+redis" in proc.stderr.splitlines()[-2] and "remote.url" in proc.stderr
     results = json.loads((out_dir / "bench_chat.json").read_text())
     for name in ("bench_chat.md", "bench_chat_ttft_cdf.png", "bench_chat_ttft_per_round.png"):
         assert (out_dir / name).stat().st_size > 0, name
     configurations = results["configurations"]
-    assert set(configurations) == CONFIGURATIONS
+    assert set(configurations) == CONFIGURATIONS | {"kvtier-memory+redis"}
+    failed = configurations.pop("kvtier-memory+redis")
+    assert "remote.url" in failed["error"] and failed["requests"] == []
+    assert "## Failures" in proc.stdout
     for name, run in configurations.items():
         assert run["error"] is None, name
         assert len(run["requests"]) == 3 * 2, name

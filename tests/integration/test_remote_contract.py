@@ -439,7 +439,18 @@ def check_kill_and_restart(server: ServerProcess, tier: RemoteTier, persistent: 
     assert tier.exists_prefix([key]) == (1 if persistent else 0)  # the probe succeeds
     assert tier.healthy
     assert tier.put(key, 0, payload, LAYOUT)
-    assert read(tier, key) == (ReadResult.OK, payload)
+    assert read_eventually(tier, key) == (ReadResult.OK, payload)
+
+
+def read_eventually(tier: RemoteTier, key: bytes, timeout_s: float = 20.0) -> tuple[ReadResult, bytes]:
+    """Read until OK: a restarted SeaweedFS answers HEAD and PUT before its volume serves GETs
+    (InternalError for a moment), which the tier rightly treats as a failure and backs off from."""
+    deadline = time.monotonic() + timeout_s
+    result = read(tier, key)
+    while result[0] is not ReadResult.OK and time.monotonic() < deadline:
+        wait_for_probe(tier)
+        result = read(tier, key)
+    return result
 
 
 def test_redis_killed_mid_run_then_restarted(fresh_redis: ServerProcess) -> None:

@@ -97,7 +97,7 @@ def test_compare_and_honest_statements() -> None:
     comparison = compare(base, faster)
     assert comparison.ttft_mean_change == pytest.approx(-0.8)
     assert comparison.cpu_saved == pytest.approx(0.5)
-    assert comparison.verdict == "helped" and not comparison.no_reuse
+    assert comparison.verdict == "helped" and comparison.cpu_verdict == "helped" and not comparison.no_reuse
     overhead = compare(base, slower)
     assert overhead.verdict == "did not help" and overhead.no_reuse
     report = build_report("t", [("k", "v")], [base, faster, slower], load_prices(None, {}), has_rounds=True)
@@ -105,9 +105,20 @@ def test_compare_and_honest_statements() -> None:
     assert "**kvtier-memory** helped: mean TTFT -80%" in lines[0]
     assert "found nothing to reuse" in lines[1] and "mean TTFT +10%" in lines[1] and "did NOT help" in lines[1]
     assert any("kvtier-memory+disk** COSTS" in line for line in lines)  # 10% more compute: a loss
+    assert ("**kvtier-memory** by round: round 1 (nothing stored yet) mean TTFT -80%; rounds 2 and later -80% vs "
+            "`vllm`.") in lines
     text = markdown(report)
     for name in ("vllm", "kvtier-memory", "kvtier-memory+disk", "Mean TTFT per round", "Cost view"):
         assert name in text
+
+
+def test_a_saving_within_noise_is_called_so() -> None:
+    base = run("vllm", [[1.0]] * 3, cpu_s=10.0)
+    base.repeats[0].cpu_s = 9.0  # a noisy baseline: its range (9-10 s) covers the other
+    other = run("kvtier-memory", [[1.0]] * 3, cpu_s=9.5, kvtier=True)
+    report = build_report("t", [], [summarize_run(base), summarize_run(other)], load_prices(None, {}), False)
+    assert report.comparisons[0].cpu_verdict == "no clear difference"
+    assert any("saves" in line and "within the noise" in line for line in statements(report))
 
 
 def test_failures_are_reported_and_json_is_finite() -> None:

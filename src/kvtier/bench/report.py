@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from kvtier.bench.configs import BASELINE
 from kvtier.bench.cost import CostView, Prices, cost_view
 from kvtier.bench.runner import ConfigRun
-from kvtier.bench.stats import TIERS, Comparison, ConfigSummary, Spread, compare
+from kvtier.bench.stats import TIERS, Comparison, ConfigSummary, Spread, change, compare
 from kvtier.bench.summary import format_bytes, format_ratio, format_seconds
 
 _CPU_NOTE = ("Engine compute is the CPU seconds (user + system) of the server's process tree during the "
@@ -84,10 +84,36 @@ def statements(report: Report) -> list[str]:
         else:
             lines.append(f"**{c.name}** {_VERDICT_WORDS.get(c.verdict, c.verdict)}: {_changes(c)}; kvtier served "
                          f"{hits} of the chunks vLLM lacked.")
+    if report.has_rounds:
+        lines += round_statements(report)
+    cpu_verdicts = {c.name: c.cpu_verdict for c in report.comparisons}
     for name, view in report.costs:
         verb = "saves" if view.net_saving_per_million >= 0 else "COSTS"
+        noise = (" The engine-compute difference is within the noise of the repeats (ranges overlap): read the "
+                 "compute part as about zero.") if cpu_verdicts.get(name) == "no clear difference" else ""
         lines.append(f"At the prices below, **{name}** {verb} {abs(view.net_saving_per_million):,.2f} per million "
-                     "requests of this traffic (engine compute priced as GPU time).")
+                     f"requests of this traffic (engine compute priced as GPU time).{noise}")
+    return lines
+
+
+def _later_rounds_s(summary: ConfigSummary) -> float | None:
+    later = [spread.median for r, spread in summary.ttft_by_round.items() if r >= 2]
+    return sum(later) / len(later) if later else None
+
+
+def round_statements(report: Report) -> list[str]:
+    """Where kvtier pays and where it costs, for workloads with rounds: round 1 (nothing stored yet)
+    and the later rounds (mean of the per-round medians), each against ``vllm``."""
+    base = next(s for s in report.summaries if s.name == BASELINE)
+    first_base = base.ttft_by_round.get(1)
+    lines = []
+    for c in report.comparisons:
+        other = next(s for s in report.summaries if s.name == c.name)
+        first = other.ttft_by_round.get(1)
+        round_1 = change(None if first_base is None else first_base.median, None if first is None else first.median)
+        later = change(_later_rounds_s(base), _later_rounds_s(other))
+        lines.append(f"**{c.name}** by round: round 1 (nothing stored yet) mean TTFT {_pct(round_1)}; "
+                     f"rounds 2 and later {_pct(later)} vs `vllm`.")
     return lines
 
 

@@ -170,7 +170,8 @@ def _repeat(session: _Session, workload: Workload, repeat: int, settings: RunSet
         progress(f"[{session.run.name}] repeat {repeat}/{settings.repeats}: {message}")
 
     options = RequestOptions(ignore_eos=True, cache_salt=f"kvtier-bench-{run_id}-r{repeat}")
-    cpu_before, metrics_before = _cpu(session), _scrape(session.metrics_url, progress)
+    metrics_before = _scrape(session.metrics_url, progress)
+    cpu_before = _cpu(session)  # after the scrape: its CPU must not count for kvtier only
     outcome = dispatch(session.target, workload.requests, options, settings.max_concurrency,
                        settings.request_timeout_s, say)
     cpu_s = _cpu_increase(cpu_before, _cpu(session))  # read before the settle time, for every configuration

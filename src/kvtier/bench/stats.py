@@ -57,7 +57,8 @@ class Comparison:
     ttft_p95_change: float | None
     throughput_change: float | None  # output tokens per second; positive is better
     cpu_saved: float | None  # (baseline - config) / baseline CPU seconds per request
-    verdict: str  # "helped", "no clear difference", "did not help"
+    verdict: str  # on mean TTFT: "helped", "no clear difference", "did not help"
+    cpu_verdict: str  # the same on engine CPU seconds per request
     no_reuse: bool  # kvtier's overall hit rate was (almost) zero: differences are its overhead
 
 
@@ -171,4 +172,5 @@ def compare(base: ConfigSummary, other: ConfigSummary) -> Comparison:
         throughput_change=change(base.median("output_tokens_per_s"), other.median("output_tokens_per_s")),
         cpu_saved=None if cpu_change is None else -cpu_change,
         verdict=verdict(base.metrics.get("ttft_mean_s"), other.metrics.get("ttft_mean_s")),
+        cpu_verdict=verdict(base.metrics.get("cpu_s_per_request"), other.metrics.get("cpu_s_per_request")),
         no_reuse=other.uses_kvtier and (hit_all is None or hit_all < NO_REUSE_HIT_RATE))
