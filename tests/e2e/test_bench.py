@@ -45,7 +45,7 @@ def test_bench_compares_every_configuration(tiny_model: str, tmp_path: Path) -> 
     for name, run in configurations.items():
         assert run["error"] is None, name
         assert len(run["requests"]) == 3 * 2, name
-        assert math.isfinite(run["startup_s"]) and math.isfinite(run["warmup_request_s"]), name
+        assert math.isfinite(run["startup_s"]) and math.isfinite(run["warmup_requests_s"]), name
         for metric in FINITE:
             assert math.isfinite(run["metrics"][metric]["median"]), (name, metric)
         assert run["metrics"]["ttft_mean_s"]["median"] > 0, name

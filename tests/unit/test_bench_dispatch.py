@@ -150,7 +150,7 @@ def test_external_server_is_measured(server: FakeServer, tmp_path) -> None:
                            warmup_tokens=8, settle_s=0.0)
     external = ExternalServer("ext", server.url, f"{server.url}/metrics", pid=None)
     runs = run_external(external, workload, ModelInfo("/m", 1000, 2048), settings, print)
-    assert len(runs) == 1 and len(runs[0].repeats) == 2 and runs[0].warmup_request_s is not None
+    assert len(runs) == 1 and len(runs[0].repeats) == 2 and runs[0].warmup_requests_s is not None
     assert {b["cache_salt"] for b in server.bodies[1:4]} != {b["cache_salt"] for b in server.bodies[4:]}
     summary = summarize_run(runs[0])
     assert summary.metrics["num_requests"].median == 3

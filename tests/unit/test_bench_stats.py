@@ -141,3 +141,9 @@ def test_no_baseline_says_so() -> None:
     report = build_report("t", [], [summarize_run(run("kvtier-memory", [[1.0]], kvtier=True))],
                           load_prices(None, {}), has_rounds=False)
     assert statements(report)[0].startswith("No comparison")
+
+
+def test_one_repeat_is_flagged() -> None:
+    summaries = [summarize_run(run("vllm", [[1.0]])), summarize_run(run("kvtier-memory", [[0.5]], kvtier=True))]
+    lines = statements(build_report("t", [], summaries, load_prices(None, {}), has_rounds=False))
+    assert lines[0].startswith("Only one repeat") and "helped" in lines[1]

@@ -84,7 +84,8 @@ def _common_flags() -> argparse.ArgumentParser:
     g.add_argument("--order", choices=("interleaved", "sequential"), default="interleaved",
                    help="interleaved: all servers up, repeats take turns (default); sequential: one server at a time")
     g.add_argument("--warmup-tokens", type=_positive_int, default=2048,
-                   help="tokens of the warm-up request (default: 2048)")
+                   help="tokens of the first warm-up request; a burst of --max-concurrency (at least 2) "
+                        "requests of a quarter of it follows (default: 2048)")
     g.add_argument("--startup-timeout", type=_positive_int, default=300, metavar="SECONDS")
     g.add_argument("--request-timeout", type=_positive_int, default=300, metavar="SECONDS")
     g.add_argument("--out-dir", metavar="DIR", help="default: out/bench/WORKLOAD")

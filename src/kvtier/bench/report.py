@@ -75,6 +75,10 @@ def statements(report: Report) -> list[str]:
     if not report.comparisons:
         return ["No comparison: the `vllm` baseline did not run or measured nothing (see the failures below)."]
     lines = []
+    repeats = min((s.metrics["ttft_mean_s"].count for s in report.summaries if "ttft_mean_s" in s.metrics), default=0)
+    if repeats < 2:
+        lines.append("Only one repeat: the spread, and so the noise, is unknown; any difference counts as a "
+                     "verdict below. Use --repeats 3 or more before drawing conclusions.")
     for c in report.comparisons:
         hits = format_ratio(next(s for s in report.summaries if s.name == c.name).median("hit_rate_all"))
         if c.no_reuse:
@@ -142,7 +146,7 @@ def main_table(report: Report) -> list[str]:
     saved = {c.name: c.cpu_saved for c in report.comparisons}
     rows = []
     for s in report.summaries:
-        warmup = None if s.startup_s is None else s.startup_s + (s.warmup_request_s or 0.0)
+        warmup = None if s.startup_s is None else s.startup_s + (s.warmup_requests_s or 0.0)
         rows.append([s.name, "ok" if s.error is None else "FAILED",
                      *(_cell(s.metrics.get(key), kind) for _, key, kind in _MAIN_COLUMNS),
                      "baseline" if s.name == BASELINE else _pct(saved.get(s.name)),
@@ -195,7 +199,7 @@ def markdown(report: Report) -> str:
     lines += ["## Cost view (per million requests)", "", *cost_table(report), "", "## How this was measured", "",
               f"- {_CPU_NOTE}", "- TTFT: from sending a streamed request to its first content chunk; ITL: gaps "
               "between streamed chunks; throughput over each repeat's wall time.",
-              "- Every configuration: same engine settings, own server, one warm-up request; each repeat uses "
+              "- Every configuration: same engine settings, own server, the same warm-up; each repeat uses "
               "its own `cache_salt`, so vLLM's and kvtier's caches start cold for it.",
               "- Hit rate of a tier: hits / (hits + misses) of the chunks that reached it; `all`: share of "
               "the chunks vLLM's own cache lacked that kvtier served."]
@@ -222,7 +226,7 @@ def results_json(report: Report, runs: list[ConfigRun], extra: dict[str, object]
     for summary, run in zip(report.summaries, runs):
         configurations[summary.name] = {
             "error": summary.error, "uses_kvtier": summary.uses_kvtier, "log": run.log_path,
-            "startup_s": summary.startup_s, "warmup_request_s": summary.warmup_request_s,
+            "startup_s": summary.startup_s, "warmup_requests_s": summary.warmup_requests_s,
             "metrics": {name: spread.as_dict() for name, spread in summary.metrics.items()},
             "ttft_mean_s_by_round": {str(r): s.as_dict() for r, s in summary.ttft_by_round.items()},
             "failures": [asdict(f) for m in run.repeats for f in m.outcome.failures],

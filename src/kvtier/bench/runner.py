@@ -1,10 +1,11 @@
 """Run one workload against every configuration: start servers, warm up, repeat, measure.
 
-Each configuration gets its own server, started once and warmed up once (one request of random
-tokens, not counted). A repeat sends the whole workload with a cache salt of its own
-(``cache_salt``), so vLLM's prefix cache and kvtier's tiers start cold for every repeat of every
-configuration without a restart. Around each repeat the bench reads the server's process-tree CPU
-seconds and kvtier's Prometheus counters; the differences belong to that repeat.
+Each configuration gets its own server, started once and warmed up once (random tokens, not
+counted: one long request, then a burst of concurrent short ones). A repeat sends the whole
+workload with a cache salt of its own (``cache_salt``), so vLLM's prefix cache and kvtier's tiers
+start cold for every repeat of every configuration without a restart. Around each repeat the
+bench reads the server's process-tree CPU seconds and kvtier's Prometheus counters; the
+differences belong to that repeat.
 
 Order ``interleaved`` (default) keeps every server up and runs repeat 1 of every configuration,
 then repeat 2, ... rotating which goes first, so a machine that gets busier or quieter during the
@@ -28,7 +29,7 @@ from kvtier.bench.client import RequestOptions, fetch_text, served_model
 from kvtier.bench.configs import (BenchConfig, KvTransferJson, kvtier_inline_keys, log_path_for,
                                   server_spec)
 from kvtier.bench.cputime import process_tree_cpu_s
-from kvtier.bench.dispatch import DispatchOutcome, Target, dispatch, send
+from kvtier.bench.dispatch import DispatchOutcome, Target, dispatch
 from kvtier.bench.scrape import by_tier, parse_samples
 from kvtier.bench.server import ServerProcess, free_port
 from kvtier.bench.specs import BenchRequest, ModelInfo, TokenPrompt, Workload, random_token_ids
@@ -77,7 +78,7 @@ class ConfigRun:
     uses_kvtier: bool
     log_path: str | None
     startup_s: float | None = None
-    warmup_request_s: float | None = None
+    warmup_requests_s: float | None = None
     repeats: list[RepeatMeasure] = field(default_factory=list)
     error: str | None = None
 
@@ -131,13 +132,25 @@ def _external(server: ExternalServer, model: ModelInfo, settings: RunSettings, r
 
 
 def _warm_up(session: _Session, model: ModelInfo, settings: RunSettings, run_id: str, progress: Progress) -> None:
-    """One request of random tokens, unlike any of the workload's, to pay one-off costs before timing."""
-    prompt = TokenPrompt(random_token_ids(999_983, settings.warmup_tokens, model.token_id_range))
+    """Pay one-off costs before timing: one request of ``warmup_tokens`` random tokens, then a burst
+    of ``max_concurrency`` (at least 2) shorter ones at once, so batches of several requests have
+    been seen too. Unlike any request of the workload (own tokens, own salt). Raises ServerError."""
     options = RequestOptions(ignore_eos=True, cache_salt=f"kvtier-bench-{run_id}-warmup")
-    answer = send(session.target, BenchRequest(0, 0.0, None, 1, prompt, 8), options, settings.request_timeout_s)
-    session.run.warmup_request_s = answer.total_s
+
+    def request(index: int, num_tokens: int) -> BenchRequest:
+        prompt = TokenPrompt(random_token_ids(999_983 + index, num_tokens, model.token_id_range))
+        return BenchRequest(index, 0.0, None if index == 0 else 0, 1, prompt, 8)
+
+    num_burst = max(2, settings.max_concurrency)
+    burst = tuple(request(i, max(settings.warmup_tokens // 4, 1)) for i in range(1, num_burst + 1))
+    outcome = dispatch(session.target, (request(0, settings.warmup_tokens), *burst), options, num_burst,
+                       settings.request_timeout_s, lambda message: None)
+    if outcome.failures:
+        raise ServerError(f"{session.run.name}: warm-up request failed: {outcome.failures[0].error}")
+    session.run.warmup_requests_s = outcome.wall_s
     startup = "" if session.run.startup_s is None else f"started in {session.run.startup_s:.1f} s, "
-    progress(f"[{session.run.name}] {startup}warm-up request {answer.total_s:.2f} s (not counted)")
+    progress(f"[{session.run.name}] {startup}warm-up {outcome.wall_s:.2f} s ({len(burst) + 1} requests, "
+             "not counted)")
 
 
 def _scrape(url: str | None, progress: Progress) -> MetricTable | None:

@@ -40,7 +40,7 @@ class ConfigSummary:
     uses_kvtier: bool
     error: str | None
     startup_s: float | None
-    warmup_request_s: float | None
+    warmup_requests_s: float | None
     metrics: dict[str, Spread]  # name -> median and spread over repeats
     ttft_by_round: dict[int, Spread]  # round -> mean TTFT of that round, over repeats
     ttfts_s: tuple[float, ...]  # every request of every repeat, for the CDF
@@ -138,7 +138,7 @@ def summarize_run(run: ConfigRun) -> ConfigSummary:
     round_ids = sorted({r for means in rounds for r in means})
     by_round = {r: s for r in round_ids if (s := spread([means.get(r) for means in rounds])) is not None}
     ttfts = tuple(r.ttft_s for measure in run.repeats for r in measure.outcome.results)
-    return ConfigSummary(run.name, run.uses_kvtier, run.error, run.startup_s, run.warmup_request_s, metrics,
+    return ConfigSummary(run.name, run.uses_kvtier, run.error, run.startup_s, run.warmup_requests_s, metrics,
                          by_round, ttfts)
 
 
