@@ -89,6 +89,7 @@ class KVTierConfig:
 
     chunk_tokens: int
     namespace: str
+    no_cache_namespaces: str  # comma-separated: requests in these namespaces never load or store
     model_id: str  # "" = the engine's model name
     store_decode_tokens: bool
     memory: MemoryConfig
@@ -274,6 +275,8 @@ def _render_secret(value: _Value) -> str:
 _KEYS = (
     _Key("chunk_tokens", 256, _int_in(1, None, "> 0"), _int_from_text),
     _Key("namespace", "default", _str_matching(r"[A-Za-z0-9_.-]{1,64}", "1 to 64 of A-Z a-z 0-9 _ . -")),
+    _Key("no_cache_namespaces", "", _str_matching(r"([A-Za-z0-9_.-]{1,64}(,[A-Za-z0-9_.-]{1,64})*)?",
+                                                  "a comma-separated list of namespaces, no spaces")),
     _Key("model_id", "", _str),
     _Key("store_decode_tokens", False, _bool, _bool_from_text),
     _Key("memory.capacity", 2 * 2**30, _positive_size, render=_render_size),
@@ -436,6 +439,7 @@ def _build(values: Mapping[str, _Value]) -> KVTierConfig:
     disk_path = values["disk.path"]
     return KVTierConfig(
         chunk_tokens=num("chunk_tokens"), namespace=text("namespace"), model_id=text("model_id"),
+        no_cache_namespaces=text("no_cache_namespaces"),
         store_decode_tokens=_bool(values["store_decode_tokens"]),
         memory=MemoryConfig(capacity_bytes=num("memory.capacity"), policy=text("memory.policy")),
         disk=DiskConfig(path=None if disk_path is None else _str(disk_path),
@@ -457,6 +461,7 @@ def _values_of(config: KVTierConfig) -> dict[str, _Value]:
     """The inverse of ``_build``: dotted key -> value."""
     return {
         "chunk_tokens": config.chunk_tokens, "namespace": config.namespace, "model_id": config.model_id,
+        "no_cache_namespaces": config.no_cache_namespaces,
         "store_decode_tokens": config.store_decode_tokens,
         "memory.capacity": config.memory.capacity_bytes, "memory.policy": config.memory.policy,
         "disk.path": config.disk.path, "disk.capacity": config.disk.capacity_bytes,

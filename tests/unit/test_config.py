@@ -26,7 +26,7 @@ DEFAULT_REMOTE = RemoteConfig(url=None, ttl_s=86400, timeout_ms=2000, queue_dept
                               tls_ca=None, s3_endpoint=None, s3_region=None, access_key=None, secret_key=None)
 ENCRYPTION_KEYS = ["encryption.key_file", "encryption.key_env"]
 DEFAULT_ENCRYPTION = EncryptionConfig(key_file=None, key_env=None)
-UNSET_KEYS = REMOTE_KEYS + ENCRYPTION_KEYS  # the keys the "every key" tests below leave at their defaults
+UNSET_KEYS = ["no_cache_namespaces"] + REMOTE_KEYS + ENCRYPTION_KEYS  # the keys the "every key" tests below leave at their defaults
 
 
 def load(inline: Mapping[str, object] | None = None, env: Mapping[str, str] | None = None) -> LoadedConfig:
@@ -52,7 +52,7 @@ def config_error(inline: Mapping[str, object] | None = None,
 def test_defaults() -> None:
     loaded = load()
     assert loaded.config == KVTierConfig(
-        chunk_tokens=256, namespace="default", model_id="", store_decode_tokens=False,
+        chunk_tokens=256, namespace="default", model_id="", no_cache_namespaces="", store_decode_tokens=False,
         memory=MemoryConfig(capacity_bytes=2 * GIB, policy="s3fifo"),
         disk=DiskConfig(path=None, capacity_bytes=16 * GIB, write_policy="write_through", queue_depth=64),
         metrics=MetricsConfig(port=0, host="127.0.0.1"), remote=DEFAULT_REMOTE,
@@ -94,7 +94,8 @@ def test_file_named_inline_sets_every_key(tmp_path: Path) -> None:
     path = write_yaml(tmp_path, FILE_TEXT)
     loaded = load({"config": path})
     assert loaded.config == KVTierConfig(
-        chunk_tokens=512, namespace="team-a.prod_1", model_id="my-model", store_decode_tokens=True,
+        chunk_tokens=512, namespace="team-a.prod_1", model_id="my-model", no_cache_namespaces="",
+        store_decode_tokens=True,
         memory=MemoryConfig(capacity_bytes=GIB, policy="lru"),
         disk=DiskConfig(path="/var/cache/kvtier", capacity_bytes=100 * 10**9, write_policy="write_through",
                         queue_depth=8),
@@ -172,7 +173,7 @@ def test_env_sets_every_key() -> None:
            "KVTIER_METRICS_PORT": "9400", "KVTIER_METRICS_HOST": "::1"}
     loaded = load(env=env)
     assert loaded.config == KVTierConfig(
-        chunk_tokens=512, namespace="t1", model_id="m", store_decode_tokens=True,
+        chunk_tokens=512, namespace="t1", model_id="m", no_cache_namespaces="", store_decode_tokens=True,
         memory=MemoryConfig(capacity_bytes=512 * 2**20, policy="lru"),
         disk=DiskConfig(path="/d", capacity_bytes=1_500_000_000, write_policy="write_through",
                         queue_depth=16),
@@ -482,6 +483,7 @@ def test_describe_rows(tmp_path: Path) -> None:
     assert describe(loaded) == [
         ("chunk_tokens", "512", file_source),
         ("namespace", '"default"', "default"),
+        ("no_cache_namespaces", '""', "default"),
         ("model_id", '""', "default"),
         ("store_decode_tokens", "true", "env:KVTIER_STORE_DECODE_TOKENS"),
         ("memory.capacity", "2GiB", "default"),
@@ -503,3 +505,8 @@ def test_describe_disk_off_is_null() -> None:
     rows = {key: value for key, value, _ in describe(load())}
     assert rows["disk.path"] == "null"
     assert rows["store_decode_tokens"] == "false"
+
+
+def test_no_cache_namespaces() -> None:
+    assert load({"no_cache_namespaces": "a,b.c"}).config.no_cache_namespaces == "a,b.c"
+    assert config_error({"no_cache_namespaces": "a, b"}).key == "no_cache_namespaces"

@@ -26,3 +26,10 @@ def test_namespace_switches_and_salt() -> None:
 def test_malformed_controls_disable_kvtier_for_the_request(section: object) -> None:
     controls = request_controls({"kvtier": section}, None, "default")
     assert controls.load is False and controls.store is False and controls.namespace == "default"
+
+
+def test_no_cache_namespaces_never_load_or_store() -> None:
+    params = {"kvtier": {"namespace": "secret"}}
+    assert request_controls(params, None, "default", frozenset({"secret"})) == RequestControls("secret", False, False)
+    assert request_controls(None, None, "secret", frozenset({"secret"})).store is False
+    assert request_controls(params, None, "default", frozenset({"other"})).store is True

@@ -3,7 +3,8 @@
 - ``kv_transfer_params={"kvtier": {"namespace": "tenant-a", "store": false, "load": false}}``
   (vLLM passes ``kv_transfer_params`` through from the OpenAI API's request body);
 - vLLM's ``cache_salt``: becomes part of every key of the request, so requests with different
-  salts never share KV, on any tier.
+  salts never share KV, on any tier;
+- the configuration's ``no_cache_namespaces``: requests in these namespaces never load or store.
 A request that sends malformed controls is served without kvtier (no load, no store) and a
 warning names the problem: a typo must never widen who can read a prompt's KV.
 """
@@ -30,7 +31,16 @@ class RequestControls:
 
 
 def request_controls(params: Mapping[str, object] | None, cache_salt: str | None,
-                     default_namespace: str) -> RequestControls:
+                     default_namespace: str, no_cache: frozenset[str] = frozenset()) -> RequestControls:
+    """The request's controls; a namespace in ``no_cache`` never loads or stores."""
+    controls = _controls(params, cache_salt, default_namespace)
+    if controls.namespace in no_cache:
+        return RequestControls(controls.namespace, False, False, controls.salt)
+    return controls
+
+
+def _controls(params: Mapping[str, object] | None, cache_salt: str | None,
+              default_namespace: str) -> RequestControls:
     salt = cache_salt or ""
     section = (params or {}).get("kvtier")
     if section is None:

@@ -79,6 +79,7 @@ class SchedulerSide:
         self._delayed_frees: list[str] = []
         self.kv_cache_manager: KVCacheManager | None = None
         self._digests: dict[tuple[str, str], bytes] = {}
+        self._no_cache = frozenset(filter(None, setup.config.no_cache_namespaces.split(",")))
 
     # ----- lookup ----------------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> int | None:
@@ -284,7 +285,8 @@ class SchedulerSide:
     def _state(self, request: "Request") -> RequestState:
         state = self.requests.get(request.request_id)
         if state is None:
-            controls = request_controls(request.kv_transfer_params, request.cache_salt, self.setup.config.namespace)
+            controls = request_controls(request.kv_transfer_params, request.cache_salt, self.setup.config.namespace,
+                                        self._no_cache)
             state = self.requests[request.request_id] = RequestState(request, controls=controls)
         return state
 
