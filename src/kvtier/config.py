@@ -25,6 +25,8 @@ from kvtier.errors import ConfigError
 
 _Value = int | str | bool | None  # a checked value of one key
 
+NAMESPACE_PATTERN = r"[A-Za-z0-9_.-]{1,64}"  # a tenant namespace, in config and in request controls
+
 
 @dataclass(frozen=True)
 class MemoryConfig:
@@ -274,8 +276,8 @@ def _render_secret(value: _Value) -> str:
 
 _KEYS = (
     _Key("chunk_tokens", 256, _int_in(1, None, "> 0"), _int_from_text),
-    _Key("namespace", "default", _str_matching(r"[A-Za-z0-9_.-]{1,64}", "1 to 64 of A-Z a-z 0-9 _ . -")),
-    _Key("no_cache_namespaces", "", _str_matching(r"([A-Za-z0-9_.-]{1,64}(,[A-Za-z0-9_.-]{1,64})*)?",
+    _Key("namespace", "default", _str_matching(NAMESPACE_PATTERN, "1 to 64 of A-Z a-z 0-9 _ . -")),
+    _Key("no_cache_namespaces", "", _str_matching(f"({NAMESPACE_PATTERN}(,{NAMESPACE_PATTERN})*)?",
                                                   "a comma-separated list of namespaces, no spaces")),
     _Key("model_id", "", _str),
     _Key("store_decode_tokens", False, _bool, _bool_from_text),

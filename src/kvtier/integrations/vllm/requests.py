@@ -16,9 +16,11 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from kvtier.config import NAMESPACE_PATTERN
+
 logger = logging.getLogger("kvtier")
 
-_NAMESPACE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_NAMESPACE = re.compile(NAMESPACE_PATTERN)
 _KNOWN = {"namespace", "store", "load"}
 
 
@@ -62,7 +64,7 @@ def _problem(section: object) -> str | None:
         return f"unknown kv_transfer_params.kvtier keys {sorted(unknown)} (known: {sorted(_KNOWN)})"
     namespace = section.get("namespace")
     if namespace is not None and not (isinstance(namespace, str) and _NAMESPACE.fullmatch(namespace)):
-        return f"kv_transfer_params.kvtier.namespace {namespace!r} must match [A-Za-z0-9_.-]{{1,64}}"
+        return f"kv_transfer_params.kvtier.namespace {namespace!r} must match {NAMESPACE_PATTERN}"
     for flag in ("load", "store"):
         if flag in section and not isinstance(section[flag], bool):
             return f"kv_transfer_params.kvtier.{flag} must be true or false"

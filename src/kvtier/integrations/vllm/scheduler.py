@@ -45,6 +45,7 @@ REMOTE_KNOWN_KEYS = 200_000
 @dataclass
 class RequestState:
     request: "Request"
+    controls: RequestControls
     keys: list[bytes] = field(default_factory=list)  # chunk keys of the token ids seen so far
     num_local_tokens: int = 0  # vLLM's own prefix hit at the last lookup
     promoting: list[bytes] = field(default_factory=list)
@@ -52,7 +53,6 @@ class RequestState:
     num_promote_rounds: int = 0
     counted: bool = False
     num_store_checked: int = 0  # chunks already considered for storing
-    controls: RequestControls = field(default_factory=lambda: RequestControls("", True, True))
     store_keys: list[bytes] = field(default_factory=list)  # chunks this request's blocks were stored as
 
 

@@ -76,7 +76,7 @@ class WorkerSide:
         if plan.is_empty():
             return
         for op in plan.spills:
-            self._submit_disk_write(op.key, op.slot)
+            self._submit_disk_write(op.key, self._slot_bytes(op.slot))
         for op in plan.promotes:
             self._promote(op.key, op.slot)
         if plan.remote_fetches:
@@ -152,10 +152,12 @@ class WorkerSide:
             done = self._pending.pop(0)
             self.report.stored.extend(op.key for op in done.stores)
             self.report.store_seconds.append(time.perf_counter() - done.started)
+            copies: dict[int, bytes] = {}  # one copy of a slot serves its disk write and its upload
             for op in done.write_through:
-                self._submit_disk_write(op.key, op.slot)
+                copies[op.slot] = self._slot_bytes(op.slot)
+                self._submit_disk_write(op.key, copies[op.slot])
             for op in done.remote_puts:
-                self._submit_upload(op.key, op.slot)
+                self._submit_upload(op.key, copies.get(op.slot) or self._slot_bytes(op.slot))
 
     def drain(self) -> None:
         """Block until every queued copy is done, then finish them."""
@@ -171,18 +173,21 @@ class WorkerSide:
         self._awaiting_free -= done
         return done
 
-    def _submit_disk_write(self, key: bytes, slot: int) -> None:
+    def _slot_bytes(self, slot: int) -> bytes:
+        """A copy of a slot for the background writers: the slot may be reused right after."""
         assert self.pool is not None
+        return bytes(self.pool.memoryview(slot))
+
+    def _submit_disk_write(self, key: bytes, payload: bytes) -> None:
         if self.writer is None:
             return
-        payload = bytes(self.pool.memoryview(slot))  # the slot may be reused right after this step
         if not self.writer.submit_write(key, self.rank, payload):
             self.report.num_dropped_writes += 1
             self.report.disk_failed.append(key)
 
-    def _submit_upload(self, key: bytes, slot: int) -> None:
-        assert self.pool is not None and self.uploader is not None
-        if not self.uploader.submit(key, self.rank, bytes(self.pool.memoryview(slot))):
+    def _submit_upload(self, key: bytes, payload: bytes) -> None:
+        assert self.uploader is not None
+        if not self.uploader.submit(key, self.rank, payload):
             self.report.num_remote_dropped += 1
             self.report.remote_failed.append(key)
 
