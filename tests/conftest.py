@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
+
+from kvtier.bench.server import free_port as kvtier_free_port
 
 
 @pytest.fixture(scope="session")
@@ -16,9 +17,8 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free loopback port outside the ephemeral range (see ``kvtier.bench.server.free_port``)."""
+    return kvtier_free_port()
 
 
 os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")

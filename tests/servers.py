@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from kvtier.bench.server import free_ports as kvtier_free_ports
 
 S3_ACCESS_KEY = "kvtier-test"
 S3_SECRET_KEY = "kvtier-test-secret"
@@ -107,12 +108,8 @@ class ServerProcess:
 
 
 def free_ports(count: int) -> list[int]:
-    """``count`` distinct loopback ports free right now (held open together while picking)."""
-    with ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
+    """``count`` distinct loopback ports free right now, outside the ephemeral range."""
+    return kvtier_free_ports(count)
 
 
 def require(binary: str | None, what: str, install: str) -> str:

@@ -25,7 +25,14 @@ from kvtier.errors import ConfigError
 
 _Value = int | str | bool | None  # a checked value of one key
 
-NAMESPACE_PATTERN = r"[A-Za-z0-9_.-]{1,64}"  # a tenant namespace, in config and in request controls
+# A tenant namespace, in config, request controls, disk paths and object names: never "." or "..".
+NAMESPACE_PATTERN = r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}"
+NAMESPACE_RULE = "1 to 64 of A-Z a-z 0-9 _ . -, not starting with ."
+
+
+def is_namespace(name: object) -> bool:
+    """Whether ``name`` is a valid tenant namespace (safe as a path component and object name)."""
+    return isinstance(name, str) and re.fullmatch(NAMESPACE_PATTERN, name) is not None
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,26 @@ class EncryptionConfig:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    """The admin HTTP API (``kvtier.admin``); off when ``port`` is 0. ``tokens_file`` is required
+    when it is on: there is no unauthenticated mode."""
+
+    port: int
+    host: str
+    tokens_file: str | None  # lines "<role> <token>", role "read" or "admin"
+    audit_log: str | None  # JSON-lines file; None = the "kvtier.audit" logger (stderr)
+
+
+@dataclass(frozen=True)
+class NamespaceLimits:
+    """Limits of one tenant namespace; 0 = no limit."""
+
+    ttl_s: int = 0  # entries older than this are misses and are removed (memory, disk; Redis EX)
+    memory_bytes: int = 0  # byte quota in the memory tier
+    disk_bytes: int = 0  # byte quota in the disk tier
+
+
+@dataclass(frozen=True)
 class KVTierConfig:
     """Everything kvtier reads from its configuration, checked."""
 
@@ -99,6 +126,8 @@ class KVTierConfig:
     metrics: MetricsConfig
     remote: RemoteConfig
     encryption: EncryptionConfig
+    admin: AdminConfig
+    namespace_limits: dict[str, NamespaceLimits]  # from ``namespace_limits``
 
 
 @dataclass(frozen=True)
@@ -222,6 +251,37 @@ def _optional_env_name(value: object) -> str | None:
     return name
 
 
+def parse_namespace_limits(text: str) -> dict[str, NamespaceLimits]:
+    """``"tenant-a:ttl=3600,memory=1GiB,disk=10GiB;tenant-b:ttl=60"`` -> limits per namespace.
+
+    Raises ValueError naming the part that is wrong."""
+    limits: dict[str, NamespaceLimits] = {}
+    for part in filter(None, (piece.strip() for piece in text.split(";"))):
+        name, sep, fields = part.partition(":")
+        if not sep or not re.fullmatch(NAMESPACE_PATTERN, name):
+            raise ValueError(f"{part!r} must be <namespace>:<field>=<value>,... with a namespace of "
+                             f"{NAMESPACE_RULE}")
+        if name in limits:
+            raise ValueError(f"namespace {name!r} is given twice")
+        values = {"ttl": 0, "memory": 0, "disk": 0}
+        for field_text in fields.split(","):
+            field, eq, value = field_text.strip().partition("=")
+            if not eq or field not in values:
+                raise ValueError(f"{field_text.strip()!r} in {part!r}: fields are ttl=<seconds>, "
+                                 f"memory=<size>, disk=<size>")
+            values[field] = _int_from_text(value) if field == "ttl" else _size_bytes(value.strip())
+            if values[field] < 0:
+                raise ValueError(f"{field} of {name!r} must be >= 0")
+        limits[name] = NamespaceLimits(values["ttl"], values["memory"], values["disk"])
+    return limits
+
+
+def _namespace_limits(value: object) -> str:
+    text = _str(value)
+    parse_namespace_limits(text)
+    return text
+
+
 def _positive_size(value: object) -> int:
     if _size_bytes(value) == 0:
         raise ValueError("must be > 0")
@@ -276,7 +336,7 @@ def _render_secret(value: _Value) -> str:
 
 _KEYS = (
     _Key("chunk_tokens", 256, _int_in(1, None, "> 0"), _int_from_text),
-    _Key("namespace", "default", _str_matching(NAMESPACE_PATTERN, "1 to 64 of A-Z a-z 0-9 _ . -")),
+    _Key("namespace", "default", _str_matching(NAMESPACE_PATTERN, NAMESPACE_RULE)),
     _Key("no_cache_namespaces", "", _str_matching(f"({NAMESPACE_PATTERN}(,{NAMESPACE_PATTERN})*)?",
                                                   "a comma-separated list of namespaces, no spaces")),
     _Key("model_id", "", _str),
@@ -302,10 +362,15 @@ _KEYS = (
     _Key("remote.secret_key", None, _optional_str, render=_render_secret),
     _Key("encryption.key_file", None, _optional_str),
     _Key("encryption.key_env", None, _optional_env_name),
+    _Key("namespace_limits", "", _namespace_limits),
+    _Key("admin.port", 0, _int_in(0, 65535, "0 (off) or a port in 1..65535"), _int_from_text),
+    _Key("admin.host", "127.0.0.1", _str_matching(r"\S+", "a host name or address")),
+    _Key("admin.tokens_file", None, _optional_str),
+    _Key("admin.audit_log", None, _optional_str),
 )
 _KEYS_BY_NAME = {key.dotted: key for key in _KEYS}
 _KEYS_BY_ENV = {key.env_var: key for key in _KEYS}
-_SECTIONS = ("memory", "disk", "metrics", "remote", "encryption")
+_SECTIONS = ("memory", "disk", "metrics", "remote", "encryption", "admin")
 
 
 # ---- loading ------------------------------------------------------------------------------------
@@ -456,6 +521,9 @@ def _build(values: Mapping[str, _Value]) -> KVTierConfig:
             access_key=optional("remote.access_key"), secret_key=optional("remote.secret_key")),
         encryption=EncryptionConfig(key_file=optional("encryption.key_file"),
                                     key_env=optional("encryption.key_env")),
+        admin=AdminConfig(port=num("admin.port"), host=text("admin.host"),
+                          tokens_file=optional("admin.tokens_file"), audit_log=optional("admin.audit_log")),
+        namespace_limits=parse_namespace_limits(text("namespace_limits")),
     )
 
 
@@ -476,4 +544,12 @@ def _values_of(config: KVTierConfig) -> dict[str, _Value]:
         "remote.s3_region": config.remote.s3_region, "remote.access_key": config.remote.access_key,
         "remote.secret_key": config.remote.secret_key,
         "encryption.key_file": config.encryption.key_file, "encryption.key_env": config.encryption.key_env,
+        "namespace_limits": _render_limits(config.namespace_limits),
+        "admin.port": config.admin.port, "admin.host": config.admin.host,
+        "admin.tokens_file": config.admin.tokens_file, "admin.audit_log": config.admin.audit_log,
     }
+
+
+def _render_limits(limits: Mapping[str, NamespaceLimits]) -> str:
+    return ";".join(f"{name}:ttl={item.ttl_s},memory={item.memory_bytes},disk={item.disk_bytes}"
+                    for name, item in limits.items())

@@ -10,7 +10,11 @@ Execution order on the worker (it matters, slots are reused):
 3. ``loads``: copy memory slots into engine blocks (before the forward).
 4. ``stores``: copy engine blocks into memory slots (after the forward).
 5. ``write_through`` / ``remote_puts``: copy freshly stored slots aside for a disk write / an upload.
-6. ``deletes``: remove disk entries (queued behind earlier writes).
+6. ``deletes`` / ``purges``: remove disk entries / whole namespaces from disk (queued behind
+   earlier writes, so a write in flight never outlives its delete).
+
+Every operation that names bytes on disk or on the remote names the tenant namespace too: it is
+part of the entry's path and object name, and the context its encryption key is derived for.
 """
 
 from __future__ import annotations
@@ -41,10 +45,21 @@ class StoreOp:
 
 @dataclass(frozen=True)
 class SlotOp:
-    """A chunk ``key`` and the memory slot it lives in (promote target or disk-write source)."""
+    """A chunk ``key`` of ``namespace`` and the memory slot it lives in (promote target, disk-write
+    or upload source). ``ttl_s`` (uploads only): the namespace's TTL, 0 = the tier's own."""
 
     key: bytes
     slot: int
+    namespace: str
+    ttl_s: int = 0
+
+
+@dataclass(frozen=True)
+class EntryRef:
+    """A chunk ``key`` of ``namespace`` (a disk entry to delete)."""
+
+    key: bytes
+    namespace: str
 
 
 @dataclass
@@ -56,14 +71,16 @@ class StepPlan:
     stores: list[StoreOp] = field(default_factory=list)
     write_through: list[SlotOp] = field(default_factory=list)
     remote_puts: list[SlotOp] = field(default_factory=list)
-    deletes: list[bytes] = field(default_factory=list)
+    deletes: list[EntryRef] = field(default_factory=list)
+    purges: list[str] = field(default_factory=list)  # namespaces whose disk entries all go
     # finished requests whose blocks vLLM keeps until the worker reports their stores done
     # (``get_finished``): stores run asynchronously and must not read freed blocks
     delayed_frees: list[str] = field(default_factory=list)
 
     def is_empty(self) -> bool:
         return not (self.spills or self.promotes or self.remote_fetches or self.loads or self.stores
-                    or self.write_through or self.remote_puts or self.deletes or self.delayed_frees)
+                    or self.write_through or self.remote_puts or self.deletes or self.purges
+                    or self.delayed_frees)
 
 
 @dataclass

@@ -8,19 +8,30 @@ the plan, complete from the ``WorkerReport``), so a lookup never promises data t
 Memory tier: ``num_slots`` fixed-size slots (one chunk each), an eviction policy, leases.
 Disk tier (optional): up to ``capacity_entries`` entries, LRU, written by spill-on-evict or
 write-through. A disk hit is promoted into a memory slot (and verified) before the engine loads it.
+
+Tenants: every entry belongs to one namespace. Per namespace (``NamespaceLimits``): a TTL (older
+entries are misses and are removed), and byte quotas in memory and on disk (a namespace at its
+quota evicts its own entries, never another's). ``invalidate`` makes a namespace's entries, or
+some of its keys, unreachable at once. An entry that a request has leased (its load is planned)
+or whose data is still in flight cannot give its slot back at once: it is *doomed* (never found
+again) and its slot is freed when the lease ends (``reap``), so a slot is never reused under a
+planned load.
 """
 
 from __future__ import annotations
 
 import enum
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from kvtier.config import NamespaceLimits
 from kvtier.leases import Leases
 from kvtier.metrics import Metrics
-from kvtier.plans import SlotOp, WorkerReport
+from kvtier.plans import EntryRef, SlotOp, WorkerReport
 from kvtier.policy import EvictionPolicy, make_policy
+
+_NO_LIMITS = NamespaceLimits()
 
 
 class State(enum.Enum):
@@ -32,7 +43,26 @@ class State(enum.Enum):
 class MemoryEntry:
     slot: int
     state: State
+    namespace: str
+    created: float  # when the data was first computed (a promoted entry keeps its disk time)
     on_disk: bool = False
+    doomed: bool = False  # invalidated or expired: never found again, dropped once unleased
+
+
+@dataclass
+class DiskEntry:
+    state: State
+    namespace: str
+    created: float
+
+
+@dataclass(frozen=True)
+class DiskItem:
+    """A disk entry found at start-up."""
+
+    key: bytes
+    namespace: str
+    created: float  # the file's modification time
 
 
 @dataclass(frozen=True)
@@ -47,7 +77,23 @@ class Lookup:
 class DiskSettings:
     capacity_entries: int
     write_through: bool
-    initial_keys: Sequence[bytes] = ()  # oldest first, from the scan of the directory
+    initial: Sequence[DiskItem] = ()  # oldest first, from the scan of the directory
+
+
+@dataclass(frozen=True)
+class Invalidated:
+    """How many entries an invalidation removed from the books, per tier."""
+
+    memory: int
+    disk: int
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Entries one namespace holds."""
+
+    memory: int
+    disk: int
 
 
 @dataclass
@@ -56,25 +102,34 @@ class _PendingOps:
     promotes: list[SlotOp] = field(default_factory=list)
     remote_fetches: list[SlotOp] = field(default_factory=list)
     write_through: list[SlotOp] = field(default_factory=list)
-    deletes: list[bytes] = field(default_factory=list)
+    deletes: list[EntryRef] = field(default_factory=list)
+    purges: list[str] = field(default_factory=list)
 
 
 class TieredStore:
     """Books of the memory and disk tiers for one engine (all tensor-parallel ranks)."""
 
-    def __init__(self, num_slots: int, memory_policy: str, disk: DiskSettings | None,
-                 world_size: int, metrics: Metrics) -> None:
+    def __init__(self, num_slots: int, memory_policy: str, disk: DiskSettings | None, world_size: int,
+                 metrics: Metrics, chunk_bytes: int, limits: Mapping[str, NamespaceLimits],
+                 clock: Callable[[], float]) -> None:
+        """``limits``: per-namespace TTL and quotas (others: none); ``clock``: wall-clock seconds
+        (``time.time``), the time base of TTLs and of the disk files' modification times."""
         self._free_slots = list(range(num_slots - 1, -1, -1))
         self._memory: dict[bytes, MemoryEntry] = {}
         self._memory_policy: EvictionPolicy = make_policy(memory_policy, num_slots)
         self._disk_settings = disk
-        self._disk: dict[bytes, State] = {}
+        self._disk: dict[bytes, DiskEntry] = {}
         self._disk_policy: EvictionPolicy | None = None
+        self._memory_usage: Counter[str] = Counter()
+        self._disk_usage: Counter[str] = Counter()
+        self._doomed: set[bytes] = set()
+        self._chunk_bytes = chunk_bytes
+        self._limits = dict(limits)
+        self._clock = clock
         if disk is not None:
             self._disk_policy = make_policy("lru", max(disk.capacity_entries, 1))
-            for key in disk.initial_keys[-disk.capacity_entries:] if disk.capacity_entries else ():
-                self._disk[key] = State.READY
-                self._disk_policy.insert(key)
+            for item in disk.initial[-disk.capacity_entries:] if disk.capacity_entries else ():
+                self._add_disk(item.key, DiskEntry(State.READY, item.namespace, item.created))
         self.leases = Leases()
         self._world_size = world_size
         self._acks: Counter[tuple[str, bytes]] = Counter()
@@ -83,13 +138,17 @@ class TieredStore:
 
     # ----- queries -------------------------------------------------------------------------
     def lookup(self, keys: Sequence[bytes]) -> Lookup:
-        """Longest prefix of ``keys`` that memory (ready) or disk (ready) holds."""
+        """Longest prefix of ``keys`` that memory (ready) or disk (ready) holds, unexpired."""
+        now = self._clock()
         disk_only: list[int] = []
         for i, key in enumerate(keys):
             entry = self._memory.get(key)
-            if entry is not None and entry.state is State.READY:
-                continue
-            if entry is None and self._disk.get(key) is State.READY:
+            if entry is not None:
+                if entry.state is State.READY and not entry.doomed and not self._expired(entry, now):
+                    continue
+                return Lookup(i, tuple(disk_only))
+            on_disk = self._disk.get(key)
+            if on_disk is not None and on_disk.state is State.READY and not self._expired(on_disk, now):
                 disk_only.append(i)
                 continue
             return Lookup(i, tuple(disk_only))
@@ -116,6 +175,14 @@ class TieredStore:
     def num_disk_entries(self) -> int:
         return len(self._disk)
 
+    def usage(self) -> dict[str, Usage]:
+        """Entries per namespace (those holding any)."""
+        names = set(self._memory_usage) | set(self._disk_usage)
+        return {name: Usage(self._memory_usage[name], self._disk_usage[name]) for name in sorted(names)}
+
+    def limits(self) -> dict[str, NamespaceLimits]:
+        return dict(self._limits)
+
     # ----- planning ------------------------------------------------------------------------
     def touch(self, keys: Sequence[bytes]) -> None:
         for key in keys:
@@ -124,45 +191,121 @@ class TieredStore:
             if self._disk_policy is not None and key in self._disk:
                 self._disk_policy.touch(key)
 
-    def prepare_promote(self, owner: str, keys: Sequence[bytes], from_remote: bool = False) -> list[bytes]:
-        """Plan disk -> memory (or remote -> memory) reads of ``keys`` for ``owner``.
+    def prepare_promote(self, owner: str, namespace: str, keys: Sequence[bytes],
+                        from_remote: bool = False) -> list[bytes]:
+        """Plan disk -> memory (or remote -> memory) reads of ``keys`` of ``namespace`` for
+        ``owner``.
 
         Returns the keys actually planned, a prefix of ``keys`` (shorter when memory is full of
-        leased entries). Planned entries are pending and leased to ``owner``.
+        leased entries or the namespace is at its quota). Planned entries are pending and leased
+        to ``owner``.
         """
         planned: list[bytes] = []
+        now = self._clock()
         for key in keys:
-            slot = self._allocate_slot()
+            slot = self._allocate_slot(namespace)
             if slot is None:
                 self._metrics.dropped_stores.labels(tier="memory").inc()
                 break
-            self._memory[key] = MemoryEntry(slot, State.PENDING, on_disk=not from_remote)
-            (self._ops.remote_fetches if from_remote else self._ops.promotes).append(SlotOp(key, slot))
+            on_disk = self._disk.get(key)
+            created = now if from_remote or on_disk is None else on_disk.created
+            self._add_memory(key, MemoryEntry(slot, State.PENDING, namespace, created, on_disk=not from_remote))
+            op = SlotOp(key, slot, namespace)
+            (self._ops.remote_fetches if from_remote else self._ops.promotes).append(op)
             planned.append(key)
         self.leases.acquire(owner, planned)
         return planned
 
-    def prepare_store(self, key: bytes) -> int | None:
-        """Plan a store of chunk ``key`` from the engine; returns the slot, or None when the key is
-        already held in memory or no slot can be freed (the store is dropped and counted)."""
+    def prepare_store(self, key: bytes, namespace: str) -> int | None:
+        """Plan a store of chunk ``key`` of ``namespace`` from the engine; returns the slot, or
+        None when the key is already held in memory or no slot can be freed (the store is dropped
+        and counted)."""
         if key in self._memory:
             self._memory_policy.touch(key)
             return None
-        slot = self._allocate_slot()
+        slot = self._allocate_slot(namespace)
         if slot is None:
             self._metrics.dropped_stores.labels(tier="memory").inc()
             return None
         on_disk = key in self._disk
-        self._memory[key] = MemoryEntry(slot, State.PENDING, on_disk=on_disk)
+        entry = MemoryEntry(slot, State.PENDING, namespace, self._clock(), on_disk=on_disk)
+        self._add_memory(key, entry)
         if self._disk_settings is not None and self._disk_settings.write_through and not on_disk:
-            if self._reserve_disk(key):
-                self._ops.write_through.append(SlotOp(key, slot))
-                self._memory[key].on_disk = True
+            if self._reserve_disk(key, namespace, entry.created):
+                self._ops.write_through.append(SlotOp(key, slot, namespace))
+                entry.on_disk = True
         return slot
 
     def take_ops(self) -> _PendingOps:
+        """The operations planned since the last call; frees the slots of doomed entries whose
+        leases have ended first (``reap``)."""
+        self.reap()
         ops, self._ops = self._ops, _PendingOps()
         return ops
+
+    # ----- tenants ---------------------------------------------------------------------------
+    def ttl_of(self, namespace: str) -> int:
+        return self._limits.get(namespace, _NO_LIMITS).ttl_s
+
+    def set_limits(self, namespace: str, limits: NamespaceLimits) -> Invalidated:
+        """Replace ``namespace``'s limits; entries now over its quotas or expired are removed
+        (those in use are doomed). Returns how many were removed per tier."""
+        self._limits[namespace] = limits
+        memory, disk = self._trim(namespace), 0
+        quota = self._disk_quota(namespace)
+        while quota is not None and self._disk_usage[namespace] > quota:
+            victim = self._disk_victim(namespace)
+            if victim is None:
+                break
+            self._evict_disk(victim)
+            disk += 1
+        expired = self.expire()
+        return Invalidated(memory + expired.memory, disk + expired.disk)
+
+    def invalidate(self, namespace: str, keys: Collection[bytes] | None = None) -> Invalidated:
+        """Make ``namespace``'s entries (all, or those among ``keys``) unreachable now, on memory
+        and disk; plans the disk deletes (all of the namespace's files with ``keys`` None)."""
+        def selected(key: bytes, owner: str) -> bool:
+            return owner == namespace and (keys is None or key in keys)
+
+        memory = [key for key, entry in self._memory.items() if selected(key, entry.namespace) and not entry.doomed]
+        for key in memory:
+            self._doom(key)
+        disk = [key for key, entry in self._disk.items() if selected(key, entry.namespace)]
+        for key in disk:
+            self._drop_disk(key)
+            self._ops.deletes.append(EntryRef(key, namespace))
+        if keys is None and self._disk_settings is not None:
+            self._ops.purges.append(namespace)
+        self.reap()
+        return Invalidated(len(memory), len(disk))
+
+    def expire(self) -> Invalidated:
+        """Remove every entry older than its namespace's TTL (memory: doomed; disk: deleted)."""
+        if not any(limits.ttl_s for limits in self._limits.values()):
+            return Invalidated(0, 0)
+        now = self._clock()
+        memory = [key for key, entry in self._memory.items() if not entry.doomed and self._expired(entry, now)]
+        for key in memory:
+            self._doom(key)
+        disk = [key for key, entry in self._disk.items()
+                if entry.state is State.READY and self._expired(entry, now) and not self.leases.is_leased(key)]
+        for key in disk:
+            namespace = self._disk[key].namespace
+            self._drop_disk(key)
+            self._ops.deletes.append(EntryRef(key, namespace))
+        self.reap()
+        return Invalidated(len(memory), len(disk))
+
+    def reap(self) -> None:
+        """Free the slots of doomed entries that are ready and no longer leased."""
+        for key in list(self._doomed):
+            entry = self._memory.get(key)
+            if entry is None or not entry.doomed:
+                self._doomed.discard(key)
+            elif entry.state is State.READY and not self.leases.is_leased(key):
+                self._doomed.discard(key)
+                self._drop_memory(key)
 
     # ----- completion ----------------------------------------------------------------------
     def complete(self, report: WorkerReport) -> None:
@@ -175,15 +318,20 @@ class TieredStore:
             self._drop_memory(key)
             self._drop_disk(key)
         for key in self._acked("disk", report.disk_written):
-            if key in self._disk:
-                self._disk[key] = State.READY
+            entry = self._disk.get(key)
+            if entry is not None:
+                entry.state = State.READY
         for key in set(report.disk_failed):
             self._drop_disk(key)
-            entry = self._memory.get(key)
-            if entry is not None:
-                entry.on_disk = False
+            memory_entry = self._memory.get(key)
+            if memory_entry is not None:
+                memory_entry.on_disk = False
 
     # ----- internals -----------------------------------------------------------------------
+    def _expired(self, entry: MemoryEntry | DiskEntry, now: float) -> bool:
+        ttl = self.ttl_of(entry.namespace)
+        return ttl > 0 and now - entry.created > ttl
+
     def _acked(self, kind: str, keys: Sequence[bytes]) -> list[bytes]:
         done: list[bytes] = []
         for key in keys:
@@ -200,52 +348,129 @@ class TieredStore:
         entry.state = State.READY
         self._memory_policy.insert(key)
 
+    def _doom(self, key: bytes) -> None:
+        self._memory[key].doomed = True
+        self._doomed.add(key)
+
+    def _add_memory(self, key: bytes, entry: MemoryEntry) -> None:
+        self._memory[key] = entry
+        self._memory_usage[entry.namespace] += 1
+
+    def _pop_memory(self, key: bytes) -> MemoryEntry:
+        entry = self._memory.pop(key)
+        self._memory_usage[entry.namespace] -= 1
+        if not self._memory_usage[entry.namespace]:
+            del self._memory_usage[entry.namespace]
+        return entry
+
     def _drop_memory(self, key: bytes) -> None:
-        entry = self._memory.pop(key, None)
-        if entry is not None:
+        if key in self._memory:
+            entry = self._pop_memory(key)
             self._memory_policy.remove(key)
             self._free_slots.append(entry.slot)
 
+    def _add_disk(self, key: bytes, entry: DiskEntry) -> None:
+        assert self._disk_policy is not None
+        self._disk[key] = entry
+        self._disk_policy.insert(key)
+        self._disk_usage[entry.namespace] += 1
+
     def _drop_disk(self, key: bytes) -> None:
-        if self._disk.pop(key, None) is not None and self._disk_policy is not None:
+        entry = self._disk.pop(key, None)
+        if entry is None:
+            return
+        if self._disk_policy is not None:
             self._disk_policy.remove(key)
+        self._disk_usage[entry.namespace] -= 1
+        if not self._disk_usage[entry.namespace]:
+            del self._disk_usage[entry.namespace]
+        memory_entry = self._memory.get(key)
+        if memory_entry is not None:
+            memory_entry.on_disk = False
 
     def _memory_evictable(self, key: bytes) -> bool:
         entry = self._memory[key]
         return entry.state is State.READY and not self.leases.is_leased(key)
 
-    def _allocate_slot(self) -> int | None:
+    def _memory_quota(self, namespace: str) -> int | None:
+        quota = self._limits.get(namespace, _NO_LIMITS).memory_bytes
+        return quota // self._chunk_bytes if quota else None
+
+    def _disk_quota(self, namespace: str) -> int | None:
+        quota = self._limits.get(namespace, _NO_LIMITS).disk_bytes
+        return quota // self._chunk_bytes if quota else None
+
+    def _allocate_slot(self, namespace: str) -> int | None:
+        quota = self._memory_quota(namespace)
+        if quota is not None and self._memory_usage[namespace] >= quota:
+            return self._evict_memory(lambda key: self._memory_evictable(key)
+                                      and self._memory[key].namespace == namespace)
         if self._free_slots:
             return self._free_slots.pop()
-        victim = self._memory_policy.choose_victim(self._memory_evictable)
+        return self._evict_memory(self._memory_evictable)
+
+    def _evict_memory(self, evictable: Callable[[bytes], bool]) -> int | None:
+        """Evict one entry (spilling it to disk when the policy says so); its slot, or None."""
+        victim = self._memory_policy.choose_victim(evictable)
         if victim is None:
             return None
-        entry = self._memory.pop(victim)
+        entry = self._pop_memory(victim)
         self._metrics.evictions.labels(tier="memory").inc()
         settings = self._disk_settings
-        if settings is not None and not settings.write_through and not entry.on_disk:
-            if self._reserve_disk(victim):
-                self._ops.spills.append(SlotOp(victim, entry.slot))
+        if settings is not None and not settings.write_through and not entry.on_disk and not entry.doomed:
+            if self._reserve_disk(victim, entry.namespace, entry.created):
+                self._ops.spills.append(SlotOp(victim, entry.slot, entry.namespace))
         return entry.slot
 
-    def _disk_evictable(self, key: bytes) -> bool:
-        return self._disk[key] is State.READY and not self.leases.is_leased(key)
+    def _trim(self, namespace: str) -> int:
+        """Evict ``namespace``'s memory entries down to its quota; returns how many went."""
+        quota = self._memory_quota(namespace)
+        num_evicted = 0
+        while quota is not None and self._memory_usage[namespace] > quota:
+            slot = self._evict_memory(lambda key: self._memory_evictable(key)
+                                      and self._memory[key].namespace == namespace)
+            if slot is None:
+                break
+            self._free_slots.append(slot)
+            num_evicted += 1
+        return num_evicted
 
-    def _reserve_disk(self, key: bytes) -> bool:
+    def _disk_evictable(self, key: bytes) -> bool:
+        return self._disk[key].state is State.READY and not self.leases.is_leased(key)
+
+    def _disk_victim(self, namespace: str | None) -> bytes | None:
+        assert self._disk_policy is not None
+        if namespace is None:
+            return self._disk_policy.choose_victim(self._disk_evictable)
+        return self._disk_policy.choose_victim(lambda key: self._disk_evictable(key)
+                                               and self._disk[key].namespace == namespace)
+
+    def _evict_disk(self, victim: bytes) -> None:
+        """Remove a victim the disk policy already gave up, and plan its file's delete."""
+        namespace = self._disk[victim].namespace
+        self._drop_disk(victim)
+        self._ops.deletes.append(EntryRef(victim, namespace))
+        self._metrics.evictions.labels(tier="disk").inc()
+
+    def _reserve_disk(self, key: bytes, namespace: str, created: float) -> bool:
         """Make room for and add a pending disk entry; False when the disk tier cannot take it."""
         assert self._disk_settings is not None and self._disk_policy is not None
         if key in self._disk:
             return False
-        while len(self._disk) >= self._disk_settings.capacity_entries:
-            victim = self._disk_policy.choose_victim(self._disk_evictable)
-            if victim is None:
-                self._metrics.dropped_stores.labels(tier="disk").inc()
+        quota = self._disk_quota(namespace)
+        while quota is not None and self._disk_usage[namespace] >= quota:
+            if not self._make_disk_room(namespace):
                 return False
-            del self._disk[victim]
-            if victim in self._memory:
-                self._memory[victim].on_disk = False
-            self._ops.deletes.append(victim)
-            self._metrics.evictions.labels(tier="disk").inc()
-        self._disk[key] = State.PENDING
-        self._disk_policy.insert(key)
+        while len(self._disk) >= self._disk_settings.capacity_entries:
+            if not self._make_disk_room(None):
+                return False
+        self._add_disk(key, DiskEntry(State.PENDING, namespace, created))
+        return True
+
+    def _make_disk_room(self, namespace: str | None) -> bool:
+        victim = self._disk_victim(namespace)
+        if victim is None:
+            self._metrics.dropped_stores.labels(tier="disk").inc()
+            return False
+        self._evict_disk(victim)
         return True

@@ -30,6 +30,7 @@ from tests.servers import S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, TLS_PASSWORD,
     fresh_redis, fresh_seaweed, free_ports, port_of, redis_cluster_nodes, redis_server, redis_tls_server, \
     s3_client, seaweed, valkey_server  # noqa: F401  (fixtures)
 
+TENANT = "tenant-a"
 LAYOUT = bytes(range(16))
 OTHER_LAYOUT = bytes(range(1, 17))
 PAYLOAD_BYTES = 256 << 10
@@ -144,7 +145,7 @@ def payload_of(num_bytes: int = PAYLOAD_BYTES) -> bytes:
 
 
 def read(tier: RemoteTier, key: bytes, num_bytes: int = PAYLOAD_BYTES, rank: int = 0,
-         layout: bytes = LAYOUT, namespace: str = "") -> tuple[ReadResult, bytes]:
+         layout: bytes = LAYOUT, namespace: str = "tenant-a") -> tuple[ReadResult, bytes]:
     out = bytearray(num_bytes)
     return tier.get_into(key, rank, memoryview(out), layout, namespace=namespace), bytes(out)
 
@@ -155,42 +156,42 @@ def test_round_trip(tier: RemoteTier) -> None:
     keys = [new_key() for _ in range(3)]
     payloads = [payload_of() for _ in keys]
     big_key, big_payload = new_key(), payload_of(5_900_000)  # one SmolLM2-sized chunk
-    assert all(tier.put(key, 0, payload, LAYOUT) for key, payload in zip(keys, payloads))
-    assert tier.put(big_key, 0, memoryview(big_payload), LAYOUT)
+    assert all(tier.put(key, 0, payload, LAYOUT, namespace=TENANT) for key, payload in zip(keys, payloads))
+    assert tier.put(big_key, 0, memoryview(big_payload), LAYOUT, namespace=TENANT)
     outs = [bytearray(PAYLOAD_BYTES) for _ in range(4)]
     missing = new_key()
-    results = tier.get_many_into([(key, memoryview(out)) for key, out in zip([*keys, missing], outs)], 0, LAYOUT)
+    results = tier.get_many_into([(key, memoryview(out)) for key, out in zip([*keys, missing], outs)], 0, LAYOUT, namespace=TENANT)
     assert results == [ReadResult.OK] * 3 + [ReadResult.MISSING]
     assert [bytes(out) for out in outs[:3]] == payloads
     assert read(tier, big_key, len(big_payload)) == (ReadResult.OK, big_payload)
     assert read(tier, keys[0], rank=1)[0] is ReadResult.MISSING  # another rank's shard
-    assert tier.get_many_into([], 0, LAYOUT) == []
+    assert tier.get_many_into([], 0, LAYOUT, namespace=TENANT) == []
     assert tier.healthy and tier.num_errors == 0 and tier.num_corrupt == 0
 
 
 def test_exists_prefix_counts_consecutive(tier: RemoteTier) -> None:
     keys = [new_key() for _ in range(20)]
     for index in [0, 1, 2, 4]:
-        assert tier.put(keys[index], 0, payload_of(1024), LAYOUT)
-    assert tier.exists_prefix(keys[:6]) == 3
-    assert tier.exists_prefix(keys[3:6]) == 0
-    assert tier.exists_prefix([]) == 0
-    assert tier.exists_prefix(keys[:3], rank=1) == 0
+        assert tier.put(keys[index], 0, payload_of(1024), LAYOUT, namespace=TENANT)
+    assert tier.exists_prefix(keys[:6], 0, namespace=TENANT) == 3
+    assert tier.exists_prefix(keys[3:6], 0, namespace=TENANT) == 0
+    assert tier.exists_prefix([], 0, namespace=TENANT) == 0
+    assert tier.exists_prefix(keys[:3], 1, namespace=TENANT) == 0
     for key in keys:
-        tier.put(key, 0, payload_of(1024), LAYOUT)
-    assert tier.exists_prefix(keys) == 20  # more than one wave of S3 HEADs
-    assert tier.delete(keys[10:], 0) == 10
-    assert tier.exists_prefix(keys) == 10
+        tier.put(key, 0, payload_of(1024), LAYOUT, namespace=TENANT)
+    assert tier.exists_prefix(keys, 0, namespace=TENANT) == 20  # more than one wave of S3 HEADs
+    assert tier.delete(keys[10:], 0, namespace=TENANT) == 10
+    assert tier.exists_prefix(keys, 0, namespace=TENANT) == 10
 
 
 def test_put_of_an_existing_entry_does_not_rewrite_it(backend: Backend) -> None:
     tier = backend.open(100, TIMEOUT_S)
     key, first, second = new_key(), payload_of(), payload_of()
-    assert tier.put(key, 0, first, LAYOUT)
-    name = tier.name_for(key, 0)
+    assert tier.put(key, 0, first, LAYOUT, namespace=TENANT)
+    name = tier.name_for(key, 0, TENANT)
     stored, marker = backend.raw_get(name), backend.write_marker(name)
     time.sleep(1.1)  # S3 Last-Modified has one-second resolution
-    assert tier.put(key, 0, second, LAYOUT)  # True: the entry is there
+    assert tier.put(key, 0, second, LAYOUT, namespace=TENANT)  # True: the entry is there
     assert backend.write_marker(name) == marker  # not rewritten: same expiry time / ETag and mtime
     assert backend.raw_get(name) == stored
     assert read(tier, key) == (ReadResult.OK, first)
@@ -200,29 +201,59 @@ def test_put_of_an_existing_entry_does_not_rewrite_it(backend: Backend) -> None:
 def test_ttl_is_set_on_the_server(ttl_backend: Backend) -> None:
     tier = ttl_backend.open(100, TIMEOUT_S)
     key = new_key()
-    assert tier.put(key, 0, payload_of(), LAYOUT)
-    remaining = ttl_backend.remaining_ttl_s(tier.name_for(key, 0))
+    assert tier.put(key, 0, payload_of(), LAYOUT, namespace=TENANT)
+    remaining = ttl_backend.remaining_ttl_s(tier.name_for(key, 0, TENANT))
     assert remaining is not None and 99 < remaining <= 100
     no_ttl = ttl_backend.open(None, TIMEOUT_S)
     other = new_key()
-    assert no_ttl.put(other, 0, payload_of(), LAYOUT)
-    assert ttl_backend.remaining_ttl_s(no_ttl.name_for(other, 0)) == -0.001  # PTTL -1: no expiry
+    assert no_ttl.put(other, 0, payload_of(), LAYOUT, namespace=TENANT)
+    assert ttl_backend.remaining_ttl_s(no_ttl.name_for(other, 0, TENANT)) == -0.001  # PTTL -1: no expiry
     tier.close()
     no_ttl.close()
+
+
+def test_a_namespace_ttl_shorter_than_the_tiers_is_set_on_the_server(ttl_backend: Backend) -> None:
+    tier = ttl_backend.open(100, TIMEOUT_S)
+    short, capped = new_key(), new_key()
+    assert tier.put(short, 0, payload_of(), LAYOUT, namespace=TENANT, ttl_s=10)
+    assert tier.put(capped, 0, payload_of(), LAYOUT, namespace=TENANT, ttl_s=1000)  # the tier's 100 s wins
+    short_left = ttl_backend.remaining_ttl_s(tier.name_for(short, 0, TENANT))
+    capped_left = ttl_backend.remaining_ttl_s(tier.name_for(capped, 0, TENANT))
+    assert short_left is not None and 9 < short_left <= 10
+    assert capped_left is not None and 99 < capped_left <= 100
+    tier.close()
+
+
+def test_delete_namespace_removes_every_entry_of_it_and_nothing_else(backend: Backend) -> None:
+    tier = backend.open(100, TIMEOUT_S)
+    mine, theirs = [new_key() for _ in range(30)], new_key()
+    for index, key in enumerate(mine):
+        assert tier.put(key, index % 2, payload_of(1024), LAYOUT, namespace="doomed")
+    assert tier.put(theirs, 0, payload_of(1024), LAYOUT, namespace=TENANT)
+    assert tier.put(mine[0], 0, payload_of(1024), LAYOUT, namespace="doomed-2")  # a namespace that shares the prefix
+    assert tier.delete_namespace("doomed") == 30
+    assert tier.exists_prefix(mine[:1], 0, namespace="doomed") == 0
+    assert tier.exists_prefix(mine[1:2], 1, namespace="doomed") == 0
+    assert tier.exists_prefix([theirs], 0, namespace=TENANT) == 1
+    assert tier.exists_prefix(mine[:1], 0, namespace="doomed-2") == 1
+    assert tier.delete_namespace("doomed") == 0
+    with pytest.raises(ValueError):
+        tier.delete_namespace("..")
+    tier.close()
 
 
 def test_expired_entry_misses(backend: Backend) -> None:
     tier = backend.open(1, TIMEOUT_S)
     key, payload = new_key(), payload_of()
-    assert tier.put(key, 0, payload, LAYOUT)
+    assert tier.put(key, 0, payload, LAYOUT, namespace=TENANT)
     assert read(tier, key) == (ReadResult.OK, payload)
     deadline = time.monotonic() + 6
     while read(tier, key)[0] is ReadResult.OK:  # S3: server clock, one-second resolution
         assert time.monotonic() < deadline, "the entry did not expire"
         time.sleep(0.25)
     assert read(tier, key)[0] is ReadResult.MISSING
-    assert tier.exists_prefix([key]) == 0
-    assert tier.put(key, 0, payload, LAYOUT)  # an expired entry is written again
+    assert tier.exists_prefix([key], 0, namespace=TENANT) == 0
+    assert tier.put(key, 0, payload, LAYOUT, namespace=TENANT)  # an expired entry is written again
     assert read(tier, key) == (ReadResult.OK, payload)
     tier.close()
 
@@ -247,13 +278,13 @@ TAMPERING: dict[str, Callable[[bytes, bytes], bytes]] = {  # (stored value, anot
 def test_bad_values_read_corrupt_and_are_deleted(backend: Backend, tier: RemoteTier, tampering: str) -> None:
     key, neighbour, other = new_key(), new_key(), new_key()
     for each in (key, neighbour, other):
-        assert tier.put(each, 0, payload_of(), LAYOUT)
-    name = tier.name_for(key, 0)
-    stored, other_value = backend.raw_get(name), backend.raw_get(tier.name_for(other, 0))
+        assert tier.put(each, 0, payload_of(), LAYOUT, namespace=TENANT)
+    name = tier.name_for(key, 0, TENANT)
+    stored, other_value = backend.raw_get(name), backend.raw_get(tier.name_for(other, 0, TENANT))
     assert stored is not None and other_value is not None
     backend.raw_set(name, TAMPERING[tampering](stored, other_value))
     outs = [bytearray(PAYLOAD_BYTES), bytearray(PAYLOAD_BYTES)]
-    results = tier.get_many_into([(key, memoryview(outs[0])), (neighbour, memoryview(outs[1]))], 0, LAYOUT)
+    results = tier.get_many_into([(key, memoryview(outs[0])), (neighbour, memoryview(outs[1]))], 0, LAYOUT, namespace=TENANT)
     assert results == [ReadResult.CORRUPT, ReadResult.OK]
     assert tier.num_corrupt == 1 and tier.healthy
     assert backend.raw_get(name) is None  # deleted
@@ -262,21 +293,20 @@ def test_bad_values_read_corrupt_and_are_deleted(backend: Backend, tier: RemoteT
 
 def test_entry_of_another_layout_reads_corrupt(backend: Backend, tier: RemoteTier) -> None:
     key = new_key()
-    assert tier.put(key, 0, payload_of(), OTHER_LAYOUT)
+    assert tier.put(key, 0, payload_of(), OTHER_LAYOUT, namespace=TENANT)
     assert read(tier, key, layout=LAYOUT)[0] is ReadResult.CORRUPT
-    assert backend.raw_get(tier.name_for(key, 0)) is None
+    assert backend.raw_get(tier.name_for(key, 0, TENANT)) is None
 
 
 def test_wrong_size_request_reads_corrupt(tier: RemoteTier) -> None:
     key = new_key()
-    assert tier.put(key, 0, payload_of(), LAYOUT)
+    assert tier.put(key, 0, payload_of(), LAYOUT, namespace=TENANT)
     assert read(tier, key, num_bytes=PAYLOAD_BYTES - 1)[0] is ReadResult.CORRUPT
 
 
 # --------------------------------------------------------------------------------------- encryption at rest
 
 SEALER = Sealer(os.urandom(32))
-TENANT = "tenant-a"
 
 
 @pytest.fixture
@@ -308,12 +338,15 @@ def test_encrypted_round_trip(backend: Backend, sealed_tier: RemoteTier) -> None
     assert [bytes(out) for out in outs[:3]] == payloads
     assert read(sealed_tier, big_key, len(big_payload), namespace=TENANT) == (ReadResult.OK, big_payload)
     # Step: what the server holds is sealed: the sealed length, codec 1, no run of the plaintext.
-    stored = backend.raw_get(sealed_tier.name_for(keys[0], 0))
+    stored = backend.raw_get(sealed_tier.name_for(keys[0], 0, TENANT))
     assert stored is not None and len(stored) == HEADER_BYTES + PAYLOAD_BYTES + SEAL_OVERHEAD_BYTES
     assert decode_header(stored).codec == CODEC_AES256_GCM
     assert not any(payloads[0][i:i + 32] in stored for i in range(0, PAYLOAD_BYTES - 32, 997))
-    assert sealed_tier.exists_prefix(keys) == 3 and sealed_tier.num_corrupt == 0
-    # Step: another namespace label, a tier in clear, another master key: none of them reads it.
+    assert sealed_tier.exists_prefix(keys, 0, namespace=TENANT) == 3 and sealed_tier.num_corrupt == 0
+    # Step: another namespace (its name, or the value replayed under it), a tier in clear, another
+    # master key: none of them reads it.
+    assert read(sealed_tier, keys[0], namespace="tenant-b")[0] is ReadResult.MISSING
+    backend.raw_set(sealed_tier.name_for(keys[0], 0, "tenant-b"), stored)
     assert read(sealed_tier, keys[0], namespace="tenant-b")[0] is ReadResult.CORRUPT
     clear = backend.open(None, TIMEOUT_S)
     assert read(clear, keys[1])[0] is ReadResult.CORRUPT
@@ -348,8 +381,8 @@ def test_bad_encrypted_values_read_corrupt_and_are_deleted(backend: Backend, sea
     key, neighbour, other = new_key(), new_key(), new_key()
     for each in (key, neighbour, other):
         assert sealed_tier.put(each, 0, payload_of(), LAYOUT, namespace=TENANT)
-    name = sealed_tier.name_for(key, 0)
-    stored, other_value = backend.raw_get(name), backend.raw_get(sealed_tier.name_for(other, 0))
+    name = sealed_tier.name_for(key, 0, TENANT)
+    stored, other_value = backend.raw_get(name), backend.raw_get(sealed_tier.name_for(other, 0, TENANT))
     assert stored is not None and other_value is not None
     backend.raw_set(name, SEALED_TAMPERING[tampering](stored, other_value))
     outs = [bytearray(PAYLOAD_BYTES), bytearray(PAYLOAD_BYTES)]
@@ -367,7 +400,7 @@ def test_swapped_encrypted_values_read_corrupt(backend: Backend, sealed_tier: Re
         one, two = new_key(), new_key()
         assert sealed_tier.put(one, 0, payload_of(), LAYOUT, namespace=TENANT)
         assert sealed_tier.put(two, 0, payload_of(), LAYOUT, namespace=TENANT)
-        names = [sealed_tier.name_for(one, 0), sealed_tier.name_for(two, 0)]
+        names = [sealed_tier.name_for(one, 0, TENANT), sealed_tier.name_for(two, 0, TENANT)]
         values = [backend.raw_get(name) for name in names]
         assert values[0] is not None and values[1] is not None
         swapped = [values[1], values[0]]
@@ -387,9 +420,9 @@ def test_encrypted_value_replayed_under_another_key_reads_corrupt(backend: Backe
     key, target = new_key(), new_key()
     payload = payload_of()
     assert sealed_tier.put(key, 0, payload, LAYOUT, namespace=TENANT)
-    value = backend.raw_get(sealed_tier.name_for(key, 0))
+    value = backend.raw_get(sealed_tier.name_for(key, 0, TENANT))
     assert value is not None
-    backend.raw_set(sealed_tier.name_for(target, 0), forged(value, key=target))
+    backend.raw_set(sealed_tier.name_for(target, 0, TENANT), forged(value, key=target))
     assert read(sealed_tier, target, namespace=TENANT)[0] is ReadResult.CORRUPT
     assert read(sealed_tier, key, namespace=TENANT) == (ReadResult.OK, payload)
 
@@ -401,10 +434,10 @@ def test_closed_port_at_start_is_unhealthy_not_an_error(backend: Backend) -> Non
     tier = backend.open_unreachable(1.0)
     key = new_key()
     assert not tier.healthy and tier.num_errors == 1
-    assert tier.exists_prefix([key]) == 0
+    assert tier.exists_prefix([key], 0, namespace=TENANT) == 0
     assert read(tier, key)[0] is ReadResult.MISSING
-    assert tier.put(key, 0, payload_of(), LAYOUT) is False
-    assert tier.delete([key], 0) == 0
+    assert tier.put(key, 0, payload_of(), LAYOUT, namespace=TENANT) is False
+    assert tier.delete([key], 0, namespace=TENANT) == 0
     assert tier.num_errors == 1  # backing off: no further attempt
     assert time.monotonic() - started < 1.0 + 1.5
     assert 0 < tier.retry_after_s <= 1.0
@@ -413,9 +446,9 @@ def test_closed_port_at_start_is_unhealthy_not_an_error(backend: Backend) -> Non
 
 def assert_misses(tier: RemoteTier, key: bytes) -> None:
     assert read(tier, key)[0] is ReadResult.MISSING
-    assert tier.exists_prefix([key]) == 0
-    assert tier.put(new_key(), 0, payload_of(), LAYOUT) is False
-    assert tier.delete([key], 0) == 0
+    assert tier.exists_prefix([key], 0, namespace=TENANT) == 0
+    assert tier.put(new_key(), 0, payload_of(), LAYOUT, namespace=TENANT) is False
+    assert tier.delete([key], 0, namespace=TENANT) == 0
 
 
 def wait_for_probe(tier: RemoteTier) -> None:
@@ -424,7 +457,7 @@ def wait_for_probe(tier: RemoteTier) -> None:
 
 def check_kill_and_restart(server: ServerProcess, tier: RemoteTier, persistent: bool) -> None:
     key, payload = new_key(), payload_of()
-    assert tier.put(key, 0, payload, LAYOUT)
+    assert tier.put(key, 0, payload, LAYOUT, namespace=TENANT)
     server.kill()
     assert read(tier, key)[0] is ReadResult.MISSING  # the failing call
     assert not tier.healthy and tier.num_errors == 1
@@ -436,9 +469,9 @@ def check_kill_and_restart(server: ServerProcess, tier: RemoteTier, persistent: 
     server.start()
     assert read(tier, key)[0] is ReadResult.MISSING  # still backing off
     wait_for_probe(tier)
-    assert tier.exists_prefix([key]) == (1 if persistent else 0)  # the probe succeeds
+    assert tier.exists_prefix([key], 0, namespace=TENANT) == (1 if persistent else 0)  # the probe succeeds
     assert tier.healthy
-    assert tier.put(key, 0, payload, LAYOUT)
+    assert tier.put(key, 0, payload, LAYOUT, namespace=TENANT)
     assert read_eventually(tier, key) == (ReadResult.OK, payload)
 
 
@@ -468,12 +501,12 @@ def test_s3_killed_mid_run_then_restarted(fresh_seaweed: tuple[ServerProcess, st
 
 def check_deadline(server: ServerProcess, tier: RemoteTier, timeout_s: float) -> None:
     key, payload = new_key(), payload_of()
-    assert tier.put(key, 0, payload, LAYOUT)
+    assert tier.put(key, 0, payload, LAYOUT, namespace=TENANT)
     server.pause()  # connections are accepted by the kernel, nothing answers
     try:
         started = time.monotonic()
         outs = [bytearray(PAYLOAD_BYTES) for _ in range(8)]
-        results = tier.get_many_into([(key, memoryview(out)) for out in outs], 0, LAYOUT)
+        results = tier.get_many_into([(key, memoryview(out)) for out in outs], 0, LAYOUT, namespace=TENANT)
         elapsed_s = time.monotonic() - started
         assert results == [ReadResult.MISSING] * 8 and not tier.healthy
         assert elapsed_s < timeout_s + 0.5, f"took {elapsed_s:.2f} s with timeout_s={timeout_s}"
@@ -527,4 +560,7 @@ def test_missing_client_library_names_the_install_step(monkeypatch: pytest.Monke
 
 def test_object_names() -> None:
     key = bytes(range(16))
-    assert object_name(key, 3) == f"kvtier/{key.hex()}.3"
+    assert object_name(key, 3, "tenant-a") == f"kvtier/tenant-a/{key.hex()}.3"
+    for name in ("", ".", "..", "a/b", "a*", "a?"):  # never a path, never a glob
+        with pytest.raises(ValueError):
+            object_name(key, 3, name)

@@ -11,8 +11,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvtier.config import (DiskConfig, EncryptionConfig, KVTierConfig, LoadedConfig, MemoryConfig,
-                           MetricsConfig, RemoteConfig, describe, load_config, parse_size)
+from kvtier.config import (AdminConfig, DiskConfig, EncryptionConfig, KVTierConfig, LoadedConfig, MemoryConfig,
+                           MetricsConfig, NamespaceLimits, RemoteConfig, describe, load_config,
+                           parse_namespace_limits, parse_size)
 from kvtier.errors import ConfigError
 
 GIB = 2**30
@@ -26,7 +27,9 @@ DEFAULT_REMOTE = RemoteConfig(url=None, ttl_s=86400, timeout_ms=2000, queue_dept
                               tls_ca=None, s3_endpoint=None, s3_region=None, access_key=None, secret_key=None)
 ENCRYPTION_KEYS = ["encryption.key_file", "encryption.key_env"]
 DEFAULT_ENCRYPTION = EncryptionConfig(key_file=None, key_env=None)
-UNSET_KEYS = ["no_cache_namespaces"] + REMOTE_KEYS + ENCRYPTION_KEYS  # the keys the "every key" tests below leave at their defaults
+ADMIN_KEYS = ["admin.port", "admin.host", "admin.tokens_file", "admin.audit_log"]
+DEFAULT_ADMIN = AdminConfig(port=0, host="127.0.0.1", tokens_file=None, audit_log=None)
+UNSET_KEYS = ["no_cache_namespaces", "namespace_limits"] + REMOTE_KEYS + ENCRYPTION_KEYS + ADMIN_KEYS  # the keys the "every key" tests below leave at their defaults
 
 
 def load(inline: Mapping[str, object] | None = None, env: Mapping[str, str] | None = None) -> LoadedConfig:
@@ -56,7 +59,7 @@ def test_defaults() -> None:
         memory=MemoryConfig(capacity_bytes=2 * GIB, policy="s3fifo"),
         disk=DiskConfig(path=None, capacity_bytes=16 * GIB, write_policy="write_through", queue_depth=64),
         metrics=MetricsConfig(port=0, host="127.0.0.1"), remote=DEFAULT_REMOTE,
-        encryption=DEFAULT_ENCRYPTION,
+        encryption=DEFAULT_ENCRYPTION, admin=DEFAULT_ADMIN, namespace_limits={},
     )
     assert loaded.sources == dict.fromkeys(ALL_KEYS + UNSET_KEYS, "default")
 
@@ -100,7 +103,7 @@ def test_file_named_inline_sets_every_key(tmp_path: Path) -> None:
         disk=DiskConfig(path="/var/cache/kvtier", capacity_bytes=100 * 10**9, write_policy="write_through",
                         queue_depth=8),
         metrics=MetricsConfig(port=9400, host="0.0.0.0"), remote=DEFAULT_REMOTE,
-        encryption=DEFAULT_ENCRYPTION,
+        encryption=DEFAULT_ENCRYPTION, admin=DEFAULT_ADMIN, namespace_limits={},
     )
     assert loaded.sources == {**dict.fromkeys(ALL_KEYS, f"file:{path}"), **dict.fromkeys(UNSET_KEYS, "default")}
 
@@ -178,7 +181,7 @@ def test_env_sets_every_key() -> None:
         disk=DiskConfig(path="/d", capacity_bytes=1_500_000_000, write_policy="write_through",
                         queue_depth=16),
         metrics=MetricsConfig(port=9400, host="::1"), remote=DEFAULT_REMOTE,
-        encryption=DEFAULT_ENCRYPTION,
+        encryption=DEFAULT_ENCRYPTION, admin=DEFAULT_ADMIN, namespace_limits={},
     )
     assert loaded.sources == {**{key: f"env:KVTIER_{key.replace('.', '_').upper()}" for key in ALL_KEYS},
                               **dict.fromkeys(UNSET_KEYS, "default")}
@@ -498,6 +501,9 @@ def test_describe_rows(tmp_path: Path) -> None:
         ("remote.timeout_ms", "2000", "default"), ("remote.queue_depth", "64", "default"),
         *[(key, "null", "default") for key in REMOTE_KEYS[4:]],
         ("encryption.key_file", "null", "default"), ("encryption.key_env", "null", "default"),
+        ("namespace_limits", '""', "default"), ("admin.port", "0", "default"),
+        ("admin.host", '"127.0.0.1"', "default"), ("admin.tokens_file", "null", "default"),
+        ("admin.audit_log", "null", "default"),
     ]
 
 
@@ -510,3 +516,38 @@ def test_describe_disk_off_is_null() -> None:
 def test_no_cache_namespaces() -> None:
     assert load({"no_cache_namespaces": "a,b.c"}).config.no_cache_namespaces == "a,b.c"
     assert config_error({"no_cache_namespaces": "a, b"}).key == "no_cache_namespaces"
+
+
+# ---- tenants --------------------------------------------------------------------------------------
+
+def test_namespace_limits_parse_ttl_and_quotas_per_namespace() -> None:
+    config = load({"namespace_limits": "tenant-a:ttl=3600,memory=1GiB,disk=10GB; tenant-b:ttl=60"}).config
+    assert config.namespace_limits == {"tenant-a": NamespaceLimits(3600, GIB, 10 * 10**9),
+                                       "tenant-b": NamespaceLimits(ttl_s=60)}
+
+
+@pytest.mark.parametrize("text", ["tenant-a", "tenant-a:ttl", "tenant-a:colour=red", "..:ttl=1",
+                                  "a:ttl=1;a:ttl=2", "a:memory=lots", "a:ttl=-1"])
+def test_bad_namespace_limits_are_refused_with_the_key(text: str) -> None:
+    error = config_error({"namespace_limits": text})
+    assert error.key == "namespace_limits"
+
+
+@pytest.mark.parametrize("name", [".", "..", ".hidden", "a/b", "", "x" * 65, "a b"])
+def test_namespaces_that_could_be_paths_are_refused(name: str) -> None:
+    assert config_error({"namespace": name}).key == "namespace"
+
+
+def test_admin_keys_load_from_a_section() -> None:
+    config = load({"admin": {"port": 9000, "tokens_file": "/etc/kvtier/tokens"}}).config
+    assert config.admin == AdminConfig(port=9000, host="127.0.0.1", tokens_file="/etc/kvtier/tokens", audit_log=None)
+
+
+@given(st.dictionaries(st.from_regex(r"[a-z][a-z0-9_-]{0,10}", fullmatch=True),
+                       st.tuples(st.integers(0, 10**6), st.integers(0, 2**40), st.integers(0, 2**40)), max_size=4))
+def test_namespace_limits_round_trip_through_describe(limits: dict[str, tuple[int, int, int]]) -> None:
+    text = ";".join(f"{name}:ttl={t},memory={m},disk={d}" for name, (t, m, d) in limits.items())
+    parsed = parse_namespace_limits(text)
+    assert parsed == {name: NamespaceLimits(*values) for name, values in limits.items()}
+    shown = dict((row[0], row[1]) for row in describe(load({"namespace_limits": text})))
+    assert parse_namespace_limits(shown["namespace_limits"].strip('"')) == parsed

@@ -18,6 +18,7 @@ from kvtier.errors import ConfigError
 from kvtier.tiers.disk import DiskFiles, DiskWriter, ReadResult
 
 LAYOUT = bytes(range(16))
+TENANT = "tenant-a"
 PAYLOAD = bytes(range(256)) * 16  # 4 KiB
 
 
@@ -32,14 +33,14 @@ def files(tmp_path) -> DiskFiles:
 
 def read(files: DiskFiles, key: bytes, rank: int = 0, num_bytes: int = len(PAYLOAD)) -> tuple[ReadResult, bytes]:
     out = bytearray(num_bytes)
-    return files.read_into(key, rank, memoryview(out)), bytes(out)
+    return files.read_into(key, rank, memoryview(out), namespace=TENANT), bytes(out)
 
 
 def test_round_trip(files: DiskFiles) -> None:
     key = key_of(1)
-    assert files.write(key, 2, PAYLOAD) == files.entry_bytes(len(PAYLOAD)) == HEADER_BYTES + len(PAYLOAD)
-    path = files.path_for(key, 2)
-    assert path == os.path.join(files.root, key.hex()[:2], f"{key.hex()}.2.kvt")
+    assert files.write(key, 2, PAYLOAD, namespace=TENANT) == files.entry_bytes(len(PAYLOAD)) == HEADER_BYTES + len(PAYLOAD)
+    path = files.path_for(key, 2, TENANT)
+    assert path == os.path.join(files.root, TENANT, key.hex()[:2], f"{key.hex()}.2.kvt")
     assert os.path.getsize(path) == HEADER_BYTES + len(PAYLOAD)
     assert read(files, key, rank=2) == (ReadResult.OK, PAYLOAD)
     assert read(files, key, rank=0)[0] is ReadResult.MISSING  # other rank
@@ -48,22 +49,22 @@ def test_round_trip(files: DiskFiles) -> None:
 
 def test_rewrite_replaces_and_delete_is_idempotent(files: DiskFiles) -> None:
     key = key_of(1)
-    files.write(key, 0, PAYLOAD)
-    files.write(key, 0, PAYLOAD[::-1])
+    files.write(key, 0, PAYLOAD, namespace=TENANT)
+    files.write(key, 0, PAYLOAD[::-1], namespace=TENANT)
     assert read(files, key) == (ReadResult.OK, PAYLOAD[::-1])
-    files.delete(key, 0)
-    files.delete(key, 0)
+    files.delete(key, 0, TENANT)
+    files.delete(key, 0, TENANT)
     assert read(files, key)[0] is ReadResult.MISSING
 
 
 def test_restart_scans_entries_and_cleans_crash_leftovers(tmp_path) -> None:
     root = str(tmp_path / "disk")
     first = DiskFiles(root, LAYOUT)
-    first.write(key_of(1), 0, PAYLOAD)
-    first.write(key_of(1), 1, PAYLOAD)
-    first.write(key_of(2), 0, PAYLOAD[:100])
+    first.write(key_of(1), 0, PAYLOAD, namespace=TENANT)
+    first.write(key_of(1), 1, PAYLOAD, namespace=TENANT)
+    first.write(key_of(2), 0, PAYLOAD[:100], namespace=TENANT)
     # A crash mid-write leaves a temp file; foreign files must be left alone.
-    temp = first.path_for(key_of(3), 0) + ".4242.139872.tmp"
+    temp = first.path_for(key_of(3), 0, TENANT) + ".4242.139872.tmp"
     os.makedirs(os.path.dirname(temp), exist_ok=True)
     with open(temp, "wb") as f:
         f.write(b"half an entry")
@@ -75,10 +76,10 @@ def test_restart_scans_entries_and_cleans_crash_leftovers(tmp_path) -> None:
 
     # Step: a new process opens the same directory and rebuilds its index from the files.
     entries = DiskFiles(root, LAYOUT).scan()
-    found = sorted((key, rank, size) for key, rank, size, _ in entries)
+    found = sorted((e.key, e.rank, e.file_bytes) for e in entries)
     assert found == [(key_of(1), 0, HEADER_BYTES + len(PAYLOAD)), (key_of(1), 1, HEADER_BYTES + len(PAYLOAD)),
                      (key_of(2), 0, HEADER_BYTES + 100)]
-    assert all(isinstance(mtime, float) for *_, mtime in entries)
+    assert all(isinstance(e.mtime, float) and e.namespace == TENANT for e in entries)
     assert not os.path.exists(temp)
     assert all(os.path.exists(path) for path in foreign)
 
@@ -91,8 +92,8 @@ def test_scan_of_empty_dir(files: DiskFiles) -> None:
                                     HEADER_BYTES + len(PAYLOAD) - 1])
 def test_corrupt_byte_is_detected_and_removed(files: DiskFiles, offset: int) -> None:
     key = key_of(7)
-    files.write(key, 0, PAYLOAD)
-    path = files.path_for(key, 0)
+    files.write(key, 0, PAYLOAD, namespace=TENANT)
+    path = files.path_for(key, 0, TENANT)
     with open(path, "r+b") as f:
         f.seek(offset)
         byte = f.read(1)
@@ -106,43 +107,43 @@ def test_corrupt_byte_is_detected_and_removed(files: DiskFiles, offset: int) -> 
 @pytest.mark.parametrize("length", [0, 5, HEADER_BYTES, HEADER_BYTES + 1, HEADER_BYTES + len(PAYLOAD) - 1])
 def test_truncated_file_is_corrupt(files: DiskFiles, length: int) -> None:
     key = key_of(8)
-    files.write(key, 0, PAYLOAD)
-    os.truncate(files.path_for(key, 0), length)
+    files.write(key, 0, PAYLOAD, namespace=TENANT)
+    os.truncate(files.path_for(key, 0, TENANT), length)
     assert read(files, key)[0] is ReadResult.CORRUPT
-    assert not os.path.exists(files.path_for(key, 0))
+    assert not os.path.exists(files.path_for(key, 0, TENANT))
 
 
 def test_trailing_bytes_are_corrupt(files: DiskFiles) -> None:
     key = key_of(8)
-    files.write(key, 0, PAYLOAD)
-    with open(files.path_for(key, 0), "ab") as f:
+    files.write(key, 0, PAYLOAD, namespace=TENANT)
+    with open(files.path_for(key, 0, TENANT), "ab") as f:
         f.write(b"x")
     assert read(files, key)[0] is ReadResult.CORRUPT
 
 
 def test_wrong_layout_fingerprint_is_corrupt(tmp_path) -> None:
     root = str(tmp_path / "disk")
-    DiskFiles(root, LAYOUT).write(key_of(1), 0, PAYLOAD)
+    DiskFiles(root, LAYOUT).write(key_of(1), 0, PAYLOAD, namespace=TENANT)
     other = DiskFiles(root, bytes(16))
     assert read(other, key_of(1))[0] is ReadResult.CORRUPT
-    assert not os.path.exists(other.path_for(key_of(1), 0))
+    assert not os.path.exists(other.path_for(key_of(1), 0, TENANT))
 
 
 def test_entry_under_another_name_is_corrupt(files: DiskFiles) -> None:
-    files.write(key_of(1), 0, PAYLOAD)
-    os.makedirs(os.path.dirname(files.path_for(key_of(2), 0)), exist_ok=True)
-    shutil.copy(files.path_for(key_of(1), 0), files.path_for(key_of(2), 0))
-    shutil.copy(files.path_for(key_of(1), 0), files.path_for(key_of(1), 1))
+    files.write(key_of(1), 0, PAYLOAD, namespace=TENANT)
+    os.makedirs(os.path.dirname(files.path_for(key_of(2), 0, TENANT)), exist_ok=True)
+    shutil.copy(files.path_for(key_of(1), 0, TENANT), files.path_for(key_of(2), 0, TENANT))
+    shutil.copy(files.path_for(key_of(1), 0, TENANT), files.path_for(key_of(1), 1, TENANT))
     assert read(files, key_of(2))[0] is ReadResult.CORRUPT  # key mismatch
     assert read(files, key_of(1), rank=1)[0] is ReadResult.CORRUPT  # rank mismatch
     assert read(files, key_of(1), num_bytes=len(PAYLOAD) - 1)[0] is ReadResult.CORRUPT  # wrong size
 
 
 def test_read_into_writes_into_the_callers_buffer(files: DiskFiles) -> None:
-    files.write(key_of(1), 0, memoryview(PAYLOAD))
+    files.write(key_of(1), 0, memoryview(PAYLOAD), namespace=TENANT)
     pool = bytearray(3 * len(PAYLOAD))
     slot = memoryview(pool)[len(PAYLOAD):2 * len(PAYLOAD)]
-    assert files.read_into(key_of(1), 0, slot) is ReadResult.OK
+    assert files.read_into(key_of(1), 0, slot, namespace=TENANT) is ReadResult.OK
     assert pool == bytes(len(PAYLOAD)) + PAYLOAD + bytes(len(PAYLOAD))
 
 
@@ -155,7 +156,7 @@ def test_uncreatable_root_is_a_config_error(tmp_path) -> None:
 
 def test_write_error_removes_temp_and_keeps_old_entry(files: DiskFiles, monkeypatch) -> None:
     key = key_of(1)
-    files.write(key, 0, PAYLOAD)
+    files.write(key, 0, PAYLOAD, namespace=TENANT)
     calls = []
 
     def fail_on_payload(fd: int, data) -> int:
@@ -164,10 +165,10 @@ def test_write_error_removes_temp_and_keeps_old_entry(files: DiskFiles, monkeypa
 
     monkeypatch.setattr(os, "write", fail_on_payload)
     with pytest.raises(OSError) as info:
-        files.write(key, 0, PAYLOAD[::-1])
+        files.write(key, 0, PAYLOAD[::-1], namespace=TENANT)
     monkeypatch.undo()
     assert info.value.errno == errno.ENOSPC and calls
-    assert os.listdir(os.path.dirname(files.path_for(key, 0))) == [os.path.basename(files.path_for(key, 0))]
+    assert os.listdir(os.path.dirname(files.path_for(key, 0, TENANT))) == [os.path.basename(files.path_for(key, 0, TENANT))]
     assert read(files, key) == (ReadResult.OK, PAYLOAD)
 
 
@@ -192,13 +193,13 @@ def test_full_disk_on_a_real_file_system(tiny_fs: str) -> None:
     written = []
     with pytest.raises(OSError) as info:
         for i in range(10):
-            files.write(key_of(i), 0, payload)
+            files.write(key_of(i), 0, payload, namespace=TENANT)
             written.append(key_of(i))
     assert info.value.errno == errno.ENOSPC
     assert written, "at least one entry fits"
     leftovers = [name for _, _, names in os.walk(files.root) for name in names if name.endswith(".tmp")]
     assert leftovers == []
-    assert sorted(key for key, *_ in files.scan()) == written
+    assert sorted(e.key for e in files.scan()) == written
     assert all(read(files, key, num_bytes=len(payload))[0] is ReadResult.OK for key in written)
 
 
@@ -206,7 +207,6 @@ def test_full_disk_on_a_real_file_system(tiny_fs: str) -> None:
 
 SECRET = os.urandom(4096)  # random: a run of it in a file can only come from the plaintext
 SEALER = Sealer(bytes(range(32)))
-TENANT = "tenant-a"
 
 
 @pytest.fixture
@@ -238,13 +238,13 @@ def test_encrypted_round_trip_leaves_no_plaintext_on_disk(sealed: DiskFiles) -> 
     key = key_of(1)
     written = sealed.write(key, 0, SECRET, namespace=TENANT)
     assert written == sealed.entry_bytes(len(SECRET)) == HEADER_BYTES + len(SECRET) + SEAL_OVERHEAD_BYTES
-    with open(sealed.path_for(key, 0), "rb") as f:
+    with open(sealed.path_for(key, 0, TENANT), "rb") as f:
         data = f.read()
     assert len(data) == written and decode_header(data).codec == CODEC_AES256_GCM
     assert not any(SECRET[i:i + 16] in data for i in range(len(SECRET) - 16))
     assert read_secret(sealed, key) == (ReadResult.OK, SECRET)
     # scan() reports the sealed size: start-up must compare it with entry_bytes(), not HEADER_BYTES + chunk.
-    assert [(k, rank, size) for k, rank, size, _ in sealed.scan()] == [(key, 0, written)]
+    assert [(e.key, e.rank, e.file_bytes) for e in sealed.scan()] == [(key, 0, written)]
 
 
 def test_encrypted_read_writes_only_the_callers_slot(sealed: DiskFiles) -> None:
@@ -260,7 +260,7 @@ def test_encrypted_read_writes_only_the_callers_slot(sealed: DiskFiles) -> None:
 def test_tampered_encrypted_entry_is_corrupt(sealed: DiskFiles, offset: int, caplog) -> None:
     key = key_of(7)
     sealed.write(key, 0, SECRET, namespace=TENANT)
-    path = sealed.path_for(key, 0)
+    path = sealed.path_for(key, 0, TENANT)
     with open(path, "rb") as f:
         data = bytearray(f.read())
     data[offset] ^= 0x04
@@ -284,7 +284,7 @@ def test_swapped_encrypted_entries_are_corrupt(sealed: DiskFiles, caplog) -> Non
     one, two = key_of(1), key_of(2)
     sealed.write(one, 0, SECRET, namespace=TENANT)
     sealed.write(two, 0, SECRET[::-1], namespace=TENANT)
-    paths = {key: sealed.path_for(key, 0) for key in (one, two)}
+    paths = {key: sealed.path_for(key, 0, TENANT) for key in (one, two)}
     stored = {}
     for key, path in paths.items():
         with open(path, "rb") as f:
@@ -300,16 +300,16 @@ def test_swapped_encrypted_entries_are_corrupt(sealed: DiskFiles, caplog) -> Non
 def test_encrypted_entry_replayed_under_another_identity_is_corrupt(tmp_path, sealed: DiskFiles, replay: str,
                                                                     caplog) -> None:
     sealed.write(key_of(1), 0, SECRET, namespace=TENANT)
-    source = sealed.path_for(key_of(1), 0)
+    source = sealed.path_for(key_of(1), 0, TENANT)
     if replay == "another key":
-        forge(source, sealed.path_for(key_of(2), 0), key=key_of(2))
+        forge(source, sealed.path_for(key_of(2), 0, TENANT), key=key_of(2))
         assert read_secret(sealed, key_of(2))[0] is ReadResult.CORRUPT
     elif replay == "another rank":
-        forge(source, sealed.path_for(key_of(1), 1), rank=1)
+        forge(source, sealed.path_for(key_of(1), 1, TENANT), rank=1)
         assert read_secret(sealed, key_of(1), rank=1)[0] is ReadResult.CORRUPT
     else:
         other = DiskFiles(str(tmp_path / "other"), bytes(16), sealer=SEALER)
-        forge(source, other.path_for(key_of(1), 0), layout=bytes(16))
+        forge(source, other.path_for(key_of(1), 0, TENANT), layout=bytes(16))
         assert read_secret(other, key_of(1))[0] is ReadResult.CORRUPT
     assert "does not authenticate" in caplog.text
     assert read_secret(sealed, key_of(1)) == (ReadResult.OK, SECRET)  # the original is untouched
@@ -318,7 +318,7 @@ def test_encrypted_entry_replayed_under_another_identity_is_corrupt(tmp_path, se
 def test_clear_entry_is_refused_when_encryption_is_on(sealed: DiskFiles, caplog) -> None:
     # A clear entry of the right file size needs no key to forge: with encryption on it must not load.
     sealed.write(key_of(1), 0, SECRET, namespace=TENANT)
-    path = sealed.path_for(key_of(1), 0)
+    path = sealed.path_for(key_of(1), 0, TENANT)
     forge(path, path, codec=CODEC_RAW, stored=os.urandom(len(SECRET) + SEAL_OVERHEAD_BYTES))
     assert read_secret(sealed, key_of(1))[0] is ReadResult.CORRUPT
     assert "entry codec 0" in caplog.text
@@ -327,18 +327,47 @@ def test_clear_entry_is_refused_when_encryption_is_on(sealed: DiskFiles, caplog)
     clear = DiskFiles(sealed.root, LAYOUT)
     for num_bytes in (len(SECRET), len(SECRET) + SEAL_OVERHEAD_BYTES):
         out = bytearray(num_bytes)
-        assert clear.read_into(key_of(2), 0, memoryview(out)) is ReadResult.CORRUPT
+        assert clear.read_into(key_of(2), 0, memoryview(out), namespace=TENANT) is ReadResult.CORRUPT
         sealed.write(key_of(2), 0, SECRET, namespace=TENANT)
 
 
 def test_other_namespace_or_master_key_is_corrupt(sealed: DiskFiles) -> None:
     sealed.write(key_of(1), 0, SECRET, namespace=TENANT)
+    assert read_secret(sealed, key_of(1), namespace="tenant-b")[0] is ReadResult.MISSING  # another directory
+    moved = sealed.path_for(key_of(1), 0, "tenant-b")
+    os.makedirs(os.path.dirname(moved))
+    shutil.copy(sealed.path_for(key_of(1), 0, TENANT), moved)  # planted in another tenant's directory
     assert read_secret(sealed, key_of(1), namespace="tenant-b")[0] is ReadResult.CORRUPT
-    sealed.write(key_of(1), 0, SECRET, namespace=TENANT)
     other_master = DiskFiles(sealed.root, LAYOUT, sealer=Sealer(bytes(range(1, 33))))
     assert read_secret(other_master, key_of(1))[0] is ReadResult.CORRUPT
-    sealed.write(key_of(1), 0, SECRET)  # no label: the deployment-wide context
-    assert read_secret(sealed, key_of(1), namespace="") == (ReadResult.OK, SECRET)
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../x", "a/b", "/abs"])
+def test_a_namespace_is_never_a_path(files: DiskFiles, name: str) -> None:
+    with pytest.raises(ValueError):
+        files.path_for(key_of(1), 0, name)
+    with pytest.raises(ValueError):
+        files.write(key_of(1), 0, PAYLOAD, namespace=name)
+
+
+def test_delete_namespace_removes_its_files_and_only_its_files(files: DiskFiles) -> None:
+    files.write(key_of(1), 0, PAYLOAD, namespace="a")
+    files.write(key_of(2), 1, PAYLOAD, namespace="a")
+    files.write(key_of(3), 0, PAYLOAD, namespace="b")
+    assert files.delete_namespace("a") == 2
+    assert [(e.key, e.namespace) for e in files.scan()] == [(key_of(3), "b")]
+    assert not os.path.exists(os.path.join(files.root, "a"))
+    assert files.delete_namespace("nobody") == 0
+
+
+def test_writer_purge_runs_after_the_writes_queued_before_it(files: DiskFiles) -> None:
+    writer = DiskWriter(files, queue_depth=8)
+    for i in range(5):
+        assert writer.submit_write(key_of(i), 0, PAYLOAD, namespace="a")
+    assert writer.submit_purge("a")
+    assert writer.flush(10)
+    writer.close()
+    assert files.scan() == []
 
 
 def test_writer_seals_on_its_thread(sealed: DiskFiles) -> None:
@@ -350,7 +379,7 @@ def test_writer_seals_on_its_thread(sealed: DiskFiles) -> None:
     finally:
         writer.close()
     assert read_secret(sealed, key_of(1)) == (ReadResult.OK, SECRET)
-    assert os.path.getsize(sealed.path_for(key_of(1), 0)) == sealed.entry_bytes(len(SECRET))
+    assert os.path.getsize(sealed.path_for(key_of(1), 0, TENANT)) == sealed.entry_bytes(len(SECRET))
 
 
 # ----- DiskWriter ----------------------------------------------------------------------------
@@ -368,7 +397,7 @@ def hold_writes(monkeypatch, files: DiskFiles) -> threading.Event:
     release = threading.Event()
     real_write = files.write
 
-    def held_write(key: bytes, rank: int, payload: bytes, *, namespace: str = "") -> int:
+    def held_write(key: bytes, rank: int, payload: bytes, *, namespace: str) -> int:
         release.wait(10)
         return real_write(key, rank, payload, namespace=namespace)
 
@@ -377,7 +406,7 @@ def hold_writes(monkeypatch, files: DiskFiles) -> threading.Event:
 
 
 def test_writer_writes_and_reports(files: DiskFiles, writer: DiskWriter) -> None:
-    assert writer.submit_write(key_of(1), 0, PAYLOAD)
+    assert writer.submit_write(key_of(1), 0, PAYLOAD, namespace=TENANT)
     assert writer.flush(5)
     assert writer.take_results() == ([key_of(1)], [])
     assert writer.take_results() == ([], [])
@@ -387,11 +416,11 @@ def test_writer_writes_and_reports(files: DiskFiles, writer: DiskWriter) -> None
 def test_writer_drops_when_full_but_never_drops_deletes(files, writer, monkeypatch) -> None:
     release = hold_writes(monkeypatch, files)
     # Step: the first write is in flight (held), the second waits: the queue of depth 2 is full.
-    assert writer.submit_write(key_of(1), 0, PAYLOAD)
-    assert writer.submit_write(key_of(2), 0, PAYLOAD)
-    assert not writer.submit_write(key_of(3), 0, PAYLOAD)
+    assert writer.submit_write(key_of(1), 0, PAYLOAD, namespace=TENANT)
+    assert writer.submit_write(key_of(2), 0, PAYLOAD, namespace=TENANT)
+    assert not writer.submit_write(key_of(3), 0, PAYLOAD, namespace=TENANT)
     # Step: deletes are still accepted, and run after the writes submitted before them.
-    assert writer.submit_delete(key_of(1), 0)
+    assert writer.submit_delete(key_of(1), 0, namespace=TENANT)
     assert not writer.flush(0.05)
     release.set()
     assert writer.flush(5)
@@ -400,7 +429,7 @@ def test_writer_drops_when_full_but_never_drops_deletes(files, writer, monkeypat
     assert read(files, key_of(2))[0] is ReadResult.OK
     assert read(files, key_of(3))[0] is ReadResult.MISSING
     # Step: with the queue drained, writes are accepted again.
-    assert writer.submit_write(key_of(3), 0, PAYLOAD)
+    assert writer.submit_write(key_of(3), 0, PAYLOAD, namespace=TENANT)
 
 
 def test_writer_reports_failed_writes(files, writer, monkeypatch) -> None:
@@ -408,22 +437,22 @@ def test_writer_reports_failed_writes(files, writer, monkeypatch) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "write", no_space)
-    assert writer.submit_write(key_of(1), 0, PAYLOAD)
+    assert writer.submit_write(key_of(1), 0, PAYLOAD, namespace=TENANT)
     assert writer.flush(5)
     monkeypatch.undo()
     assert writer.take_results() == ([], [key_of(1)])
     assert files.scan() == []
-    assert writer.submit_write(key_of(2), 0, PAYLOAD) and writer.flush(5)
+    assert writer.submit_write(key_of(2), 0, PAYLOAD, namespace=TENANT) and writer.flush(5)
     assert writer.take_results() == ([key_of(2)], [])
 
 
 def test_close_finishes_queued_work_then_refuses(files: DiskFiles) -> None:
     writer = DiskWriter(files, queue_depth=8)
     for i in range(5):
-        assert writer.submit_write(key_of(i), 0, PAYLOAD)
+        assert writer.submit_write(key_of(i), 0, PAYLOAD, namespace=TENANT)
     writer.close()
     assert len(files.scan()) == 5
     assert writer.take_results()[0] == [key_of(i) for i in range(5)]
-    assert not writer.submit_write(key_of(9), 0, PAYLOAD)
-    assert not writer.submit_delete(key_of(0), 0)
+    assert not writer.submit_write(key_of(9), 0, PAYLOAD, namespace=TENANT)
+    assert not writer.submit_delete(key_of(0), 0, namespace=TENANT)
     writer.close()

@@ -7,7 +7,9 @@ terminal reaches only us, and ``stop`` ends the whole group (API server, EngineC
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import re
 import signal
 import socket
@@ -62,12 +64,45 @@ def port_is_free(port: int, host: str = HOST) -> bool:
             return False
     return True
 
+_LOWEST_PORT = 20000
+
 
 def free_port(host: str = HOST) -> int:
-    """A port nobody listens on now (the OS picks it)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A port nobody listens on now, outside the OS's ephemeral range.
+
+    Servers started later pick their own ports with ``bind(0)`` (vLLM does, for its internal
+    sockets), which draws from the ephemeral range: a port picked there could be taken by them
+    before our server binds it. Below the range, only explicit choices compete.
+    """
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = HOST) -> list[int]:
+    """``count`` distinct free ports below the ephemeral range (held open together while picking)."""
+    low, high = _ephemeral_range()
+    span = range(_LOWEST_PORT, low) if low - _LOWEST_PORT >= 1000 else range(max(high + 1, 1024), 65536)
+    candidates = random.sample(span, k=min(len(span), 4096))
+    picked: list[int] = []
+    with contextlib.ExitStack() as stack:
+        for port in candidates:
+            sock = stack.enter_context(socket.socket())
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            picked.append(port)
+            if len(picked) == count:
+                return picked
+    raise OSError(f"no {count} free ports in {span.start}..{span.stop - 1}")
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as file:
+            low, high = (int(part) for part in file.read().split())
+            return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 def log_tail(path: str, num_lines: int) -> list[str]:

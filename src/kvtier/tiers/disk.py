@@ -1,6 +1,6 @@
 """Worker-side disk files of one directory: one entry file per (key, rank), plus a writer thread.
 
-Layout on disk: ``root/<first 2 hex of key>/<32 hex key>.<rank>.kvt``, each file one entry
+Layout on disk: ``root/<namespace>/<first 2 hex of key>/<32 hex key>.<rank>.kvt``, each file one entry
 (``kvtier.entry``: header, then payload; with a ``Sealer`` the payload is sealed, see
 ``tiers/framing.py``). Writes go to a temp file in the same directory
 (``<final name>.<pid>.<thread>.tmp``) and are published with ``os.replace``, so a reader sees a
@@ -22,6 +22,7 @@ import re
 import threading
 from dataclasses import dataclass
 
+from kvtier.config import NAMESPACE_RULE, is_namespace
 from kvtier.crypto import Sealer
 from kvtier.entry import HEADER_BYTES
 from kvtier.errors import ConfigError, EntryError
@@ -46,8 +47,9 @@ class DiskFiles:
 
     With ``sealer``, payloads are encrypted at rest (AES-256-GCM, ``kvtier.crypto``) and only
     sealed entries are readable; without, they are stored in clear and only clear entries are
-    readable. ``namespace`` (reads and writes) is the tenant label the key is derived for: a
-    reader must pass the writer's label, or the entry reads CORRUPT. Ignored without a sealer.
+    readable. ``namespace`` is the tenant the entry belongs to: its directory, and (with a
+    sealer) the context its encryption key is derived for. A reader must pass the writer's
+    namespace, or the entry reads MISSING (another directory) or CORRUPT.
     """
 
     def __init__(self, root: str, layout_fingerprint: bytes, sealer: Sealer | None = None) -> None:
@@ -65,31 +67,40 @@ class DiskFiles:
         except OSError as exc:
             raise ConfigError("disk.path", f"directory {root!r} is not creatable or writable: {exc}") from exc
 
-    def path_for(self, key: bytes, rank: int) -> str:
+    def path_for(self, key: bytes, rank: int, namespace: str) -> str:
         if len(key) != _KEY_BYTES:
             raise ValueError(f"a storage key is {_KEY_BYTES} bytes, got {len(key)}")
         name = key.hex()
-        return os.path.join(self.root, name[:2], f"{name}.{rank}.kvt")
+        return os.path.join(self.namespace_dir(namespace), name[:2], f"{name}.{rank}.kvt")
+
+    def namespace_dir(self, namespace: str) -> str:
+        """``root/<namespace>``; ValueError for a name that is not a namespace (never a path)."""
+        if not is_namespace(namespace):
+            raise ValueError(f"namespace {namespace!r} is not {NAMESPACE_RULE}")
+        return os.path.join(self.root, namespace)
 
     def entry_bytes(self, payload_bytes: int) -> int:
         """Size of the file holding a payload (chunk) of ``payload_bytes`` bytes: a file of any
         other size is not a valid entry (sealing adds ``SEAL_OVERHEAD_BYTES``)."""
         return HEADER_BYTES + stored_bytes(payload_bytes, self.sealer)
 
-    def scan(self) -> list[tuple[bytes, int, int, float]]:
-        """``(key, rank, file_bytes, mtime)`` of every entry file, in no particular order.
+    def scan(self) -> list[ScannedEntry]:
+        """Every entry file, in no particular order.
 
         Reads no payloads (sizes come from ``stat``); other files are ignored. Removes every temp
         file, i.e. leftovers of crashed writes: call it at start-up, before this directory's
         writers start (a write racing with it fails and is reported as failed, nothing worse).
         """
-        found: list[tuple[bytes, int, int, float]] = []
-        for subdir in _list_dir(self.root):
-            if subdir.is_dir(follow_symlinks=False) and _SUBDIR_NAME.fullmatch(subdir.name):
-                found.extend(self._scan_subdir(subdir.path, subdir.name))
+        found: list[ScannedEntry] = []
+        for namespace in _list_dir(self.root):
+            if not namespace.is_dir(follow_symlinks=False) or not is_namespace(namespace.name):
+                continue
+            for subdir in _list_dir(namespace.path):
+                if subdir.is_dir(follow_symlinks=False) and _SUBDIR_NAME.fullmatch(subdir.name):
+                    found.extend(self._scan_subdir(subdir.path, subdir.name, namespace.name))
         return found
 
-    def _scan_subdir(self, path: str, prefix: str) -> list[tuple[bytes, int, int, float]]:
+    def _scan_subdir(self, path: str, prefix: str, namespace: str) -> list[ScannedEntry]:
         found = []
         for item in _list_dir(path):
             if _TEMP_NAME.fullmatch(item.name):
@@ -102,17 +113,18 @@ class DiskFiles:
                 stat = item.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            found.append((bytes.fromhex(match.group(1)), int(match.group(2)), stat.st_size, stat.st_mtime))
+            found.append(ScannedEntry(bytes.fromhex(match.group(1)), namespace, int(match.group(2)),
+                                      stat.st_size, stat.st_mtime))
         return found
 
-    def write(self, key: bytes, rank: int, payload: bytes | memoryview, *, namespace: str = "") -> int:
+    def write(self, key: bytes, rank: int, payload: bytes | memoryview, *, namespace: str) -> int:
         """Write the entry of ``(key, rank)`` (sealed when the files have a sealer) and publish it
         atomically; returns the bytes written (``entry_bytes(len(payload))``).
 
         On ``OSError`` (e.g. ENOSPC) the temp file is removed and the error re-raised; an earlier
         entry of the same key, if any, is left as it was.
         """
-        path = self.path_for(key, rank)
+        path = self.path_for(key, rank, namespace)
         header, stored = frame(key, rank, self.layout_fingerprint, memoryview(payload).cast("B"), self.sealer,
                                namespace)
         temp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
@@ -131,7 +143,7 @@ class DiskFiles:
             raise
         return HEADER_BYTES + stored.nbytes
 
-    def read_into(self, key: bytes, rank: int, out: memoryview, *, namespace: str = "") -> ReadResult:
+    def read_into(self, key: bytes, rank: int, out: memoryview, *, namespace: str) -> ReadResult:
         """Read the payload of ``(key, rank)`` into ``out`` (exactly the expected payload size)
         and verify it (``tiers.framing.unframe_into``). Clear entries are read straight into
         ``out``; sealed ones are read into one temporary buffer (the sealed length), checksummed,
@@ -143,7 +155,7 @@ class DiskFiles:
         ``out`` is written. Called on the worker's engine thread, concurrently with the writer
         thread: ``os.replace`` makes a concurrent write invisible until whole.
         """
-        path = self.path_for(key, rank)
+        path = self.path_for(key, rank, namespace)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -176,17 +188,48 @@ class DiskFiles:
             raise EntryError(f"entry file truncated while reading: {num_read} of {expected_bytes} bytes")
         unframe_into(header_buf, stored, key, rank, self.layout_fingerprint, out, self.sealer, namespace)
 
-    def delete(self, key: bytes, rank: int) -> None:
+    def delete(self, key: bytes, rank: int, namespace: str) -> None:
         """Remove the entry of ``(key, rank)``; a missing file is fine."""
-        _unlink_quietly(self.path_for(key, rank))
+        _unlink_quietly(self.path_for(key, rank, namespace))
+
+    def delete_namespace(self, namespace: str) -> int:
+        """Remove every entry file (and temp file) of ``namespace``; returns how many entries
+        went. A write racing with it may publish one file after: callers that must leave nothing
+        queue a second purge behind their writes (``DiskWriter.submit_purge``)."""
+        removed = 0
+        top = self.namespace_dir(namespace)
+        for subdir in _list_dir(top):
+            if not subdir.is_dir(follow_symlinks=False):
+                continue
+            for item in _list_dir(subdir.path):
+                if _ENTRY_NAME.fullmatch(item.name) or _TEMP_NAME.fullmatch(item.name):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(item.path)
+                        removed += item.name.endswith(".kvt")
+            with contextlib.suppress(OSError):
+                os.rmdir(subdir.path)
+        with contextlib.suppress(OSError):
+            os.rmdir(top)
+        return removed
+
+
+@dataclass(frozen=True)
+class ScannedEntry:
+    """An entry file found by ``DiskFiles.scan``."""
+
+    key: bytes
+    namespace: str
+    rank: int
+    file_bytes: int
+    mtime: float
 
 
 @dataclass(frozen=True)
 class _Op:
-    key: bytes
+    key: bytes | None  # None = purge the whole namespace
     rank: int
     payload: bytes | None  # None = delete
-    namespace: str = ""
+    namespace: str
 
 
 class DiskWriter:
@@ -214,7 +257,7 @@ class DiskWriter:
         self._thread = threading.Thread(target=self._run, name="kvtier-disk-writer", daemon=True)
         self._thread.start()
 
-    def submit_write(self, key: bytes, rank: int, payload: bytes, *, namespace: str = "") -> bool:
+    def submit_write(self, key: bytes, rank: int, payload: bytes, *, namespace: str) -> bool:
         """Queue a write (``DiskFiles.write``, sealed on the writer thread when the files have a
         sealer); False (dropped, nothing queued) when the queue is full or closed. ``payload``
         must not change afterwards (pass ``bytes``)."""
@@ -226,12 +269,20 @@ class DiskWriter:
             self._cond.notify_all()
             return True
 
-    def submit_delete(self, key: bytes, rank: int) -> bool:
+    def submit_delete(self, key: bytes, rank: int, *, namespace: str) -> bool:
         """Queue a delete; never dropped while open. False only after ``close()``."""
+        return self._submit_removal(_Op(key, rank, None, namespace))
+
+    def submit_purge(self, namespace: str) -> bool:
+        """Queue the removal of every file of ``namespace`` (``DiskFiles.delete_namespace``);
+        never dropped while open. False only after ``close()``."""
+        return self._submit_removal(_Op(None, 0, None, namespace))
+
+    def _submit_removal(self, op: _Op) -> bool:
         with self._cond:
             if self._closed:
                 return False
-            self._ops.append(_Op(key, rank, None))
+            self._ops.append(op)
             self._cond.notify_all()
             return True
 
@@ -265,7 +316,7 @@ class DiskWriter:
                 self._busy = True
             ok = self._execute(op)
             with self._cond:
-                if op.payload is not None:
+                if op.payload is not None and op.key is not None:
                     self._num_writes_queued -= 1
                     (self._written if ok else self._failed).append(op.key)
                 self._busy = False
@@ -273,14 +324,17 @@ class DiskWriter:
 
     def _execute(self, op: _Op) -> bool:
         try:
-            if op.payload is None:
-                self._files.delete(op.key, op.rank)
+            if op.key is None:
+                self._files.delete_namespace(op.namespace)
+            elif op.payload is None:
+                self._files.delete(op.key, op.rank, op.namespace)
             else:
                 self._files.write(op.key, op.rank, op.payload, namespace=op.namespace)
             return True
         except OSError as exc:
-            logger.warning("kvtier: disk %s of %s failed: %s", "delete" if op.payload is None else "write",
-                           op.key.hex(), exc)
+            what = "purge" if op.key is None else "delete" if op.payload is None else "write"
+            logger.warning("kvtier: disk %s of %s failed: %s", what, op.namespace if op.key is None else op.key.hex(),
+                           exc)
         except Exception:  # a bug must not kill the writer thread and hang flush()/close()
             logger.exception("kvtier: unexpected error in the disk writer")
         return False

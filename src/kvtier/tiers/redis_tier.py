@@ -31,6 +31,7 @@ from kvtier.tiers.remote import Fetched, RemoteOptions, RemoteTier
 
 logger = logging.getLogger(__name__)
 
+_DELETE_BATCH = 500  # names per DEL of a namespace delete
 _BATCH_BYTES = 16 << 20  # one pipelined round trip fetches about this much
 _DEFAULT_PORT = 6379
 
@@ -134,13 +135,31 @@ class RedisTier(RemoteTier):
             fetched.extend(_place(value, out) for value, (_, out) in zip(values, group))
         return fetched
 
-    def _put_new(self, name: str, header: bytes, payload: memoryview) -> bool:
+    @property
+    def default_ttl_s(self) -> int | None:
+        return self.ttl_s
+
+    def _put_new(self, name: str, header: bytes, payload: memoryview, ttl_s: int | None) -> bool:
         # Returns True (set) or None (exists): both mean the value is there.
-        self.client.set(name, _Joined((memoryview(header), payload)), nx=True, ex=self.ttl_s)  # type: ignore[arg-type]
+        self.client.set(name, _Joined((memoryview(header), payload)), nx=True, ex=ttl_s)  # type: ignore[arg-type]
         return True
 
     def _delete_many(self, names: Sequence[str]) -> int:
         return int(self.client.delete(*names))
+
+    def _delete_prefix(self, prefix: str) -> int:
+        # SCAN (on every primary of a cluster) with a glob of the prefix: namespaces hold no glob
+        # characters. Deleted in batches as found; a key written meanwhile may survive.
+        removed = 0
+        batch: list[bytes] = []
+        for name in self.client.scan_iter(match=f"{prefix}*", count=1000):
+            batch.append(name)
+            if len(batch) >= _DELETE_BATCH:
+                removed += self._delete_many([n.decode() for n in batch])
+                batch = []
+        if batch:
+            removed += self._delete_many([n.decode() for n in batch])
+        return removed
 
     def _close(self) -> None:
         if self._client is not None:

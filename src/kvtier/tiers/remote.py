@@ -1,6 +1,7 @@
 """Remote tiers: a shared store reached over the network (Redis/Valkey, S3). The contract.
 
-Object names: ``kvtier/<32 hex key>.<rank>`` (S3: under the URL's prefix). A value is an entry
+Object names: ``kvtier/<namespace>/<32 hex key>.<rank>`` (S3: under the URL's prefix), so a
+tenant's entries can be listed and removed together (``delete_namespace``). A value is an entry
 (``kvtier.entry``: header, then payload), so every value says which key, rank and layout it
 holds and is verified (header, length, checksum) on every read. A value that does not match its
 key, is truncated, corrupt, of another codec or of another layout reads as
@@ -42,6 +43,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from kvtier.config import NAMESPACE_RULE, is_namespace
 from kvtier.crypto import Sealer
 from kvtier.entry import HEADER_BYTES
 from kvtier.errors import ConfigError, EntryError
@@ -99,11 +101,19 @@ class Fetched:
     value_bytes: int  # the stored value's length in bytes
 
 
-def object_name(key: bytes, rank: int) -> str:
-    """``kvtier/<32 hex key>.<rank>``: the name of one chunk shard in a remote store."""
+def object_name(key: bytes, rank: int, namespace: str) -> str:
+    """``kvtier/<namespace>/<32 hex key>.<rank>``: the name of one chunk shard in a remote store."""
     if len(key) != 16:
         raise ValueError(f"a storage key is 16 bytes, got {len(key)}")
-    return f"{OBJECT_PREFIX}{key.hex()}.{rank}"
+    return f"{namespace_prefix(namespace)}{key.hex()}.{rank}"
+
+
+def namespace_prefix(namespace: str) -> str:
+    """``kvtier/<namespace>/``, the start of every name of ``namespace``'s entries; ValueError
+    for a name that is not a namespace (it must never widen a prefix)."""
+    if not is_namespace(namespace):
+        raise ValueError(f"namespace {namespace!r} is not {NAMESPACE_RULE}")
+    return f"{OBJECT_PREFIX}{namespace}/"
 
 
 class RemoteTier(abc.ABC):
@@ -127,30 +137,30 @@ class RemoteTier(abc.ABC):
 
     # ----------------------------------------------------------------- public contract
 
-    def exists_prefix(self, keys: Sequence[bytes], rank: int = 0) -> int:
-        """How many consecutive ``keys`` from the start the store holds for ``rank`` (one round
-        trip where the backend allows). 0 on failure or while unhealthy."""
+    def exists_prefix(self, keys: Sequence[bytes], rank: int, *, namespace: str) -> int:
+        """How many consecutive ``keys`` of ``namespace`` from the start the store holds for
+        ``rank`` (one round trip where the backend allows). 0 on failure or while unhealthy."""
         if not keys:
             return 0
-        names = [self.name_for(key, rank) for key in keys]
+        names = [self.name_for(key, rank, namespace) for key in keys]
         return self._guarded(lambda: self._count_prefix(names), 0)
 
     def get_into(self, key: bytes, rank: int, out: memoryview, layout_fingerprint: bytes, *,
-                 namespace: str = "") -> ReadResult:
+                 namespace: str) -> ReadResult:
         """Fetch the entry of ``(key, rank)``, verify it, and copy its payload into ``out``
         (exactly the expected payload size). Unless OK, the content of ``out`` is unspecified."""
         return self.get_many_into([(key, out)], rank, layout_fingerprint, namespace=namespace)[0]
 
     def get_many_into(self, items: Sequence[tuple[bytes, memoryview]], rank: int, layout_fingerprint: bytes,
-                      *, namespace: str = "") -> list[ReadResult]:
-        """``get_into`` for many keys in one batch (pipelined or concurrent), results in order.
-        ``namespace``: the tenant label every item was put with (used only with a sealer).
+                      *, namespace: str) -> list[ReadResult]:
+        """``get_into`` for many keys of ``namespace`` in one batch (pipelined or concurrent),
+        results in order.
 
         An I/O failure fails the whole batch: every result is MISSING (nothing partial is OK)."""
         if not items:
             return []
         outs = [memoryview(out).cast("B") for _, out in items]
-        names = [self.name_for(key, rank) for key, _ in items]
+        names = [self.name_for(key, rank, namespace) for key, _ in items]
         results: list[ReadResult] = []
         for start, stop in self._read_groups(outs):
             stores = outs[start:stop] if self.sealer is None else \
@@ -168,27 +178,45 @@ class RemoteTier(abc.ABC):
         return results
 
     def put(self, key: bytes, rank: int, payload: bytes | memoryview, layout_fingerprint: bytes, *,
-            namespace: str = "") -> bool:
-        """Store the entry of ``(key, rank)`` (header + payload, sealed for ``namespace`` when the
-        tier has a sealer) with the tier's TTL, unless the store already holds that name (never
-        overwritten, TTL not refreshed). True when the entry is there afterwards (written now or
-        before), False on failure or while unhealthy."""
+            namespace: str, ttl_s: int = 0) -> bool:
+        """Store the entry of ``(key, rank)`` of ``namespace`` (header + payload, sealed for
+        ``namespace`` when the tier has a sealer) with the tier's TTL, or ``ttl_s`` when shorter
+        (backends that can expire single entries), unless the store already holds that name
+        (never overwritten, TTL not refreshed). True when the entry is there afterwards (written
+        now or before), False on failure or while unhealthy."""
         header, stored = frame(key, rank, layout_fingerprint, memoryview(payload).cast("B"), self.sealer,
                                namespace)
-        name = self.name_for(key, rank)
-        return self._guarded(lambda: self._put_new(name, header, stored), False)
+        name = self.name_for(key, rank, namespace)
+        ttls = [ttl for ttl in (self.default_ttl_s, ttl_s) if ttl]
+        return self._guarded(lambda: self._put_new(name, header, stored, min(ttls) if ttls else None), False)
 
-    def delete(self, keys: Sequence[bytes], rank: int) -> int:
-        """Remove the entries of ``keys`` for ``rank``; returns how many the server removed
-        (S3 cannot tell absent from removed: it counts every name it accepted). 0 on failure."""
+    def delete(self, keys: Sequence[bytes], rank: int, *, namespace: str) -> int:
+        """Remove the entries of ``keys`` of ``namespace`` for ``rank``; returns how many the
+        server removed (S3 cannot tell absent from removed: it counts every name it accepted).
+        0 on failure."""
         if not keys:
             return 0
-        names = [self.name_for(key, rank) for key in keys]
+        names = [self.name_for(key, rank, namespace) for key in keys]
         return self._guarded(lambda: self._delete_many(names), 0)
 
-    def name_for(self, key: bytes, rank: int) -> str:
+    def delete_namespace(self, namespace: str) -> int | None:
+        """Remove every entry of ``namespace`` (all keys, all ranks); how many went, or None on
+        failure or while unhealthy (nothing is known to be removed)."""
+        prefix = self.name_for_prefix(namespace_prefix(namespace))
+        return self._guarded(lambda: self._delete_prefix(prefix), None)
+
+    def name_for(self, key: bytes, rank: int, namespace: str) -> str:
         """The store's name for the entry of ``(key, rank)`` (``object_name``, plus a backend prefix)."""
-        return object_name(key, rank)
+        return self.name_for_prefix(object_name(key, rank, namespace))
+
+    def name_for_prefix(self, name: str) -> str:
+        """``name`` with the backend's own prefix (none by default)."""
+        return name
+
+    @property
+    def default_ttl_s(self) -> int | None:
+        """The TTL every put gets (None: entries never expire); backends set it."""
+        return None
 
     @property
     def healthy(self) -> bool:
@@ -228,13 +256,17 @@ class RemoteTier(abc.ABC):
         when ``value_bytes == HEADER_BYTES + out.nbytes`` the rest of the value is in ``out``."""
 
     @abc.abstractmethod
-    def _put_new(self, name: str, header: bytes, payload: memoryview) -> bool:
-        """Store ``header + payload`` under ``name`` unless it exists, with the TTL; True when the
-        value is there afterwards."""
+    def _put_new(self, name: str, header: bytes, payload: memoryview, ttl_s: int | None) -> bool:
+        """Store ``header + payload`` under ``name`` unless it exists, expiring after ``ttl_s``
+        (None: never) where the backend can; True when the value is there afterwards."""
 
     @abc.abstractmethod
     def _delete_many(self, names: Sequence[str]) -> int:
         """Remove ``names``; returns how many the server removed."""
+
+    @abc.abstractmethod
+    def _delete_prefix(self, prefix: str) -> int:
+        """Remove every name that starts with ``prefix``; returns how many went."""
 
     @abc.abstractmethod
     def _close(self) -> None:

@@ -1,6 +1,6 @@
 """S3 remote tier (boto3 is imported only here). Contract: ``tiers/remote.py``.
 
-URL ``s3://bucket[/prefix]``; entries are objects ``<prefix>/kvtier/<32 hex key>.<rank>``.
+URL ``s3://bucket[/prefix]``; entries are objects ``<prefix>/kvtier/<namespace>/<32 hex key>.<rank>``.
 Options: ``s3_endpoint`` (any S3-compatible server; path-style addressing is used with it),
 ``s3_region``, ``access_key``/``secret_key`` (else boto3's usual credential chain), ``tls_ca``
 (CA bundle used to verify the endpoint). Connect and read timeouts are ``timeout_s``; boto3's own
@@ -13,7 +13,8 @@ batch stops at its first failure and waits for its running requests (they write 
 caller's buffers) before returning. boto3's CRC checksums are off unless an operation requires
 them: every entry carries its own xxh3 checksum.
 
-TTL: S3 has no per-object TTL. An object older than ``ttl_s`` (server clock: its Last-Modified
+TTL: S3 has no per-object TTL (a per-namespace TTL does not reach S3: the tier-wide ``ttl_s``
+applies to every object). An object older than ``ttl_s`` (server clock: its Last-Modified
 against the response's Date) reads as absent and is deleted best-effort, so the next put
 rewrites it. Storage is reclaimed only by reads or by a bucket lifecycle rule, which the
 operator sets (kvtier does not change bucket configuration).
@@ -37,7 +38,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from kvtier.entry import HEADER_BYTES
 from kvtier.errors import ConfigError
-from kvtier.tiers.remote import Fetched, RemoteOptions, RemoteTier, object_name
+from kvtier.tiers.remote import Fetched, RemoteOptions, RemoteTier
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +67,7 @@ class S3Tier(RemoteTier):
         self._pool = concurrent.futures.ThreadPoolExecutor(_NUM_THREADS, thread_name_prefix="kvtier-s3")
         self._start()
 
-    def name_for(self, key: bytes, rank: int) -> str:
-        name = object_name(key, rank)
+    def name_for_prefix(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
 
     @property
@@ -123,7 +123,7 @@ class S3Tier(RemoteTier):
         finally:
             body.close()
 
-    def _put_new(self, name: str, header: bytes, payload: memoryview) -> bool:
+    def _put_new(self, name: str, header: bytes, payload: memoryview, ttl_s: int | None) -> bool:
         try:
             self.client.put_object(Bucket=self.bucket, Key=name, Body=b"".join((header, payload)),
                                    IfNoneMatch="*")
@@ -141,6 +141,15 @@ class S3Tier(RemoteTier):
                 Bucket=self.bucket, Delete={"Objects": [{"Key": name} for name in batch], "Quiet": True})
             num_deleted += len(batch) - len(response.get("Errors", []))
         return num_deleted
+
+    def _delete_prefix(self, prefix: str) -> int:
+        removed = 0
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+            names = [item["Key"] for item in page.get("Contents", [])]
+            if names:
+                removed += self._delete_many(names)
+        return removed
 
     def _close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -19,6 +19,7 @@ class _Upload:
     rank: int
     payload: bytes
     namespace: str
+    ttl_s: int
 
 
 class RemoteUploader:
@@ -32,11 +33,12 @@ class RemoteUploader:
         self._thread = threading.Thread(target=self._run, name="kvtier-uploader", daemon=True)
         self._thread.start()
 
-    def submit(self, key: bytes, rank: int, payload: bytes, *, namespace: str = "") -> bool:
+    def submit(self, key: bytes, rank: int, payload: bytes, *, namespace: str, ttl_s: int = 0) -> bool:
         """Queue an upload (``RemoteTier.put``: sealed for ``namespace`` on the upload thread when
-        the tier has a sealer); False (dropped) when the queue is full. Never blocks."""
+        the tier has a sealer; ``ttl_s`` as there); False (dropped) when the queue is full. Never
+        blocks."""
         try:
-            self._queue.put_nowait(_Upload(key, rank, payload, namespace))
+            self._queue.put_nowait(_Upload(key, rank, payload, namespace, ttl_s))
         except queue.Full:
             return False
         return True
@@ -65,7 +67,7 @@ class RemoteUploader:
                 if item is None:
                     return
                 ok = self._remote.put(item.key, item.rank, item.payload, self._layout_fingerprint,
-                                      namespace=item.namespace)
+                                      namespace=item.namespace, ttl_s=item.ttl_s)
                 with self._lock:
                     (self._done if ok else self._failed).append(item.key)
             finally:

@@ -17,6 +17,7 @@ and leaves at least one prompt token to compute.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
@@ -28,7 +29,7 @@ from kvtier.integrations.vllm.setup import EngineSetup
 from kvtier.keys import chunk_keys
 from kvtier.metrics import TIERS, Metrics
 from kvtier.plans import LoadOp, SlotOp, StepPlan, StoreOp, WorkerReport
-from kvtier.store import DiskSettings, TieredStore
+from kvtier.store import DiskItem, DiskSettings, TieredStore
 from kvtier.tiers.remote import RemoteTier
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ logger = logging.getLogger("kvtier")
 
 MAX_PROMOTE_ROUNDS = 2
 REMOTE_KNOWN_KEYS = 200_000
+EXPIRE_EVERY_S = 5.0  # how often entries past their namespace's TTL are removed (lookups never see them)
 
 
 @dataclass
@@ -57,9 +59,13 @@ class RequestState:
 
 
 class SchedulerSide:
-    def __init__(self, setup: EngineSetup, initial_disk_keys: list[bytes], metrics: Metrics,
+    """Scheduler-side state of one engine. Every public method runs under ``lock``: vLLM calls
+    them from its scheduler thread, the admin API (``kvtier.admin``) from its own threads."""
+
+    def __init__(self, setup: EngineSetup, initial_disk: list[DiskItem], metrics: Metrics,
                  remote: RemoteTier | None) -> None:
         self.setup = setup
+        self.lock = threading.RLock()
         self.remote = remote
         self._remote_known: OrderedDict[bytes, None] = OrderedDict()  # chunks known to be on the remote
         self.cost = CostModel(min_step_tokens=setup.chunk_tokens)
@@ -68,8 +74,10 @@ class SchedulerSide:
         disk = None
         if setup.disk_dir is not None:
             disk = DiskSettings(setup.disk_capacity_entries, setup.config.disk.write_policy == "write_through",
-                                initial_disk_keys)
-        self.store = TieredStore(setup.num_slots, setup.config.memory.policy, disk, setup.world_size, metrics)
+                                initial_disk)
+        self.store = TieredStore(setup.num_slots, setup.config.memory.policy, disk, setup.world_size, metrics,
+                                 setup.chunk_bytes, setup.config.namespace_limits, time.time)
+        self._next_expire = time.monotonic() + EXPIRE_EVERY_S
         self.requests: dict[str, RequestState] = {}
         metrics.capacity_entries.labels(tier="memory").set(setup.num_slots)
         metrics.capacity_entries.labels(tier="disk").set(setup.disk_capacity_entries)
@@ -83,6 +91,10 @@ class SchedulerSide:
 
     # ----- lookup ----------------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> int | None:
+        with self.lock:
+            return self._get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def _get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> int | None:
         started = time.perf_counter()
         state = self._state(request)
         if any(self.store.is_pending(key) for key in state.promoting):
@@ -104,7 +116,7 @@ class SchedulerSide:
         if not wanted:
             return 0
         found = self.store.lookup(wanted)
-        remote_run = self._remote_run(wanted[found.num_chunks:])
+        remote_run = self._remote_run(state, wanted[found.num_chunks:])
         disk_keys = [wanted[i] for i in found.disk_only]
         if (disk_keys or remote_run) and self._plan_promotes(state, disk_keys, remote_run):
             return None  # promotes planned: vLLM asks again, and they are in memory by then
@@ -126,20 +138,20 @@ class SchedulerSide:
         if state.num_promote_rounds >= MAX_PROMOTE_ROUNDS:
             return False
         state.num_promote_rounds += 1
-        owner = state.request.request_id
-        planned = self.store.prepare_promote(owner, disk_keys)
+        owner, namespace = state.request.request_id, state.controls.namespace
+        planned = self.store.prepare_promote(owner, namespace, disk_keys)
         state.promoted_from.update(dict.fromkeys(planned, "disk"))
         if len(planned) == len(disk_keys) and remote_keys:
-            from_remote = self.store.prepare_promote(owner, remote_keys, from_remote=True)
+            from_remote = self.store.prepare_promote(owner, namespace, remote_keys, from_remote=True)
             state.promoted_from.update(dict.fromkeys(from_remote, "remote"))
             planned += from_remote
         state.promoting = planned
         return bool(planned)
 
-    def _remote_run(self, keys: list[bytes]) -> list[bytes]:
+    def _remote_run(self, state: RequestState, keys: list[bytes]) -> list[bytes]:
         """The consecutive ``keys`` (after the local prefix) that the remote tier holds and no local
-        tier is already handling."""
-        if self.remote is None or not keys:
+        tier is already handling; none once the request has had its promote rounds."""
+        if self.remote is None or not keys or state.num_promote_rounds >= MAX_PROMOTE_ROUNDS:
             return []
         run: list[bytes] = []
         for key in keys:
@@ -148,7 +160,7 @@ class SchedulerSide:
             run.append(key)
         if not run:
             return []
-        num_held = self.remote.exists_prefix(run)
+        num_held = self.remote.exists_prefix(run, 0, namespace=state.controls.namespace)
         for key in run[:num_held]:
             self._remember_remote(key)
         if num_held and not self.cost.fetch_pays(num_held * self.setup.chunk_bytes, num_held * self.setup.chunk_tokens):
@@ -180,6 +192,11 @@ class SchedulerSide:
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
                                  num_external_tokens: int) -> None:
+        with self.lock:
+            self._update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def _update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
+                                  num_external_tokens: int) -> None:
         if num_external_tokens == 0:
             return
         state = self.requests[request.request_id]
@@ -196,6 +213,10 @@ class SchedulerSide:
 
     # ----- per step --------------------------------------------------------------------------
     def build_plan(self, scheduler_output: "SchedulerOutput") -> StepPlan:
+        with self.lock:
+            return self._build_plan(scheduler_output)
+
+    def _build_plan(self, scheduler_output: "SchedulerOutput") -> StepPlan:
         self._last_step_tokens = scheduler_output.total_num_scheduled_tokens
         plan = StepPlan()
         for new in scheduler_output.scheduled_new_reqs:
@@ -213,9 +234,12 @@ class SchedulerSide:
         for req_id in scheduler_output.preempted_req_ids or ():
             self.store.leases.release(req_id)
         self.metrics.lease_owners.set(self.store.leases.num_owners())
+        if time.monotonic() >= self._next_expire:
+            self._next_expire = time.monotonic() + EXPIRE_EVERY_S
+            self.store.expire()
         ops = self.store.take_ops()
         plan.spills, plan.promotes, plan.remote_fetches = ops.spills, ops.promotes, ops.remote_fetches
-        plan.write_through, plan.deletes = ops.write_through, ops.deletes
+        plan.write_through, plan.deletes, plan.purges = ops.write_through, ops.deletes, ops.purges
         return plan
 
     def _plan_stores(self, req_id: str, num_computed_after: int, plan: StepPlan) -> None:
@@ -231,18 +255,24 @@ class SchedulerSide:
         keys = self._keys(state, tokens)
         block_ids = self.kv_cache_manager.get_block_ids(req_id)[0]
         per_chunk = self.setup.blocks_per_chunk
+        namespace = state.controls.namespace
         for i in range(state.num_store_checked, num_full):
-            slot = self.store.prepare_store(keys[i])
+            slot = self.store.prepare_store(keys[i], namespace)
             if slot is None:
                 continue
             plan.stores.append(StoreOp(keys[i], slot, tuple(block_ids[i * per_chunk:(i + 1) * per_chunk]), req_id))
             state.store_keys.append(keys[i])
             if self.remote is not None and keys[i] not in self._remote_known:
-                plan.remote_puts.append(SlotOp(keys[i], slot))  # never re-upload what the remote holds
+                # never re-upload what the remote holds
+                plan.remote_puts.append(SlotOp(keys[i], slot, namespace, self.store.ttl_of(namespace)))
                 self._remember_remote(keys[i])
         state.num_store_checked = num_full
 
     def complete(self, report: WorkerReport) -> None:
+        with self.lock:
+            self._complete(report)
+
+    def _complete(self, report: WorkerReport) -> None:
         self.store.complete(report)
         for key in report.remote_failed:
             self._remote_known.pop(key, None)
@@ -273,6 +303,15 @@ class SchedulerSide:
     def request_finished(self, request: "Request") -> bool:
         """Forget the request; True when vLLM must keep its blocks until the worker reports its
         in-flight stores done (stores copy asynchronously and must not read reused blocks)."""
+        with self.lock:
+            return self._request_finished(request)
+
+    def forget_remote(self) -> None:
+        """Forget which chunks the remote holds (after an invalidation removed some)."""
+        with self.lock:
+            self._remote_known.clear()
+
+    def _request_finished(self, request: "Request") -> bool:
         self.store.leases.release(request.request_id)
         state = self.requests.pop(request.request_id, None)
         delay = state is not None and any(self.store.is_pending(key) for key in state.store_keys)

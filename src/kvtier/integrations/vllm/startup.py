@@ -9,14 +9,15 @@ from collections import defaultdict
 from kvtier.crypto import Sealer, load_sealer
 from kvtier.integrations.vllm.setup import EngineSetup
 from kvtier.metrics import Metrics
+from kvtier.store import DiskItem
 from kvtier.tiers.disk import DiskFiles
 from kvtier.tiers.remote import RemoteTier
 
 logger = logging.getLogger("kvtier")
 
 
-def scan_disk(setup: EngineSetup, metrics: Metrics, sealer: Sealer | None) -> list[bytes]:
-    """Keys whose entries exist for every rank with the right size, oldest first.
+def scan_disk(setup: EngineSetup, metrics: Metrics, sealer: Sealer | None) -> list[DiskItem]:
+    """Entries whose files exist for every rank with the right size, oldest first.
 
     Entries of the wrong size (truncated by a crash or tampering) are removed and counted; the
     payload checksum is verified later, when an entry is read.
@@ -25,17 +26,19 @@ def scan_disk(setup: EngineSetup, metrics: Metrics, sealer: Sealer | None) -> li
         return []
     files = DiskFiles(setup.disk_dir, setup.layout.fingerprint(), sealer=sealer)
     expected = files.entry_bytes(setup.chunk_bytes)
-    ranks: dict[bytes, set[int]] = defaultdict(set)
-    newest: dict[bytes, float] = {}
-    for key, rank, size, mtime in files.scan():
-        if size != expected:
-            files.delete(key, rank)
+    ranks: dict[tuple[bytes, str], set[int]] = defaultdict(set)
+    newest: dict[tuple[bytes, str], float] = {}
+    for found in files.scan():
+        if found.file_bytes != expected:
+            files.delete(found.key, found.rank, found.namespace)
             metrics.errors.labels(tier="disk").inc()
             continue
-        ranks[key].add(rank)
-        newest[key] = max(newest.get(key, 0.0), mtime)
-    complete = [key for key, seen in ranks.items() if len(seen) >= setup.world_size]
-    complete.sort(key=lambda key: newest[key])
+        entry = (found.key, found.namespace)
+        ranks[entry].add(found.rank)
+        newest[entry] = max(newest.get(entry, 0.0), found.mtime)
+    complete = [DiskItem(key, namespace, newest[(key, namespace)])
+                for (key, namespace), seen in ranks.items() if len(seen) >= setup.world_size]
+    complete.sort(key=lambda item: item.created)
     logger.info("kvtier: disk tier %s holds %d entries", setup.disk_dir, len(complete))
     return complete
 

@@ -76,17 +76,18 @@ class WorkerSide:
         if plan.is_empty():
             return
         for op in plan.spills:
-            self._submit_disk_write(op.key, self._slot_bytes(op.slot))
+            self._submit_disk_write(op, self._slot_bytes(op.slot))
         for op in plan.promotes:
-            self._promote(op.key, op.slot)
+            self._promote(op)
         if plan.remote_fetches:
             self._fetch_remote(plan)
         if plan.loads:
             self._load(plan)
 
-    def _promote(self, key: bytes, slot: int) -> None:
+    def _promote(self, op: SlotOp) -> None:
         assert self.disk is not None and self.pool is not None
-        result = self.disk.read_into(key, self.rank, self.pool.memoryview(slot))
+        key = op.key
+        result = self.disk.read_into(key, self.rank, self.pool.memoryview(op.slot), namespace=op.namespace)
         if result is ReadResult.OK:
             self.report.promoted.append(key)
             self.report.disk_read_bytes += self.setup.chunk_bytes
@@ -99,11 +100,17 @@ class WorkerSide:
     def _fetch_remote(self, plan: StepPlan) -> None:
         """Remote -> memory slots, verified; a failure is a miss (the engine recomputes)."""
         assert self.remote is not None and self.pool is not None
-        items = [(op.key, self.pool.memoryview(op.slot)) for op in plan.remote_fetches]
+        by_namespace: dict[str, list[SlotOp]] = {}
+        for op in plan.remote_fetches:
+            by_namespace.setdefault(op.namespace, []).append(op)
         started = time.perf_counter()
-        results = self.remote.get_many_into(items, self.rank, self.setup.layout.fingerprint())
+        fetched: list[tuple[SlotOp, ReadResult]] = []
+        for namespace, ops in by_namespace.items():
+            items = [(op.key, self.pool.memoryview(op.slot)) for op in ops]
+            results = self.remote.get_many_into(items, self.rank, self.setup.layout.fingerprint(), namespace=namespace)
+            fetched += zip(ops, results)
         self.report.remote_fetch_seconds += time.perf_counter() - started
-        for op, result in zip(plan.remote_fetches, results):
+        for op, result in fetched:
             if result is ReadResult.OK:
                 self.report.promoted.append(op.key)
                 self.report.remote_read_bytes += self.setup.chunk_bytes
@@ -132,9 +139,11 @@ class WorkerSide:
             self._store(plan)
         self._awaiting_free.update(plan.delayed_frees)
         self._poll()
-        for key in plan.deletes:
-            if self.writer is not None:
-                self.writer.submit_delete(key, self.rank)
+        if self.writer is not None:
+            for ref in plan.deletes:
+                self.writer.submit_delete(ref.key, self.rank, namespace=ref.namespace)
+            for namespace in plan.purges:
+                self.writer.submit_purge(namespace)
 
     def _store(self, plan: StepPlan) -> None:
         """Queue the copies and return: on CUDA they overlap the next forward. Write-through and
@@ -155,9 +164,9 @@ class WorkerSide:
             copies: dict[int, bytes] = {}  # one copy of a slot serves its disk write and its upload
             for op in done.write_through:
                 copies[op.slot] = self._slot_bytes(op.slot)
-                self._submit_disk_write(op.key, copies[op.slot])
+                self._submit_disk_write(op, copies[op.slot])
             for op in done.remote_puts:
-                self._submit_upload(op.key, copies.get(op.slot) or self._slot_bytes(op.slot))
+                self._submit_upload(op, copies.get(op.slot) or self._slot_bytes(op.slot))
 
     def drain(self) -> None:
         """Block until every queued copy is done, then finish them."""
@@ -178,18 +187,18 @@ class WorkerSide:
         assert self.pool is not None
         return bytes(self.pool.memoryview(slot))
 
-    def _submit_disk_write(self, key: bytes, payload: bytes) -> None:
+    def _submit_disk_write(self, op: SlotOp, payload: bytes) -> None:
         if self.writer is None:
             return
-        if not self.writer.submit_write(key, self.rank, payload):
+        if not self.writer.submit_write(op.key, self.rank, payload, namespace=op.namespace):
             self.report.num_dropped_writes += 1
-            self.report.disk_failed.append(key)
+            self.report.disk_failed.append(op.key)
 
-    def _submit_upload(self, key: bytes, payload: bytes) -> None:
+    def _submit_upload(self, op: SlotOp, payload: bytes) -> None:
         assert self.uploader is not None
-        if not self.uploader.submit(key, self.rank, payload):
+        if not self.uploader.submit(op.key, self.rank, payload, namespace=op.namespace, ttl_s=op.ttl_s):
             self.report.num_remote_dropped += 1
-            self.report.remote_failed.append(key)
+            self.report.remote_failed.append(op.key)
 
     # ----- reporting -------------------------------------------------------------------------
     def take_report(self) -> WorkerReport | None:
