@@ -188,9 +188,9 @@ class DiskFiles:
             raise EntryError(f"entry file truncated while reading: {num_read} of {expected_bytes} bytes")
         unframe_into(header_buf, stored, key, rank, self.layout_fingerprint, out, self.sealer, namespace)
 
-    def delete(self, key: bytes, rank: int, namespace: str) -> None:
-        """Remove the entry of ``(key, rank)``; a missing file is fine."""
-        _unlink_quietly(self.path_for(key, rank, namespace))
+    def delete(self, key: bytes, rank: int, namespace: str) -> bool:
+        """Remove the entry of ``(key, rank)``; True when there was one (a missing file is fine)."""
+        return _unlink_quietly(self.path_for(key, rank, namespace))
 
     def delete_namespace(self, namespace: str) -> int:
         """Remove every entry file (and temp file) of ``namespace``; returns how many entries
@@ -371,11 +371,12 @@ def _list_dir(path: str) -> list[os.DirEntry]:
         return []
 
 
-def _unlink_quietly(path: str) -> None:
+def _unlink_quietly(path: str) -> bool:
     try:
         os.unlink(path)
     except FileNotFoundError:
-        pass
+        return False
+    return True
 
 
 def _unlink_if_same(path: str, opened: os.stat_result | None) -> None:

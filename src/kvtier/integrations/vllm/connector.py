@@ -59,15 +59,18 @@ class KVTierConnector(KVConnectorBase_V1):
         setup = build_setup(vllm_config, kv_cache_config)
         self._scheduler = None
         self._worker = None
+        self._admin = None
         if role == KVConnectorRole.SCHEDULER:
             from kvtier.integrations.vllm.scheduler import SchedulerSide
-            from kvtier.integrations.vllm.startup import open_remote_tier, open_sealer, scan_disk, serve_metrics
+            from kvtier.integrations.vllm.startup import open_remote_tier, open_sealer, scan_disk, serve_admin, \
+                serve_metrics
 
             metrics = Metrics()
             sealer = open_sealer(setup)
             serve_metrics(metrics, setup)
             self._scheduler = SchedulerSide(setup, scan_disk(setup, metrics, sealer), metrics,
                                             open_remote_tier(setup, sealer))
+            self._admin = serve_admin(self._scheduler, setup)
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
@@ -123,6 +126,8 @@ class KVTierConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()
+        if self._admin is not None:
+            self._admin.close()
         if self._scheduler is not None:
             self._scheduler.shutdown()
 

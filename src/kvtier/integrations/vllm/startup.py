@@ -1,4 +1,5 @@
-"""Scheduler-side start-up: rebuild the disk index from the files, start the metrics endpoint."""
+"""Scheduler-side start-up: rebuild the disk index from the files, start the metrics endpoint and
+the admin API."""
 
 from __future__ import annotations
 
@@ -6,7 +7,12 @@ import logging
 import os
 from collections import defaultdict
 
+from kvtier.admin.audit import AuditLog
+from kvtier.admin.auth import load_tokens
+from kvtier.admin.http import AdminAPI, AdminServer
+from kvtier.admin.service import AdminService, StoreShape
 from kvtier.crypto import Sealer, load_sealer
+from kvtier.integrations.vllm.scheduler import SchedulerSide
 from kvtier.integrations.vllm.setup import EngineSetup
 from kvtier.metrics import Metrics
 from kvtier.store import DiskItem
@@ -68,3 +74,25 @@ def serve_metrics(metrics: Metrics, setup: EngineSetup) -> None:
     if port:
         metrics.serve(setup.config.metrics.host, port)
         logger.info("kvtier: metrics on http://%s:%d/metrics", setup.config.metrics.host, port)
+
+
+def serve_admin(scheduler: SchedulerSide, setup: EngineSetup) -> AdminServer | None:
+    """Start the admin API when ``admin.port`` is set. Raises ``ConfigError`` for a missing or bad
+    tokens file, an audit log that cannot be opened, or a port that is taken."""
+    config = setup.config.admin
+    if not config.port:
+        return None
+    tokens = load_tokens(config.tokens_file)
+    audit = AuditLog(config.audit_log)
+    disk = DiskFiles(setup.disk_dir, setup.layout.fingerprint()) if setup.disk_dir is not None else None
+    shape = StoreShape(setup.chunk_tokens, setup.chunk_bytes, setup.num_slots, setup.disk_capacity_entries,
+                       setup.world_size)
+    # its own remote handle (a tier is used by one thread at a time); deletes need no key
+    service = AdminService(scheduler.lock, scheduler.store, setup.namespace, shape, disk,
+                           open_remote_tier(setup, None), scheduler.forget_remote)
+    server = AdminServer(AdminAPI(service, tokens, audit), config.host, config.port)
+    if config.host not in ("127.0.0.1", "::1", "localhost"):
+        logger.warning("kvtier: the admin API listens on %s, not on loopback: put TLS in front of it", config.host)
+    logger.info("kvtier: admin API on http://%s:%d/v1 (audit log: %s)", config.host, server.port,
+                config.audit_log or "the kvtier.audit logger")
+    return server
