@@ -74,7 +74,7 @@ def runs(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
     namespace = Namespace("default", tiny_model, layout.fingerprint(), 1)
     q_key = chunk_keys(namespace.digest(), Q, CHUNK)[0].digest
     files = DiskFiles(str(disk / layout.fingerprint().hex()[:16]), layout.fingerprint())
-    path = Path(files.path_for(q_key, 0))
+    path = Path(files.path_for(q_key, 0, "default"))
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
