@@ -39,6 +39,7 @@ from kvtier.tiers.remote import RemoteTier, open_remote  # noqa: E402
 from tests import servers  # noqa: E402
 
 LAYOUT = bytes(range(16))
+NAMESPACE = "bench"
 FLOOR = 0.7
 S3_THREADS = 4  # kvtier.tiers.s3_tier uses 4
 
@@ -99,13 +100,13 @@ def run_backend(name: str, workdir: Path, num_chunks: int, chunk_bytes: int, rep
         tier = open_tier()
         keys = [os.urandom(16) for _ in range(num_chunks)]
         for key in keys:
-            assert tier.put(key, 0, os.urandom(chunk_bytes), LAYOUT), f"{name}: put failed"
-        names = [tier.name_for(key, 0) for key in keys]
+            assert tier.put(key, 0, os.urandom(chunk_bytes), LAYOUT, namespace=NAMESPACE), f"{name}: put failed"
+        names = [tier.name_for(key, 0, NAMESPACE) for key in keys]
         outs = [memoryview(bytearray(chunk_bytes)) for _ in keys]
         items = list(zip(keys, outs))
 
         def kvtier_get() -> None:
-            assert tier.get_many_into(items, 0, LAYOUT) == [ReadResult.OK] * num_chunks
+            assert tier.get_many_into(items, 0, LAYOUT, namespace=NAMESPACE) == [ReadResult.OK] * num_chunks
 
         for method in raw_methods.values():  # warm-up: connections, first-touch of buffers
             method(names)

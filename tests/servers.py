@@ -144,14 +144,19 @@ class TLSFiles:
     ca: str
     cert: str
     key: str
+    client_cert: str  # signed by the same CA, for servers that verify clients
+    client_key: str
 
 
 def make_tls_files(directory: Path) -> TLSFiles:
-    """A throw-away CA and a server certificate for 127.0.0.1/localhost (openssl CLI)."""
+    """A throw-away CA, a server certificate for 127.0.0.1/localhost and a client certificate
+    (openssl CLI)."""
     openssl = require("openssl", "openssl", "apt-get install -y openssl")
     directory.mkdir(parents=True, exist_ok=True)
-    files = TLSFiles(str(directory / "ca.crt"), str(directory / "server.crt"), str(directory / "server.key"))
+    files = TLSFiles(str(directory / "ca.crt"), str(directory / "server.crt"), str(directory / "server.key"),
+                     str(directory / "client.crt"), str(directory / "client.key"))
     (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    (directory / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
     steps = [
         ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", files.ca,
          "-days", "2", "-subj", "/CN=kvtier-test-ca"],
@@ -159,6 +164,10 @@ def make_tls_files(directory: Path) -> TLSFiles:
          "-subj", "/CN=localhost"],
         ["x509", "-req", "-in", "server.csr", "-CA", files.ca, "-CAkey", "ca.key", "-CAcreateserial",
          "-out", files.cert, "-days", "2", "-extfile", "san.ext"],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", files.client_key, "-out", "client.csr",
+         "-subj", "/CN=kvtier-test-client"],
+        ["x509", "-req", "-in", "client.csr", "-CA", files.ca, "-CAkey", "ca.key", "-CAcreateserial",
+         "-out", files.client_cert, "-days", "2", "-extfile", "client.ext"],
     ]
     for step in steps:
         subprocess.run([openssl, *step], cwd=directory, check=True, capture_output=True)
@@ -175,9 +184,10 @@ def redis_like(binary: str, workdir: Path, port: int, extra: Sequence[str] = (),
 
 
 def tls_redis_args(tls: TLSFiles, tls_port: int) -> list[str]:
-    """Serve TLS only on ``tls_port``, with an ACL user ``TLS_USER`` (default user disabled)."""
+    """Serve TLS only on ``tls_port``, clients must present a certificate of the CA, with an ACL
+    user ``TLS_USER`` (default user disabled)."""
     return ["--tls-port", str(tls_port), "--tls-cert-file", tls.cert, "--tls-key-file", tls.key,
-            "--tls-ca-cert-file", tls.ca, "--tls-auth-clients", "no",
+            "--tls-ca-cert-file", tls.ca, "--tls-auth-clients", "yes",
             "--user", "default", "off", "--user", TLS_USER, "on", f">{TLS_PASSWORD}", "~*", "&*", "+@all"]
 
 
@@ -201,35 +211,40 @@ def redis_cluster(binary: str, workdir: Path, num_masters: int = 3) -> Iterator[
         yield nodes
 
 
-def seaweed_s3(workdir: Path) -> tuple[ServerProcess, str]:
-    """``weed mini`` with an S3 gateway and bucket ``S3_BUCKET``; returns (server, endpoint URL)."""
+def seaweed_s3(workdir: Path, tls: TLSFiles | None = None) -> tuple[ServerProcess, str]:
+    """``weed mini`` with an S3 gateway and bucket ``S3_BUCKET``; returns (server, endpoint URL).
+    With ``tls``, the endpoint is https and clients must present a certificate of its CA."""
     weed = weed_binary()
     names = ["s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "filer.port", "filer.port.grpc",
-             "volume.port", "volume.port.grpc", "admin.port", "admin.port.grpc"]
+             "volume.port", "volume.port.grpc", "admin.port", "admin.port.grpc"] + (["s3.port.https"] if tls else [])
     ports = dict(zip(names, free_ports(len(names))))
     data = workdir / "data"
     data.mkdir(parents=True, exist_ok=True)
     argv = [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-bucket={S3_BUCKET}",
             "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
             *[f"-{name}={port}" for name, port in ports.items()]]
+    if tls is not None:
+        argv += [f"-s3.cert.file={tls.cert}", f"-s3.key.file={tls.key}", f"-s3.cacert.file={tls.ca}",
+                 "-s3.tlsVerifyClientCert"]
     env = dict(os.environ, AWS_ACCESS_KEY_ID=S3_ACCESS_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET_KEY)
     endpoint = f"http://127.0.0.1:{ports['s3.port']}"
     server = ServerProcess("seaweedfs", argv, workdir, lambda: _bucket_ready(endpoint), env=env,
                            start_timeout_s=60.0)
-    return server, endpoint
+    return server, endpoint if tls is None else f"https://127.0.0.1:{ports['s3.port.https']}"
 
 
-def s3_client(endpoint: str, timeout_s: float = 2.0):  # type: ignore[no-untyped-def]
+def s3_client(endpoint: str, timeout_s: float = 2.0, tls: TLSFiles | None = None):  # type: ignore[no-untyped-def]
     """A plain boto3 client for the test server (for server-side checks and baselines)."""
     import boto3
     from botocore.config import Config
 
     config = Config(connect_timeout=timeout_s, read_timeout=timeout_s, retries={"total_max_attempts": 1},
                     s3={"addressing_style": "path"}, max_pool_connections=8,
-                    request_checksum_calculation="when_required", response_checksum_validation="when_required")
+                    request_checksum_calculation="when_required", response_checksum_validation="when_required",
+                    client_cert=None if tls is None else (tls.client_cert, tls.client_key))
     return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name="us-east-1",
                                           aws_access_key_id=S3_ACCESS_KEY, aws_secret_access_key=S3_SECRET_KEY,
-                                          config=config)
+                                          config=config, verify=True if tls is None else tls.ca)
 
 
 def _log_says(log: Path, text: str) -> bool:
@@ -298,6 +313,16 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerPr
     server, endpoint = seaweed_s3(tmp_path_factory.mktemp("seaweedfs"))
     for _ in _serve(server):
         yield server, endpoint
+
+
+@pytest.fixture(scope="session")
+def seaweed_tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, str, TLSFiles]]:
+    """A SeaweedFS S3 server on https that verifies client certificates: (server, https endpoint, files)."""
+    workdir = tmp_path_factory.mktemp("seaweedfs-tls")
+    tls = make_tls_files(workdir / "tls")
+    server, endpoint = seaweed_s3(workdir, tls)
+    for _ in _serve(server):
+        yield server, endpoint, tls
 
 
 @pytest.fixture

@@ -72,6 +72,8 @@ class RemoteConfig:
     username: str | None
     password: str | None
     tls_ca: str | None
+    tls_cert: str | None  # client certificate (mutual TLS), with tls_key
+    tls_key: str | None
     s3_endpoint: str | None
     s3_region: str | None
     access_key: str | None
@@ -356,6 +358,8 @@ _KEYS = (
     _Key("remote.username", None, _optional_str),
     _Key("remote.password", None, _optional_str, render=_render_secret),
     _Key("remote.tls_ca", None, _optional_str),
+    _Key("remote.tls_cert", None, _optional_str),
+    _Key("remote.tls_key", None, _optional_str),
     _Key("remote.s3_endpoint", None, _optional_str),
     _Key("remote.s3_region", None, _optional_str),
     _Key("remote.access_key", None, _optional_str),
@@ -517,6 +521,7 @@ def _build(values: Mapping[str, _Value]) -> KVTierConfig:
             url=optional("remote.url"), ttl_s=num("remote.ttl"), timeout_ms=num("remote.timeout_ms"),
             queue_depth=num("remote.queue_depth"), username=optional("remote.username"),
             password=optional("remote.password"), tls_ca=optional("remote.tls_ca"),
+            tls_cert=optional("remote.tls_cert"), tls_key=optional("remote.tls_key"),
             s3_endpoint=optional("remote.s3_endpoint"), s3_region=optional("remote.s3_region"),
             access_key=optional("remote.access_key"), secret_key=optional("remote.secret_key")),
         encryption=EncryptionConfig(key_file=optional("encryption.key_file"),
@@ -540,7 +545,8 @@ def _values_of(config: KVTierConfig) -> dict[str, _Value]:
         "remote.url": config.remote.url, "remote.ttl": config.remote.ttl_s,
         "remote.timeout_ms": config.remote.timeout_ms, "remote.queue_depth": config.remote.queue_depth,
         "remote.username": config.remote.username, "remote.password": config.remote.password,
-        "remote.tls_ca": config.remote.tls_ca, "remote.s3_endpoint": config.remote.s3_endpoint,
+        "remote.tls_ca": config.remote.tls_ca, "remote.tls_cert": config.remote.tls_cert,
+        "remote.tls_key": config.remote.tls_key, "remote.s3_endpoint": config.remote.s3_endpoint,
         "remote.s3_region": config.remote.s3_region, "remote.access_key": config.remote.access_key,
         "remote.secret_key": config.remote.secret_key,
         "encryption.key_file": config.encryption.key_file, "encryption.key_env": config.encryption.key_env,

@@ -31,7 +31,7 @@ def test_sealed_disk_entries_swap_is_a_miss(tiny_model: str, tmp_path: Path) -> 
     layout = KVLayout("cpu_lbhnc", 4, 2, 64, 128, "bfloat16")
     digest = Namespace("default", tiny_model, layout.fingerprint(), 1).digest()
     files = DiskFiles(str(disk / layout.fingerprint().hex()[:16]), layout.fingerprint())
-    q0, q1 = (Path(files.path_for(key.digest, 0)) for key in chunk_keys(digest, Q, CHUNK)[:2])
+    q0, q1 = (Path(files.path_for(key.digest, 0, "default")) for key in chunk_keys(digest, Q, CHUNK)[:2])
     q0_bytes, q1_bytes = q0.read_bytes(), q1.read_bytes()
     assert decode_header(q0_bytes).codec == CODEC_AES256_GCM  # written sealed
     q0.write_bytes(q1_bytes)  # swap Q's two chunks on disk

@@ -16,3 +16,10 @@ def test_chunk_not_a_multiple_of_the_block_size_stops_start_up(tiny_model: str, 
     with pytest.raises(AssertionError) as failure:
         run_engine(spec, tmp_path, "bad-chunk", timeout_s=300)
     assert "chunk_tokens: 200 is not a multiple of the engine's block size 128" in str(failure.value)
+
+
+def test_admin_api_without_tokens_stops_start_up(tiny_model: str, tmp_path: Path) -> None:
+    spec = {"model": tiny_model, "kvtier": {"admin.port": 1}, "actions": []}  # never bound: tokens come first
+    with pytest.raises(AssertionError) as failure:
+        run_engine(spec, tmp_path, "no-tokens", timeout_s=300)
+    assert "admin.tokens_file: the admin API needs a tokens file" in str(failure.value)

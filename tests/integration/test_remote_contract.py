@@ -1,7 +1,8 @@
 """One contract suite for every remote tier, on real servers (tests/servers.py starts them).
 
 Backends: Redis, Redis Cluster (3 masters), Valkey, Redis over TLS with an ACL user, and S3
-(SeaweedFS). Each supplies only a way to open the tier and a raw client for server-side checks
+(SeaweedFS) over http and https; both TLS servers use a CA made in the test and require client
+certificates. Each supplies only a way to open the tier and a raw client for server-side checks
 and tampering; the tests are the same for all.
 """
 
@@ -13,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import pytest
@@ -27,8 +29,8 @@ from kvtier.tiers import remote
 from kvtier.tiers.disk import ReadResult
 from kvtier.tiers.remote import RemoteTier, object_name, open_remote
 from tests.servers import S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, TLS_PASSWORD, TLS_USER, ServerProcess, \
-    fresh_redis, fresh_seaweed, free_ports, port_of, redis_cluster_nodes, redis_server, redis_tls_server, \
-    s3_client, seaweed, valkey_server  # noqa: F401  (fixtures)
+    TLSFiles, fresh_redis, fresh_seaweed, free_ports, port_of, redis_cluster_nodes, redis_server, \
+    redis_tls_server, s3_client, seaweed, seaweed_tls, valkey_server  # noqa: F401  (fixtures)
 
 TENANT = "tenant-a"
 LAYOUT = bytes(range(16))
@@ -55,11 +57,11 @@ class Backend:
 
 
 def redis_backend(name: str, url: str, raw: redis.Redis | RedisCluster, unreachable_url: str,
-                  tls_ca: str | None = None, username: str | None = None,
+                  tls: TLSFiles | None = None, username: str | None = None,
                   password: str | None = None) -> Backend:
     def open_tier(ttl_s: int | None, timeout_s: float, target: str = url, *, sealer: Sealer | None = None) -> RemoteTier:
-        return open_remote(target, ttl_s=ttl_s, timeout_s=timeout_s, tls_ca=tls_ca, username=username,
-                           password=password, sealer=sealer)
+        return open_remote(target, ttl_s=ttl_s, timeout_s=timeout_s, username=username, password=password,
+                           sealer=sealer, **tls_options(tls))
 
     def remaining(name: str) -> float | None:
         return int(raw.pttl(name)) / 1000
@@ -68,14 +70,22 @@ def redis_backend(name: str, url: str, raw: redis.Redis | RedisCluster, unreacha
                    lambda name, value: raw.set(name, value), lambda name: raw.pexpiretime(name), remaining)
 
 
-def s3_backend(endpoint: str) -> Backend:
-    client = s3_client(endpoint)
+def tls_options(tls: TLSFiles | None) -> dict[str, str | None]:
+    """The CA and client certificate options of a TLS test server (none without TLS)."""
+    if tls is None:
+        return {}
+    return {"tls_ca": tls.ca, "tls_cert": tls.client_cert, "tls_key": tls.client_key}
+
+
+def s3_backend(endpoint: str, tls: TLSFiles | None = None) -> Backend:
+    client = s3_client(endpoint, tls=tls)
     prefix = f"test-{uuid.uuid4().hex[:8]}"
 
     def open_tier(ttl_s: int | None, timeout_s: float, target: str = endpoint, *,
                   sealer: Sealer | None = None) -> RemoteTier:
         return open_remote(f"s3://{S3_BUCKET}/{prefix}", ttl_s=ttl_s, timeout_s=timeout_s, s3_endpoint=target,
-                           s3_region="us-east-1", access_key=S3_ACCESS_KEY, secret_key=S3_SECRET_KEY, sealer=sealer)
+                           s3_region="us-east-1", access_key=S3_ACCESS_KEY, secret_key=S3_SECRET_KEY, sealer=sealer,
+                           **tls_options(tls))
 
     def raw_get(name: str) -> bytes | None:
         try:
@@ -89,13 +99,13 @@ def s3_backend(endpoint: str) -> Backend:
         head = client.head_object(Bucket=S3_BUCKET, Key=name)
         return head["ETag"], head["LastModified"]
 
-    closed = f"http://127.0.0.1:{free_ports(1)[0]}"
-    return Backend("s3", open_tier, lambda timeout_s: open_tier(None, timeout_s, closed), raw_get,
+    closed = f"{'https' if tls else 'http'}://127.0.0.1:{free_ports(1)[0]}"
+    return Backend("s3" if tls is None else "s3-tls", open_tier, lambda timeout_s: open_tier(None, timeout_s, closed), raw_get,
                    lambda name, value: client.put_object(Bucket=S3_BUCKET, Key=name, Body=value), marker,
                    lambda name: None)
 
 
-BACKENDS = ["redis", "redis-cluster", "valkey", "redis-tls", "s3"]
+BACKENDS = ["redis", "redis-cluster", "valkey", "redis-tls", "s3", "s3-tls"]
 NATIVE_TTL_BACKENDS = ["redis", "redis-cluster", "valkey", "redis-tls"]
 
 
@@ -112,9 +122,13 @@ def make_backend(request: pytest.FixtureRequest, name: str) -> Backend:
                              f"redis+cluster://127.0.0.1:{closed}")
     if name == "redis-tls":
         _, tls, tls_port = request.getfixturevalue("redis_tls_server")
-        raw = redis.Redis(port=tls_port, ssl=True, ssl_ca_certs=tls.ca, username=TLS_USER, password=TLS_PASSWORD)
+        raw = redis.Redis(port=tls_port, ssl=True, ssl_ca_certs=tls.ca, ssl_certfile=tls.client_cert,
+                          ssl_keyfile=tls.client_key, username=TLS_USER, password=TLS_PASSWORD)
         return redis_backend(name, f"rediss://127.0.0.1:{tls_port}", raw, f"rediss://127.0.0.1:{closed}",
-                             tls_ca=tls.ca, username=TLS_USER, password=TLS_PASSWORD)
+                             tls=tls, username=TLS_USER, password=TLS_PASSWORD)
+    if name == "s3-tls":
+        _, endpoint, tls = request.getfixturevalue("seaweed_tls")
+        return s3_backend(endpoint, tls)
     assert name == "s3"
     return s3_backend(request.getfixturevalue("seaweed")[1])
 
@@ -564,3 +578,36 @@ def test_object_names() -> None:
     for name in ("", ".", "..", "a/b", "a*", "a?"):  # never a path, never a glob
         with pytest.raises(ValueError):
             object_name(key, 3, name)
+
+
+# ----- encryption in transit: a CA made in the test, servers that verify client certificates -----------
+
+@pytest.mark.parametrize("name", ["redis-tls", "s3-tls"])
+def test_tls_servers_refuse_clients_without_the_right_certificates(request: pytest.FixtureRequest, name: str) -> None:
+    """The contract suite runs whole on both TLS servers with CA and client certificate; here, a
+    client missing either is refused (the tier is unhealthy, every call a miss), never served in clear."""
+    if name == "redis-tls":
+        _, tls, port = request.getfixturevalue("redis_tls_server")
+        url, extra = f"rediss://127.0.0.1:{port}", {"username": TLS_USER, "password": TLS_PASSWORD}
+    else:
+        _, endpoint, tls = request.getfixturevalue("seaweed_tls")
+        url = f"s3://{S3_BUCKET}/tls-refusals"
+        extra = {"s3_endpoint": endpoint, "s3_region": "us-east-1", "access_key": S3_ACCESS_KEY,
+                 "secret_key": S3_SECRET_KEY}
+    good = open_remote(url, ttl_s=None, timeout_s=TIMEOUT_S, **extra, **tls_options(tls))
+    assert good.healthy and good.put(new_key(), 0, payload_of(1024), LAYOUT, namespace=TENANT)
+    good.close()
+    no_client_cert = open_remote(url, ttl_s=None, timeout_s=TIMEOUT_S, tls_ca=tls.ca, **extra)
+    unknown_ca = open_remote(url, ttl_s=None, timeout_s=TIMEOUT_S, tls_cert=tls.client_cert,
+                             tls_key=tls.client_key, **extra)  # the system's CAs do not know the test CA
+    for tier in (no_client_cert, unknown_ca):
+        assert not tier.healthy
+        assert tier.put(new_key(), 0, payload_of(1024), LAYOUT, namespace=TENANT) is False
+        tier.close()
+
+
+def test_client_certificate_options_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="remote.tls_key"):
+        open_remote("rediss://127.0.0.1:1", ttl_s=None, timeout_s=1.0, tls_cert=str(tmp_path))
+    with pytest.raises(ConfigError, match="remote.tls_ca: file not found"):
+        open_remote("rediss://127.0.0.1:1", ttl_s=None, timeout_s=1.0, tls_ca=str(tmp_path / "missing.crt"))

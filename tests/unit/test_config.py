@@ -21,10 +21,10 @@ ALL_KEYS = ["chunk_tokens", "namespace", "model_id", "store_decode_tokens", "mem
             "memory.policy", "disk.path", "disk.capacity", "disk.write_policy", "disk.queue_depth",
             "metrics.port", "metrics.host"]
 REMOTE_KEYS = ["remote.url", "remote.ttl", "remote.timeout_ms", "remote.queue_depth", "remote.username",
-               "remote.password", "remote.tls_ca", "remote.s3_endpoint", "remote.s3_region", "remote.access_key",
+               "remote.password", "remote.tls_ca", "remote.tls_cert", "remote.tls_key", "remote.s3_endpoint", "remote.s3_region", "remote.access_key",
                "remote.secret_key"]
 DEFAULT_REMOTE = RemoteConfig(url=None, ttl_s=86400, timeout_ms=2000, queue_depth=64, username=None, password=None,
-                              tls_ca=None, s3_endpoint=None, s3_region=None, access_key=None, secret_key=None)
+                              tls_ca=None, tls_cert=None, tls_key=None, s3_endpoint=None, s3_region=None, access_key=None, secret_key=None)
 ENCRYPTION_KEYS = ["encryption.key_file", "encryption.key_env"]
 DEFAULT_ENCRYPTION = EncryptionConfig(key_file=None, key_env=None)
 ADMIN_KEYS = ["admin.port", "admin.host", "admin.tokens_file", "admin.audit_log"]

@@ -82,6 +82,7 @@ class RedisTier(RemoteTier):
         self.target = target
         self.ttl_s = options.ttl_s
         self._tls_ca = options.tls_ca
+        self._tls_cert, self._tls_key = options.tls_cert, options.tls_key
         self._client: redis.Redis | RedisCluster | None = None
         self._start()
 
@@ -92,7 +93,8 @@ class RedisTier(RemoteTier):
 
     def _make_client(self) -> redis.Redis | RedisCluster:
         connection_class = _SSLConnection if self.target.tls else _Connection
-        tls = {"ssl_ca_certs": self._tls_ca} if self.target.tls else {}
+        tls = {"ssl_ca_certs": self._tls_ca, "ssl_certfile": self._tls_cert, "ssl_keyfile": self._tls_key} \
+            if self.target.tls else {}
         no_retry = Retry(NoBackoff(), 0)
         host, port = self.target.nodes[0]
         if self.target.cluster:

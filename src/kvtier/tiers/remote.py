@@ -38,6 +38,7 @@ import abc
 import functools
 import importlib
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -80,6 +81,8 @@ class RemoteOptions:
     username: str | None = None
     password: str | None = None
     tls_ca: str | None = None
+    tls_cert: str | None = None  # client certificate and key, for servers that require one
+    tls_key: str | None = None
     s3_endpoint: str | None = None
     s3_region: str | None = None
     access_key: str | None = None
@@ -89,6 +92,13 @@ class RemoteOptions:
     def __post_init__(self) -> None:
         if not self.timeout_s > 0:
             raise ConfigError("remote.timeout_s", f"must be positive, got {self.timeout_s}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("remote.tls_key" if self.tls_key is None else "remote.tls_cert",
+                              "set both remote.tls_cert and remote.tls_key (a client certificate and its key), or neither")
+        for key, path in (("remote.tls_ca", self.tls_ca), ("remote.tls_cert", self.tls_cert),
+                          ("remote.tls_key", self.tls_key)):
+            if path is not None and not os.path.isfile(path):
+                raise ConfigError(key, f"file not found: {path}")
         if self.ttl_s is not None and self.ttl_s <= 0:
             raise ConfigError("remote.ttl_s", f"must be positive or unset, got {self.ttl_s}")
 
@@ -351,7 +361,8 @@ class RemoteTier(abc.ABC):
 
 
 def open_remote(url: str, *, ttl_s: int | None, timeout_s: float, username: str | None = None,
-                password: str | None = None, tls_ca: str | None = None, s3_endpoint: str | None = None,
+                password: str | None = None, tls_ca: str | None = None, tls_cert: str | None = None,
+                tls_key: str | None = None, s3_endpoint: str | None = None,
                 s3_region: str | None = None, access_key: str | None = None,
                 secret_key: str | None = None, sealer: Sealer | None = None) -> RemoteTier:
     """The remote tier named by ``url``: ``redis://``, ``rediss://`` (TLS),
@@ -365,7 +376,7 @@ def open_remote(url: str, *, ttl_s: int | None, timeout_s: float, username: str 
     if scheme not in _BACKENDS:
         raise ConfigError("remote.url", f"unknown scheme {scheme!r} in {url!r}; "
                                         f"expected one of {', '.join(f'{s}://' for s in _BACKENDS)}")
-    options = RemoteOptions(ttl_s, timeout_s, username, password, tls_ca, s3_endpoint, s3_region,
+    options = RemoteOptions(ttl_s, timeout_s, username, password, tls_ca, tls_cert, tls_key, s3_endpoint, s3_region,
                             access_key, secret_key, sealer)
     try:
         module = importlib.import_module(_BACKENDS[scheme])

@@ -3,7 +3,8 @@
 URL ``s3://bucket[/prefix]``; entries are objects ``<prefix>/kvtier/<namespace>/<32 hex key>.<rank>``.
 Options: ``s3_endpoint`` (any S3-compatible server; path-style addressing is used with it),
 ``s3_region``, ``access_key``/``secret_key`` (else boto3's usual credential chain), ``tls_ca``
-(CA bundle used to verify the endpoint). Connect and read timeouts are ``timeout_s``; boto3's own
+(CA bundle used to verify an https endpoint), ``tls_cert``/``tls_key`` (client certificate for
+servers that require one). Connect and read timeouts are ``timeout_s``; boto3's own
 retries are off.
 
 Data path: PUT with ``If-None-Match: *`` (an existing object is left alone; 412
@@ -212,7 +213,8 @@ def _make_client(options: RemoteOptions) -> BaseClient:
         connect_timeout=options.timeout_s, read_timeout=options.timeout_s,
         retries={"total_max_attempts": 1}, max_pool_connections=_NUM_THREADS,
         s3={"addressing_style": "path" if options.s3_endpoint else "auto"},
-        request_checksum_calculation="when_required", response_checksum_validation="when_required")
+        request_checksum_calculation="when_required", response_checksum_validation="when_required",
+        client_cert=(options.tls_cert, options.tls_key) if options.tls_cert and options.tls_key else None)
     session = boto3.session.Session()
     return session.client("s3", endpoint_url=options.s3_endpoint, region_name=options.s3_region,
                           aws_access_key_id=options.access_key, aws_secret_access_key=options.secret_key,

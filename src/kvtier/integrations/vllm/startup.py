@@ -59,6 +59,7 @@ def open_remote_tier(setup: EngineSetup, sealer: Sealer | None) -> RemoteTier | 
 
     return open_remote(remote.url, ttl_s=remote.ttl_s or None, timeout_s=remote.timeout_ms / 1000,
                        username=remote.username, password=remote.password, tls_ca=remote.tls_ca,
+                       tls_cert=remote.tls_cert, tls_key=remote.tls_key,
                        s3_endpoint=remote.s3_endpoint, s3_region=remote.s3_region,
                        access_key=remote.access_key, secret_key=remote.secret_key, sealer=sealer)
 
