@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 import redis
 
+from kvtier.keys import Namespace, chunk_keys
+from kvtier.layout import KVLayout
+
 from tests.conftest import free_port
 from tests.e2e.engines import Engine, metric, run_engine, wait_for
 from tests.e2e.test_vllm_connector import CHUNK, P, Q, QS, S2, tokens
@@ -95,3 +98,44 @@ def test_redis_dies_mid_workload_and_comes_back(tiny_model: str, fresh_redis: Se
     assert metric(text, "kvtier_dropped_stores_total", "remote") + metric(text, "kvtier_errors_total", "remote") >= 1
     client = redis.Redis(port=port_of(fresh_redis))
     assert len(client.keys("kvtier/*")) >= 2  # the late prompt's chunks were uploaded after recovery
+
+
+def test_tampered_redis_entries_are_misses_with_correct_output(tiny_model: str, fresh_redis: ServerProcess,
+                                                               tmp_path: Path) -> None:
+    """A flipped byte, two swapped values and a value replayed under another key, in Redis between
+    a writer and a reader: the reader loads only the intact prefix before them and answers exactly
+    as the writer's oracle."""
+    url = f"redis://127.0.0.1:{port_of(fresh_redis)}/0"
+    client = redis.Redis(port=port_of(fresh_redis))
+    writer = run_engine({"model": tiny_model, "kvtier": remote_config(url), "actions": [
+        {"op": "generate", "prompts": [P + S2]},
+        {"op": "generate", "prompts": [P + S2]},  # the oracle
+        {"op": "generate", "prompts": [Q + QS]},
+    ]}, tmp_path, "tamper-writer")
+    names = sorted(client.keys("kvtier/default/*"))
+    assert len(names) == 6  # P's four chunks and Q's two
+    values = {name: client.get(name) for name in names}
+    layout = KVLayout("cpu_lbhnc", 4, 2, 64, 128, "bfloat16")
+    digest = Namespace("default", tiny_model, layout.fingerprint(), 1).digest()
+    p_names = [f"kvtier/default/{key.hex}.0".encode() for key in chunk_keys(digest, P, CHUNK)]
+    q_names = [f"kvtier/default/{key.hex}.0".encode() for key in chunk_keys(digest, Q, CHUNK)]
+    flipped = bytearray(values[p_names[2]])
+    flipped[len(flipped) // 2] ^= 0x01
+    client.set(p_names[2], bytes(flipped))  # P chunk 2: one bit flipped
+    client.set(q_names[0], values[q_names[1]])  # Q: chunks 0 and 1 swapped
+    client.set(q_names[1], values[q_names[0]])
+    client.set(p_names[3], values[p_names[1]])  # P chunk 3: chunk 1's value replayed under its key
+    reader = run_engine({"model": tiny_model, "kvtier": remote_config(url), "actions": [
+        {"op": "generate", "prompts": [P + S2]},
+        {"op": "generate", "prompts": [Q + QS]},
+        {"op": "metrics"},
+    ]}, tmp_path, "tamper-reader")
+    oracle, cold_q = writer[1][0], writer[2][0]
+    p_out, q_out, text = reader[0][0], reader[1][0], reader[2]
+    assert p_out["num_cached_tokens"] == 2 * CHUNK  # chunks 0 and 1, then the flipped one stops the hit
+    assert p_out["tokens"] == oracle["tokens"]
+    assert all(abs(a - b) < 1e-3 for a, b in zip(p_out["logprobs"], oracle["logprobs"]))
+    assert q_out["num_cached_tokens"] == 0 and q_out["tokens"] == cold_q["tokens"]
+    assert metric(text, "kvtier_errors_total", "remote") == 4  # each bad value counted once
+    # the corrupt values were deleted; the reader recomputed those chunks and uploaded them afresh
+    assert client.get(p_names[2]) != bytes(flipped) and client.get(p_names[3]) != values[p_names[1]]
