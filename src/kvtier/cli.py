@@ -1,4 +1,4 @@
-"""The ``kvtier`` command: serve, config check, stats, demo, bench.
+"""The ``kvtier`` command: serve, config check, stats, admin, demo, bench.
 
 A mistake the user can fix (bad arguments, a bad config file, a model folder in the way) prints one
 line ``kvtier: error: ...`` and a hint, and exits 2; a server that fails or cannot be reached
@@ -18,6 +18,7 @@ from typing import TypeAlias
 from kvtier.errors import ConfigError, KVTierError, ModelError
 
 DEFAULT_METRICS_URL = "http://127.0.0.1:9464/metrics"
+DEFAULT_ADMIN_URL = "http://127.0.0.1:9401"
 
 
 class CommandError(Exception):
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(commands)
     _add_config(commands)
     _add_stats(commands)
+    _add_admin(commands)
     _add_demo(commands)
     _add_bench(commands)
     return parser
@@ -94,6 +96,39 @@ def _add_stats(commands: Commands) -> None:
         description="Fetch kvtier's Prometheus metrics from a running engine (config key metrics.port) "
                     "and print the kvtier_* series per tier.")
     stats.add_argument("--url", default=DEFAULT_METRICS_URL, help=f"metrics URL (default: {DEFAULT_METRICS_URL})")
+
+
+def _add_admin(commands: Commands) -> None:
+    admin = commands.add_parser(
+        "admin", help="call a running engine's admin API (stats, lookup, invalidate, limits)",
+        description="Call the admin API of an engine running kvtier (config key admin.port) and print "
+                    "its JSON answer. The bearer token comes from --token-file or the environment "
+                    "variable named by --token-env. See docs/security.md.")
+    admin.add_argument("--url", default=DEFAULT_ADMIN_URL, help=f"admin API address (default: {DEFAULT_ADMIN_URL})")
+    source = admin.add_mutually_exclusive_group(required=True)
+    source.add_argument("--token-file", metavar="FILE", help="file holding the bearer token")
+    source.add_argument("--token-env", metavar="VAR", help="environment variable holding the bearer token")
+    actions = admin.add_subparsers(dest="admin_command", metavar="ACTION", required=True)
+    for name, text in (("health", "is the engine's kvtier up"), ("stats", "entries per tier and namespace"),
+                       ("namespaces", "TTL, quotas and usage per namespace")):
+        actions.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+    lookup = actions.add_parser("lookup", help="how much of a prompt each tier holds")
+    invalidate = actions.add_parser(
+        "invalidate", help="remove a namespace, a token prefix or keys from every tier",
+        description="Remove NAMESPACE's entries from memory, disk and the remote tier: all of them, the "
+                    "chunks of a token prefix (--token-ids), or listed chunk keys (--keys).")
+    for action in (lookup, invalidate):
+        action.add_argument("--namespace", required=True)
+        action.add_argument("--salt", help="vLLM's cache_salt of the prompt, if it had one")
+    lookup.add_argument("--token-ids", metavar="FILE", required=True, help="JSON file: a list of token ids")
+    which = invalidate.add_mutually_exclusive_group()
+    which.add_argument("--token-ids", metavar="FILE", help="JSON file: a list of token ids (the prefix)")
+    which.add_argument("--keys", metavar="HEX", nargs="+", help="chunk keys (32 hex digits each)")
+    limits = actions.add_parser("limits", help="set a namespace's TTL and quotas (until the engine restarts)")
+    limits.add_argument("--namespace", required=True)
+    limits.add_argument("--ttl", type=int, metavar="SECONDS", help="entry lifetime (0: none)")
+    limits.add_argument("--memory-quota", metavar="SIZE", help="e.g. 4GiB (0: none)")
+    limits.add_argument("--disk-quota", metavar="SIZE", help="e.g. 50GiB (0: none)")
 
 
 def _add_demo(commands: Commands) -> None:
@@ -175,6 +210,68 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_admin(args: argparse.Namespace) -> int:
+    import json
+
+    from kvtier.admin.client import AdminRefused, admin_request
+
+    token = _admin_token(args)
+    command = args.admin_command
+    method, path, body = "GET", f"/v1/{command}", None
+    if command in ("lookup", "invalidate"):
+        method, path = "POST", f"/v1/{command}"
+        body = {"namespace": args.namespace}
+        if args.salt is not None:
+            body["salt"] = args.salt
+        if args.token_ids:
+            body["token_ids"] = _read_token_ids(args.token_ids)
+        elif command == "invalidate" and args.keys:
+            body["keys"] = args.keys
+    elif command == "limits":
+        method, path = "PUT", f"/v1/namespaces/{args.namespace}"
+        body = {name: value for name, value in (("ttl_s", args.ttl), ("memory_quota", args.memory_quota),
+                                                ("disk_quota", args.disk_quota)) if value is not None}
+        if not body:
+            raise CommandError("nothing to set", "pass --ttl, --memory-quota and/or --disk-quota")
+    try:
+        answer = admin_request(args.url, token, method, path, body)
+    except AdminRefused as exc:
+        hint = {401: "the token is missing or unknown to the engine (admin.tokens_file)",
+                403: "this action needs an admin token; the one given is read-only"}.get(exc.status, "see the message")
+        raise CommandError(str(exc), hint) from None
+    print(json.dumps(answer, indent=2, sort_keys=True))
+    return 0
+
+
+def _admin_token(args: argparse.Namespace) -> str:
+    if args.token_file:
+        try:
+            with open(args.token_file, encoding="utf-8") as file:
+                token = file.read().strip()
+        except OSError as exc:
+            raise CommandError(f"cannot read --token-file {args.token_file}: {exc.strerror or exc}",
+                               "pass a file holding the token alone") from None
+    else:
+        token = os.environ.get(args.token_env, "").strip()
+    if not token:
+        raise CommandError("the bearer token is empty", "--token-file or --token-env must hold a token")
+    return token
+
+
+def _read_token_ids(path: str) -> list[int]:
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as file:
+            value = json.load(file)
+    except (OSError, ValueError) as exc:
+        raise CommandError(f"cannot read token ids from {path}: {exc}", "the file must hold a JSON list of "
+                                                                        "integers") from None
+    if not isinstance(value, list) or not all(type(item) is int for item in value):
+        raise CommandError(f"{path} does not hold a JSON list of integers", "e.g. [1, 2, 3]")
+    return value
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from kvtier.demo import DOCUMENT_TOKENS, DemoOptions, max_rounds, run_demo, say
 
@@ -216,6 +313,8 @@ def _hint(args: argparse.Namespace, exc: KVTierError) -> str:
         return "remove the folder named above, or pass another --models-dir"
     if args.command == "stats":
         return "is an engine running kvtier with metrics.port set? pass its address with --url"
+    if args.command == "admin":
+        return "is an engine running kvtier with admin.port set? pass its address with --url"
     if args.command == "demo":
         return (f"server logs are in {os.path.join(args.out_dir, 'logs')}; if a port is taken, pass another "
                 "--port or leave it out")
@@ -235,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra and args.command != "serve":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
-        "config": cmd_config_check, "stats": cmd_stats, "demo": cmd_demo, "bench": cmd_bench,
+        "config": cmd_config_check, "stats": cmd_stats, "admin": cmd_admin, "demo": cmd_demo, "bench": cmd_bench,
         "serve": lambda a: cmd_serve(a, extra),
     }
     signal.signal(signal.SIGTERM, _raise_interrupt)  # so servers we started are stopped

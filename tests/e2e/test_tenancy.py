@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import redis
 
+from tests.admin_client import admin_call
 from tests.conftest import free_port
 from tests.e2e.engines import Engine, metric, wait_for
 from tests.e2e.test_vllm_connector import CHUNK, P, S2
@@ -34,15 +33,7 @@ SECRET = P[:CHUNK] + S2  # a prompt sent with store: false
 
 
 def call(port: int, method: str, path: str, body: object = None, token: str | None = ADMIN_TOKEN) -> tuple[int, dict]:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
-                                     data=None if body is None else json.dumps(body).encode())
-    if token is not None:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    return admin_call(f"http://127.0.0.1:{port}", method, path, body, token)
 
 
 def files_of(disk: Path, namespace: str) -> list[Path]:

@@ -7,8 +7,6 @@ import json
 import os
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from kvtier.metrics import Metrics
 from kvtier.plans import WorkerReport
 from kvtier.store import DiskSettings, TieredStore
 from kvtier.tiers.disk import DiskFiles
+from tests.admin_client import admin_call
 
 READ_TOKEN = "r" * 32
 ADMIN_TOKEN = "a" * 32
@@ -47,15 +46,7 @@ class Admin:
 
     def call(self, method: str, path: str, body: object = None, token: str | None = ADMIN_TOKEN,
              raw: bytes | None = None) -> tuple[int, dict]:
-        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        request = urllib.request.Request(self.url + path, data=data, method=method)
-        if token is not None:
-            request.add_header("Authorization", f"Bearer {token}")
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
+        return admin_call(self.url, method, path, body, token, raw)
 
     def audit(self) -> list[dict]:
         return [json.loads(line) for line in self.audit_path.read_text().splitlines()]
@@ -250,3 +241,38 @@ def test_bad_tokens_files_are_config_errors_that_never_quote_a_token(tmp_path: P
 def test_the_admin_api_has_no_unauthenticated_mode() -> None:
     with pytest.raises(ConfigError, match="tokens file"):
         load_tokens(None)
+
+
+# ----- the kvtier admin command ----------------------------------------------------------------------
+
+def test_kvtier_admin_invalidates_and_reports(admin: Admin, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from kvtier.cli import main
+
+    prompt = list(range(12))
+    keys = admin.store_prompt("tenant-a", prompt)
+    token_file, ids_file = tmp_path / "token", tmp_path / "ids.json"
+    token_file.write_text(ADMIN_TOKEN + "\n")
+    ids_file.write_text(json.dumps(prompt))
+    base = ["admin", "--url", admin.url, "--token-file", str(token_file)]
+    assert main([*base, "lookup", "--namespace", "tenant-a", "--token-ids", str(ids_file)]) == 0
+    assert json.loads(capsys.readouterr().out)["cached_chunks"] == 3
+    assert main([*base, "invalidate", "--namespace", "tenant-a", "--keys", keys[2].hex()]) == 0
+    assert json.loads(capsys.readouterr().out)["memory"]["entries"] == 1
+    assert main([*base, "limits", "--namespace", "tenant-a", "--ttl", "30", "--memory-quota", "1GiB"]) == 0
+    assert json.loads(capsys.readouterr().out)["memory_quota_bytes"] == 2**30
+    assert admin.store.lookup(keys).num_chunks == 2
+
+
+def test_kvtier_admin_explains_a_refusal(admin: Admin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture) -> None:
+    from kvtier.cli import main
+
+    monkeypatch.setenv("KV_READ", READ_TOKEN)
+    code = main(["admin", "--url", admin.url, "--token-env", "KV_READ", "invalidate", "--namespace", "tenant-a"])
+    assert code == 2
+    assert "HTTP 403" in capsys.readouterr().err
+    monkeypatch.setenv("KV_NONE", "")
+    assert main(["admin", "--url", admin.url, "--token-env", "KV_NONE", "stats"]) == 2
+    closed = "http://127.0.0.1:1"
+    assert main(["admin", "--url", closed, "--token-env", "KV_READ", "stats"]) == 1
+    assert "cannot reach" in capsys.readouterr().err

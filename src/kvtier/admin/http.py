@@ -32,7 +32,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from kvtier.admin.audit import AuditLog
-from kvtier.admin.auth import Principal, Role, Tokens
+from kvtier.admin.auth import Role, Tokens
 from kvtier.admin.service import AdminService
 from kvtier.config import NAMESPACE_RULE, NamespaceLimits, is_namespace, parse_size
 from kvtier.errors import ConfigError
