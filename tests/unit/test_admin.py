@@ -206,9 +206,9 @@ def test_unknown_endpoints_and_methods_are_404_after_authentication(admin: Admin
                       st.text(max_size=40).map(lambda text: "/" + text)),
        body=st.one_of(st.none(), st.binary(max_size=200),
                       st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=10),
-                                   lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+                                   lambda inner: st.lists(inner, min_size=1, max_size=4) | st.dictionaries(
                                        st.sampled_from(["namespace", "token_ids", "keys", "salt", "ttl_s",
-                                                        "memory_quota", "x"]), inner, max_size=4),
+                                                        "memory_quota", "x"]), inner, min_size=1, max_size=4),
                                    max_leaves=12).map(lambda value: json.dumps(value).encode())))
 def test_no_request_crashes_the_api(admin: Admin, method: str, path: str, body: bytes | None) -> None:
     api = AdminAPI(admin.service, Tokens({ADMIN_TOKEN: Role.ADMIN}), AuditLog(None))
