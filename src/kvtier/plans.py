@@ -9,9 +9,11 @@ Execution order on the worker (it matters, slots are reused):
 2. ``promotes`` / ``remote_fetches``: read disk / remote entries into memory slots, verified.
 3. ``loads``: copy memory slots into engine blocks (before the forward).
 4. ``stores``: copy engine blocks into memory slots (after the forward).
-5. ``write_through`` / ``remote_puts``: copy freshly stored slots aside for a disk write / an upload.
-6. ``deletes`` / ``purges``: remove disk entries / whole namespaces from disk (queued behind
-   earlier writes, so a write in flight never outlives its delete).
+5. once the copies of 4. are done (CUDA: later; steps finish in order):
+   ``deletes`` / ``purges``: remove disk entries / whole namespaces from disk, queued behind
+   every write of earlier steps (a write in flight never outlives its delete), then
+   ``write_through`` / ``remote_puts``: copy the freshly stored slots aside for a disk write /
+   an upload (a write planned after an invalidation is never undone by it).
 
 Every operation that names bytes on disk or on the remote names the tenant namespace too: it is
 part of the entry's path and object name, and the context its encryption key is derived for.

@@ -18,7 +18,7 @@ import torch
 from kvtier.crypto import Sealer
 from kvtier.datapath import ChunkMover, HostPool, PagedKV, ordered_layers
 from kvtier.integrations.vllm.setup import EngineSetup
-from kvtier.plans import SlotOp, StepPlan, StoreOp, WorkerReport
+from kvtier.plans import EntryRef, SlotOp, StepPlan, StoreOp, WorkerReport
 from kvtier.tiers.disk import DiskFiles, DiskWriter, ReadResult
 from kvtier.tiers.remote import RemoteTier
 from kvtier.tiers.uploader import RemoteUploader
@@ -27,13 +27,17 @@ logger = logging.getLogger("kvtier")
 
 
 @dataclass
-class _PendingStore:
-    """Stores of one step whose copies may still be in flight (``event`` None: already done)."""
+class _PendingStep:
+    """What one step left for after its store copies (``event`` None: done or none): its disk
+    deletes, then its write-throughs and uploads. Steps finish in order, so a delete is queued
+    behind every write of an earlier step and ahead of every write of a later one."""
 
     event: "torch.cuda.Event | None"
     stores: list[StoreOp]
     write_through: list[SlotOp]
     remote_puts: list[SlotOp]
+    deletes: list[EntryRef]
+    purges: list[str]
     started: float
 
 
@@ -44,7 +48,7 @@ class WorkerSide:
         self.remote = remote
         self.uploader: RemoteUploader | None = None
         self._step_started: float | None = None
-        self._pending: list[_PendingStore] = []  # queued stores, oldest first
+        self._pending: list[_PendingStep] = []  # steps with work left, oldest first
         self._awaiting_free: set[str] = set()
         if remote is not None:
             self.uploader = RemoteUploader(remote, setup.layout.fingerprint(), setup.config.remote.queue_depth)
@@ -135,32 +139,37 @@ class WorkerSide:
         if self._step_started is not None:
             self.report.forward_seconds = time.perf_counter() - self._step_started
             self._step_started = None
-        if plan.stores:
-            self._store(plan)
+        if plan.stores or plan.deletes or plan.purges:
+            self._queue_step(plan)
         self._awaiting_free.update(plan.delayed_frees)
         self._poll()
-        if self.writer is not None:
-            for ref in plan.deletes:
-                self.writer.submit_delete(ref.key, self.rank, namespace=ref.namespace)
-            for namespace in plan.purges:
-                self.writer.submit_purge(namespace)
 
-    def _store(self, plan: StepPlan) -> None:
-        """Queue the copies and return: on CUDA they overlap the next forward. Write-through and
-        uploads read the slots, so they wait in ``_pending`` until the copies are done."""
+    def _queue_step(self, plan: StepPlan) -> None:
+        """Queue the store copies and return: on CUDA they overlap the next forward. Write-through
+        and uploads read the slots, so they wait in ``_pending`` until the copies are done; the
+        step's disk deletes wait there too, to keep their order with the writes."""
         assert self.mover is not None
         started = time.perf_counter()
-        self.mover.gather_chunks(plan.stores)
-        event = self.mover.mark_stores()
-        self._pending.append(_PendingStore(event, plan.stores, plan.write_through, plan.remote_puts, started))
-        self.report.memory_written_bytes += len(plan.stores) * self.setup.chunk_bytes
+        event = None
+        if plan.stores:
+            self.mover.gather_chunks(plan.stores)
+            event = self.mover.mark_stores()
+            self.report.memory_written_bytes += len(plan.stores) * self.setup.chunk_bytes
+        self._pending.append(_PendingStep(event, plan.stores, plan.write_through, plan.remote_puts, plan.deletes,
+                                          plan.purges, started))
 
     def _poll(self) -> None:
-        """Finish the stores whose copies are done, oldest first (they complete in order)."""
+        """Finish the steps whose copies are done, oldest first (they complete in order)."""
         while self._pending and (self._pending[0].event is None or self._pending[0].event.query()):
             done = self._pending.pop(0)
-            self.report.stored.extend(op.key for op in done.stores)
-            self.report.store_seconds.append(time.perf_counter() - done.started)
+            if self.writer is not None:
+                for ref in done.deletes:
+                    self.writer.submit_delete(ref.key, self.rank, namespace=ref.namespace)
+                for namespace in done.purges:
+                    self.writer.submit_purge(namespace)
+            if done.stores:
+                self.report.stored.extend(op.key for op in done.stores)
+                self.report.store_seconds.append(time.perf_counter() - done.started)
             copies: dict[int, bytes] = {}  # one copy of a slot serves its disk write and its upload
             for op in done.write_through:
                 copies[op.slot] = self._slot_bytes(op.slot)
