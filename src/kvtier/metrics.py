@@ -27,6 +27,10 @@ class Metrics:
         self.written_bytes = Counter("kvtier_written_bytes", "Bytes written to a tier", ["tier"],
                                      registry=reg)
         self.evictions = Counter("kvtier_evictions", "Entries evicted from a tier", ["tier"], registry=reg)
+        self.expired = Counter("kvtier_expired", "Entries removed for being older than their namespace's TTL",
+                               ["tier"], registry=reg)
+        self.invalidated = Counter("kvtier_invalidated", "Entries removed by an admin invalidation", ["tier"],
+                                   registry=reg)
         self.errors = Counter("kvtier_errors", "I/O errors and corrupt entries (each one a miss)", ["tier"],
                               registry=reg)
         self.dropped_stores = Counter("kvtier_dropped_stores", "Stores dropped (queue full or no room)",

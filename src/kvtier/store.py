@@ -23,12 +23,12 @@ from __future__ import annotations
 import enum
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from kvtier.config import NamespaceLimits
 from kvtier.leases import Leases
 from kvtier.metrics import Metrics
-from kvtier.plans import EntryRef, SlotOp, WorkerReport
+from kvtier.plans import EntryRef, SlotOp, StepPlan, WorkerReport
 from kvtier.policy import EvictionPolicy, make_policy
 
 _NO_LIMITS = NamespaceLimits()
@@ -96,16 +96,6 @@ class Usage:
     disk: int
 
 
-@dataclass
-class _PendingOps:
-    spills: list[SlotOp] = field(default_factory=list)
-    promotes: list[SlotOp] = field(default_factory=list)
-    remote_fetches: list[SlotOp] = field(default_factory=list)
-    write_through: list[SlotOp] = field(default_factory=list)
-    deletes: list[EntryRef] = field(default_factory=list)
-    purges: list[str] = field(default_factory=list)
-
-
 class TieredStore:
     """Books of the memory and disk tiers for one engine (all tensor-parallel ranks)."""
 
@@ -133,7 +123,7 @@ class TieredStore:
         self.leases = Leases()
         self._world_size = world_size
         self._acks: Counter[tuple[str, bytes]] = Counter()
-        self._ops = _PendingOps()
+        self._ops = StepPlan()  # the store's part of the next plan: spills, promotes, fetches, writes, deletes
         self._metrics = metrics
 
     # ----- queries -------------------------------------------------------------------------
@@ -236,11 +226,11 @@ class TieredStore:
                 entry.on_disk = True
         return slot
 
-    def take_ops(self) -> _PendingOps:
-        """The operations planned since the last call; frees the slots of doomed entries whose
-        leases have ended first (``reap``)."""
+    def take_ops(self) -> StepPlan:
+        """The operations planned since the last call (loads, stores and uploads are the
+        caller's); frees the slots of doomed entries whose leases have ended first (``reap``)."""
         self.reap()
-        ops, self._ops = self._ops, _PendingOps()
+        ops, self._ops = self._ops, StepPlan()
         return ops
 
     # ----- tenants ---------------------------------------------------------------------------
@@ -278,6 +268,8 @@ class TieredStore:
         if keys is None and self._disk_settings is not None:
             self._ops.purges.append(namespace)
         self.reap()
+        self._metrics.invalidated.labels(tier="memory").inc(len(memory))
+        self._metrics.invalidated.labels(tier="disk").inc(len(disk))
         return Invalidated(len(memory), len(disk))
 
     def expire(self) -> Invalidated:
@@ -295,6 +287,8 @@ class TieredStore:
             self._drop_disk(key)
             self._ops.deletes.append(EntryRef(key, namespace))
         self.reap()
+        self._metrics.expired.labels(tier="memory").inc(len(memory))
+        self._metrics.expired.labels(tier="disk").inc(len(disk))
         return Invalidated(len(memory), len(disk))
 
     def reap(self) -> None:

@@ -238,6 +238,19 @@ def test_a_namespace_ttl_shorter_than_the_tiers_is_set_on_the_server(ttl_backend
     tier.close()
 
 
+def test_s3_hides_entries_older_than_the_namespace_ttl_at_lookup(request: pytest.FixtureRequest) -> None:
+    """S3 cannot expire single objects: a lookup with the namespace's TTL as ``max_age_s`` treats
+    older ones as absent (Redis expires them itself, see the test above)."""
+    tier = make_backend(request, "s3").open(None, TIMEOUT_S)
+    key = new_key()
+    assert tier.put(key, 0, payload_of(1024), LAYOUT, namespace=TENANT)
+    assert tier.exists_prefix([key], 0, namespace=TENANT, max_age_s=100) == 1
+    time.sleep(2.1)  # Last-Modified has one-second resolution
+    assert tier.exists_prefix([key], 0, namespace=TENANT) == 1  # no TTL anywhere: still there
+    assert tier.exists_prefix([key], 0, namespace=TENANT, max_age_s=1) == 0
+    tier.close()
+
+
 def test_delete_namespace_removes_every_entry_of_it_and_nothing_else(backend: Backend) -> None:
     tier = backend.open(100, TIMEOUT_S)
     mine, theirs = [new_key() for _ in range(30)], new_key()

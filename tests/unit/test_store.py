@@ -203,6 +203,9 @@ def test_entries_older_than_the_namespace_ttl_are_misses_then_removed() -> None:
     assert store.lookup([key(1)]).num_chunks == 1  # no TTL in "long"
     removed = store.expire()
     assert (removed.memory, removed.disk) == (1, 1)
+    registry = store._metrics.registry
+    assert registry.get_sample_value("kvtier_expired_total", {"tier": "memory"}) == 1
+    assert registry.get_sample_value("kvtier_expired_total", {"tier": "disk"}) == 1
     assert not store.in_memory(key(0)) and not store.on_disk(key(0))
     assert store.take_ops().deletes == [EntryRef(key(0), "short")]
 
@@ -227,6 +230,7 @@ def test_invalidating_a_namespace_removes_it_from_every_tier_and_spares_the_othe
     store.take_ops()
     removed = store.invalidate("a")
     assert (removed.memory, removed.disk) == (2, 2)
+    assert store._metrics.registry.get_sample_value("kvtier_invalidated_total", {"tier": "disk"}) == 2
     assert store.lookup([key(0)]).num_chunks == 0 and store.lookup([key(1)]).num_chunks == 0
     assert store.lookup([key(2)]).num_chunks == 1
     ops = store.take_ops()

@@ -182,7 +182,7 @@ class DictTier(RemoteTier):
     def _connect(self) -> None:
         pass
 
-    def _count_prefix(self, names: Sequence[str]) -> int:
+    def _count_prefix(self, names: Sequence[str], max_age_s: int) -> int:
         count = 0
         while count < len(names) and names[count] in self.values:
             count += 1

@@ -93,11 +93,12 @@ class AdminService:
         keys = self.keys_of(namespace, salt, token_ids)
         with self._lock:
             found = self._store.lookup(keys)
+            ttl = self._store.ttl_of(namespace)
         on_disk = len(found.disk_only)
         remote = 0
         if self._remote is not None and found.num_chunks < len(keys):
             with self._remote_lock:
-                remote = self._remote.exists_prefix(keys[found.num_chunks:], 0, namespace=namespace)
+                remote = self._remote.exists_prefix(keys[found.num_chunks:], 0, namespace=namespace, max_age_s=ttl)
         chunks = found.num_chunks + remote
         return {"namespace": namespace, "chunks": len(keys), "cached_chunks": chunks,
                 "cached_tokens": chunks * self.shape.chunk_tokens,

@@ -117,7 +117,7 @@ class RedisTier(RemoteTier):
         assert self._client is not None, "the tier has not connected yet"
         return self._client
 
-    def _count_prefix(self, names: Sequence[str]) -> int:
+    def _count_prefix(self, names: Sequence[str], max_age_s: int) -> int:  # Redis expires entries itself
         pipe = self.client.pipeline(transaction=False)
         for name in names:
             pipe.exists(name)

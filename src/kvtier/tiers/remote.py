@@ -147,13 +147,15 @@ class RemoteTier(abc.ABC):
 
     # ----------------------------------------------------------------- public contract
 
-    def exists_prefix(self, keys: Sequence[bytes], rank: int, *, namespace: str) -> int:
+    def exists_prefix(self, keys: Sequence[bytes], rank: int, *, namespace: str, max_age_s: int = 0) -> int:
         """How many consecutive ``keys`` of ``namespace`` from the start the store holds for
-        ``rank`` (one round trip where the backend allows). 0 on failure or while unhealthy."""
+        ``rank`` (one round trip where the backend allows). 0 on failure or while unhealthy.
+        ``max_age_s`` (the namespace's TTL; 0: none): on backends without per-entry expiry (S3),
+        an older entry counts as absent; the others expire entries themselves (``put``'s TTL)."""
         if not keys:
             return 0
         names = [self.name_for(key, rank, namespace) for key in keys]
-        return self._guarded(lambda: self._count_prefix(names), 0)
+        return self._guarded(lambda: self._count_prefix(names, max_age_s), 0)
 
     def get_into(self, key: bytes, rank: int, out: memoryview, layout_fingerprint: bytes, *,
                  namespace: str) -> ReadResult:
@@ -257,8 +259,10 @@ class RemoteTier(abc.ABC):
         and before any primitive until it has succeeded once."""
 
     @abc.abstractmethod
-    def _count_prefix(self, names: Sequence[str]) -> int:
-        """How many consecutive ``names`` from the start exist (non-empty ``names``)."""
+    def _count_prefix(self, names: Sequence[str], max_age_s: int) -> int:
+        """How many consecutive ``names`` from the start exist (non-empty ``names``); a backend
+        that cannot expire single entries also treats those older than ``max_age_s`` (if not 0)
+        as absent."""
 
     @abc.abstractmethod
     def _fetch_many(self, items: Sequence[tuple[str, memoryview]]) -> list[Fetched | None]:

@@ -14,8 +14,8 @@ batch stops at its first failure and waits for its running requests (they write 
 caller's buffers) before returning. boto3's CRC checksums are off unless an operation requires
 them: every entry carries its own xxh3 checksum.
 
-TTL: S3 has no per-object TTL (a per-namespace TTL does not reach S3: the tier-wide ``ttl_s``
-applies to every object). An object older than ``ttl_s`` (server clock: its Last-Modified
+TTL: S3 has no per-object TTL. An object older than ``ttl_s`` (or, at a lookup, than its
+namespace's TTL, passed as ``max_age_s``) (server clock: its Last-Modified
 against the response's Date) reads as absent and is deleted best-effort, so the next put
 rewrites it. Storage is reclaimed only by reads or by a bucket lifecycle rule, which the
 operator sets (kvtier does not change bucket configuration).
@@ -81,24 +81,24 @@ class S3Tier(RemoteTier):
     def _connect(self) -> None:
         self.client.head_bucket(Bucket=self.bucket)
 
-    def _count_prefix(self, names: Sequence[str]) -> int:
+    def _count_prefix(self, names: Sequence[str], max_age_s: int) -> int:
         count = 0
         for start in range(0, len(names), _HEAD_WAVE):
-            found = self._run_all(self._exists, names[start:start + _HEAD_WAVE])
+            found = self._run_all(lambda name: self._exists(name, max_age_s), names[start:start + _HEAD_WAVE])
             for exists in found:
                 if not exists:
                     return count
                 count += 1
         return count
 
-    def _exists(self, name: str) -> bool:
+    def _exists(self, name: str, max_age_s: int = 0) -> bool:
         try:
             response = self.client.head_object(Bucket=self.bucket, Key=name)
         except ClientError as exc:
             if _error_code(exc) in _ABSENT_CODES:
                 return False
             raise
-        return not self._expired(name, response)
+        return not self._expired(name, response, max_age_s)
 
     def _fetch_many(self, items: Sequence[tuple[str, memoryview]]) -> list[Fetched | None]:
         return self._run_all(lambda item: self._fetch(*item), items)
@@ -157,16 +157,18 @@ class S3Tier(RemoteTier):
         if self._client is not None:
             self.client.close()
 
-    def _expired(self, name: str, response: dict[str, object]) -> bool:
-        """True (and the object deleted best-effort) when the object is older than ``ttl_s``."""
-        if self.ttl_s is None:
+    def _expired(self, name: str, response: dict[str, object], max_age_s: int = 0) -> bool:
+        """True (and the object deleted best-effort) when the object is older than ``ttl_s`` or
+        than ``max_age_s`` (a namespace's TTL; 0: none)."""
+        limits = [limit for limit in (self.ttl_s, max_age_s) if limit]
+        if not limits:
             return False
         headers = response["ResponseMetadata"]["HTTPHeaders"]  # type: ignore[index]
         now = email.utils.parsedate_to_datetime(headers["date"]) if "date" in headers \
             else datetime.now(timezone.utc)
         modified = response["LastModified"]
         assert isinstance(modified, datetime)
-        if (now - modified).total_seconds() <= self.ttl_s:
+        if (now - modified).total_seconds() <= min(limits):
             return False
         self._delete_quietly([name])
         return True

@@ -160,7 +160,8 @@ class SchedulerSide:
             run.append(key)
         if not run:
             return []
-        num_held = self.remote.exists_prefix(run, 0, namespace=state.controls.namespace)
+        namespace = state.controls.namespace
+        num_held = self.remote.exists_prefix(run, 0, namespace=namespace, max_age_s=self.store.ttl_of(namespace))
         for key in run[:num_held]:
             self._remember_remote(key)
         if num_held and not self.cost.fetch_pays(num_held * self.setup.chunk_bytes, num_held * self.setup.chunk_tokens):
