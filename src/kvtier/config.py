@@ -79,6 +79,12 @@ class RemoteConfig:
     access_key: str | None
     secret_key: str | None
 
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("remote.tls_key" if self.tls_key is None else "remote.tls_cert",
+                              "set both remote.tls_cert and remote.tls_key (a client certificate and its key), "
+                              "or neither")
+
 
 @dataclass(frozen=True)
 class EncryptionConfig:
@@ -557,5 +563,5 @@ def _values_of(config: KVTierConfig) -> dict[str, _Value]:
 
 
 def _render_limits(limits: Mapping[str, NamespaceLimits]) -> str:
-    return ";".join(f"{name}:ttl={item.ttl_s},memory={item.memory_bytes},disk={item.disk_bytes}"
-                    for name, item in limits.items())
+    return ";".join(f"{name}:ttl={item.ttl_s},memory={_format_size(item.memory_bytes)},"
+                    f"disk={_format_size(item.disk_bytes)}" for name, item in limits.items())

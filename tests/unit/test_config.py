@@ -551,3 +551,13 @@ def test_namespace_limits_round_trip_through_describe(limits: dict[str, tuple[in
     assert parsed == {name: NamespaceLimits(*values) for name, values in limits.items()}
     shown = dict((row[0], row[1]) for row in describe(load({"namespace_limits": text})))
     assert parse_namespace_limits(shown["namespace_limits"].strip('"')) == parsed
+
+
+def test_namespace_limits_are_shown_with_size_units() -> None:
+    rows = {key: value for key, value, _ in describe(load({"namespace_limits": "a:memory=1GiB,disk=1500MB"}))}
+    assert rows["namespace_limits"] == '"a:ttl=0,memory=1GiB,disk=1500MB"'
+
+
+def test_a_client_certificate_needs_its_key() -> None:
+    assert config_error({"remote.tls_cert": "/etc/kvtier/client.crt"}).key == "remote.tls_key"
+    assert config_error({"remote.tls_key": "/etc/kvtier/client.key"}).key == "remote.tls_cert"
