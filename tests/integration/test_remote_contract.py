@@ -619,6 +619,21 @@ def test_tls_servers_refuse_clients_without_the_right_certificates(request: pyte
         tier.close()
 
 
+def test_concurrent_first_connections_all_present_the_client_certificate(request: pytest.FixtureRequest) -> None:
+    """Fresh tiers opening many connections from many threads at once: urllib3 would load the
+    certificate into the shared TLS context per connection, racing with other handshakes (a
+    handshake without it, or a crash); the tier loads it once (``s3_tier._OneContextSession``)."""
+    import concurrent.futures
+
+    backend = make_backend(request, "s3-tls")
+    for _ in range(10):
+        tier = backend.open(None, TIMEOUT_S)
+        client = tier.client  # type: ignore[attr-defined]
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda _: client.head_bucket(Bucket=S3_BUCKET), range(32)))  # raises if refused
+        tier.close()
+
+
 def test_client_certificate_options_are_checked(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="remote.tls_key"):
         open_remote("rediss://127.0.0.1:1", ttl_s=None, timeout_s=1.0, tls_cert=str(tmp_path))

@@ -26,6 +26,8 @@ from __future__ import annotations
 import concurrent.futures
 import email.utils
 import logging
+import socket
+import ssl
 import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -36,6 +38,8 @@ import urllib3.exceptions
 from botocore.client import BaseClient
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.httpsession import URLLib3Session
+from urllib3.util.ssl_ import create_urllib3_context
 
 from kvtier.entry import HEADER_BYTES
 from kvtier.errors import ConfigError
@@ -215,12 +219,57 @@ def _make_client(options: RemoteOptions) -> BaseClient:
         connect_timeout=options.timeout_s, read_timeout=options.timeout_s,
         retries={"total_max_attempts": 1}, max_pool_connections=_NUM_THREADS,
         s3={"addressing_style": "path" if options.s3_endpoint else "auto"},
-        request_checksum_calculation="when_required", response_checksum_validation="when_required",
-        client_cert=(options.tls_cert, options.tls_key) if options.tls_cert and options.tls_key else None)
+        request_checksum_calculation="when_required", response_checksum_validation="when_required")
     session = boto3.session.Session()
-    return session.client("s3", endpoint_url=options.s3_endpoint, region_name=options.s3_region,
-                          aws_access_key_id=options.access_key, aws_secret_access_key=options.secret_key,
-                          verify=options.tls_ca if options.tls_ca else True, config=config)
+    client = session.client("s3", endpoint_url=options.s3_endpoint, region_name=options.s3_region,
+                            aws_access_key_id=options.access_key, aws_secret_access_key=options.secret_key,
+                            verify=options.tls_ca if options.tls_ca else True, config=config)
+    if options.tls_ca or options.tls_cert:
+        _use_one_tls_context(client, options)
+    return client
+
+
+class _OneContextSession(URLLib3Session):
+    """botocore's HTTP session with every TLS setting in one ``SSLContext`` loaded up front.
+
+    Given a CA file or a client certificate, urllib3 loads them into the pool's shared context
+    again on every new connection. With several connections opening at once (our thread pool),
+    ``load_cert_chain`` then races with handshakes in other threads, which can crash CPython
+    before 3.13 (python/cpython#134698, seen here as a segfault). Loaded once, nothing changes the
+    context after it is shared; certificate and host-name checks are urllib3's as before.
+    """
+
+    def __init__(self, context: ssl.SSLContext, timeout: float) -> None:
+        self._one_context = context
+        super().__init__(timeout=timeout, max_pool_connections=_NUM_THREADS,
+                         socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+
+    def _get_ssl_context(self) -> ssl.SSLContext:
+        return self._one_context
+
+    def _setup_ssl_cert(self, conn: object, url: str, verify: object) -> None:
+        conn.cert_reqs = "CERT_REQUIRED"  # type: ignore[attr-defined]
+        conn.ca_certs = None  # type: ignore[attr-defined]  # already in the context
+
+
+def _use_one_tls_context(client: BaseClient, options: RemoteOptions) -> None:
+    """Give ``client`` a ``_OneContextSession`` holding the configured CA (else the system's) and
+    client certificate. Raises ``ConfigError`` when they cannot be loaded."""
+    context = create_urllib3_context(cert_reqs=ssl.CERT_REQUIRED)
+    try:
+        if options.tls_ca:
+            context.load_verify_locations(cafile=options.tls_ca)
+        else:
+            context.load_default_certs()
+        if options.tls_cert and options.tls_key:
+            context.load_cert_chain(options.tls_cert, options.tls_key)
+    except (ssl.SSLError, OSError) as exc:
+        key = "remote.tls_cert" if options.tls_cert else "remote.tls_ca"
+        raise ConfigError(key, f"cannot load the TLS files: {exc}") from None
+    endpoint = client._endpoint  # botocore has no public hook for the HTTP session
+    previous = endpoint.http_session
+    endpoint.http_session = _OneContextSession(context, options.timeout_s)
+    previous.close()
 
 
 def _error_code(exc: ClientError) -> str:
