@@ -317,9 +317,6 @@ class TieredStore:
                 entry.state = State.READY
         for key in set(report.disk_failed):
             self._drop_disk(key)
-            memory_entry = self._memory.get(key)
-            if memory_entry is not None:
-                memory_entry.on_disk = False
 
     # ----- internals -----------------------------------------------------------------------
     def _expired(self, entry: MemoryEntry | DiskEntry, now: float) -> bool:
@@ -352,9 +349,7 @@ class TieredStore:
 
     def _pop_memory(self, key: bytes) -> MemoryEntry:
         entry = self._memory.pop(key)
-        self._memory_usage[entry.namespace] -= 1
-        if not self._memory_usage[entry.namespace]:
-            del self._memory_usage[entry.namespace]
+        _uncount(self._memory_usage, entry.namespace)
         return entry
 
     def _drop_memory(self, key: bytes) -> None:
@@ -375,9 +370,7 @@ class TieredStore:
             return
         if self._disk_policy is not None:
             self._disk_policy.remove(key)
-        self._disk_usage[entry.namespace] -= 1
-        if not self._disk_usage[entry.namespace]:
-            del self._disk_usage[entry.namespace]
+        _uncount(self._disk_usage, entry.namespace)
         memory_entry = self._memory.get(key)
         if memory_entry is not None:
             memory_entry.on_disk = False
@@ -397,15 +390,19 @@ class TieredStore:
     def _allocate_slot(self, namespace: str) -> int | None:
         quota = self._memory_quota(namespace)
         if quota is not None and self._memory_usage[namespace] >= quota:
-            return self._evict_memory(lambda key: self._memory_evictable(key)
-                                      and self._memory[key].namespace == namespace)
+            return self._evict_memory(namespace)
         if self._free_slots:
             return self._free_slots.pop()
-        return self._evict_memory(self._memory_evictable)
+        return self._evict_memory(None)
 
-    def _evict_memory(self, evictable: Callable[[bytes], bool]) -> int | None:
-        """Evict one entry (spilling it to disk when the policy says so); its slot, or None."""
-        victim = self._memory_policy.choose_victim(evictable)
+    def _evict_memory(self, namespace: str | None) -> int | None:
+        """Evict one entry (of ``namespace``; None: of any), spilling it to disk when the policy
+        says so; its slot, or None when none is evictable."""
+        if namespace is None:
+            victim = self._memory_policy.choose_victim(self._memory_evictable)
+        else:
+            victim = self._memory_policy.choose_victim(lambda key: self._memory_evictable(key)
+                                                       and self._memory[key].namespace == namespace)
         if victim is None:
             return None
         entry = self._pop_memory(victim)
@@ -421,8 +418,7 @@ class TieredStore:
         quota = self._memory_quota(namespace)
         num_evicted = 0
         while quota is not None and self._memory_usage[namespace] > quota:
-            slot = self._evict_memory(lambda key: self._memory_evictable(key)
-                                      and self._memory[key].namespace == namespace)
+            slot = self._evict_memory(namespace)
             if slot is None:
                 break
             self._free_slots.append(slot)
@@ -468,3 +464,10 @@ class TieredStore:
             return False
         self._evict_disk(victim)
         return True
+
+
+def _uncount(usage: Counter[str], namespace: str) -> None:
+    """One entry of ``namespace`` fewer; namespaces holding none are not listed."""
+    usage[namespace] -= 1
+    if not usage[namespace]:
+        del usage[namespace]
