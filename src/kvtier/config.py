@@ -80,10 +80,15 @@ class RemoteConfig:
     secret_key: str | None
 
     def __post_init__(self) -> None:
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ConfigError("remote.tls_key" if self.tls_key is None else "remote.tls_cert",
-                              "set both remote.tls_cert and remote.tls_key (a client certificate and its key), "
-                              "or neither")
+        check_client_certificate(self.tls_cert, self.tls_key)
+
+
+def check_client_certificate(tls_cert: str | None, tls_key: str | None) -> None:
+    """A client certificate comes with its key: ``ConfigError`` naming the one missing."""
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigError("remote.tls_key" if tls_key is None else "remote.tls_cert",
+                          "set both remote.tls_cert and remote.tls_key (a client certificate and its key), "
+                          "or neither")
 
 
 @dataclass(frozen=True)
@@ -266,7 +271,7 @@ def parse_namespace_limits(text: str) -> dict[str, NamespaceLimits]:
     limits: dict[str, NamespaceLimits] = {}
     for part in filter(None, (piece.strip() for piece in text.split(";"))):
         name, sep, fields = part.partition(":")
-        if not sep or not re.fullmatch(NAMESPACE_PATTERN, name):
+        if not sep or not is_namespace(name):
             raise ValueError(f"{part!r} must be <namespace>:<field>=<value>,... with a namespace of "
                              f"{NAMESPACE_RULE}")
         if name in limits:

@@ -44,7 +44,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from kvtier.config import NAMESPACE_RULE, is_namespace
+from kvtier.config import NAMESPACE_RULE, check_client_certificate, is_namespace
 from kvtier.crypto import Sealer
 from kvtier.entry import HEADER_BYTES
 from kvtier.errors import ConfigError, EntryError
@@ -92,9 +92,7 @@ class RemoteOptions:
     def __post_init__(self) -> None:
         if not self.timeout_s > 0:
             raise ConfigError("remote.timeout_s", f"must be positive, got {self.timeout_s}")
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ConfigError("remote.tls_key" if self.tls_key is None else "remote.tls_cert",
-                              "set both remote.tls_cert and remote.tls_key (a client certificate and its key), or neither")
+        check_client_certificate(self.tls_cert, self.tls_key)
         for key, path in (("remote.tls_ca", self.tls_ca), ("remote.tls_cert", self.tls_cert),
                           ("remote.tls_key", self.tls_key)):
             if path is not None and not os.path.isfile(path):

@@ -12,15 +12,13 @@ warning names the problem: a typo must never widen who can read a prompt's KV.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from kvtier.config import NAMESPACE_PATTERN
+from kvtier.config import NAMESPACE_PATTERN, is_namespace
 
 logger = logging.getLogger("kvtier")
 
-_NAMESPACE = re.compile(NAMESPACE_PATTERN)
 _KNOWN = {"namespace", "store", "load"}
 
 
@@ -63,7 +61,7 @@ def _problem(section: object) -> str | None:
     if unknown:
         return f"unknown kv_transfer_params.kvtier keys {sorted(unknown)} (known: {sorted(_KNOWN)})"
     namespace = section.get("namespace")
-    if namespace is not None and not (isinstance(namespace, str) and _NAMESPACE.fullmatch(namespace)):
+    if namespace is not None and not is_namespace(namespace):
         return f"kv_transfer_params.kvtier.namespace {namespace!r} must match {NAMESPACE_PATTERN}"
     for flag in ("load", "store"):
         if flag in section and not isinstance(section[flag], bool):

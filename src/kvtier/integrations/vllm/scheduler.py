@@ -16,12 +16,14 @@ and leaves at least one prompt token to compute.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
 
 from kvtier.costmodel import CostModel
 from kvtier.integrations.vllm.requests import RequestControls, request_controls
@@ -58,6 +60,21 @@ class RequestState:
     store_keys: list[bytes] = field(default_factory=list)  # chunks this request's blocks were stored as
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _locked(method: Callable[Concatenate["SchedulerSide", _P], _R]) -> Callable[Concatenate["SchedulerSide", _P], _R]:
+    """Run ``method`` holding the instance's ``lock`` (vLLM's scheduler thread and the admin API's
+    threads both call in)."""
+    @functools.wraps(method)
+    def locked(self: "SchedulerSide", *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 class SchedulerSide:
     """Scheduler-side state of one engine. Every public method runs under ``lock``: vLLM calls
     them from its scheduler thread, the admin API (``kvtier.admin``) from its own threads."""
@@ -90,11 +107,8 @@ class SchedulerSide:
         self._no_cache = frozenset(filter(None, setup.config.no_cache_namespaces.split(",")))
 
     # ----- lookup ----------------------------------------------------------------------------
+    @_locked
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> int | None:
-        with self.lock:
-            return self._get_num_new_matched_tokens(request, num_computed_tokens)
-
-    def _get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> int | None:
         started = time.perf_counter()
         state = self._state(request)
         if any(self.store.is_pending(key) for key in state.promoting):
@@ -191,13 +205,9 @@ class SchedulerSide:
             remaining -= by_tier[tier]
             self.metrics.misses.labels(tier=tier).inc(remaining)
 
+    @_locked
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
                                  num_external_tokens: int) -> None:
-        with self.lock:
-            self._update_state_after_alloc(request, blocks, num_external_tokens)
-
-    def _update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
-                                  num_external_tokens: int) -> None:
         if num_external_tokens == 0:
             return
         state = self.requests[request.request_id]
@@ -213,11 +223,8 @@ class SchedulerSide:
         self.metrics.loaded_tokens.inc(num_external_tokens)
 
     # ----- per step --------------------------------------------------------------------------
+    @_locked
     def build_plan(self, scheduler_output: "SchedulerOutput") -> StepPlan:
-        with self.lock:
-            return self._build_plan(scheduler_output)
-
-    def _build_plan(self, scheduler_output: "SchedulerOutput") -> StepPlan:
         self._last_step_tokens = scheduler_output.total_num_scheduled_tokens
         plan = StepPlan()
         for new in scheduler_output.scheduled_new_reqs:
@@ -269,11 +276,8 @@ class SchedulerSide:
                 self._remember_remote(keys[i])
         state.num_store_checked = num_full
 
+    @_locked
     def complete(self, report: WorkerReport) -> None:
-        with self.lock:
-            self._complete(report)
-
-    def _complete(self, report: WorkerReport) -> None:
         self.store.complete(report)
         for key in report.remote_failed:
             self._remote_known.pop(key, None)
@@ -301,18 +305,15 @@ class SchedulerSide:
         if self.remote is not None:
             self.remote.close()
 
+    @_locked
+    def forget_remote(self) -> None:
+        """Forget which chunks the remote holds (after an invalidation removed some)."""
+        self._remote_known.clear()
+
+    @_locked
     def request_finished(self, request: "Request") -> bool:
         """Forget the request; True when vLLM must keep its blocks until the worker reports its
         in-flight stores done (stores copy asynchronously and must not read reused blocks)."""
-        with self.lock:
-            return self._request_finished(request)
-
-    def forget_remote(self) -> None:
-        """Forget which chunks the remote holds (after an invalidation removed some)."""
-        with self.lock:
-            self._remote_known.clear()
-
-    def _request_finished(self, request: "Request") -> bool:
         self.store.leases.release(request.request_id)
         state = self.requests.pop(request.request_id, None)
         delay = state is not None and any(self.store.is_pending(key) for key in state.store_keys)
