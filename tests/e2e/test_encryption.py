@@ -8,12 +8,9 @@ from pathlib import Path
 import pytest
 
 from kvtier.entry import CODEC_AES256_GCM, decode_header
-from kvtier.keys import Namespace, chunk_keys
-from kvtier.layout import KVLayout
-from kvtier.tiers.disk import DiskFiles
 from tests.conftest import free_port
 from tests.e2e.engines import metric, run_engine
-from tests.e2e.test_vllm_connector import CHUNK, P, Q, QS, S2
+from tests.e2e.test_vllm_connector import CHUNK, P, Q, QS, S2, default_keys, disk_files
 
 pytestmark = pytest.mark.e2e
 
@@ -28,10 +25,8 @@ def test_sealed_disk_entries_swap_is_a_miss(tiny_model: str, tmp_path: Path) -> 
         {"op": "generate", "prompts": [P + S2]},
         {"op": "generate", "prompts": [P + S2]},  # the oracle (vLLM's own prefix cache)
     ]}, tmp_path, "sealed-first")
-    layout = KVLayout("cpu_lbhnc", 4, 2, 64, 128, "bfloat16")
-    digest = Namespace("default", tiny_model, layout.fingerprint(), 1).digest()
-    files = DiskFiles(str(disk / layout.fingerprint().hex()[:16]), layout.fingerprint())
-    q0, q1 = (Path(files.path_for(key.digest, 0, "default")) for key in chunk_keys(digest, Q, CHUNK)[:2])
+    files = disk_files(disk)
+    q0, q1 = (Path(files.path_for(key, 0, "default")) for key in default_keys(tiny_model, Q)[:2])
     q0_bytes, q1_bytes = q0.read_bytes(), q1.read_bytes()
     assert decode_header(q0_bytes).codec == CODEC_AES256_GCM  # written sealed
     q0.write_bytes(q1_bytes)  # swap Q's two chunks on disk

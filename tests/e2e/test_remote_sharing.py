@@ -13,12 +13,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from kvtier.keys import Namespace, chunk_keys
-from kvtier.layout import KVLayout
 
 from tests.conftest import free_port
 from tests.e2e.engines import Engine, metric, run_engine, wait_for
-from tests.e2e.test_vllm_connector import CHUNK, P, Q, QS, S2, tokens
+from tests.e2e.test_vllm_connector import CHUNK, P, Q, QS, S2, default_keys, tokens
 from tests.servers import S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, ServerProcess, fresh_redis, port_of, \
     redis_server, seaweed  # noqa: F401  (fixtures)
 
@@ -115,10 +113,8 @@ def test_tampered_redis_entries_are_misses_with_correct_output(tiny_model: str, 
     names = sorted(client.keys("kvtier/default/*"))
     assert len(names) == 6  # P's four chunks and Q's two
     values = {name: client.get(name) for name in names}
-    layout = KVLayout("cpu_lbhnc", 4, 2, 64, 128, "bfloat16")
-    digest = Namespace("default", tiny_model, layout.fingerprint(), 1).digest()
-    p_names = [f"kvtier/default/{key.hex}.0".encode() for key in chunk_keys(digest, P, CHUNK)]
-    q_names = [f"kvtier/default/{key.hex}.0".encode() for key in chunk_keys(digest, Q, CHUNK)]
+    p_names = [f"kvtier/default/{key.hex()}.0".encode() for key in default_keys(tiny_model, P)]
+    q_names = [f"kvtier/default/{key.hex()}.0".encode() for key in default_keys(tiny_model, Q)]
     flipped = bytearray(values[p_names[2]])
     flipped[len(flipped) // 2] ^= 0x01
     client.set(p_names[2], bytes(flipped))  # P chunk 2: one bit flipped

