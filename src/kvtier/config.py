@@ -78,6 +78,8 @@ class RemoteConfig:
     s3_region: str | None
     access_key: str | None
     secret_key: str | None
+    compression: str  # "none", or "cachegen": lossy, smaller values (kvtier.compression)
+    compression_bits: int  # cachegen: bits per value difference in the middle layers (2..8)
 
     def __post_init__(self) -> None:
         check_client_certificate(self.tls_cert, self.tls_key)
@@ -375,6 +377,8 @@ _KEYS = (
     _Key("remote.s3_region", None, _optional_str),
     _Key("remote.access_key", None, _optional_str),
     _Key("remote.secret_key", None, _optional_str, render=_render_secret),
+    _Key("remote.compression", "none", _one_of("none", "cachegen")),
+    _Key("remote.compression_bits", 5, _int_in(2, 8, "2..8"), _int_from_text),
     _Key("encryption.key_file", None, _optional_str),
     _Key("encryption.key_env", None, _optional_env_name),
     _Key("namespace_limits", "", _namespace_limits),
@@ -534,7 +538,8 @@ def _build(values: Mapping[str, _Value]) -> KVTierConfig:
             password=optional("remote.password"), tls_ca=optional("remote.tls_ca"),
             tls_cert=optional("remote.tls_cert"), tls_key=optional("remote.tls_key"),
             s3_endpoint=optional("remote.s3_endpoint"), s3_region=optional("remote.s3_region"),
-            access_key=optional("remote.access_key"), secret_key=optional("remote.secret_key")),
+            access_key=optional("remote.access_key"), secret_key=optional("remote.secret_key"),
+            compression=text("remote.compression"), compression_bits=num("remote.compression_bits")),
         encryption=EncryptionConfig(key_file=optional("encryption.key_file"),
                                     key_env=optional("encryption.key_env")),
         admin=AdminConfig(port=num("admin.port"), host=text("admin.host"),
@@ -559,7 +564,8 @@ def _values_of(config: KVTierConfig) -> dict[str, _Value]:
         "remote.tls_ca": config.remote.tls_ca, "remote.tls_cert": config.remote.tls_cert,
         "remote.tls_key": config.remote.tls_key, "remote.s3_endpoint": config.remote.s3_endpoint,
         "remote.s3_region": config.remote.s3_region, "remote.access_key": config.remote.access_key,
-        "remote.secret_key": config.remote.secret_key,
+        "remote.secret_key": config.remote.secret_key, "remote.compression": config.remote.compression,
+        "remote.compression_bits": config.remote.compression_bits,
         "encryption.key_file": config.encryption.key_file, "encryption.key_env": config.encryption.key_env,
         "namespace_limits": _render_limits(config.namespace_limits),
         "admin.port": config.admin.port, "admin.host": config.admin.host,

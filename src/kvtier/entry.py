@@ -7,8 +7,9 @@ off   bytes  field
 ====  =====  ===============================================================
 0     4      magic ``b"KVT1"``
 4     2      format version (u16, ``FORMAT_VERSION``)
-6     2      codec (u16): ``CODEC_RAW`` = 0, the payload is the chunk's bytes;
-             ``CODEC_AES256_GCM`` = 1, the payload is the chunk's bytes sealed (``kvtier.crypto``)
+6     2      codec (u16), bit flags: none (``CODEC_RAW`` = 0), the payload is the chunk's
+             bytes; ``CODEC_AES256_GCM`` (1): sealed (``kvtier.crypto``);
+             ``CODEC_CACHEGEN`` (2): compressed (``kvtier.compression``), then sealed if 1 is set
 8     16     storage key (the chunk's key for this rank)
 24    4      tensor-parallel rank (u32)
 28    16     layout fingerprint (``KVLayout.fingerprint()``)
@@ -19,7 +20,8 @@ off   bytes  field
 ====  =====  ===============================================================
 
 A sealed payload is authenticated together with ``sealed_aad``: magic, format version, codec,
-key, rank and layout fingerprint, so it opens only as the entry of that chunk, rank and layout.
+key, rank and layout fingerprint, so it opens only as the entry of that chunk, rank, layout and
+codec (a compressed entry relabelled as uncompressed does not open).
 
 Encoding rule: the field order and sizes are part of the format. Any change bumps
 ``FORMAT_VERSION``; a reader refuses versions it does not know (``EntryError``), so an old entry
@@ -41,6 +43,8 @@ MAGIC = b"KVT1"
 FORMAT_VERSION = 1
 CODEC_RAW = 0
 CODEC_AES256_GCM = 1
+CODEC_CACHEGEN = 2
+KNOWN_CODECS = (CODEC_RAW, CODEC_AES256_GCM, CODEC_CACHEGEN, CODEC_CACHEGEN | CODEC_AES256_GCM)
 CHECKSUM_BYTES = 16
 
 _FIELDS = struct.Struct("<4sHH16sI16sQ16s")
@@ -99,14 +103,16 @@ def decode_header(buf: bytes | bytearray | memoryview) -> EntryHeader:
     return EntryHeader(key, rank, fingerprint, codec, payload_bytes, checksum)
 
 
-def sealed_aad(key: bytes, rank: int, layout_fingerprint: bytes) -> bytes:
+def sealed_aad(key: bytes, rank: int, layout_fingerprint: bytes, codec: int) -> bytes:
     """The associated data a sealed payload of ``(key, rank)`` in layout ``layout_fingerprint``
-    is authenticated with: magic, format version, ``CODEC_AES256_GCM``, key, rank, fingerprint,
-    little-endian. Sizes are checked (ValueError)."""
+    with header codec ``codec`` (``CODEC_AES256_GCM`` set) is authenticated with: magic, format
+    version, codec, key, rank, fingerprint, little-endian. Sizes are checked (ValueError)."""
     _check_len("key", key, _KEY_BYTES)
     _check_len("layout_fingerprint", layout_fingerprint, _FINGERPRINT_BYTES)
     _check_range("rank", rank, 32)
-    return _AAD.pack(MAGIC, FORMAT_VERSION, CODEC_AES256_GCM, key, rank, layout_fingerprint)
+    if codec not in KNOWN_CODECS or not codec & CODEC_AES256_GCM:
+        raise ValueError(f"codec {codec} is not a sealed codec")
+    return _AAD.pack(MAGIC, FORMAT_VERSION, codec, key, rank, layout_fingerprint)
 
 
 def payload_checksum(payload: bytes | bytearray | memoryview) -> bytes:

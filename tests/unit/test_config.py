@@ -22,9 +22,10 @@ ALL_KEYS = ["chunk_tokens", "namespace", "model_id", "store_decode_tokens", "mem
             "metrics.port", "metrics.host"]
 REMOTE_KEYS = ["remote.url", "remote.ttl", "remote.timeout_ms", "remote.queue_depth", "remote.username",
                "remote.password", "remote.tls_ca", "remote.tls_cert", "remote.tls_key", "remote.s3_endpoint", "remote.s3_region", "remote.access_key",
-               "remote.secret_key"]
+               "remote.secret_key", "remote.compression", "remote.compression_bits"]
 DEFAULT_REMOTE = RemoteConfig(url=None, ttl_s=86400, timeout_ms=2000, queue_depth=64, username=None, password=None,
-                              tls_ca=None, tls_cert=None, tls_key=None, s3_endpoint=None, s3_region=None, access_key=None, secret_key=None)
+                              tls_ca=None, tls_cert=None, tls_key=None, s3_endpoint=None, s3_region=None, access_key=None, secret_key=None,
+                              compression="none", compression_bits=5)
 ENCRYPTION_KEYS = ["encryption.key_file", "encryption.key_env"]
 DEFAULT_ENCRYPTION = EncryptionConfig(key_file=None, key_env=None)
 ADMIN_KEYS = ["admin.port", "admin.host", "admin.tokens_file", "admin.audit_log"]
@@ -499,7 +500,8 @@ def test_describe_rows(tmp_path: Path) -> None:
         ("metrics.host", '"127.0.0.1"', "default"),
         ("remote.url", "null", "default"), ("remote.ttl", "86400", "default"),
         ("remote.timeout_ms", "2000", "default"), ("remote.queue_depth", "64", "default"),
-        *[(key, "null", "default") for key in REMOTE_KEYS[4:]],
+        *[(key, "null", "default") for key in REMOTE_KEYS[4:-2]],
+        ("remote.compression", '"none"', "default"), ("remote.compression_bits", "5", "default"),
         ("encryption.key_file", "null", "default"), ("encryption.key_env", "null", "default"),
         ("namespace_limits", '""', "default"), ("admin.port", "0", "default"),
         ("admin.host", '"127.0.0.1"', "default"), ("admin.tokens_file", "null", "default"),
@@ -511,6 +513,14 @@ def test_describe_disk_off_is_null() -> None:
     rows = {key: value for key, value, _ in describe(load())}
     assert rows["disk.path"] == "null"
     assert rows["store_decode_tokens"] == "false"
+
+
+def test_remote_compression() -> None:
+    remote = load({"remote": {"compression": "cachegen", "compression_bits": 3}}).config.remote
+    assert (remote.compression, remote.compression_bits) == ("cachegen", 3)
+    assert config_error({"remote.compression": "zstd"}).key == "remote.compression"
+    assert config_error({"remote.compression_bits": 9}).key == "remote.compression_bits"
+    assert load({}, {"KVTIER_REMOTE_COMPRESSION_BITS": "6"}).config.remote.compression_bits == 6
 
 
 def test_no_cache_namespaces() -> None:

@@ -15,14 +15,14 @@ from hypothesis import strategies as st
 
 from kvtier.config import EncryptionConfig
 from kvtier.crypto import MASTER_KEY_BYTES, SEAL_OVERHEAD_BYTES, Sealer, load_sealer, parse_master_key
-from kvtier.entry import sealed_aad
+from kvtier.entry import CODEC_AES256_GCM, sealed_aad
 from kvtier.errors import ConfigError
 
 MASTER = bytes(range(32))
 SEALER = Sealer(MASTER)
 KEY_A, KEY_B = bytes(range(16)), bytes(range(1, 17))
 LAYOUT, OTHER_LAYOUT = bytes(16), bytes([7]) * 16
-AAD = sealed_aad(KEY_A, 0, LAYOUT)
+AAD = sealed_aad(KEY_A, 0, LAYOUT, CODEC_AES256_GCM)
 CONTEXT = b"tenant-a"
 PAYLOAD = os.urandom(3000)
 
@@ -91,7 +91,7 @@ def test_wrong_length_fails(change: str) -> None:
 
 
 def test_swapped_entries_between_two_keys_fail() -> None:
-    aad_a, aad_b = sealed_aad(KEY_A, 0, LAYOUT), sealed_aad(KEY_B, 0, LAYOUT)
+    aad_a, aad_b = sealed_aad(KEY_A, 0, LAYOUT, CODEC_AES256_GCM), sealed_aad(KEY_B, 0, LAYOUT, CODEC_AES256_GCM)
     value_a, value_b = SEALER.seal(CONTEXT, aad_a, PAYLOAD), SEALER.seal(CONTEXT, aad_b, PAYLOAD[::-1])
     assert opened(value_b, aad=aad_a) is None  # key A's slot now holds key B's value
     assert opened(value_a, aad=aad_b) is None
@@ -101,8 +101,8 @@ def test_swapped_entries_between_two_keys_fail() -> None:
 @pytest.mark.parametrize("replayed_as", [(KEY_B, 0, LAYOUT), (KEY_A, 1, LAYOUT), (KEY_A, 0, OTHER_LAYOUT)],
                          ids=["another key", "another rank", "another layout"])
 def test_replay_under_another_identity_fails(replayed_as: tuple[bytes, int, bytes]) -> None:
-    sealed = SEALER.seal(CONTEXT, sealed_aad(KEY_A, 0, LAYOUT), PAYLOAD)
-    assert opened(sealed, aad=sealed_aad(*replayed_as)) is None
+    sealed = SEALER.seal(CONTEXT, sealed_aad(KEY_A, 0, LAYOUT, CODEC_AES256_GCM), PAYLOAD)
+    assert opened(sealed, aad=sealed_aad(*replayed_as, CODEC_AES256_GCM)) is None
 
 
 def test_wrong_master_key_fails() -> None:

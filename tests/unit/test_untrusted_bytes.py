@@ -11,13 +11,16 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from kvtier.compression import KVCodec
 from kvtier.crypto import SEAL_OVERHEAD_BYTES, Sealer, parse_master_key
-from kvtier.entry import HEADER_BYTES, check_entry, decode_header, sealed_aad
+from kvtier.entry import CODEC_AES256_GCM, HEADER_BYTES, check_entry, decode_header, sealed_aad
 from kvtier.errors import EntryError
+from kvtier.layout import KVLayout
 from kvtier.tiers.disk import DiskFiles, ReadResult
 from kvtier.tiers.framing import frame, unframe_into
 from kvtier.tiers.remote import Fetched, RemoteTier
@@ -43,7 +46,7 @@ def guards_intact(pool: bytearray) -> bool:
 
 
 def entry_of(sealer: Sealer | None, payload: bytes = PAYLOAD, key: bytes = KEY, rank: int = 0) -> bytes:
-    header, stored = frame(key, rank, LAYOUT, memoryview(payload), sealer, NAMESPACE)
+    header, stored = frame(key, rank, LAYOUT, memoryview(payload), sealer, NAMESPACE, None)
     return header + bytes(stored)
 
 
@@ -65,6 +68,23 @@ def changed(draw: st.DrawFn, valid: bytes) -> bytes:
 CLEAR_ENTRY = entry_of(None)
 SEALED_ENTRY = entry_of(SEALER)
 SEALERS = pytest.mark.parametrize("sealer", [None, SEALER], ids=["clear", "sealed"])
+
+# Compressed entries: a small real layout (the codec declines chunks its tables would outgrow).
+CODEC_LAYOUT = KVLayout("cuda_flash", 2, 2, 16, 16, "bfloat16")
+CODEC = KVCodec(CODEC_LAYOUT, 16)
+CHUNK = (np.sin(np.arange(CODEC_LAYOUT.chunk_bytes(16) // 2, dtype=np.float32) / 7) * 3).astype(np.float32)
+CHUNK_BYTES = ((CHUNK.view(np.uint32) >> 16).astype("<u2")).tobytes()
+ENCODED = CODEC.encode(memoryview(CHUNK_BYTES))
+assert ENCODED is not None
+
+
+def codec_entry_of(sealer: Sealer | None) -> bytes:
+    header, stored = frame(KEY, 0, LAYOUT, memoryview(CHUNK_BYTES), sealer, NAMESPACE, CODEC)
+    return header + bytes(stored)
+
+
+COMPRESSED_ENTRY = codec_entry_of(None)
+SEALED_COMPRESSED_ENTRY = codec_entry_of(SEALER)
 
 
 # ---- entry header and checks -----------------------------------------------------------------------
@@ -92,7 +112,7 @@ def test_unframe_raises_only_entry_error_and_writes_only_out(data: bytes, sealer
         chunk = data[HEADER_BYTES:HEADER_BYTES + PAYLOAD_BYTES]
         out[:len(chunk)] = chunk
     try:
-        unframe_into(data[:HEADER_BYTES], stored, KEY, 0, LAYOUT, out, sealer, NAMESPACE)
+        unframe_into(data[:HEADER_BYTES], stored, KEY, 0, LAYOUT, out, sealer, NAMESPACE, None)
     except EntryError:
         assert guards_intact(pool)
         return
@@ -100,10 +120,22 @@ def test_unframe_raises_only_entry_error_and_writes_only_out(data: bytes, sealer
     assert sealer is None and data[:HEADER_BYTES + PAYLOAD_BYTES] == CLEAR_ENTRY
 
 
+@SETTINGS
+@given(st.one_of(st.binary(max_size=2 * len(ENCODED)), changed(ENCODED)))
+def test_codec_decode_raises_only_entry_error_and_writes_only_out(data: bytes) -> None:
+    pool, out = guarded_out(len(CHUNK_BYTES))
+    try:
+        CODEC.decode_into(data, out)
+    except EntryError:
+        pass  # a flipped bit inside the rANS stream may decode (to other values): the entry's
+        # checksum and seal, checked before the codec runs, are what refuse changed bytes
+    assert guards_intact(pool)
+
+
 # ---- the sealer ------------------------------------------------------------------------------------
 
 SEALED_PAYLOAD = bytes(SEALED_ENTRY[HEADER_BYTES:])
-AAD = sealed_aad(KEY, 0, LAYOUT)
+AAD = sealed_aad(KEY, 0, LAYOUT, CODEC_AES256_GCM)
 
 
 @SETTINGS
@@ -174,8 +206,8 @@ class DictTier(RemoteTier):
     """A remote tier in a dict: the backend primitives as Redis implements them, no network.
     For fuzzing the base class's read path only (the contract suite runs on real servers)."""
 
-    def __init__(self, sealer: Sealer | None) -> None:
-        super().__init__("dict", 1.0, sealer)
+    def __init__(self, sealer: Sealer | None, codec: KVCodec | None = None) -> None:
+        super().__init__("dict", 1.0, sealer, codec)
         self.values: dict[str, bytes] = {}
         self._start()
 
@@ -192,8 +224,8 @@ class DictTier(RemoteTier):
         fetched: list[Fetched | None] = []
         for name, out in items:
             value = self.values.get(name)
-            if value is not None and len(value) == HEADER_BYTES + out.nbytes:
-                out[:] = value[HEADER_BYTES:]
+            if value is not None and HEADER_BYTES <= len(value) <= HEADER_BYTES + out.nbytes:
+                out[:len(value) - HEADER_BYTES] = value[HEADER_BYTES:]
             fetched.append(None if value is None else Fetched(value[:HEADER_BYTES], len(value)))
         return fetched
 
@@ -223,6 +255,36 @@ def test_remote_read_of_any_value_is_corrupt(sealer: Sealer | None, value: bytes
     assert tier.get_into(KEY, 0, out, LAYOUT, namespace=NAMESPACE) is ReadResult.CORRUPT
     assert guards_intact(pool)
     assert tier.num_corrupt == 1 and name not in tier.values and tier.healthy
+
+
+@SEALERS
+@SETTINGS
+@given(value=st.one_of(st.binary(max_size=2 * HEADER_BYTES), changed(COMPRESSED_ENTRY),
+                       changed(SEALED_COMPRESSED_ENTRY)))
+def test_remote_read_of_any_compressed_value_is_corrupt(sealer: Sealer | None, value: bytes) -> None:
+    tier = DictTier(sealer, CODEC)
+    name = tier.name_for(KEY, 0, NAMESPACE)
+    tier.values[name] = value
+    pool, out = guarded_out(len(CHUNK_BYTES))
+    assert tier.get_into(KEY, 0, out, LAYOUT, namespace=NAMESPACE) is ReadResult.CORRUPT
+    assert guards_intact(pool)
+    assert tier.num_corrupt == 1 and name not in tier.values and tier.healthy
+
+
+@SEALERS
+def test_remote_read_of_a_valid_compressed_value_is_ok_and_needs_the_codec(sealer: Sealer | None) -> None:
+    tier = DictTier(sealer, CODEC)
+    assert tier.put(KEY, 0, CHUNK_BYTES, LAYOUT, namespace=NAMESPACE)
+    name = tier.name_for(KEY, 0, NAMESPACE)
+    assert len(tier.values[name]) < HEADER_BYTES + len(CHUNK_BYTES)
+    pool, out = guarded_out(len(CHUNK_BYTES))
+    assert tier.get_into(KEY, 0, out, LAYOUT, namespace=NAMESPACE) is ReadResult.OK
+    expected = bytearray(len(CHUNK_BYTES))
+    CODEC.decode_into(ENCODED, memoryview(expected))
+    assert bytes(out) == expected and guards_intact(pool)
+    plain = DictTier(sealer)
+    plain.values = dict(tier.values)
+    assert plain.get_into(KEY, 0, out, LAYOUT, namespace=NAMESPACE) is ReadResult.CORRUPT
 
 
 @SETTINGS

@@ -126,7 +126,7 @@ class DiskFiles:
         """
         path = self.path_for(key, rank, namespace)
         header, stored = frame(key, rank, self.layout_fingerprint, memoryview(payload).cast("B"), self.sealer,
-                               namespace)
+                               namespace, None)
         temp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -186,7 +186,7 @@ class DiskFiles:
         num_read = _preadv_all(fd, [memoryview(header_buf), stored])
         if num_read != expected_bytes:
             raise EntryError(f"entry file truncated while reading: {num_read} of {expected_bytes} bytes")
-        unframe_into(header_buf, stored, key, rank, self.layout_fingerprint, out, self.sealer, namespace)
+        unframe_into(header_buf, stored, key, rank, self.layout_fingerprint, out, self.sealer, namespace, None)
 
     def delete(self, key: bytes, rank: int, namespace: str) -> bool:
         """Remove the entry of ``(key, rank)``; True when there was one (a missing file is fine)."""

@@ -78,7 +78,7 @@ class RedisTier(RemoteTier):
 
     def __init__(self, target: RedisTarget, options: RemoteOptions) -> None:
         """Connects at once; an unreachable server leaves the tier unhealthy (no exception)."""
-        super().__init__(target.describe(), options.timeout_s, options.sealer)
+        super().__init__(target.describe(), options.timeout_s, options.sealer, options.codec)
         self.target = target
         self.ttl_s = options.ttl_s
         self._tls_ca = options.tls_ca
@@ -222,12 +222,12 @@ class _SSLConnection(_PackerMixin, redis.SSLConnection):
 
 
 def _place(value: bytes | None, out: memoryview) -> Fetched | None:
-    """Copy the payload of ``value`` into ``out`` when its length fits exactly."""
+    """Copy the payload of ``value`` into the start of ``out`` when it fits."""
     if value is None:
         return None
     view = memoryview(value)
-    if view.nbytes == HEADER_BYTES + out.nbytes:
-        out[:] = view[HEADER_BYTES:]
+    if HEADER_BYTES <= view.nbytes <= HEADER_BYTES + out.nbytes:
+        out[:view.nbytes - HEADER_BYTES] = view[HEADER_BYTES:]
     return Fetched(bytes(view[:HEADER_BYTES]), view.nbytes)
 
 

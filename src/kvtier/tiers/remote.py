@@ -12,9 +12,12 @@ Encryption at rest: a tier opened with a ``Sealer`` (``open_remote(..., sealer=.
 payload it puts (AES-256-GCM, ``kvtier.crypto``; ``tiers/framing.py``) and reads only sealed
 values; a value that does not authenticate (altered, swapped with another key's, sealed for
 another namespace label or under another master key) reads CORRUPT like any other bad value.
-Sealed reads land in temporary buffers (the sealed length, at most about ``SEALED_GROUP_BYTES`` at
-a time), then are decrypted straight into the caller's buffers. Engines sharing a store must
-share its encryption settings: each reads the others' values as CORRUPT and deletes them.
+Compression (``open_remote(..., codec=...)``, ``kvtier.compression``): a tier with a codec puts
+compressed values (lossy, several times smaller) and reads compressed and uncompressed ones; a
+tier without reads a compressed value as CORRUPT. Sealed or compressed reads land in temporary
+buffers (at most the sealed or raw length, about ``SEALED_GROUP_BYTES`` at a time), then are
+decrypted and decoded into the caller's buffers. Engines sharing a store must share its
+encryption and compression settings: each reads the others' values as CORRUPT and deletes them.
 
 Failure model: no method raises on I/O failure. A failed call returns a miss (``MISSING``,
 ``False``, ``0``), increments ``num_errors`` and marks the tier unhealthy. While unhealthy,
@@ -44,6 +47,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from kvtier.compression import KVCodec
 from kvtier.config import NAMESPACE_RULE, check_client_certificate, is_namespace
 from kvtier.crypto import Sealer
 from kvtier.entry import HEADER_BYTES
@@ -88,6 +92,7 @@ class RemoteOptions:
     access_key: str | None = None
     secret_key: str | None = None
     sealer: Sealer | None = None  # encryption at rest; None = values in clear
+    codec: KVCodec | None = None  # compression; None = values as the engine computed them
 
     def __post_init__(self) -> None:
         if not self.timeout_s > 0:
@@ -130,12 +135,15 @@ class RemoteTier(abc.ABC):
     #: Exceptions a backend's primitives raise on I/O failure; anything else is a bug and propagates.
     io_errors: tuple[type[Exception], ...] = (OSError,)
 
-    def __init__(self, description: str, timeout_s: float, sealer: Sealer | None = None) -> None:
+    def __init__(self, description: str, timeout_s: float, sealer: Sealer | None = None,
+                 codec: KVCodec | None = None) -> None:
         """``description`` names the store in logs (never with credentials); ``sealer`` turns on
-        encryption at rest. Backends call ``self._start()`` at the end of their own ``__init__``."""
+        encryption at rest, ``codec`` compression. Backends call ``self._start()`` at the end of
+        their own ``__init__``."""
         self.description = description
         self.timeout_s = timeout_s
         self.sealer = sealer
+        self.codec = codec
         self.num_errors = 0
         self.num_corrupt = 0
         self._healthy = True
@@ -173,7 +181,7 @@ class RemoteTier(abc.ABC):
         names = [self.name_for(key, rank, namespace) for key, _ in items]
         results: list[ReadResult] = []
         for start, stop in self._read_groups(outs):
-            stores = outs[start:stop] if self.sealer is None else \
+            stores = outs[start:stop] if not self._buffered else \
                 [memoryview(bytearray(stored_bytes(out.nbytes, self.sealer))) for out in outs[start:stop]]
             group = list(zip(names[start:stop], stores))
             fetched = self._guarded(functools.partial(self._fetch_many, group), None)
@@ -195,7 +203,7 @@ class RemoteTier(abc.ABC):
         (never overwritten, TTL not refreshed). True when the entry is there afterwards (written
         now or before), False on failure or while unhealthy."""
         header, stored = frame(key, rank, layout_fingerprint, memoryview(payload).cast("B"), self.sealer,
-                               namespace)
+                               namespace, self.codec)
         name = self.name_for(key, rank, namespace)
         ttls = [ttl for ttl in (self.default_ttl_s, ttl_s) if ttl]
         return self._guarded(lambda: self._put_new(name, header, stored, min(ttls) if ttls else None), False)
@@ -265,7 +273,8 @@ class RemoteTier(abc.ABC):
     @abc.abstractmethod
     def _fetch_many(self, items: Sequence[tuple[str, memoryview]]) -> list[Fetched | None]:
         """For each ``(name, out)``: None when absent, else the value's first bytes and length;
-        when ``value_bytes == HEADER_BYTES + out.nbytes`` the rest of the value is in ``out``."""
+        when ``HEADER_BYTES <= value_bytes <= HEADER_BYTES + out.nbytes`` the rest of the value
+        is in the start of ``out``."""
 
     @abc.abstractmethod
     def _put_new(self, name: str, header: bytes, payload: memoryview, ttl_s: int | None) -> bool:
@@ -323,11 +332,16 @@ class RemoteTier(abc.ABC):
         self._healthy = True
         self._backoff_s = 0.0
 
+    @property
+    def _buffered(self) -> bool:
+        """Values land in temporary buffers (sealed or compressed), not in the callers'."""
+        return self.sealer is not None or self.codec is not None
+
     def _read_groups(self, outs: Sequence[memoryview]) -> list[tuple[int, int]]:
-        """``(start, stop)`` of the groups a batch is fetched in: one group in clear (the values
-        land in the callers' buffers); sealed, groups of about ``SEALED_GROUP_BYTES`` (at least
+        """``(start, stop)`` of the groups a batch is fetched in: one group when the values land
+        in the callers' buffers; else groups of about ``SEALED_GROUP_BYTES`` (at least
         ``_MIN_GROUP_ITEMS``), which bounds the temporary buffers held at once."""
-        if self.sealer is None:
+        if not self._buffered:
             return [(0, len(outs))]
         groups: list[tuple[int, int]] = []
         start, num_bytes = 0, 0
@@ -340,15 +354,18 @@ class RemoteTier(abc.ABC):
 
     def _verify(self, found: Fetched | None, key: bytes, rank: int, layout_fingerprint: bytes,
                 stored: memoryview, out: memoryview, name: str, namespace: str) -> ReadResult:
-        """The result of one fetched value: ``found`` as the backend returned it, its payload in
-        ``stored`` (which is ``out`` itself in clear). MISSING, OK (``out`` holds the chunk) or
-        CORRUPT; raises nothing, whatever the bytes."""
+        """The result of one fetched value: ``found`` as the backend returned it, its payload at
+        the start of ``stored`` (which is ``out`` itself when not ``_buffered``). MISSING, OK
+        (``out`` holds the chunk) or CORRUPT; raises nothing, whatever the bytes."""
         if found is None:
             return ReadResult.MISSING
         try:
-            if found.value_bytes != HEADER_BYTES + stored.nbytes:
-                raise EntryError(f"value has {found.value_bytes} bytes, expected {HEADER_BYTES + stored.nbytes}")
-            unframe_into(found.header, stored, key, rank, layout_fingerprint, out, self.sealer, namespace)
+            most = HEADER_BYTES + stored.nbytes
+            if found.value_bytes != most and not (self.codec is not None and HEADER_BYTES <= found.value_bytes < most):
+                raise EntryError(f"value has {found.value_bytes} bytes, expected {most}"
+                                 f"{' or fewer' if self.codec is not None else ''}")
+            unframe_into(found.header, stored[:found.value_bytes - HEADER_BYTES], key, rank, layout_fingerprint,
+                         out, self.sealer, namespace, self.codec)
         except EntryError as exc:
             self.num_corrupt += 1
             logger.warning("kvtier: bad remote entry %s in %s: %s", name, self.description, exc)
@@ -366,10 +383,12 @@ def open_remote(url: str, *, ttl_s: int | None, timeout_s: float, username: str 
                 password: str | None = None, tls_ca: str | None = None, tls_cert: str | None = None,
                 tls_key: str | None = None, s3_endpoint: str | None = None,
                 s3_region: str | None = None, access_key: str | None = None,
-                secret_key: str | None = None, sealer: Sealer | None = None) -> RemoteTier:
+                secret_key: str | None = None, sealer: Sealer | None = None,
+                codec: KVCodec | None = None) -> RemoteTier:
     """The remote tier named by ``url``: ``redis://``, ``rediss://`` (TLS),
     ``redis+cluster://h:p,h:p``, ``rediss+cluster://...`` or ``s3://bucket/prefix``; with
-    ``sealer``, values are encrypted at rest (``kvtier.crypto.load_sealer``).
+    ``sealer``, values are encrypted at rest (``kvtier.crypto.load_sealer``); with ``codec``,
+    compressed (``kvtier.compression``).
 
     Raises ``ConfigError("remote.url", ...)`` for an unknown scheme, a malformed URL, or a
     missing client library (naming the install step). Never raises because the server is down.
@@ -379,7 +398,7 @@ def open_remote(url: str, *, ttl_s: int | None, timeout_s: float, username: str 
         raise ConfigError("remote.url", f"unknown scheme {scheme!r} in {url!r}; "
                                         f"expected one of {', '.join(f'{s}://' for s in _BACKENDS)}")
     options = RemoteOptions(ttl_s, timeout_s, username, password, tls_ca, tls_cert, tls_key, s3_endpoint, s3_region,
-                            access_key, secret_key, sealer)
+                            access_key, secret_key, sealer, codec)
     try:
         module = importlib.import_module(_BACKENDS[scheme])
     except ModuleNotFoundError as exc:

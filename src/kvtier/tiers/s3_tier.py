@@ -63,7 +63,7 @@ class S3Tier(RemoteTier):
 
     def __init__(self, bucket: str, prefix: str, options: RemoteOptions) -> None:
         """Checks the bucket at once; an unreachable server leaves the tier unhealthy."""
-        super().__init__(f"s3://{bucket}/{prefix}", options.timeout_s, options.sealer)
+        super().__init__(f"s3://{bucket}/{prefix}", options.timeout_s, options.sealer, options.codec)
         self.bucket = bucket
         self.prefix = prefix
         self.ttl_s = options.ttl_s
@@ -119,11 +119,11 @@ class S3Tier(RemoteTier):
             if self._expired(name, response):
                 return None
             value_bytes = int(response["ContentLength"])
-            if value_bytes != HEADER_BYTES + out.nbytes:
+            if not HEADER_BYTES <= value_bytes <= HEADER_BYTES + out.nbytes:
                 return Fetched(b"", value_bytes)
             header = bytearray(HEADER_BYTES)
             _read_exact(body, memoryview(header))
-            _read_exact(body, out)
+            _read_exact(body, out[:value_bytes - HEADER_BYTES])
             return Fetched(bytes(header), value_bytes)
         finally:
             body.close()

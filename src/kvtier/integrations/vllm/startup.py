@@ -11,7 +11,9 @@ from kvtier.admin.audit import AuditLog
 from kvtier.admin.auth import load_tokens
 from kvtier.admin.http import AdminAPI, AdminServer
 from kvtier.admin.service import AdminService, StoreShape
+from kvtier.compression import KVCodec
 from kvtier.crypto import Sealer, load_sealer
+from kvtier.errors import ConfigError, LayoutError
 from kvtier.integrations.vllm.scheduler import SchedulerSide
 from kvtier.integrations.vllm.setup import EngineSetup
 from kvtier.metrics import Metrics
@@ -61,7 +63,20 @@ def open_remote_tier(setup: EngineSetup, sealer: Sealer | None) -> RemoteTier | 
                        username=remote.username, password=remote.password, tls_ca=remote.tls_ca,
                        tls_cert=remote.tls_cert, tls_key=remote.tls_key,
                        s3_endpoint=remote.s3_endpoint, s3_region=remote.s3_region,
-                       access_key=remote.access_key, secret_key=remote.secret_key, sealer=sealer)
+                       access_key=remote.access_key, secret_key=remote.secret_key, sealer=sealer,
+                       codec=open_codec(setup))
+
+
+def open_codec(setup: EngineSetup) -> KVCodec | None:
+    """The remote tier's compression codec (``remote.compression``), or None. ``ConfigError``
+    naming ``remote.compression`` when the engine's KV dtype cannot be compressed."""
+    remote = setup.config.remote
+    if remote.compression == "none":
+        return None
+    try:
+        return KVCodec(setup.layout, setup.config.chunk_tokens, remote.compression_bits)
+    except LayoutError as exc:
+        raise ConfigError("remote.compression", f"{exc}; set remote.compression: none") from None
 
 
 def open_sealer(setup: EngineSetup) -> Sealer | None:
