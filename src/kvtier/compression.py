@@ -14,25 +14,26 @@ What a chunk becomes (the ideas of CacheGen, SIGCOMM'24; this code is our own):
    K and V are alike, so differences are small), quantised with one scale per (plane, layer,
    channel) to ``bits`` bits in the middle third of the layers, ``bits + 1`` in the first third
    and ``bits - 1`` in the last (early layers matter most; at least 2, at most 8).
-4. The quantised symbols are entropy coded (rANS, ``constriction``) under one categorical model
-   for the anchors and one per (plane, layer) for the differences; the models' symbol counts
-   travel with the data, so decoding needs nothing but the bytes and the layout.
+4. The quantised symbols are entropy coded, by one of two coders (a field of the payload; a
+   reader decodes both): ``CODER_RANS``, rANS (``constriction``) under one categorical model for
+   the anchors and one per (plane, layer) for the differences, whose symbol counts travel with
+   the data: the smallest; or ``CODER_ZSTD``, the symbols as bytes in one zstd frame (Huffman and
+   FSE stages): a few percent larger, several times faster to decode.
+   ``benchmarks/compression.py`` measures both.
 
 Payload, little-endian (every field is checked on decode; malformed input raises ``EntryError``):
 
 ====================  ======================================================================
-magic, version        ``b"KVC1"``, u8 = 1
-group, layers         u8 ``GROUP_TOKENS`` used, u16 layers
-tokens, channels      u32, u32
+head                  ``b"KVC1"``, u8 version = 1, u8 coder, u8 group tokens, u16 layers,
+                      u32 tokens, u32 channels
 bits                  u8 per layer
 scales                float16 [2 planes, layers, channels] anchors, then the same for differences
-anchor counts         u16 [255]
-difference counts     u16 [2 ** bits[layer] - 1] per (plane, layer), planes outer
-words, stream         u32 count, then that many u32 words of the rANS stream
+rANS body             u16 counts [alphabet] per segment (anchors: 255; differences of (plane,
+                      layer): 2 ** bits[layer] - 1, planes outer), u32 word count, the words
+zstd body             one zstd frame of every segment's symbols as u8, in the same order
 ====================  ======================================================================
 
-Pure functions of their inputs (numpy and constriction release no state between calls): safe
-from any thread.
+Pure functions of their inputs: safe from any thread.
 """
 
 from __future__ import annotations
@@ -42,19 +43,22 @@ from dataclasses import dataclass
 
 import constriction
 import numpy as np
+import zstandard
 
 from kvtier.errors import EntryError, LayoutError
 from kvtier.layout import KVLayout
 
 MAGIC = b"KVC1"
 VERSION = 1
+CODER_RANS = 0  # smallest: rANS under per-segment categorical models (constriction)
+CODER_ZSTD = 1  # fastest to decode: the symbols as bytes in one zstd frame
 GROUP_TOKENS = 16
 DEFAULT_BITS = 5
 MIN_BITS, MAX_BITS = 2, 8
 SUPPORTED_DTYPES = ("bfloat16", "float16", "float32")
 _ANCHOR_MAX = 127  # anchors: symmetric 8-bit levels -127..127
 _COUNT_SCALE = 65535
-_HEAD = struct.Struct("<4sBBHII")
+_HEAD = struct.Struct("<4sBBBHII")
 
 
 @dataclass(frozen=True)
@@ -68,9 +72,14 @@ class _Shape:
 class KVCodec:
     """Compresses and restores whole chunks of one layout (``chunk_tokens`` tokens each)."""
 
-    def __init__(self, layout: KVLayout, chunk_tokens: int, bits: int = DEFAULT_BITS) -> None:
+    def __init__(self, layout: KVLayout, chunk_tokens: int, bits: int = DEFAULT_BITS,
+                 coder: int = CODER_RANS) -> None:
         """``LayoutError`` for a dtype the codec cannot quantise (fp8, uint8); ``ValueError``
-        for ``bits`` outside 2..8."""
+        for ``bits`` outside 2..8 or an unknown ``coder``. ``coder`` is what ``encode`` writes;
+        ``decode_into`` reads both."""
+        if coder not in (CODER_RANS, CODER_ZSTD):
+            raise ValueError(f"unknown entropy coder {coder}")
+        self.coder = coder
         if layout.dtype not in SUPPORTED_DTYPES:
             raise LayoutError(f"KV compression supports {', '.join(SUPPORTED_DTYPES)} KV, not {layout.dtype}")
         if not MIN_BITS <= bits <= MAX_BITS:
@@ -85,10 +94,9 @@ class KVCodec:
         self.layer_bits = tuple(min(MAX_BITS, bits + 1) if layer < third else
                                 bits if layer < 2 * third else max(MIN_BITS, bits - 1)
                                 for layer in range(layout.num_layers))
-        shape = self._shape
-        self._fixed_bytes = (_HEAD.size + shape.layers + 2 * 2 * shape.layers * shape.channels * 2
-                             + 2 * (2 * _ANCHOR_MAX + 1)
-                             + 2 * 2 * sum((1 << b) - 1 for b in self.layer_bits) + 4)
+        self._levels = [(1 << (b - 1)) - 1 for b in self.layer_bits]
+        self._alphabets = [2 * _ANCHOR_MAX + 1] + [2 * level + 1 for level in self._levels] * 2
+        self._scale_bytes = 2 * 2 * self._shape.layers * self._shape.channels * 2  # float16 [2, 2, L, C]
 
     @property
     def max_encoded_bytes(self) -> int:
@@ -107,7 +115,7 @@ class KVCodec:
                           for plane in _planes(words, self.layout, self.blocks)])  # [2, L, T, C] float32
         if not np.isfinite(stack).all():
             return None
-        levels = np.array([(1 << (b - 1)) - 1 for b in self.layer_bits], dtype=np.float32)
+        levels = np.array(self._levels, dtype=np.float32)
         anchors = stack[:, :, ::shape.group, :]
         anchor_scale = _scale(np.abs(anchors).max(axis=2) / _ANCHOR_MAX)
         if anchor_scale is None:
@@ -118,37 +126,28 @@ class KVCodec:
         if diff_scale is None:
             return None
         diff_q = _quantise(diffs, diff_scale[:, :, None, :], levels[None, :, None, None])
-
-        anchor_symbols = (anchor_q.astype(np.int32) + _ANCHOR_MAX).ravel()
-        anchor_counts = _counts(anchor_symbols, 2 * _ANCHOR_MAX + 1)
-        segments = [(anchor_symbols, anchor_counts)]
-        for plane in range(2):
-            for layer, level in enumerate(levels.astype(np.int32)):
-                symbols = (diff_q[plane, layer].astype(np.int32) + level).ravel()
-                segments.append((symbols, _counts(symbols, 2 * int(level) + 1)))
-        coder = constriction.stream.stack.AnsCoder()
-        for symbols, counts in reversed(segments):
-            coder.encode_reverse(symbols, _model(counts))
-        stream = coder.get_compressed()
-        parts = [_HEAD.pack(MAGIC, VERSION, shape.group, shape.layers, shape.tokens, shape.channels),
-                 bytes(self.layer_bits), anchor_scale.tobytes(), diff_scale.tobytes()]
-        parts += [counts.tobytes() for _, counts in segments]
-        parts += [struct.pack("<I", stream.size), stream.astype("<u4").tobytes()]
-        encoded = b"".join(parts)
+        segments = [anchor_q.astype(np.int32).ravel() + _ANCHOR_MAX]
+        segments += [diff_q[plane, layer].astype(np.int32).ravel() + level
+                     for plane in range(2) for layer, level in enumerate(self._levels)]
+        head = _HEAD.pack(MAGIC, VERSION, self.coder, shape.group, shape.layers, shape.tokens, shape.channels)
+        body = _rans_pack(segments, self._alphabets) if self.coder == CODER_RANS else _zstd_pack(segments)
+        encoded = b"".join([head, bytes(self.layer_bits), anchor_scale.tobytes(), diff_scale.tobytes(), body])
         return encoded if len(encoded) < self.chunk_bytes else None
 
     def decode_into(self, data: bytes | bytearray | memoryview, out: memoryview) -> None:
         """Restore the chunk ``data`` encodes into ``out`` (``chunk_bytes`` writable bytes).
 
         Raises ``EntryError`` (nothing else, whatever the bytes) when ``data`` is not a chunk of
-        this codec's layout, chunk size and bits; unless it returns, ``out`` is unspecified."""
+        this codec's layout, chunk size and bits (either coder is read); unless it returns,
+        ``out`` is unspecified."""
         view = memoryview(data).cast("B")
         shape = self._shape
-        if view.nbytes < self._fixed_bytes:
-            raise EntryError(f"compressed chunk is short: {view.nbytes} bytes, at least {self._fixed_bytes}")
-        magic, version, group, layers, tokens, channels = _HEAD.unpack_from(view)
-        if magic != MAGIC or version != VERSION:
-            raise EntryError(f"not a compressed chunk of this kvtier (magic {bytes(magic)!r}, version {version})")
+        if view.nbytes < _HEAD.size + shape.layers + self._scale_bytes:
+            raise EntryError(f"compressed chunk is short: {view.nbytes} bytes")
+        magic, version, coder, group, layers, tokens, channels = _HEAD.unpack_from(view)
+        if magic != MAGIC or version != VERSION or coder not in (CODER_RANS, CODER_ZSTD):
+            raise EntryError(f"not a compressed chunk of this kvtier (magic {bytes(magic)!r}, version {version}, "
+                             f"coder {coder})")
         if (group, layers, tokens, channels) != (shape.group, shape.layers, shape.tokens, shape.channels):
             raise EntryError(f"compressed chunk shape (group {group}, {layers} layers, {tokens} tokens, "
                              f"{channels} channels) is not this layout's")
@@ -156,43 +155,22 @@ class KVCodec:
         if tuple(view[offset:offset + layers]) != self.layer_bits:
             raise EntryError("compressed chunk was written with other bits per layer")
         offset += layers
-        scales = []
-        for _ in range(2):
-            scale = np.frombuffer(view, dtype="<f2", count=2 * layers * channels, offset=offset)
-            scales.append(scale.astype(np.float32).reshape(2, layers, channels))
-            offset += scale.nbytes
-        if not all(np.isfinite(scale).all() and (scale >= 0).all() for scale in scales):
+        scales = np.frombuffer(view, dtype="<f2", count=4 * layers * channels, offset=offset).astype(np.float32)
+        if not (np.isfinite(scales).all() and (scales >= 0).all()):
             raise EntryError("compressed chunk has a scale that is not a finite non-negative number")
-        anchor_scale, diff_scale = scales
-        levels = [(1 << (b - 1)) - 1 for b in self.layer_bits]
-        sizes = [2 * _ANCHOR_MAX + 1] + [2 * level + 1 for level in levels] * 2
-        count_arrays = []
-        for size in sizes:
-            counts = np.frombuffer(view, dtype="<u2", count=size, offset=offset)
-            if not counts.any():
-                raise EntryError("compressed chunk has an empty symbol model")
-            count_arrays.append(counts)
-            offset += counts.nbytes
-        (num_words,) = struct.unpack_from("<I", view, offset)
-        offset += 4
-        if view.nbytes != offset + 4 * num_words:
-            raise EntryError(f"compressed chunk length {view.nbytes} does not match its stream of "
-                             f"{num_words} words")
-        stream = np.frombuffer(view, dtype="<u4", count=num_words, offset=offset).astype(np.uint32)
-        num_anchors = 2 * layers * (tokens // group) * channels
-        try:
-            coder = constriction.stream.stack.AnsCoder(stream)
-            anchor_q = coder.decode(_model(count_arrays[0]), num_anchors).astype(np.float32) - _ANCHOR_MAX
-            diffs = np.empty((2, layers, tokens, channels), dtype=np.float32)
-            index = 1
-            for plane in range(2):
-                for layer, level in enumerate(levels):
-                    symbols = coder.decode(_model(count_arrays[index]), tokens * channels)
-                    diffs[plane, layer] = (symbols.astype(np.float32) - level).reshape(tokens, channels)
-                    index += 1
-        except (ValueError, RuntimeError, AssertionError, OverflowError) as exc:
-            raise EntryError(f"compressed chunk stream does not decode: {exc}") from None
-        anchor_q = anchor_q.reshape(2, layers, tokens // group, channels)
+        anchor_scale, diff_scale = scales.reshape(2, 2, layers, channels)
+        body = view[offset + self._scale_bytes:]
+        lengths = [2 * layers * (tokens // group) * channels] + [tokens * channels] * (2 * layers)
+        unpack = _rans_unpack if coder == CODER_RANS else _zstd_unpack
+        segments = unpack(body, self._alphabets, lengths)
+        for segment, alphabet in zip(segments, self._alphabets):
+            if segment.size and int(segment.max()) >= alphabet:
+                raise EntryError("compressed chunk has a symbol outside its alphabet")
+        anchor_q = segments[0].astype(np.float32).reshape(2, layers, tokens // group, channels) - _ANCHOR_MAX
+        diffs = np.empty((2, layers, tokens, channels), dtype=np.float32)
+        for index, symbols in enumerate(segments[1:]):
+            plane, layer = divmod(index, layers)
+            diffs[plane, layer] = (symbols.astype(np.float32) - self._levels[layer]).reshape(tokens, channels)
         values = diffs * diff_scale[:, :, None, :]
         values += np.repeat(anchor_q * anchor_scale[:, :, None, :], group, axis=2)
         out_view = memoryview(out).cast("B")
@@ -201,6 +179,59 @@ class KVCodec:
         words = np.frombuffer(out_view, dtype=_word_dtype(self.layout.dtype))
         for plane, target in zip(values, _planes(words, self.layout, self.blocks)):
             target[...] = _from_float(plane, self.layout.dtype).reshape(target.shape)
+
+
+def _rans_pack(segments: list[np.ndarray], alphabets: list[int]) -> bytes:
+    """Counts of every segment's model, then one rANS stream of all segments (u32 words)."""
+    counts = [_counts(symbols, alphabet) for symbols, alphabet in zip(segments, alphabets)]
+    coder = constriction.stream.stack.AnsCoder()
+    for symbols, model_counts in zip(reversed(segments), reversed(counts)):
+        coder.encode_reverse(symbols, _model(model_counts))
+    stream = coder.get_compressed()
+    return b"".join([*(c.tobytes() for c in counts), struct.pack("<I", stream.size), stream.astype("<u4").tobytes()])
+
+
+def _rans_unpack(body: memoryview, alphabets: list[int], lengths: list[int]) -> list[np.ndarray]:
+    offset = 0
+    models = []
+    for alphabet in alphabets:
+        if body.nbytes < offset + 2 * alphabet + 4:
+            raise EntryError("compressed chunk is short (symbol models)")
+        counts = np.frombuffer(body, dtype="<u2", count=alphabet, offset=offset)
+        if not counts.any():
+            raise EntryError("compressed chunk has an empty symbol model")
+        models.append(_model(counts))
+        offset += counts.nbytes
+    (num_words,) = struct.unpack_from("<I", body, offset)
+    offset += 4
+    if body.nbytes != offset + 4 * num_words:
+        raise EntryError(f"compressed chunk length does not match its stream of {num_words} words")
+    stream = np.frombuffer(body, dtype="<u4", count=num_words, offset=offset).astype(np.uint32)
+    try:
+        coder = constriction.stream.stack.AnsCoder(stream)
+        return [coder.decode(model, length) for model, length in zip(models, lengths)]
+    except (ValueError, RuntimeError, AssertionError, OverflowError) as exc:
+        raise EntryError(f"compressed chunk stream does not decode: {exc}") from None
+
+
+def _zstd_pack(segments: list[np.ndarray]) -> bytes:
+    """All segments' symbols as bytes, in one zstd frame (level 1: its Huffman and FSE stages do
+    the entropy coding; the match finder costs little at this level)."""
+    symbols = np.concatenate(segments).astype(np.uint8)
+    return zstandard.ZstdCompressor(level=1).compress(symbols.tobytes())
+
+
+def _zstd_unpack(body: memoryview, alphabets: list[int], lengths: list[int]) -> list[np.ndarray]:
+    total = sum(lengths)
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(body, max_output_size=total)
+    except zstandard.ZstdError as exc:
+        raise EntryError(f"compressed chunk stream does not decode: {exc}") from None
+    if len(raw) != total:
+        raise EntryError(f"compressed chunk stream holds {len(raw)} symbols, expected {total}")
+    symbols = np.frombuffer(raw, dtype=np.uint8)
+    bounds = np.cumsum([0, *lengths])
+    return [symbols[start:stop] for start, stop in zip(bounds[:-1], bounds[1:])]
 
 
 def _planes(words: np.ndarray, layout: KVLayout, blocks: int) -> tuple[np.ndarray, np.ndarray]:

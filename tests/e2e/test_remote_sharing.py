@@ -14,6 +14,7 @@ import pytest
 import redis
 
 
+from kvtier.entry import CODEC_CACHEGEN, decode_header
 from tests.conftest import free_port
 from tests.e2e.engines import Engine, metric, run_engine, wait_for
 from tests.e2e.test_vllm_connector import CHUNK, P, Q, QS, S2, default_keys, tokens
@@ -21,6 +22,7 @@ from tests.servers import S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, ServerProcess
     redis_server, seaweed  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.e2e
+COMPRESSED_LOGPROB_TOLERANCE = 0.05
 
 
 def remote_config(url: str, extra: dict | None = None) -> dict:
@@ -64,6 +66,26 @@ def test_engines_share_through_s3(tiny_model: str, seaweed: tuple[ServerProcess,
         "remote.s3_endpoint": endpoint, "remote.s3_region": "us-east-1",
         "remote.access_key": S3_ACCESS_KEY, "remote.secret_key": S3_SECRET_KEY})
     check_shared(*writer_then_reader(tiny_model, tmp_path, "s3", config))
+
+
+def test_engines_share_compressed_kv_through_redis(tiny_model: str, fresh_redis: ServerProcess,
+                                                  tmp_path: Path) -> None:
+    """remote.compression: cachegen: the reader loads every chunk from compressed Redis values
+    several times smaller than the chunks, and answers close to the oracle (lossy by design: the
+    real-model quality is measured by benchmarks/compression.py)."""
+    url = f"redis://127.0.0.1:{port_of(fresh_redis)}/0"
+    config = remote_config(url, {"remote.compression": "cachegen", "remote.compression_bits": 6})
+    writer, reader = writer_then_reader(tiny_model, tmp_path, "compressed", config)
+    oracle, shared, text = writer[1][0], reader[0][0], reader[1]
+    assert shared["num_cached_tokens"] == 4 * CHUNK  # every chunk came from the compressed values
+    assert metric(text, "kvtier_hits_total", "remote") == 4 and metric(text, "kvtier_errors_total", "remote") == 0
+    client = redis.Redis(port=port_of(fresh_redis))
+    values = [client.get(f"kvtier/default/{key.hex()}.0") for key in default_keys(tiny_model, P)]
+    chunk_bytes = int(metric(text, "kvtier_read_bytes_total", "remote")) // 4
+    assert all(value is not None and decode_header(value).codec == CODEC_CACHEGEN for value in values)
+    assert all(len(value) < chunk_bytes / 2 for value in values if value is not None)
+    assert shared["tokens"][0] == oracle["tokens"][0]
+    assert abs(shared["logprobs"][0] - oracle["logprobs"][0]) < COMPRESSED_LOGPROB_TOLERANCE
 
 
 def test_redis_dies_mid_workload_and_comes_back(tiny_model: str, fresh_redis: ServerProcess,

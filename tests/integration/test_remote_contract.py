@@ -17,14 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import pytest
 import redis
 from botocore.exceptions import ClientError
 from redis.cluster import RedisCluster
 
+from kvtier.compression import KVCodec
 from kvtier.crypto import SEAL_OVERHEAD_BYTES, Sealer
-from kvtier.entry import CODEC_AES256_GCM, HEADER_BYTES, EntryHeader, decode_header, encode_header, payload_checksum
+from kvtier.entry import CODEC_AES256_GCM, CODEC_CACHEGEN, HEADER_BYTES, EntryHeader, decode_header, encode_header, payload_checksum
 from kvtier.errors import ConfigError
+from kvtier.layout import KVLayout
 from kvtier.tiers import remote
 from kvtier.tiers.disk import ReadResult
 from kvtier.tiers.remote import RemoteTier, object_name, open_remote
@@ -40,7 +43,8 @@ TIMEOUT_S = 2.0
 
 
 class Opener(Protocol):
-    def __call__(self, ttl_s: int | None, timeout_s: float, *, sealer: Sealer | None = None) -> RemoteTier: ...
+    def __call__(self, ttl_s: int | None, timeout_s: float, *, sealer: Sealer | None = None,
+                 codec: KVCodec | None = None) -> RemoteTier: ...
 
 
 @dataclass
@@ -59,9 +63,10 @@ class Backend:
 def redis_backend(name: str, url: str, raw: redis.Redis | RedisCluster, unreachable_url: str,
                   tls: TLSFiles | None = None, username: str | None = None,
                   password: str | None = None) -> Backend:
-    def open_tier(ttl_s: int | None, timeout_s: float, target: str = url, *, sealer: Sealer | None = None) -> RemoteTier:
+    def open_tier(ttl_s: int | None, timeout_s: float, target: str = url, *, sealer: Sealer | None = None,
+                  codec: KVCodec | None = None) -> RemoteTier:
         return open_remote(target, ttl_s=ttl_s, timeout_s=timeout_s, username=username, password=password,
-                           sealer=sealer, **tls_options(tls))
+                           sealer=sealer, codec=codec, **tls_options(tls))
 
     def remaining(name: str) -> float | None:
         return int(raw.pttl(name)) / 1000
@@ -82,10 +87,10 @@ def s3_backend(endpoint: str, tls: TLSFiles | None = None) -> Backend:
     prefix = f"test-{uuid.uuid4().hex[:8]}"
 
     def open_tier(ttl_s: int | None, timeout_s: float, target: str = endpoint, *,
-                  sealer: Sealer | None = None) -> RemoteTier:
+                  sealer: Sealer | None = None, codec: KVCodec | None = None) -> RemoteTier:
         return open_remote(f"s3://{S3_BUCKET}/{prefix}", ttl_s=ttl_s, timeout_s=timeout_s, s3_endpoint=target,
                            s3_region="us-east-1", access_key=S3_ACCESS_KEY, secret_key=S3_SECRET_KEY, sealer=sealer,
-                           **tls_options(tls))
+                           codec=codec, **tls_options(tls))
 
     def raw_get(name: str) -> bytes | None:
         try:
@@ -455,6 +460,60 @@ def test_encrypted_value_replayed_under_another_key_reads_corrupt(backend: Backe
 
 
 # --------------------------------------------------------------------------------------- faults
+
+# ---- compression -----------------------------------------------------------------------------------
+
+CODEC_LAYOUT = KVLayout("cpu_lbhnc", 4, 2, 64, 16, "bfloat16")
+CODEC = KVCodec(CODEC_LAYOUT, 256)
+CHUNK_BYTES = CODEC_LAYOUT.chunk_bytes(256)
+
+
+def kv_chunk(seed: int) -> bytes:
+    """A bf16 chunk whose values drift smoothly over tokens, as K and V do."""
+    rng = np.random.default_rng(seed)
+    values = np.cumsum(rng.normal(0, 0.05, CHUNK_BYTES // 2), dtype=np.float32) % 8 - 4
+    return (values.view(np.uint32) >> 16).astype("<u2").tobytes()
+
+
+def decoded(chunk: bytes) -> bytes:
+    """What a compressed ``chunk`` reads back as (the codec is deterministic)."""
+    encoded = CODEC.encode(memoryview(chunk))
+    assert encoded is not None
+    out = bytearray(len(chunk))
+    CODEC.decode_into(encoded, memoryview(out))
+    return bytes(out)
+
+
+@pytest.mark.parametrize("sealer", [None, SEALER], ids=["clear", "sealed"])
+def test_compressed_round_trip(backend: Backend, sealer: Sealer | None) -> None:
+    compressed = backend.open(None, TIMEOUT_S, sealer=sealer, codec=CODEC)
+    plain = backend.open(None, TIMEOUT_S, sealer=sealer)
+    keys = [new_key() for _ in range(4)]
+    chunks = [kv_chunk(index) for index in range(4)]
+    assert all(compressed.put(key, 0, chunk, CODEC_LAYOUT.fingerprint(), namespace=TENANT)
+               for key, chunk in zip(keys[:3], chunks[:3]))
+    assert plain.put(keys[3], 0, chunks[3], CODEC_LAYOUT.fingerprint(), namespace=TENANT)
+    # Step: the server holds compressed values, several times smaller than the chunk.
+    stored = backend.raw_get(compressed.name_for(keys[0], 0, TENANT))
+    assert stored is not None and len(stored) < CHUNK_BYTES / 3
+    assert decode_header(stored).codec == CODEC_CACHEGEN | (CODEC_AES256_GCM if sealer else 0)
+    # Step: one batch reads compressed values (decoded), an uncompressed one (exact) and a miss.
+    outs = [bytearray(CHUNK_BYTES) for _ in range(5)]
+    items = [(key, memoryview(out)) for key, out in zip([*keys, new_key()], outs)]
+    assert compressed.get_many_into(items, 0, CODEC_LAYOUT.fingerprint(), namespace=TENANT) == \
+        [ReadResult.OK] * 4 + [ReadResult.MISSING]
+    assert [bytes(out) for out in outs[:3]] == [decoded(chunk) for chunk in chunks[:3]]
+    assert bytes(outs[3]) == chunks[3]
+    # Step: a tier without compression, and a truncated value, read CORRUPT (and delete it).
+    assert plain.get_into(keys[0], 0, memoryview(outs[0]), CODEC_LAYOUT.fingerprint(), namespace=TENANT) \
+        is ReadResult.CORRUPT
+    backend.raw_set(compressed.name_for(keys[1], 0, TENANT), stored[:len(stored) - 100])
+    assert compressed.get_into(keys[1], 0, memoryview(outs[1]), CODEC_LAYOUT.fingerprint(), namespace=TENANT) \
+        is ReadResult.CORRUPT
+    assert compressed.exists_prefix(keys[1:2], 0, namespace=TENANT) == 0
+    compressed.close()
+    plain.close()
+
 
 def test_closed_port_at_start_is_unhealthy_not_an_error(backend: Backend) -> None:
     started = time.monotonic()

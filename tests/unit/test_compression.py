@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvtier.compression import GROUP_TOKENS, KVCodec, _from_float, _planes, _to_float
+from kvtier.compression import CODER_RANS, CODER_ZSTD, GROUP_TOKENS, KVCodec, _from_float, _planes, _to_float
 from kvtier.crypto import Sealer
 from kvtier.entry import CODEC_AES256_GCM, CODEC_CACHEGEN, CODEC_RAW, decode_header, encode_header
 from kvtier.errors import EntryError, LayoutError
@@ -15,6 +15,7 @@ from kvtier.layout import KVLayout
 from kvtier.tiers.framing import frame, unframe_into
 
 KINDS = ("cpu_lbhnc", "cuda_flash")
+CODERS = (CODER_RANS, CODER_ZSTD)
 DTYPES = ("bfloat16", "float16", "float32")
 KEY = bytes(range(16))
 SEALER = Sealer(bytes(range(32)))
@@ -62,19 +63,19 @@ def error_bound(codec: KVCodec, values: np.ndarray) -> np.ndarray:
 @settings(max_examples=40, deadline=None)
 @given(kind=st.sampled_from(KINDS), dtype=st.sampled_from(DTYPES), layers=st.integers(1, 4),
        heads=st.integers(1, 3), head_size=st.sampled_from([8, 16, 32]), block=st.sampled_from([8, 16]),
-       blocks=st.integers(1, 4), bits=st.integers(2, 8), seed=st.integers(0, 2**32 - 1),
-       scale=st.sampled_from([0.01, 1.0, 30.0]))
+       blocks=st.integers(1, 4), bits=st.integers(2, 8), coder=st.sampled_from(CODERS),
+       seed=st.integers(0, 2**32 - 1), scale=st.sampled_from([0.01, 1.0, 30.0]))
 def test_every_decoded_value_is_within_the_quantisation_bound(kind: str, dtype: str, layers: int, heads: int,
                                                               head_size: int, block: int, blocks: int, bits: int,
-                                                              seed: int, scale: float) -> None:
+                                                              coder: int, seed: int, scale: float) -> None:
     layout = KVLayout(kind, layers, heads, head_size, block, dtype)
     tokens = block * blocks
-    codec = KVCodec(layout, tokens, bits)
+    codec = KVCodec(layout, tokens, bits, coder)
     original = values_of(layout, tokens, chunk_of(layout, tokens, kv_like(np.random.default_rng(seed), layers,
                                                                            tokens, heads * head_size, scale)))
     encoded = codec.encode(memoryview(chunk_of(layout, tokens, original)))
     if encoded is None:  # declined: only when it would not be smaller
-        assert codec._fixed_bytes >= layout.chunk_bytes(tokens) // 2
+        assert codec._scale_bytes + 2 * sum(codec._alphabets) >= layout.chunk_bytes(tokens) // 2
         return
     assert len(encoded) < layout.chunk_bytes(tokens)
     out = bytearray(layout.chunk_bytes(tokens))
@@ -105,13 +106,18 @@ def test_planes_follow_the_engine_page_layout(kind: str) -> None:
         assert v[layer, block, offset, head, dim] == v_base + (offset * 2 + head) * 4 + dim
 
 
-def test_real_sized_chunk_shrinks_at_least_three_times() -> None:
+def test_real_sized_chunk_shrinks_at_least_three_times_and_either_coder_reads_it() -> None:
     # SmolLM2-135M on vLLM-CPU: 30 layers, 3 KV heads of 64, bf16, 256-token chunks.
     layout = KVLayout("cpu_lbhnc", 30, 3, 64, 16, "bfloat16")
-    codec = KVCodec(layout, 256)
     chunk = chunk_of(layout, 256, kv_like(np.random.default_rng(1), 30, 256, 192, 1.0))
-    encoded = codec.encode(memoryview(chunk))
-    assert encoded is not None and len(chunk) / len(encoded) > 3
+    decoded = []
+    for coder in CODERS:
+        encoded = KVCodec(layout, 256, coder=coder).encode(memoryview(chunk))
+        assert encoded is not None and len(chunk) / len(encoded) > 3
+        out = bytearray(len(chunk))
+        KVCodec(layout, 256, coder=CODER_RANS).decode_into(encoded, memoryview(out))  # reads both coders
+        decoded.append(out)
+    assert decoded[0] == decoded[1]  # the same quantisation under either coder
 
 
 def test_layer_bits_favour_early_layers() -> None:
@@ -148,6 +154,8 @@ def test_unsupported_dtypes_and_bits_are_refused() -> None:
         KVCodec(KVLayout("cuda_flash", 1, 1, 8, 16, "float8_e4m3fn"), 16)
     with pytest.raises(ValueError, match="2..8"):
         KVCodec(KVLayout("cuda_flash", 1, 1, 8, 16, "float16"), 16, bits=9)
+    with pytest.raises(ValueError, match="coder"):
+        KVCodec(KVLayout("cuda_flash", 1, 1, 8, 16, "float16"), 16, coder=7)
 
 
 def test_a_chunk_of_another_shape_or_bits_is_refused() -> None:
