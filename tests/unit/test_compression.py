@@ -120,11 +120,8 @@ def test_real_sized_chunk_shrinks_at_least_three_times_and_either_coder_reads_it
     assert decoded[0] == decoded[1]  # the same quantisation under either coder
 
 
-def test_layer_bits_favour_early_layers() -> None:
-    codec = KVCodec(KVLayout("cuda_flash", 6, 1, 8, 16, "float16"), 16, bits=5)
-    assert codec.layer_bits == (6, 6, 5, 5, 4, 4)
-    assert KVCodec(KVLayout("cuda_flash", 3, 1, 8, 16, "float16"), 16, bits=8).layer_bits == (8, 8, 7)
-    assert KVCodec(KVLayout("cuda_flash", 3, 1, 8, 16, "float16"), 16, bits=2).layer_bits == (3, 2, 2)
+def test_every_layer_gets_the_configured_bits() -> None:
+    assert KVCodec(KVLayout("cuda_flash", 6, 1, 8, 16, "float16"), 16, bits=3).layer_bits == (3,) * 6
 
 
 def test_groups_are_block_multiples_or_the_whole_chunk() -> None:
