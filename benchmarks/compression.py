@@ -6,13 +6,12 @@ vLLM keeps it, is the reference. The same KV is then compressed and decoded chun
 (``KVCodec``, 256-token chunks) at each ``--bits`` setting, and the next ``--continuation-tokens``
 tokens of the document are scored with the reference KV and with the decoded KV:
 
-- ratio: chunk bytes / compressed bytes (tables included), for each entropy coder (rANS, zstd:
-  the same quantisation, so the same quality);
+- ratio: chunk bytes / compressed bytes (scales and headers included);
 - top-1 agreement: how often the most likely next token is the same with both;
 - KL: mean KL divergence (nats) of the next-token distribution, reference -> decoded;
 - perplexity change of the document's real continuation (percent);
 - greedy match: how many of ``--greedy-tokens`` greedily generated tokens are identical;
-- encode / decode time per chunk on this machine, per coder (medians).
+- encode / decode time per chunk on this machine (medians).
 
 Usage: python benchmarks/compression.py [--bits 3,4,5,6,8] [--prefix-tokens 1024]
 (--models-dir: where SmolLM2 is built on first use, default ./models)
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvtier.compression import CODER_RANS, CODER_ZSTD, KVCodec
+from kvtier.compression import KVCodec
 from kvtier.layout import KVLayout
 from kvtier.models import SMOLLM2_MODEL, prepare_smollm2
 
@@ -144,32 +143,26 @@ def main() -> None:
                                                                      args.greedy_tokens)))
     rows = []
     for bits in [int(b) for b in args.bits.split(",")]:
-        row: dict = {"bits": bits, "chunk_bytes": layout.chunk_bytes(CHUNK_TOKENS)}
-        for coder, name in ((CODER_RANS, "rans"), (CODER_ZSTD, "zstd")):
-            codec = KVCodec(layout, CHUNK_TOKENS, bits, coder)
-            timing: dict[str, list[float]] = {"encode_s": [], "decode_s": []}
-            agree, kls, ppl_changes, greedy, raw_total, packed_total = [], [], [], [], 0, 0
-            for keys, values, continuation, ref_logp, ref_greedy in references:
-                dkeys, dvalues, raw, packed = round_trip(codec, keys, values, timing)
-                raw_total, packed_total = raw_total + raw, packed_total + packed
-                if coder != CODER_RANS:
-                    continue  # the same quantisation: the same decoded values, scored once
-                logp, generated = score(model, dkeys, dvalues, continuation, args.greedy_tokens)
-                agree.append(float((logp.argmax(-1) == ref_logp.argmax(-1)).float().mean()))
-                kls.append(float((ref_logp.exp() * (ref_logp - logp)).sum(-1).mean()))
-                targets = torch.tensor(continuation[1:])
-                nll_ref = -ref_logp[:-1].gather(1, targets[:, None]).mean()
-                nll = -logp[:-1].gather(1, targets[:, None]).mean()
-                ppl_changes.append(float((torch.exp(nll - nll_ref) - 1) * 100))
-                greedy.append(next((i for i, (a, b) in enumerate(zip(generated, ref_greedy)) if a != b),
-                                   len(generated)))
-            if coder == CODER_RANS:
-                row.update({"top1_agreement": statistics.mean(agree), "kl_nats": statistics.mean(kls),
-                            "perplexity_change_pct": statistics.mean(ppl_changes),
-                            "greedy_tokens_identical": statistics.mean(greedy)})
-            row[name] = {"ratio": raw_total / packed_total,
-                         "encode_ms_per_chunk": statistics.median(timing["encode_s"]) * 1e3,
-                         "decode_ms_per_chunk": statistics.median(timing["decode_s"]) * 1e3}
+        codec = KVCodec(layout, CHUNK_TOKENS, bits)
+        timing: dict[str, list[float]] = {"encode_s": [], "decode_s": []}
+        agree, kls, ppl_changes, greedy, raw_total, packed_total = [], [], [], [], 0, 0
+        for keys, values, continuation, ref_logp, ref_greedy in references:
+            dkeys, dvalues, raw, packed = round_trip(codec, keys, values, timing)
+            raw_total, packed_total = raw_total + raw, packed_total + packed
+            logp, generated = score(model, dkeys, dvalues, continuation, args.greedy_tokens)
+            agree.append(float((logp.argmax(-1) == ref_logp.argmax(-1)).float().mean()))
+            kls.append(float((ref_logp.exp() * (ref_logp - logp)).sum(-1).mean()))
+            targets = torch.tensor(continuation[1:])
+            nll_ref = -ref_logp[:-1].gather(1, targets[:, None]).mean()
+            nll = -logp[:-1].gather(1, targets[:, None]).mean()
+            ppl_changes.append(float((torch.exp(nll - nll_ref) - 1) * 100))
+            greedy.append(next((i for i, (a, b) in enumerate(zip(generated, ref_greedy)) if a != b), len(generated)))
+        row = {"bits": bits, "ratio": raw_total / packed_total, "top1_agreement": statistics.mean(agree),
+               "kl_nats": statistics.mean(kls), "perplexity_change_pct": statistics.mean(ppl_changes),
+               "greedy_tokens_identical": statistics.mean(greedy),
+               "encode_ms_per_chunk": statistics.median(timing["encode_s"]) * 1e3,
+               "decode_ms_per_chunk": statistics.median(timing["decode_s"]) * 1e3,
+               "chunk_bytes": layout.chunk_bytes(CHUNK_TOKENS)}
         rows.append(row)
         print(json.dumps(row), flush=True)
     result = {"model": SMOLLM2_MODEL, "documents": len(docs), "prefix_tokens": args.prefix_tokens,
@@ -183,17 +176,14 @@ def main() -> None:
              f"`python benchmarks/compression.py` ({result['machine']}): {len(docs)} documents (this project's "
              f"docs), {args.prefix_tokens}-token prefix KV in 256-token chunks, scored on the next "
              f"{args.continuation_tokens} tokens against the uncompressed bf16 KV.", "",
-             "| bits | top-1 agreement | KL (nats) | perplexity change | "
-             f"greedy tokens identical (of {args.greedy_tokens}) | size ratio rANS / zstd | "
-             "encode ms/chunk rANS / zstd | decode ms/chunk rANS / zstd |",
+             "| bits | size ratio | top-1 agreement | KL (nats) | perplexity change | "
+             f"greedy tokens identical (of {args.greedy_tokens}) | encode ms/chunk | decode ms/chunk |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
-        rans, zstd = row["rans"], row["zstd"]
-        lines.append(f"| {row['bits']} | {row['top1_agreement'] * 100:.1f}% | {row['kl_nats']:.4f} | "
-                     f"{row['perplexity_change_pct']:+.2f}% | {row['greedy_tokens_identical']:.1f} | "
-                     f"{rans['ratio']:.2f}x / {zstd['ratio']:.2f}x | "
-                     f"{rans['encode_ms_per_chunk']:.0f} / {zstd['encode_ms_per_chunk']:.0f} | "
-                     f"{rans['decode_ms_per_chunk']:.0f} / {zstd['decode_ms_per_chunk']:.0f} |")
+        lines.append(f"| {row['bits']} | {row['ratio']:.2f}x | {row['top1_agreement'] * 100:.1f}% | "
+                     f"{row['kl_nats']:.4f} | {row['perplexity_change_pct']:+.2f}% | "
+                     f"{row['greedy_tokens_identical']:.1f} | {row['encode_ms_per_chunk']:.0f} | "
+                     f"{row['decode_ms_per_chunk']:.0f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out} and {out.with_suffix('.md')}")
 

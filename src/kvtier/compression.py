@@ -12,26 +12,24 @@ What a chunk becomes (the ideas of CacheGen, SIGCOMM'24; this code is our own):
    quantised to 8 bits with one scale per (plane, layer, channel).
 3. Every token is then coded as its difference from its group's decoded anchor (nearby tokens'
    K and V are alike, so differences are small), quantised to ``bits`` bits with one scale per
-   (plane, layer, channel). The payload carries bits per layer; kvtier writes the same for every
-   layer: CacheGen gives early layers more, but on SmolLM2-135M that measured worse at the same
-   size (next-token KL 0.022 against 0.009; ``benchmarks/results/compression_cpu.md``).
-4. The quantised symbols are entropy coded, by one of two coders (a field of the payload; a
-   reader decodes both): ``CODER_RANS``, rANS (``constriction``) under one categorical model for
-   the anchors and one per (plane, layer) for the differences, whose symbol counts travel with
-   the data: the smallest; or ``CODER_ZSTD``, the symbols as bytes in one zstd frame (Huffman and
-   FSE stages): a few percent larger, several times faster to decode.
-   ``benchmarks/compression.py`` measures both.
+   (plane, layer, channel), the same bits in every layer: CacheGen gives early layers more, but
+   on SmolLM2-135M that measured worse at the same size (5 bits, rANS: 3.26x with early-layer
+   bits, next-token KL 0.014; 3.25x flat, KL 0.005; ``benchmarks/results/compression_coders_cpu.md``).
+4. The quantised symbols are entropy coded: as bytes, in one zstd frame (level 1; its Huffman and
+   FSE stages code the skewed symbol distribution, its match finder catches repeats). rANS under
+   per-(plane, layer) categorical models, closer to CacheGen's arithmetic coding, was measured
+   beside it on SmolLM2's real KV and dropped: larger from 4 bits up and 4x slower to decode
+   (``benchmarks/results/compression_coders_cpu.md``, commit bed0a35).
 
 Payload, little-endian (every field is checked on decode; malformed input raises ``EntryError``):
 
 ====================  ======================================================================
-head                  ``b"KVC1"``, u8 version = 1, u8 coder, u8 group tokens, u16 layers,
+head                  ``b"KVC1"``, u8 version = 1, u8 bits, u8 group tokens, u16 layers,
                       u32 tokens, u32 channels
-bits                  u8 per layer
 scales                float16 [2 planes, layers, channels] anchors, then the same for differences
-rANS body             u16 counts [alphabet] per segment (anchors: 255; differences of (plane,
-                      layer): 2 ** bits[layer] - 1, planes outer), u32 word count, the words
-zstd body             one zstd frame of every segment's symbols as u8, in the same order
+symbols               one zstd frame of one byte per symbol: the anchors [2, layers, groups,
+                      channels] plus 127, then the differences [2, layers, tokens, channels]
+                      plus the levels
 ====================  ======================================================================
 
 Pure functions of their inputs: safe from any thread.
@@ -42,7 +40,6 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-import constriction
 import numpy as np
 import zstandard
 
@@ -51,14 +48,11 @@ from kvtier.layout import KVLayout
 
 MAGIC = b"KVC1"
 VERSION = 1
-CODER_RANS = 0  # smallest: rANS under per-segment categorical models (constriction)
-CODER_ZSTD = 1  # fastest to decode: the symbols as bytes in one zstd frame
 GROUP_TOKENS = 16
-DEFAULT_BITS = 5
+DEFAULT_BITS = 6
 MIN_BITS, MAX_BITS = 2, 8
 SUPPORTED_DTYPES = ("bfloat16", "float16", "float32")
 _ANCHOR_MAX = 127  # anchors: symmetric 8-bit levels -127..127
-_COUNT_SCALE = 65535
 _HEAD = struct.Struct("<4sBBBHII")
 
 
@@ -73,33 +67,22 @@ class _Shape:
 class KVCodec:
     """Compresses and restores whole chunks of one layout (``chunk_tokens`` tokens each)."""
 
-    def __init__(self, layout: KVLayout, chunk_tokens: int, bits: int = DEFAULT_BITS,
-                 coder: int = CODER_RANS) -> None:
+    def __init__(self, layout: KVLayout, chunk_tokens: int, bits: int = DEFAULT_BITS) -> None:
         """``LayoutError`` for a dtype the codec cannot quantise (fp8, uint8); ``ValueError``
-        for ``bits`` outside 2..8 or an unknown ``coder``. ``coder`` is what ``encode`` writes;
-        ``decode_into`` reads both."""
-        if coder not in (CODER_RANS, CODER_ZSTD):
-            raise ValueError(f"unknown entropy coder {coder}")
-        self.coder = coder
+        for ``bits`` outside 2..8."""
         if layout.dtype not in SUPPORTED_DTYPES:
             raise LayoutError(f"KV compression supports {', '.join(SUPPORTED_DTYPES)} KV, not {layout.dtype}")
         if not MIN_BITS <= bits <= MAX_BITS:
             raise ValueError(f"compression bits must be {MIN_BITS}..{MAX_BITS}, got {bits}")
         self.layout = layout
+        self.bits = bits
         self.blocks = layout.blocks_per_chunk(chunk_tokens)
         self.chunk_bytes = layout.chunk_bytes(chunk_tokens)
         group = GROUP_TOKENS if chunk_tokens % GROUP_TOKENS == 0 else chunk_tokens
         self._shape = _Shape(layout.num_layers, chunk_tokens, layout.num_kv_heads * layout.head_size,
                              min(group, 255))
-        self.layer_bits = (bits,) * layout.num_layers
-        self._levels = [(1 << (b - 1)) - 1 for b in self.layer_bits]
-        self._alphabets = [2 * _ANCHOR_MAX + 1] + [2 * level + 1 for level in self._levels] * 2
+        self._levels = (1 << (bits - 1)) - 1  # differences: symmetric levels -levels..levels
         self._scale_bytes = 2 * 2 * self._shape.layers * self._shape.channels * 2  # float16 [2, 2, L, C]
-
-    @property
-    def max_encoded_bytes(self) -> int:
-        """No encoded chunk is longer (``encode`` declines, returning None, rather than grow)."""
-        return self.chunk_bytes
 
     def encode(self, chunk: memoryview) -> bytes | None:
         """The compressed form of ``chunk`` (``chunk_bytes`` bytes in the slot layout), or None
@@ -113,64 +96,52 @@ class KVCodec:
                           for plane in _planes(words, self.layout, self.blocks)])  # [2, L, T, C] float32
         if not np.isfinite(stack).all():
             return None
-        levels = np.array(self._levels, dtype=np.float32)
         anchors = stack[:, :, ::shape.group, :]
         anchor_scale = _scale(np.abs(anchors).max(axis=2) / _ANCHOR_MAX)
         if anchor_scale is None:
             return None
         anchor_q = _quantise(anchors, anchor_scale[:, :, None, :], _ANCHOR_MAX)
         diffs = stack - np.repeat(anchor_q * anchor_scale[:, :, None, :], shape.group, axis=2)
-        diff_scale = _scale(np.abs(diffs).max(axis=2) / levels[None, :, None])
+        diff_scale = _scale(np.abs(diffs).max(axis=2) / self._levels)
         if diff_scale is None:
             return None
-        diff_q = _quantise(diffs, diff_scale[:, :, None, :], levels[None, :, None, None])
-        segments = [anchor_q.astype(np.int32).ravel() + _ANCHOR_MAX]
-        segments += [diff_q[plane, layer].astype(np.int32).ravel() + level
-                     for plane in range(2) for layer, level in enumerate(self._levels)]
-        head = _HEAD.pack(MAGIC, VERSION, self.coder, shape.group, shape.layers, shape.tokens, shape.channels)
-        body = _rans_pack(segments, self._alphabets) if self.coder == CODER_RANS else _zstd_pack(segments)
-        encoded = b"".join([head, bytes(self.layer_bits), anchor_scale.tobytes(), diff_scale.tobytes(), body])
+        diff_q = _quantise(diffs, diff_scale[:, :, None, :], self._levels)
+        symbols = np.concatenate([(anchor_q + _ANCHOR_MAX).ravel(), (diff_q + self._levels).ravel()])
+        body = zstandard.ZstdCompressor(level=1).compress(symbols.astype(np.uint8).tobytes())
+        head = _HEAD.pack(MAGIC, VERSION, self.bits, shape.group, shape.layers, shape.tokens, shape.channels)
+        encoded = b"".join([head, anchor_scale.tobytes(), diff_scale.tobytes(), body])
         return encoded if len(encoded) < self.chunk_bytes else None
 
     def decode_into(self, data: bytes | bytearray | memoryview, out: memoryview) -> None:
         """Restore the chunk ``data`` encodes into ``out`` (``chunk_bytes`` writable bytes).
 
         Raises ``EntryError`` (nothing else, whatever the bytes) when ``data`` is not a chunk of
-        this codec's layout, chunk size and bits (either coder is read); unless it returns,
-        ``out`` is unspecified."""
+        this codec's layout, chunk size and bits; unless it returns, ``out`` is unspecified."""
         view = memoryview(data).cast("B")
         shape = self._shape
-        if view.nbytes < _HEAD.size + shape.layers + self._scale_bytes:
+        if view.nbytes < _HEAD.size + self._scale_bytes:
             raise EntryError(f"compressed chunk is short: {view.nbytes} bytes")
-        magic, version, coder, group, layers, tokens, channels = _HEAD.unpack_from(view)
-        if magic != MAGIC or version != VERSION or coder not in (CODER_RANS, CODER_ZSTD):
-            raise EntryError(f"not a compressed chunk of this kvtier (magic {bytes(magic)!r}, version {version}, "
-                             f"coder {coder})")
+        magic, version, bits, group, layers, tokens, channels = _HEAD.unpack_from(view)
+        if magic != MAGIC or version != VERSION:
+            raise EntryError(f"not a compressed chunk of this kvtier (magic {bytes(magic)!r}, version {version})")
         if (group, layers, tokens, channels) != (shape.group, shape.layers, shape.tokens, shape.channels):
             raise EntryError(f"compressed chunk shape (group {group}, {layers} layers, {tokens} tokens, "
                              f"{channels} channels) is not this layout's")
-        offset = _HEAD.size
-        if tuple(view[offset:offset + layers]) != self.layer_bits:
-            raise EntryError("compressed chunk was written with other bits per layer")
-        offset += layers
-        scales = np.frombuffer(view, dtype="<f2", count=4 * layers * channels, offset=offset).astype(np.float32)
+        if bits != self.bits:
+            raise EntryError(f"compressed chunk was written with {bits} bits, this kvtier uses {self.bits}")
+        scales = np.frombuffer(view, dtype="<f2", count=4 * layers * channels, offset=_HEAD.size).astype(np.float32)
         if not (np.isfinite(scales).all() and (scales >= 0).all()):
             raise EntryError("compressed chunk has a scale that is not a finite non-negative number")
         anchor_scale, diff_scale = scales.reshape(2, 2, layers, channels)
-        body = view[offset + self._scale_bytes:]
-        lengths = [2 * layers * (tokens // group) * channels] + [tokens * channels] * (2 * layers)
-        unpack = _rans_unpack if coder == CODER_RANS else _zstd_unpack
-        segments = unpack(body, self._alphabets, lengths)
-        for segment, alphabet in zip(segments, self._alphabets):
-            if segment.size and int(segment.max()) >= alphabet:
-                raise EntryError("compressed chunk has a symbol outside its alphabet")
-        anchor_q = segments[0].astype(np.float32).reshape(2, layers, tokens // group, channels) - _ANCHOR_MAX
-        diffs = np.empty((2, layers, tokens, channels), dtype=np.float32)
-        for index, symbols in enumerate(segments[1:]):
-            plane, layer = divmod(index, layers)
-            diffs[plane, layer] = (symbols.astype(np.float32) - self._levels[layer]).reshape(tokens, channels)
-        values = diffs * diff_scale[:, :, None, :]
-        values += np.repeat(anchor_q * anchor_scale[:, :, None, :], group, axis=2)
+        num_anchors = 2 * layers * (tokens // group) * channels
+        symbols = _unpack_symbols(view[_HEAD.size + self._scale_bytes:], num_anchors + 2 * layers * tokens * channels)
+        anchor_q = symbols[:num_anchors].astype(np.float32) - _ANCHOR_MAX
+        diff_q = symbols[num_anchors:].astype(np.float32) - self._levels
+        if anchor_q.max(initial=0) > _ANCHOR_MAX or diff_q.max(initial=0) > self._levels:
+            raise EntryError("compressed chunk has a symbol outside its levels")
+        values = diff_q.reshape(2, layers, tokens, channels) * diff_scale[:, :, None, :]
+        values += np.repeat(anchor_q.reshape(2, layers, tokens // group, channels) * anchor_scale[:, :, None, :],
+                            group, axis=2)
         out_view = memoryview(out).cast("B")
         if out_view.nbytes != self.chunk_bytes:
             raise ValueError(f"out must be {self.chunk_bytes} bytes, got {out_view.nbytes}")
@@ -179,57 +150,18 @@ class KVCodec:
             target[...] = _from_float(plane, self.layout.dtype).reshape(target.shape)
 
 
-def _rans_pack(segments: list[np.ndarray], alphabets: list[int]) -> bytes:
-    """Counts of every segment's model, then one rANS stream of all segments (u32 words)."""
-    counts = [_counts(symbols, alphabet) for symbols, alphabet in zip(segments, alphabets)]
-    coder = constriction.stream.stack.AnsCoder()
-    for symbols, model_counts in zip(reversed(segments), reversed(counts)):
-        coder.encode_reverse(symbols, _model(model_counts))
-    stream = coder.get_compressed()
-    return b"".join([*(c.tobytes() for c in counts), struct.pack("<I", stream.size), stream.astype("<u4").tobytes()])
-
-
-def _rans_unpack(body: memoryview, alphabets: list[int], lengths: list[int]) -> list[np.ndarray]:
-    offset = 0
-    models = []
-    for alphabet in alphabets:
-        if body.nbytes < offset + 2 * alphabet + 4:
-            raise EntryError("compressed chunk is short (symbol models)")
-        counts = np.frombuffer(body, dtype="<u2", count=alphabet, offset=offset)
-        if not counts.any():
-            raise EntryError("compressed chunk has an empty symbol model")
-        models.append(_model(counts))
-        offset += counts.nbytes
-    (num_words,) = struct.unpack_from("<I", body, offset)
-    offset += 4
-    if body.nbytes != offset + 4 * num_words:
-        raise EntryError(f"compressed chunk length does not match its stream of {num_words} words")
-    stream = np.frombuffer(body, dtype="<u4", count=num_words, offset=offset).astype(np.uint32)
+def _unpack_symbols(body: memoryview, total: int) -> np.ndarray:
+    """The ``total`` one-byte symbols of the zstd frame that is exactly ``body``."""
     try:
-        coder = constriction.stream.stack.AnsCoder(stream)
-        return [coder.decode(model, length) for model, length in zip(models, lengths)]
-    except (ValueError, RuntimeError, AssertionError, OverflowError) as exc:
-        raise EntryError(f"compressed chunk stream does not decode: {exc}") from None
-
-
-def _zstd_pack(segments: list[np.ndarray]) -> bytes:
-    """All segments' symbols as bytes, in one zstd frame (level 1: its Huffman and FSE stages do
-    the entropy coding; the match finder costs little at this level)."""
-    symbols = np.concatenate(segments).astype(np.uint8)
-    return zstandard.ZstdCompressor(level=1).compress(symbols.tobytes())
-
-
-def _zstd_unpack(body: memoryview, alphabets: list[int], lengths: list[int]) -> list[np.ndarray]:
-    total = sum(lengths)
-    try:
-        raw = zstandard.ZstdDecompressor().decompress(body, max_output_size=total)
+        if zstandard.frame_content_size(body) != total:  # checked first: bounds what is inflated
+            raise EntryError(f"compressed chunk stream does not hold {total} symbols")
+        decompressor = zstandard.ZstdDecompressor().decompressobj()
+        raw = decompressor.decompress(body)
     except zstandard.ZstdError as exc:
         raise EntryError(f"compressed chunk stream does not decode: {exc}") from None
-    if len(raw) != total:
-        raise EntryError(f"compressed chunk stream holds {len(raw)} symbols, expected {total}")
-    symbols = np.frombuffer(raw, dtype=np.uint8)
-    bounds = np.cumsum([0, *lengths])
-    return [symbols[start:stop] for start, stop in zip(bounds[:-1], bounds[1:])]
+    if len(raw) != total or not decompressor.eof or decompressor.unused_data:
+        raise EntryError("compressed chunk stream is truncated or followed by other bytes")
+    return np.frombuffer(raw, dtype=np.uint8)
 
 
 def _planes(words: np.ndarray, layout: KVLayout, blocks: int) -> tuple[np.ndarray, np.ndarray]:
@@ -284,16 +216,3 @@ def _quantise(values: np.ndarray, scale: np.ndarray, levels: np.ndarray | int) -
     scale32 = scale.astype(np.float32)
     safe = np.where(scale32 > 0, scale32, np.float32(1))
     return np.clip(np.rint(values / safe), -levels, levels).astype(np.float32)
-
-
-def _counts(symbols: np.ndarray, size: int) -> np.ndarray:
-    """Histogram of ``symbols`` as the u16 counts the payload carries: every symbol present keeps
-    a non-zero count (rounded up), so the model can code it."""
-    counts = np.bincount(symbols, minlength=size).astype(np.uint64)
-    total = max(int(counts.sum()), 1)
-    return ((counts * _COUNT_SCALE + total - 1) // total).astype("<u2")
-
-
-def _model(counts: np.ndarray) -> constriction.stream.model.Categorical:
-    probabilities = counts.astype(np.float64)
-    return constriction.stream.model.Categorical(probabilities / probabilities.sum(), perfect=False)

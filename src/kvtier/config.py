@@ -79,7 +79,7 @@ class RemoteConfig:
     access_key: str | None
     secret_key: str | None
     compression: str  # "none", or "cachegen": lossy, smaller values (kvtier.compression)
-    compression_bits: int  # cachegen: bits per value difference in the middle layers (2..8)
+    compression_bits: int  # cachegen: bits per quantised difference (2..8); fewer = smaller, less exact
 
     def __post_init__(self) -> None:
         check_client_certificate(self.tls_cert, self.tls_key)
@@ -378,7 +378,7 @@ _KEYS = (
     _Key("remote.access_key", None, _optional_str),
     _Key("remote.secret_key", None, _optional_str, render=_render_secret),
     _Key("remote.compression", "none", _one_of("none", "cachegen")),
-    _Key("remote.compression_bits", 5, _int_in(2, 8, "2..8"), _int_from_text),
+    _Key("remote.compression_bits", 6, _int_in(2, 8, "2..8"), _int_from_text),
     _Key("encryption.key_file", None, _optional_str),
     _Key("encryption.key_env", None, _optional_env_name),
     _Key("namespace_limits", "", _namespace_limits),

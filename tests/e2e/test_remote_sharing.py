@@ -84,8 +84,10 @@ def test_engines_share_compressed_kv_through_redis(tiny_model: str, fresh_redis:
     chunk_bytes = int(metric(text, "kvtier_read_bytes_total", "remote")) // 4
     assert all(value is not None and decode_header(value).codec == CODEC_CACHEGEN for value in values)
     assert all(len(value) < chunk_bytes / 2 for value in values if value is not None)
-    assert shared["tokens"][0] == oracle["tokens"][0]
-    assert abs(shared["logprobs"][0] - oracle["logprobs"][0]) < COMPRESSED_LOGPROB_TOLERANCE
+    # Exact KV keeps logprobs within 1e-3 of the oracle (check_shared); 6-bit KV moved them by
+    # about 1e-2 here, and not one token.
+    assert shared["tokens"] == oracle["tokens"]
+    assert max(abs(a - b) for a, b in zip(shared["logprobs"], oracle["logprobs"])) < COMPRESSED_LOGPROB_TOLERANCE
 
 
 def test_redis_dies_mid_workload_and_comes_back(tiny_model: str, fresh_redis: ServerProcess,

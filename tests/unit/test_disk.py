@@ -321,7 +321,7 @@ def test_clear_entry_is_refused_when_encryption_is_on(sealed: DiskFiles, caplog)
     path = sealed.path_for(key_of(1), 0, TENANT)
     forge(path, path, codec=CODEC_RAW, stored=os.urandom(len(SECRET) + SEAL_OVERHEAD_BYTES))
     assert read_secret(sealed, key_of(1))[0] is ReadResult.CORRUPT
-    assert "entry codec 0" in caplog.text
+    assert "entry is in clear, this kvtier has encryption on" in caplog.text
     # And a reader without encryption cannot read a sealed entry.
     sealed.write(key_of(2), 0, SECRET, namespace=TENANT)
     clear = DiskFiles(sealed.root, LAYOUT)

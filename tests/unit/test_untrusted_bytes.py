@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from kvtier.compression import CODER_ZSTD, KVCodec
+from kvtier.compression import KVCodec
 from kvtier.crypto import SEAL_OVERHEAD_BYTES, Sealer, parse_master_key
 from kvtier.entry import CODEC_AES256_GCM, HEADER_BYTES, check_entry, decode_header, sealed_aad
 from kvtier.errors import EntryError
@@ -75,8 +75,7 @@ CODEC = KVCodec(CODEC_LAYOUT, 16)
 CHUNK = (np.sin(np.arange(CODEC_LAYOUT.chunk_bytes(16) // 2, dtype=np.float32) / 7) * 3).astype(np.float32)
 CHUNK_BYTES = ((CHUNK.view(np.uint32) >> 16).astype("<u2")).tobytes()
 ENCODED = CODEC.encode(memoryview(CHUNK_BYTES))
-ENCODED_ZSTD = KVCodec(CODEC_LAYOUT, 16, coder=CODER_ZSTD).encode(memoryview(CHUNK_BYTES))
-assert ENCODED is not None and ENCODED_ZSTD is not None
+assert ENCODED is not None
 
 
 def codec_entry_of(sealer: Sealer | None) -> bytes:
@@ -122,14 +121,14 @@ def test_unframe_raises_only_entry_error_and_writes_only_out(data: bytes, sealer
 
 
 @SETTINGS
-@given(st.one_of(st.binary(max_size=2 * len(ENCODED)), changed(ENCODED), changed(ENCODED_ZSTD)))
+@given(st.one_of(st.binary(max_size=2 * len(ENCODED)), changed(ENCODED)))
 def test_codec_decode_raises_only_entry_error_and_writes_only_out(data: bytes) -> None:
     pool, out = guarded_out(len(CHUNK_BYTES))
     try:
         CODEC.decode_into(data, out)
     except EntryError:
-        pass  # a flipped bit inside the rANS stream may decode (to other values): the entry's
-        # checksum and seal, checked before the codec runs, are what refuse changed bytes
+        pass  # a flipped bit in a scale may still decode (to other values): the entry's checksum
+        # and seal, checked before the codec runs, are what refuse changed bytes
     assert guards_intact(pool)
 
 
