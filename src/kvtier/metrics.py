@@ -26,6 +26,11 @@ class Metrics:
         self.read_bytes = Counter("kvtier_read_bytes", "Bytes read from a tier", ["tier"], registry=reg)
         self.written_bytes = Counter("kvtier_written_bytes", "Bytes written to a tier", ["tier"],
                                      registry=reg)
+        self.wire_read_bytes = Counter("kvtier_wire_read_bytes", "Bytes of entries as stored (header and "
+                                       "payload, compressed and/or sealed) read from a tier", ["tier"],
+                                       registry=reg)
+        self.wire_written_bytes = Counter("kvtier_wire_written_bytes", "Bytes of entries as stored written "
+                                          "to a tier", ["tier"], registry=reg)
         self.evictions = Counter("kvtier_evictions", "Entries evicted from a tier", ["tier"], registry=reg)
         self.expired = Counter("kvtier_expired", "Entries removed for being older than their namespace's TTL",
                                ["tier"], registry=reg)

@@ -110,6 +110,8 @@ class WorkerReport:
     remote_fetch_seconds: float = 0.0
     forward_seconds: float = 0.0  # from start_load_kv to wait_for_save of the last step (max over ranks)
     remote_written_bytes: int = 0
+    remote_wire_read_bytes: int = 0  # the same reads and writes as stored values (compressed, sealed)
+    remote_wire_written_bytes: int = 0
     num_remote_errors: int = 0
     num_remote_dropped: int = 0
     load_seconds: list[float] = field(default_factory=list)

@@ -84,6 +84,8 @@ def test_engines_share_compressed_kv_through_redis(tiny_model: str, fresh_redis:
     chunk_bytes = int(metric(text, "kvtier_read_bytes_total", "remote")) // 4
     assert all(value is not None and decode_header(value).codec == CODEC_CACHEGEN for value in values)
     assert all(len(value) < chunk_bytes / 2 for value in values if value is not None)
+    # the wire carried the compressed values, not the chunks
+    assert metric(text, "kvtier_wire_read_bytes_total", "remote") == sum(len(value or b"") for value in values)
     # Exact KV keeps logprobs within 1e-3 of the oracle (check_shared); 6-bit KV moved them by
     # about 1e-2 here, and not one token.
     assert shared["tokens"] == oracle["tokens"]

@@ -269,6 +269,7 @@ def test_remote_read_of_any_compressed_value_is_corrupt(sealer: Sealer | None, v
     assert tier.get_into(KEY, 0, out, LAYOUT, namespace=NAMESPACE) is ReadResult.CORRUPT
     assert guards_intact(pool)
     assert tier.num_corrupt == 1 and name not in tier.values and tier.healthy
+    assert tier.value_bytes_read == 0  # a bad value is not counted as data moved
 
 
 @SEALERS
@@ -277,8 +278,10 @@ def test_remote_read_of_a_valid_compressed_value_is_ok_and_needs_the_codec(seale
     assert tier.put(KEY, 0, CHUNK_BYTES, LAYOUT, namespace=NAMESPACE)
     name = tier.name_for(KEY, 0, NAMESPACE)
     assert len(tier.values[name]) < HEADER_BYTES + len(CHUNK_BYTES)
+    assert tier.value_bytes_written == len(tier.values[name]) and tier.value_bytes_read == 0
     pool, out = guarded_out(len(CHUNK_BYTES))
     assert tier.get_into(KEY, 0, out, LAYOUT, namespace=NAMESPACE) is ReadResult.OK
+    assert tier.value_bytes_read == len(tier.values[name])  # what the wire carried, not the chunk
     expected = bytearray(len(CHUNK_BYTES))
     CODEC.decode_into(ENCODED, memoryview(expected))
     assert bytes(out) == expected and guards_intact(pool)

@@ -51,8 +51,9 @@ def config_cost(base: ConfigSummary, other: ConfigSummary, prices: Prices) -> Co
     def per_request(*names: str) -> float:
         return sum(other.median(name) or 0.0 for name in names) / num_requests
 
-    return cost_view(base_s, other_s, per_request("written_bytes_disk", "written_bytes_remote"),
-                     per_request("read_bytes_remote", "written_bytes_remote"), prices)
+    # remote values count as stored (compressed and/or sealed): what the store keeps and the wire carries
+    return cost_view(base_s, other_s, per_request("written_bytes_disk", "wire_written_bytes_remote"),
+                     per_request("wire_read_bytes_remote", "wire_written_bytes_remote"), prices)
 
 
 def _pct(fraction: float | None) -> str:
@@ -161,11 +162,13 @@ def tier_table(report: Report) -> list[str]:
         for tier in TIERS:
             cells = [s.metrics.get(f"{name}_{tier}") for name in ("hit_rate", "read_bytes", "written_bytes")]
             if cells[0] is not None or any(c is not None and c.median > 0 for c in cells[1:]):
+                wire = [s.metrics.get(f"wire_{name}_{tier}") for name in ("read_bytes", "written_bytes")]
                 rows.append([s.name, tier, _cell(cells[0], "ratio"), _cell(cells[1], "bytes"),
-                             _cell(cells[2], "bytes")])
+                             _cell(cells[2], "bytes"),
+                             "-" if wire[0] is None else f"{_cell(wire[0], 'bytes')} / {_cell(wire[1], 'bytes')}"])
     if not rows:
         return ["No kvtier counters were read."]
-    return _table(["configuration", "tier", "hit rate", "read", "written"], rows)
+    return _table(["configuration", "tier", "hit rate", "read", "written", "as stored: read / written"], rows)
 
 
 def round_table(report: Report) -> list[str]:

@@ -104,6 +104,8 @@ def tier_metrics(table: MetricTable | None) -> Metrics:
         metrics[f"hit_rate_{tier}"] = hit_rate(table, tier)
         metrics[f"read_bytes_{tier}"] = value(table, "kvtier_read_bytes_total", tier)
         metrics[f"written_bytes_{tier}"] = value(table, "kvtier_written_bytes_total", tier)
+    metrics["wire_read_bytes_remote"] = value(table, "kvtier_wire_read_bytes_total", "remote")
+    metrics["wire_written_bytes_remote"] = value(table, "kvtier_wire_written_bytes_total", "remote")
     lookups = value(table, "kvtier_lookup_chunks_total", "-")
     hits = sum(value(table, "kvtier_hits_total", tier) or 0.0 for tier in TIERS)
     metrics["hit_rate_all"] = hits / lookups if lookups else None

@@ -146,6 +146,10 @@ class RemoteTier(abc.ABC):
         self.codec = codec
         self.num_errors = 0
         self.num_corrupt = 0
+        # Bytes of values as stored (header + payload, compressed and/or sealed) that reached this
+        # process from good reads and left it in successful puts: what the network carried.
+        self.value_bytes_read = 0
+        self.value_bytes_written = 0
         self._healthy = True
         self._connected = False
         self._backoff_s = 0.0
@@ -187,9 +191,12 @@ class RemoteTier(abc.ABC):
             fetched = self._guarded(functools.partial(self._fetch_many, group), None)
             if fetched is None:
                 return [ReadResult.MISSING] * len(items)
-            results += [self._verify(found, key, rank, layout_fingerprint, stored, out, name, namespace)
-                        for found, (key, _), stored, out, name
-                        in zip(fetched, items[start:stop], stores, outs[start:stop], names[start:stop])]
+            group_results = [self._verify(found, key, rank, layout_fingerprint, stored, out, name, namespace)
+                             for found, (key, _), stored, out, name
+                             in zip(fetched, items[start:stop], stores, outs[start:stop], names[start:stop])]
+            self.value_bytes_read += sum(found.value_bytes for found, result in zip(fetched, group_results)
+                                         if found is not None and result is ReadResult.OK)
+            results += group_results
         corrupt = [name for name, result in zip(names, results) if result is ReadResult.CORRUPT]
         if corrupt:
             self._delete_quietly(corrupt)
@@ -206,7 +213,10 @@ class RemoteTier(abc.ABC):
                                namespace, self.codec)
         name = self.name_for(key, rank, namespace)
         ttls = [ttl for ttl in (self.default_ttl_s, ttl_s) if ttl]
-        return self._guarded(lambda: self._put_new(name, header, stored, min(ttls) if ttls else None), False)
+        done = self._guarded(lambda: self._put_new(name, header, stored, min(ttls) if ttls else None), False)
+        if done:
+            self.value_bytes_written += len(header) + stored.nbytes
+        return done
 
     def delete(self, keys: Sequence[bytes], rank: int, *, namespace: str) -> int:
         """Remove the entries of ``keys`` of ``namespace`` for ``rank``; returns how many the

@@ -294,6 +294,8 @@ class SchedulerSide:
         m.dropped_stores.labels(tier="disk").inc(report.num_dropped_writes)
         m.read_bytes.labels(tier="remote").inc(report.remote_read_bytes)
         m.written_bytes.labels(tier="remote").inc(report.remote_written_bytes)
+        m.wire_read_bytes.labels(tier="remote").inc(report.remote_wire_read_bytes)
+        m.wire_written_bytes.labels(tier="remote").inc(report.remote_wire_written_bytes)
         m.errors.labels(tier="remote").inc(report.num_remote_errors)
         m.dropped_stores.labels(tier="remote").inc(report.num_remote_dropped)
         for seconds in report.load_seconds:

@@ -53,6 +53,7 @@ class WorkerSide:
         if remote is not None:
             self.uploader = RemoteUploader(remote, setup.layout.fingerprint(), setup.config.remote.queue_depth)
         self.report = WorkerReport()
+        self._wire_reported = (0, 0)  # the remote tier's value bytes (read, written) reported so far
         self.paged: PagedKV | None = None
         self.pool: HostPool | None = None
         self.mover: ChunkMover | None = None
@@ -223,6 +224,11 @@ class WorkerSide:
             self.report.remote_written_bytes += len(uploaded) * self.setup.chunk_bytes
             self.report.remote_failed.extend(failed)
             self.report.num_remote_errors += len(failed)
+        if self.remote is not None:
+            wire = (self.remote.value_bytes_read, self.remote.value_bytes_written)
+            self.report.remote_wire_read_bytes += wire[0] - self._wire_reported[0]
+            self.report.remote_wire_written_bytes += wire[1] - self._wire_reported[1]
+            self._wire_reported = wire
         report, self.report = self.report, WorkerReport()
         return None if report.is_empty() else report
 
