@@ -59,7 +59,10 @@ def test_configurations() -> None:
     assert names == ["vllm", "kvtier-memory", "kvtier-memory+disk"]
     configs = all_configs("1GiB", RemoteOptions("redis://h:1/0", "s3://b/p", "http://h:2"))
     s3 = configs[-1]
-    assert [c.name for c in configs][3:] == ["kvtier-memory+redis", "kvtier-memory+s3"]
+    assert [c.name for c in configs][3:] == ["kvtier-memory+redis", "kvtier-memory+redis+cachegen", "kvtier-memory+s3"]
+    assert ("remote.compression", "cachegen") in (configs[4].kvtier_keys or ())
+    assert [c.name for c in select_configs(configs, None)][3:] == ["kvtier-memory+redis", "kvtier-memory+s3"]  # lossy: named only
+    assert [c.name for c in select_configs(configs, ["kvtier-memory+redis+cachegen"])] == ["kvtier-memory+redis+cachegen"]
     assert s3.kvtier_keys is not None and ("remote.s3_endpoint", "http://h:2") in s3.kvtier_keys
     assert [c.name for c in select_configs(configs, ["kvtier-memory", "vllm"])] == ["vllm", "kvtier-memory"]
     with pytest.raises(ConfigError, match="kvtier-memory\\+redis"):

@@ -5,6 +5,8 @@
 - ``kvtier-memory+disk``: memory and local disk (write-through).
 - ``kvtier-memory+redis`` / ``kvtier-memory+s3``: memory and a shared remote tier, only when a URL
   is given. No disk here, so chunks memory does not hold come from the remote.
+- ``kvtier-memory+redis+cachegen``: the same with compressed remote values
+  (``remote.compression: cachegen``); only when named in ``--configs`` (it is lossy).
 
 Every server gets the same engine arguments (a deliberately small engine KV cache, so vLLM's own
 prefix cache must evict, as in ``kvtier demo``) and the same environment; kvtier's settings go
@@ -37,6 +39,7 @@ class BenchConfig:
     name: str
     kvtier_keys: tuple[tuple[str, str], ...] | None  # inline kvtier keys; None = no kvtier
     uses_disk: bool = False
+    by_default: bool = True  # False: runs only when named in --configs
 
     @property
     def uses_kvtier(self) -> bool:
@@ -56,7 +59,10 @@ def all_configs(memory_capacity: str, remote: RemoteOptions) -> list[BenchConfig
     configs = [BenchConfig(BASELINE, None), BenchConfig("kvtier-memory", memory),
                BenchConfig("kvtier-memory+disk", memory, uses_disk=True)]
     if remote.redis_url:
-        configs.append(BenchConfig("kvtier-memory+redis", (*memory, ("remote.url", remote.redis_url))))
+        redis = (*memory, ("remote.url", remote.redis_url))
+        configs.append(BenchConfig("kvtier-memory+redis", redis))
+        configs.append(BenchConfig("kvtier-memory+redis+cachegen", (*redis, ("remote.compression", "cachegen")),
+                                   by_default=False))
     if remote.s3_url:
         s3 = (("remote.url", remote.s3_url),)
         if remote.s3_endpoint:
@@ -66,10 +72,10 @@ def all_configs(memory_capacity: str, remote: RemoteOptions) -> list[BenchConfig
 
 
 def select_configs(configs: list[BenchConfig], names: list[str] | None) -> list[BenchConfig]:
-    """The configurations named (all when ``names`` is None), in the order of ``configs``.
-    Raises ConfigError naming an unknown one."""
+    """The configurations named (when ``names`` is None: all those run by default), in the order
+    of ``configs``. Raises ConfigError naming an unknown one."""
     if names is None:
-        return configs
+        return [config for config in configs if config.by_default]
     known = {config.name for config in configs}
     unknown = [name for name in names if name not in known]
     if unknown:

@@ -64,9 +64,11 @@ def _common_flags() -> argparse.ArgumentParser:
     g.add_argument("--models-dir", default="models", metavar="DIR",
                    help="where models are prepared (default: ./models)")
     g.add_argument("--tiny", action="store_true", help="a tiny random model (for CI; answers are noise)")
-    g.add_argument("--configs", metavar="A,B", help="only these configurations (default: all this run has: vllm, "
-                                                     "kvtier-memory, kvtier-memory+disk, and +redis/+s3 if given)")
-    g.add_argument("--redis-url", metavar="URL", help="adds kvtier-memory+redis (kvtier key remote.url)")
+    g.add_argument("--configs", metavar="A,B", help="only these configurations (default: vllm, kvtier-memory, "
+                                                     "kvtier-memory+disk, and +redis/+s3 if given; "
+                                                     "kvtier-memory+redis+cachegen only when named)")
+    g.add_argument("--redis-url", metavar="URL", help="adds kvtier-memory+redis (kvtier key remote.url) and, "
+                                                       "when named in --configs, kvtier-memory+redis+cachegen")
     g.add_argument("--s3-url", metavar="s3://BUCKET/PREFIX", help="adds kvtier-memory+s3 (remote.url)")
     g.add_argument("--s3-endpoint", metavar="URL", help="S3-compatible endpoint (remote.s3_endpoint); "
                                                          "credentials from the usual AWS variables")
