@@ -80,6 +80,7 @@ class RemoteConfig:
     secret_key: str | None
     compression: str  # "none", or "cachegen": lossy, smaller values (kvtier.compression)
     compression_bits: int  # cachegen: bits per quantised difference (2..8); fewer = smaller, less exact
+    handoff_wait_ms: int  # how long a request with expect_tokens waits for a prefill instance's uploads
 
     def __post_init__(self) -> None:
         check_client_certificate(self.tls_cert, self.tls_key)
@@ -379,6 +380,7 @@ _KEYS = (
     _Key("remote.secret_key", None, _optional_str, render=_render_secret),
     _Key("remote.compression", "none", _one_of("none", "cachegen")),
     _Key("remote.compression_bits", 6, _int_in(2, 8, "2..8"), _int_from_text),
+    _Key("remote.handoff_wait_ms", 3000, _int_in(0, None, ">= 0 milliseconds"), _int_from_text),
     _Key("encryption.key_file", None, _optional_str),
     _Key("encryption.key_env", None, _optional_env_name),
     _Key("namespace_limits", "", _namespace_limits),
@@ -539,7 +541,8 @@ def _build(values: Mapping[str, _Value]) -> KVTierConfig:
             tls_cert=optional("remote.tls_cert"), tls_key=optional("remote.tls_key"),
             s3_endpoint=optional("remote.s3_endpoint"), s3_region=optional("remote.s3_region"),
             access_key=optional("remote.access_key"), secret_key=optional("remote.secret_key"),
-            compression=text("remote.compression"), compression_bits=num("remote.compression_bits")),
+            compression=text("remote.compression"), compression_bits=num("remote.compression_bits"),
+            handoff_wait_ms=num("remote.handoff_wait_ms")),
         encryption=EncryptionConfig(key_file=optional("encryption.key_file"),
                                     key_env=optional("encryption.key_env")),
         admin=AdminConfig(port=num("admin.port"), host=text("admin.host"),
@@ -566,6 +569,7 @@ def _values_of(config: KVTierConfig) -> dict[str, _Value]:
         "remote.s3_region": config.remote.s3_region, "remote.access_key": config.remote.access_key,
         "remote.secret_key": config.remote.secret_key, "remote.compression": config.remote.compression,
         "remote.compression_bits": config.remote.compression_bits,
+        "remote.handoff_wait_ms": config.remote.handoff_wait_ms,
         "encryption.key_file": config.encryption.key_file, "encryption.key_env": config.encryption.key_env,
         "namespace_limits": _render_limits(config.namespace_limits),
         "admin.port": config.admin.port, "admin.host": config.admin.host,

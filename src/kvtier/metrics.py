@@ -43,6 +43,9 @@ class Metrics:
         self.skipped_loads = Counter("kvtier_skipped_loads", "Chunks held by a tier but not loaded because "
                                      "loading was expected to be slower than recomputing", ["tier"],
                                      registry=reg)
+        self.handoffs = Counter("kvtier_handoffs", "Requests handed off by a prefill instance (expect_tokens): "
+                                "complete (every chunk found, after waiting if needed) or timeout", ["outcome"],
+                                registry=reg)
         self.loaded_tokens = Counter("kvtier_loaded_tokens", "Tokens the engine loaded instead of computing",
                                      registry=reg)
         self.entries = Gauge("kvtier_entries", "Entries a tier holds now", ["tier"], registry=reg)

@@ -3,7 +3,10 @@
 Used by the end-to-end tests: each engine lives in its own subprocess, so a restart is a new
 process, exactly as in production. Input (argv[1], a JSON file):
   {"model": DIR, "kvtier": {extra config} | null, "prefix_caching": bool, "kv_cache_gib": float,
-   "actions": [{"op": "generate", "prompts": [[ids...], ...], "max_tokens": N, "kvtier": {per-request}}
+   "kv_role": "kv_both" | "kv_producer" | "kv_consumer",
+   "actions": [{"op": "generate", "prompts": [[ids...], ...], "max_tokens": N, "kvtier": {per-request},
+                "save_transfer_params": FILE (the first output's kv_transfer_params, as JSON),
+                "transfer_params_from": FILE (wait for it; its JSON is the request's kv_transfer_params)}
                | {"op": "reset_prefix_cache"} | {"op": "metrics"} | {"op": "sleep", "seconds": S}
                | {"op": "barrier", "reached": FILE, "go": FILE}]}
 Output (stdout, last line): a JSON list with one result per action.
@@ -26,7 +29,7 @@ def run(spec: dict) -> list:
     transfer = None
     if spec.get("kvtier") is not None:
         transfer = KVTransferConfig(kv_connector="KVTierConnector", kv_connector_module_path="kvtier.integrations.vllm",
-                                    kv_role="kv_both", kv_connector_extra_config=spec["kvtier"])
+                                    kv_role=spec.get("kv_role", "kv_both"), kv_connector_extra_config=spec["kvtier"])
     llm = LLM(model=spec["model"], max_model_len=spec.get("max_model_len", 4096), enforce_eager=True, block_size=128,
               enable_prefix_caching=spec.get("prefix_caching", True), kv_transfer_config=transfer,
               max_num_batched_tokens=spec.get("max_num_batched_tokens", 4096), seed=0,
@@ -35,9 +38,15 @@ def run(spec: dict) -> list:
     for action in spec["actions"]:
         if action["op"] == "generate":
             extra = {"kv_transfer_params": {"kvtier": action["kvtier"]}} if "kvtier" in action else None
+            if "transfer_params_from" in action:
+                extra = {"kv_transfer_params": json.loads(_wait_for(Path(action["transfer_params_from"])))}
             params = SamplingParams(temperature=0.0, max_tokens=action.get("max_tokens", 8), logprobs=3,
                                     extra_args=extra)
             outs = llm.generate([{"prompt_token_ids": p} for p in action["prompts"]], params, use_tqdm=False)
+            if "save_transfer_params" in action:
+                target = Path(action["save_transfer_params"])
+                target.with_suffix(".tmp").write_text(json.dumps(outs[0].kv_transfer_params))
+                target.with_suffix(".tmp").rename(target)
             results.append([_output(o) for o in outs])
         elif action["op"] == "barrier":  # tell the test where we are, wait for its go-ahead
             Path(action["reached"]).touch()
@@ -55,6 +64,15 @@ def run(spec: dict) -> list:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
                 results.append(resp.read().decode())
     return results
+
+
+def _wait_for(path: Path, timeout_s: float = 600) -> str:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.005)
+    return path.read_text()
 
 
 def _output(out) -> dict:

@@ -8,6 +8,7 @@ brings it back: requests keep completing with correct output, and uploads resume
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,32 @@ def test_engines_share_compressed_kv_through_redis(tiny_model: str, fresh_redis:
     # about 1e-2 here, and not one token.
     assert shared["tokens"] == oracle["tokens"]
     assert max(abs(a - b) for a, b in zip(shared["logprobs"], oracle["logprobs"])) < COMPRESSED_LOGPROB_TOLERANCE
+
+
+def test_prefill_instance_hands_its_kv_to_a_decode_instance(tiny_model: str, fresh_redis: ServerProcess,
+                                                            tmp_path: Path) -> None:
+    """Disaggregated prefill through Redis: a kv_producer engine prefills (one token) and answers
+    with a handoff in kv_transfer_params; a kv_consumer engine, already running, gets the request
+    with those params the moment they exist (uploads may still be in flight), waits for the chunks
+    and decodes with the prefill's KV: the oracle's output, every prompt chunk loaded."""
+    url = f"redis://127.0.0.1:{port_of(fresh_redis)}/0"
+    handoff = tmp_path / "handoff.json"
+    decode = Engine({"model": tiny_model, "kv_role": "kv_consumer", "kvtier": remote_config(url), "actions": [
+        {"op": "generate", "prompts": [P + S2], "transfer_params_from": str(handoff)},
+        {"op": "metrics"},
+    ]}, tmp_path, "decode")
+    prefill = run_engine({"model": tiny_model, "kv_role": "kv_producer", "kvtier": remote_config(url), "actions": [
+        {"op": "generate", "prompts": [P + S2], "max_tokens": 1, "save_transfer_params": str(handoff)},
+        {"op": "generate", "prompts": [P + S2]},  # the oracle: the prefix from vLLM's own cache
+    ]}, tmp_path, "prefill")
+    decoded, text = decode.result()
+    assert json.loads(handoff.read_text()) == {"kvtier": {"expect_tokens": 4 * CHUNK}}
+    oracle, out = prefill[1][0], decoded[0]
+    assert out["num_cached_tokens"] == 4 * CHUNK  # every chunk of the prompt came from the prefill
+    assert out["tokens"] == oracle["tokens"]
+    assert all(abs(a - b) < 1e-3 for a, b in zip(out["logprobs"], oracle["logprobs"]))
+    assert metric(text, "kvtier_hits_total", "remote") == 4
+    assert 'kvtier_handoffs_total{outcome="complete"} 1.0' in text.splitlines()
 
 
 def test_redis_dies_mid_workload_and_comes_back(tiny_model: str, fresh_redis: ServerProcess,

@@ -22,6 +22,10 @@ def test_namespace_switches_and_salt() -> None:
     {"namespace": "a/b"},  # not a valid name
     {"namespace": ""},
     {"store": "no"},  # not a bool
+    {"expect_tokens": -1},
+    {"expect_tokens": True},
+    {"expect_tokens": "512"},
+    {"expect_tokens": 2**40},
 ])
 def test_malformed_controls_disable_kvtier_for_the_request(section: object) -> None:
     controls = request_controls({"kvtier": section}, None, "default")
@@ -33,3 +37,9 @@ def test_no_cache_namespaces_never_load_or_store() -> None:
     assert request_controls(params, None, "default", frozenset({"secret"})) == RequestControls("secret", False, False)
     assert request_controls(None, None, "secret", frozenset({"secret"})).store is False
     assert request_controls(params, None, "default", frozenset({"other"})).store is True
+
+
+def test_a_handoff_names_the_tokens_to_wait_for() -> None:
+    params = {"kvtier": {"namespace": "tenant-a", "expect_tokens": 512}}
+    assert request_controls(params, None, "default") == RequestControls("tenant-a", True, True, "", 512)
+    assert request_controls(None, None, "default").expect_tokens == 0

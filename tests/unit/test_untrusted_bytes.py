@@ -9,7 +9,6 @@ write outside the caller's ``out`` buffer (guard bytes around it stay as they we
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -23,7 +22,8 @@ from kvtier.errors import EntryError
 from kvtier.layout import KVLayout
 from kvtier.tiers.disk import DiskFiles, ReadResult
 from kvtier.tiers.framing import frame, unframe_into
-from kvtier.tiers.remote import Fetched, RemoteTier
+from kvtier.tiers.remote import Fetched
+from tests.dict_tier import DictTier
 
 KEY = bytes(range(16))
 LAYOUT = bytes(range(100, 116))
@@ -201,47 +201,6 @@ def test_disk_read_of_the_valid_entry_is_ok(disk_root: str, sealer: Sealer | Non
 
 
 # ---- the remote read path --------------------------------------------------------------------------
-
-class DictTier(RemoteTier):
-    """A remote tier in a dict: the backend primitives as Redis implements them, no network.
-    For fuzzing the base class's read path only (the contract suite runs on real servers)."""
-
-    def __init__(self, sealer: Sealer | None, codec: KVCodec | None = None) -> None:
-        super().__init__("dict", 1.0, sealer, codec)
-        self.values: dict[str, bytes] = {}
-        self._start()
-
-    def _connect(self) -> None:
-        pass
-
-    def _count_prefix(self, names: Sequence[str], max_age_s: int) -> int:
-        count = 0
-        while count < len(names) and names[count] in self.values:
-            count += 1
-        return count
-
-    def _fetch_many(self, items: Sequence[tuple[str, memoryview]]) -> list[Fetched | None]:
-        fetched: list[Fetched | None] = []
-        for name, out in items:
-            value = self.values.get(name)
-            if value is not None and HEADER_BYTES <= len(value) <= HEADER_BYTES + out.nbytes:
-                out[:len(value) - HEADER_BYTES] = value[HEADER_BYTES:]
-            fetched.append(None if value is None else Fetched(value[:HEADER_BYTES], len(value)))
-        return fetched
-
-    def _put_new(self, name: str, header: bytes, payload: memoryview, ttl_s: int | None) -> bool:
-        self.values.setdefault(name, header + bytes(payload))
-        return True
-
-    def _delete_prefix(self, prefix: str) -> int:
-        return self._delete_many([name for name in self.values if name.startswith(prefix)])
-
-    def _delete_many(self, names: Sequence[str]) -> int:
-        return sum(self.values.pop(name, None) is not None for name in names)
-
-    def _close(self) -> None:
-        pass
-
 
 @SEALERS
 @SETTINGS

@@ -163,4 +163,4 @@ class KVTierConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self._scheduler is not None
-        return self._scheduler.request_finished(request), None
+        return self._scheduler.request_finished(request)

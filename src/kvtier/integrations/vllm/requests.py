@@ -2,6 +2,10 @@
 
 - ``kv_transfer_params={"kvtier": {"namespace": "tenant-a", "store": false, "load": false}}``
   (vLLM passes ``kv_transfer_params`` through from the OpenAI API's request body);
+- ``{"kvtier": {"expect_tokens": N}}``: a disaggregated-prefill handoff. A prefill instance
+  (``kv_role: kv_producer``) answers with it; sent on to a decode instance, it makes that one wait
+  (up to ``remote.handoff_wait_ms``) until the shared remote tier holds the prompt's first N
+  tokens, instead of recomputing what is still being uploaded;
 - vLLM's ``cache_salt``: becomes part of every key of the request, so requests with different
   salts never share KV, on any tier;
 - the configuration's ``no_cache_namespaces``: requests in these namespaces never load or store.
@@ -19,7 +23,8 @@ from kvtier.config import NAMESPACE_PATTERN, is_namespace
 
 logger = logging.getLogger("kvtier")
 
-_KNOWN = {"namespace", "store", "load"}
+_KNOWN = {"namespace", "store", "load", "expect_tokens"}
+MAX_EXPECT_TOKENS = 1 << 31
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,7 @@ class RequestControls:
     load: bool
     store: bool
     salt: str = ""
+    expect_tokens: int = 0  # a handoff: prompt tokens a prefill instance stored for this request
 
 
 def request_controls(params: Mapping[str, object] | None, cache_salt: str | None,
@@ -51,7 +57,8 @@ def _controls(params: Mapping[str, object] | None, cache_salt: str | None,
         return RequestControls(default_namespace, False, False, salt)
     assert isinstance(section, Mapping)
     namespace = section.get("namespace", default_namespace)
-    return RequestControls(str(namespace), bool(section.get("load", True)), bool(section.get("store", True)), salt)
+    return RequestControls(str(namespace), bool(section.get("load", True)), bool(section.get("store", True)), salt,
+                           int(section.get("expect_tokens", 0)))
 
 
 def _problem(section: object) -> str | None:
@@ -66,4 +73,7 @@ def _problem(section: object) -> str | None:
     for flag in ("load", "store"):
         if flag in section and not isinstance(section[flag], bool):
             return f"kv_transfer_params.kvtier.{flag} must be true or false"
+    expect = section.get("expect_tokens", 0)
+    if isinstance(expect, bool) or not isinstance(expect, int) or not 0 <= expect < MAX_EXPECT_TOKENS:
+        return f"kv_transfer_params.kvtier.expect_tokens must be an integer >= 0, got {expect!r}"
     return None

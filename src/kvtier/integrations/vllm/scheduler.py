@@ -44,6 +44,7 @@ logger = logging.getLogger("kvtier")
 MAX_PROMOTE_ROUNDS = 2
 REMOTE_KNOWN_KEYS = 200_000
 EXPIRE_EVERY_S = 5.0  # how often entries past their namespace's TTL are removed (lookups never see them)
+HANDOFF_POLL_S = 0.01  # a request waiting for a handoff asks the remote at most this often
 
 
 @dataclass
@@ -58,6 +59,9 @@ class RequestState:
     counted: bool = False
     num_store_checked: int = 0  # chunks already considered for storing
     store_keys: list[bytes] = field(default_factory=list)  # chunks this request's blocks were stored as
+    handoff_until: float = 0.0  # monotonic deadline of the wait for a prefill instance's uploads (0: none)
+    remote_held: int = 0  # chunks the remote held after the local prefix, at the last check
+    remote_checked_at: float = 0.0  # monotonic time of that check
 
 
 _P = ParamSpec("_P")
@@ -129,8 +133,12 @@ class SchedulerSide:
         wanted = keys[first:]
         if not wanted:
             return 0
+        if state.handoff_until > 0 and time.monotonic() - state.remote_checked_at < HANDOFF_POLL_S:
+            return None  # waiting for a handoff, and the remote was asked moments ago
         found = self.store.lookup(wanted)
         remote_run = self._remote_run(state, wanted[found.num_chunks:])
+        if self._awaiting_handoff(state, first + found.num_chunks + state.remote_held, len(keys)):
+            return None  # the prefill instance's uploads are still arriving: vLLM asks again
         disk_keys = [wanted[i] for i in found.disk_only]
         if (disk_keys or remote_run) and self._plan_promotes(state, disk_keys, remote_run):
             return None  # promotes planned: vLLM asks again, and they are in memory by then
@@ -144,6 +152,27 @@ class SchedulerSide:
         self.store.touch(used)
         state.num_local_tokens = num_local
         return hit - num_local
+
+    def _awaiting_handoff(self, state: RequestState, num_available: int, num_keys: int) -> bool:
+        """True while a request that names a handoff (``expect_tokens``) finds fewer chunks than
+        the prefill instance stored, the remote tier is up and ``remote.handoff_wait_ms`` has not
+        passed since its first lookup. The end of a wait is counted: complete or timed out."""
+        expected = min(state.controls.expect_tokens // self.setup.chunk_tokens, num_keys)
+        if not expected or self.remote is None or state.handoff_until < 0:
+            return False
+        now = time.monotonic()
+        if num_available >= expected or not self.remote.healthy or \
+                state.handoff_until and now >= state.handoff_until:
+            outcome = "complete" if num_available >= expected else "timeout"
+            self.metrics.handoffs.labels(outcome=outcome).inc()
+            if outcome == "timeout":
+                logger.warning("kvtier: request %s expected %d chunks from a prefill instance, the remote "
+                               "holds %d: recomputing the rest", state.request.request_id, expected, num_available)
+            state.handoff_until = -1.0  # decided: never wait again
+            return False
+        if not state.handoff_until:
+            state.handoff_until = now + self.setup.config.remote.handoff_wait_ms / 1000
+        return True
 
     def _plan_promotes(self, state: RequestState, disk_keys: list[bytes], remote_keys: list[bytes]) -> bool:
         """Plan disk -> memory and remote -> memory reads; False when none could be planned (memory
@@ -165,6 +194,7 @@ class SchedulerSide:
     def _remote_run(self, state: RequestState, keys: list[bytes]) -> list[bytes]:
         """The consecutive ``keys`` (after the local prefix) that the remote tier holds and no local
         tier is already handling; none once the request has had its promote rounds."""
+        state.remote_held = 0
         if self.remote is None or not keys or state.num_promote_rounds >= MAX_PROMOTE_ROUNDS:
             return []
         run: list[bytes] = []
@@ -176,6 +206,7 @@ class SchedulerSide:
             return []
         namespace = state.controls.namespace
         num_held = self.remote.exists_prefix(run, 0, namespace=namespace, max_age_s=self.store.ttl_of(namespace))
+        state.remote_held, state.remote_checked_at = num_held, time.monotonic()
         for key in run[:num_held]:
             self._remember_remote(key)
         if num_held and not self.cost.fetch_pays(num_held * self.setup.chunk_bytes, num_held * self.setup.chunk_tokens):
@@ -313,16 +344,30 @@ class SchedulerSide:
         self._remote_known.clear()
 
     @_locked
-    def request_finished(self, request: "Request") -> bool:
-        """Forget the request; True when vLLM must keep its blocks until the worker reports its
-        in-flight stores done (stores copy asynchronously and must not read reused blocks)."""
+    def request_finished(self, request: "Request") -> tuple[bool, dict[str, object] | None]:
+        """Forget the request. Returns whether vLLM must keep its blocks until the worker reports
+        its in-flight stores done (stores copy asynchronously and must not read reused blocks),
+        and, on a prefill instance (``kv_role: kv_producer``) with a remote tier, the handoff a
+        decode instance needs: ``{"kvtier": {"expect_tokens": N}}`` (plus the namespace, when the
+        request named one), which the client or proxy passes on in ``kv_transfer_params``."""
         self.store.leases.release(request.request_id)
         state = self.requests.pop(request.request_id, None)
         delay = state is not None and any(self.store.is_pending(key) for key in state.store_keys)
         if delay:
             self._delayed_frees.append(request.request_id)
         self.metrics.lease_owners.set(self.store.leases.num_owners())
-        return delay
+        return delay, self._handoff(state)
+
+    def _handoff(self, state: RequestState | None) -> dict[str, object] | None:
+        if state is None or not self.setup.producer or self.remote is None or not state.controls.store:
+            return None
+        num_tokens = len(state.request.prompt_token_ids or []) // self.setup.chunk_tokens * self.setup.chunk_tokens
+        if not num_tokens:
+            return None
+        section: dict[str, object] = {"expect_tokens": num_tokens}
+        if state.controls.namespace != self.setup.config.namespace:
+            section["namespace"] = state.controls.namespace
+        return {"kvtier": section}
 
     # ----- helpers ---------------------------------------------------------------------------
     def _state(self, request: "Request") -> RequestState:

@@ -32,6 +32,7 @@ class EngineSetup:
     num_slots: int
     disk_dir: str | None
     disk_capacity_entries: int
+    producer: bool = False  # kv_role kv_producer: a prefill instance, announces handoffs
 
     @property
     def chunk_tokens(self) -> int:
@@ -81,8 +82,9 @@ def build_setup(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> Engi
         if disk_entries < 1:
             raise ConfigError("disk.capacity", f"{config.disk.capacity_bytes} bytes is smaller than one "
                               f"entry ({entry_bytes} bytes per rank)")
+    producer = transfer is not None and transfer.kv_role == "kv_producer"
     return EngineSetup(config, layout, namespace, layer_names, world_size, chunk_bytes, num_slots,
-                       disk_dir, disk_entries)
+                       disk_dir, disk_entries, producer)
 
 
 def _layout_of(kv_cache_config: KVCacheConfig) -> tuple[KVLayout, tuple[str, ...]]:

@@ -1,0 +1,113 @@
+"""Disaggregated-prefill handoff on the scheduler side: a decode instance waits (bounded) for the
+chunks a prefill instance announced; a prefill instance announces them.
+
+The engine end to end (two vLLM engines and Redis) is tests/e2e/test_remote_sharing.py; here the
+remote is a DictTier, so the test decides when chunks "arrive".
+"""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+from kvtier.config import load_config
+from kvtier.integrations.vllm.scheduler import HANDOFF_POLL_S, SchedulerSide
+from kvtier.integrations.vllm.setup import EngineSetup
+from kvtier.keys import Namespace
+from kvtier.layout import KVLayout
+from kvtier.metrics import Metrics
+from tests.dict_tier import DictTier
+
+LAYOUT = KVLayout("cpu_lbhnc", 2, 1, 8, 16, "bfloat16")
+CHUNK = 256
+PROMPT = list(range(100, 100 + 4 * CHUNK + 10))
+
+
+def side(remote: DictTier, wait_ms: int = 5000, producer: bool = False) -> SchedulerSide:
+    config = load_config({"remote.handoff_wait_ms": wait_ms, "chunk_tokens": CHUNK}, {}).config
+    setup = EngineSetup(config, LAYOUT, Namespace("default", "m", LAYOUT.fingerprint(), 1), ("l0", "l1"), 1,
+                        LAYOUT.chunk_bytes(CHUNK), 16, None, 0, producer)
+    return SchedulerSide(setup, [], Metrics(), remote)
+
+
+def request(kvtier: dict | None, request_id: str = "r1") -> SimpleNamespace:
+    return SimpleNamespace(request_id=request_id, prompt_token_ids=PROMPT, cache_salt=None,
+                           kv_transfer_params=None if kvtier is None else {"kvtier": kvtier})
+
+
+def arrive(remote: DictTier, scheduler: SchedulerSide, *chunks: int) -> None:
+    """The prefill instance's uploads of ``chunks`` land in the remote."""
+    keys = scheduler.requests["r1"].keys
+    for chunk in chunks:
+        assert remote.put(keys[chunk], 0, bytes(LAYOUT.chunk_bytes(CHUNK)), LAYOUT.fingerprint(), namespace="default")
+
+
+def handoffs(scheduler: SchedulerSide, outcome: str) -> float:
+    for line in scheduler.metrics.exposition().decode().splitlines():
+        if line.startswith(f'kvtier_handoffs_total{{outcome="{outcome}"}} '):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def ask(scheduler: SchedulerSide, req: SimpleNamespace) -> int | None:
+    time.sleep(HANDOFF_POLL_S * 1.5)
+    return scheduler.get_num_new_matched_tokens(req, 0)  # type: ignore[arg-type]
+
+
+def test_a_decode_request_waits_until_every_announced_chunk_arrived() -> None:
+    remote = DictTier()
+    scheduler = side(remote)
+    req = request({"expect_tokens": 4 * CHUNK})
+    assert ask(scheduler, req) is None  # nothing there yet: wait
+    arrive(remote, scheduler, 0, 1)
+    assert ask(scheduler, req) is None  # half of it: still waiting, nothing fetched yet
+    assert scheduler.requests["r1"].promoting == []
+    arrive(remote, scheduler, 2, 3)
+    assert ask(scheduler, req) is None  # all there: the four fetches are planned (vLLM asks again)
+    assert len(scheduler.requests["r1"].promoting) == 4
+    assert handoffs(scheduler, "complete") == 1 and handoffs(scheduler, "timeout") == 0
+
+
+def test_the_wait_is_bounded_and_then_loads_what_arrived() -> None:
+    remote = DictTier()
+    scheduler = side(remote, wait_ms=100)
+    req = request({"expect_tokens": 4 * CHUNK})
+    assert ask(scheduler, req) is None
+    arrive(remote, scheduler, 0)
+    deadline = time.monotonic() + 5
+    while not scheduler.requests["r1"].promoting and time.monotonic() < deadline:
+        assert ask(scheduler, req) is None
+    assert len(scheduler.requests["r1"].promoting) == 1  # gave up waiting: loads the one chunk there
+    assert handoffs(scheduler, "timeout") == 1 and handoffs(scheduler, "complete") == 0
+
+
+def test_the_remote_is_asked_at_most_once_per_poll_interval() -> None:
+    remote = DictTier()
+    scheduler = side(remote)
+    req = request({"expect_tokens": 4 * CHUNK})
+    assert ask(scheduler, req) is None
+    asked = remote.num_prefix_queries
+    for _ in range(20):
+        assert scheduler.get_num_new_matched_tokens(req, 0) is None  # type: ignore[arg-type]
+    assert remote.num_prefix_queries <= asked + 1
+
+
+def test_without_a_handoff_nothing_waits() -> None:
+    remote = DictTier()
+    scheduler = side(remote)
+    assert ask(scheduler, request(None)) == 0  # the remote holds nothing: computed at once
+    assert ask(scheduler, request({"expect_tokens": 0}, "r2")) == 0
+    assert handoffs(scheduler, "complete") == handoffs(scheduler, "timeout") == 0
+
+
+def test_a_prefill_instance_announces_the_chunks_it_stored() -> None:
+    producer = side(DictTier(), producer=True)
+    for req, expected in ((request(None), {"kvtier": {"expect_tokens": 4 * CHUNK}}),
+                          (request({"namespace": "tenant-a"}, "r2"),
+                           {"kvtier": {"expect_tokens": 4 * CHUNK, "namespace": "tenant-a"}}),
+                          (request({"store": False}, "r3"), None)):
+        producer.get_num_new_matched_tokens(req, 0)  # type: ignore[arg-type]
+        assert producer.request_finished(req) == (False, expected)  # type: ignore[arg-type]
+    consumer = side(DictTier())
+    consumer.get_num_new_matched_tokens(request(None), 0)  # type: ignore[arg-type]
+    assert consumer.request_finished(request(None)) == (False, None)  # type: ignore[arg-type]
