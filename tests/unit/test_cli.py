@@ -36,6 +36,17 @@ def test_connector_json_carries_inline_keys() -> None:
                                                    "config": "k.yaml"}
 
 
+def test_roles_for_disaggregated_prefill() -> None:
+    assert json.loads(connector_config_json(None, {}, "producer"))["kv_role"] == "kv_producer"
+    assert json.loads(connector_config_json(None, {}, "consumer"))["kv_role"] == "kv_consumer"
+    assert "kv_producer" in server_command("/m", None, {}, None, [], "producer")[6]
+
+
+def test_proxy_refuses_a_bad_instance_url(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["proxy", "--prefill", "https://h:1", "--decode", "http://h:2"]) == 2
+    assert "http://host:port" in capsys.readouterr().err
+
+
 def test_inline_config_key_is_refused() -> None:
     with pytest.raises(ConfigError, match="--config"):
         connector_config_json(None, {"config": "other.yaml"})
