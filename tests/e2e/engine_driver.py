@@ -21,6 +21,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from engines import wait_for  # this script runs from its own folder (tests/e2e)
+
 
 def run(spec: dict) -> list:
     from vllm import LLM, SamplingParams
@@ -39,7 +41,9 @@ def run(spec: dict) -> list:
         if action["op"] == "generate":
             extra = {"kv_transfer_params": {"kvtier": action["kvtier"]}} if "kvtier" in action else None
             if "transfer_params_from" in action:
-                extra = {"kv_transfer_params": json.loads(_wait_for(Path(action["transfer_params_from"])))}
+                source = Path(action["transfer_params_from"])
+                wait_for(source, poll_s=0.005)  # sent the moment the prefill engine wrote it
+                extra = {"kv_transfer_params": json.loads(source.read_text())}
             params = SamplingParams(temperature=0.0, max_tokens=action.get("max_tokens", 8), logprobs=3,
                                     extra_args=extra)
             outs = llm.generate([{"prompt_token_ids": p} for p in action["prompts"]], params, use_tqdm=False)
@@ -64,15 +68,6 @@ def run(spec: dict) -> list:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
                 results.append(resp.read().decode())
     return results
-
-
-def _wait_for(path: Path, timeout_s: float = 600) -> str:
-    deadline = time.monotonic() + timeout_s
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} never appeared")
-        time.sleep(0.005)
-    return path.read_text()
 
 
 def _output(out) -> dict:

@@ -43,12 +43,12 @@ def run_engine(spec: dict, workdir: Path, name: str, timeout_s: float = 900) -> 
     return Engine(spec, workdir, name).result(timeout_s)
 
 
-def wait_for(path: Path, timeout_s: float = 600) -> None:
+def wait_for(path: Path, timeout_s: float = 600, poll_s: float = 0.05) -> None:
     deadline = time.monotonic() + timeout_s
     while not path.exists():
         if time.monotonic() > deadline:
             raise AssertionError(f"{path} never appeared")
-        time.sleep(0.05)
+        time.sleep(poll_s)
 
 
 def metric(text: str, name: str, tier: str | None = None) -> float:
