@@ -11,6 +11,7 @@ from kvtier.bench.configs import (BenchConfig, RemoteOptions, all_configs, kvtie
                                   server_spec)
 from kvtier.bench.cost import DEFAULT_PRICES, Prices, cost_view, load_prices, parse_prices
 from kvtier.bench.cputime import _proc_tree_cpu_s, parse_proc_stat, process_tree_cpu_s
+from kvtier.config import is_namespace
 from kvtier.errors import ConfigError
 
 PRICES = Prices(gpu_hour=3.6, storage_gb_month=0.73, transfer_gb=0.02, retention_hours=10.0, source="test")
@@ -72,7 +73,12 @@ def test_configurations() -> None:
 def test_inline_keys_and_server_environment() -> None:
     memory, disk = all_configs("2GiB", RemoteOptions(None, None, None))[1:3]
     assert kvtier_inline_keys(memory, 9000, "/d", "ns") == {"memory.capacity": "2GiB", "metrics.port": 9000,
-                                                             "namespace": "ns"}
+                                                             "namespace": "ns-kvtier-memory"}
+    # configurations sharing a remote store never read each other's KV; the name is a valid namespace
+    redis, cachegen = all_configs("2GiB", RemoteOptions("redis://h:1/0", None, None))[3:5]
+    names = {kvtier_inline_keys(c, 9000, "/d", "bench-1a2b")["namespace"] for c in (redis, cachegen)}
+    assert names == {"bench-1a2b-kvtier-memory.redis", "bench-1a2b-kvtier-memory.redis.cachegen"}
+    assert all(is_namespace(name) for name in names)
     assert kvtier_inline_keys(disk, 9000, "/d", "ns")["disk.path"] == "/d"
     environ = {"KVTIER_MEMORY_CAPACITY": "8GiB", "KVTIER_REMOTE_PASSWORD": "p", "HOME": "/h"}
     spec = server_spec(BenchConfig("vllm", None), "/m", 8000, 1 << 20, None, "/l.log", environ)

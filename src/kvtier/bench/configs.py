@@ -92,14 +92,15 @@ def engine_args(engine_kv_bytes: int) -> list[str]:
 
 
 def kvtier_inline_keys(config: BenchConfig, metrics_port: int, disk_dir: str,
-                       namespace: str) -> dict[str, object]:
+                       run_namespace: str) -> dict[str, object]:
     """The inline kvtier keys of one server: the configuration's own, plus the metrics port, a fresh
-    disk folder (only if the configuration has a disk tier) and a namespace unique to this run (so a
-    shared remote tier holds nothing from an earlier run)."""
+    disk folder (only if the configuration has a disk tier) and a namespace unique to this run and
+    configuration (``run_namespace`` plus the configuration's name: a shared remote tier then holds
+    nothing from an earlier run, and two configurations on one store never read each other's KV)."""
     assert config.kvtier_keys is not None, "only for kvtier configurations"
     keys: dict[str, object] = dict(config.kvtier_keys)
     keys["metrics.port"] = metrics_port
-    keys["namespace"] = namespace
+    keys["namespace"] = f"{run_namespace}-{config.name.replace('+', '.')}"
     if config.uses_disk:
         keys["disk.path"] = disk_dir
     return keys
