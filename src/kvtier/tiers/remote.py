@@ -38,6 +38,7 @@ lazily by URL scheme (``open_remote``), so redis-py and boto3 are imported only 
 from __future__ import annotations
 
 import abc
+import concurrent.futures
 import functools
 import importlib
 import logging
@@ -63,6 +64,7 @@ MAX_BACKOFF_S = 30.0
 INSTALL_HINT = "pip install 'kvtier[remote]'"
 SEALED_GROUP_BYTES = 64 << 20  # sealed reads fetch about this much per group (temporary buffers)
 _MIN_GROUP_ITEMS = 4  # ... and at least this many items, to keep concurrent backends busy
+DECODE_THREADS = min(4, os.cpu_count() or 1)  # verify + decrypt + decode of a batch's values
 
 # scheme -> module that implements it; each module has ``open_tier(url, options) -> RemoteTier``.
 _BACKENDS = {
@@ -150,6 +152,7 @@ class RemoteTier(abc.ABC):
         # process from good reads and left it in successful puts: what the network carried.
         self.value_bytes_read = 0
         self.value_bytes_written = 0
+        self._decoders: concurrent.futures.ThreadPoolExecutor | None = None  # made on first use
         self._healthy = True
         self._connected = False
         self._backoff_s = 0.0
@@ -191,14 +194,16 @@ class RemoteTier(abc.ABC):
             fetched = self._guarded(functools.partial(self._fetch_many, group), None)
             if fetched is None:
                 return [ReadResult.MISSING] * len(items)
-            group_results = [self._verify(found, key, rank, layout_fingerprint, stored, out, name, namespace)
-                             for found, (key, _), stored, out, name
-                             in zip(fetched, items[start:stop], stores, outs[start:stop], names[start:stop])]
+            checks = [functools.partial(self._verify, found, key, rank, layout_fingerprint, stored, out, name, namespace)
+                      for found, (key, _), stored, out, name
+                      in zip(fetched, items[start:stop], stores, outs[start:stop], names[start:stop])]
+            group_results = self._run_checks(checks)
             self.value_bytes_read += sum(found.value_bytes for found, result in zip(fetched, group_results)
                                          if found is not None and result is ReadResult.OK)
             results += group_results
         corrupt = [name for name, result in zip(names, results) if result is ReadResult.CORRUPT]
         if corrupt:
+            self.num_corrupt += len(corrupt)
             self._delete_quietly(corrupt)
         return results
 
@@ -261,6 +266,9 @@ class RemoteTier(abc.ABC):
 
     def close(self) -> None:
         """Release connections and threads. Idempotent; never raises on I/O failure."""
+        if self._decoders is not None:
+            self._decoders.shutdown()
+            self._decoders = None
         try:
             self._close()
         except self.io_errors as exc:
@@ -377,10 +385,18 @@ class RemoteTier(abc.ABC):
             unframe_into(found.header, stored[:found.value_bytes - HEADER_BYTES], key, rank, layout_fingerprint,
                          out, self.sealer, namespace, self.codec)
         except EntryError as exc:
-            self.num_corrupt += 1
             logger.warning("kvtier: bad remote entry %s in %s: %s", name, self.description, exc)
             return ReadResult.CORRUPT
         return ReadResult.OK
+
+    def _run_checks(self, checks: list[Callable[[], ReadResult]]) -> list[ReadResult]:
+        """Run the verifications of a group. Values that must be decrypted or decoded are checked
+        on ``DECODE_THREADS`` threads (AES-GCM, zstd and numpy release the GIL), the rest inline."""
+        if not self._buffered or len(checks) < 2 or DECODE_THREADS < 2:
+            return [check() for check in checks]
+        if self._decoders is None:
+            self._decoders = concurrent.futures.ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="kvtier-decode")
+        return list(self._decoders.map(lambda check: check(), checks))
 
     def _delete_quietly(self, names: Sequence[str]) -> None:
         try:
