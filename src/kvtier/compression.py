@@ -212,7 +212,7 @@ def _scale(raw: np.ndarray) -> np.ndarray | None:
     return scale if np.isfinite(scale).all() else None
 
 
-def _quantise(values: np.ndarray, scale: np.ndarray, levels: np.ndarray | int) -> np.ndarray:
+def _quantise(values: np.ndarray, scale: np.ndarray, levels: int) -> np.ndarray:
     scale32 = scale.astype(np.float32)
     safe = np.where(scale32 > 0, scale32, np.float32(1))
     return np.clip(np.rint(values / safe), -levels, levels).astype(np.float32)

@@ -60,7 +60,6 @@ class RequestState:
     num_store_checked: int = 0  # chunks already considered for storing
     store_keys: list[bytes] = field(default_factory=list)  # chunks this request's blocks were stored as
     handoff_until: float = 0.0  # monotonic deadline of the wait for a prefill instance's uploads (0: none)
-    remote_held: int = 0  # chunks the remote held after the local prefix, at the last check
     remote_checked_at: float = 0.0  # monotonic time of that check
 
 
@@ -136,8 +135,8 @@ class SchedulerSide:
         if state.handoff_until > 0 and time.monotonic() - state.remote_checked_at < HANDOFF_POLL_S:
             return None  # waiting for a handoff, and the remote was asked moments ago
         found = self.store.lookup(wanted)
-        remote_run = self._remote_run(state, wanted[found.num_chunks:])
-        if self._awaiting_handoff(state, first + found.num_chunks + state.remote_held, len(keys)):
+        remote_run, num_remote = self._remote_run(state, wanted[found.num_chunks:])
+        if self._awaiting_handoff(state, first + found.num_chunks + num_remote, len(keys)):
             return None  # the prefill instance's uploads are still arriving: vLLM asks again
         disk_keys = [wanted[i] for i in found.disk_only]
         if (disk_keys or remote_run) and self._plan_promotes(state, disk_keys, remote_run):
@@ -191,28 +190,28 @@ class SchedulerSide:
         state.promoting = planned
         return bool(planned)
 
-    def _remote_run(self, state: RequestState, keys: list[bytes]) -> list[bytes]:
-        """The consecutive ``keys`` (after the local prefix) that the remote tier holds and no local
-        tier is already handling; none once the request has had its promote rounds."""
-        state.remote_held = 0
+    def _remote_run(self, state: RequestState, keys: list[bytes]) -> tuple[list[bytes], int]:
+        """The consecutive ``keys`` (after the local prefix) that the remote tier holds, no local
+        tier is already handling and are worth fetching (none once the request has had its promote
+        rounds), and how many the remote holds (fetched or not: what a handoff waits for)."""
         if self.remote is None or not keys or state.num_promote_rounds >= MAX_PROMOTE_ROUNDS:
-            return []
+            return [], 0
         run: list[bytes] = []
         for key in keys:
             if self.store.in_memory(key) or self.store.on_disk(key):
                 break
             run.append(key)
         if not run:
-            return []
+            return [], 0
         namespace = state.controls.namespace
         num_held = self.remote.exists_prefix(run, 0, namespace=namespace, max_age_s=self.store.ttl_of(namespace))
-        state.remote_held, state.remote_checked_at = num_held, time.monotonic()
+        state.remote_checked_at = time.monotonic()
         for key in run[:num_held]:
             self._remember_remote(key)
         if num_held and not self.cost.fetch_pays(num_held * self.setup.chunk_bytes, num_held * self.setup.chunk_tokens):
             self.metrics.skipped_loads.labels(tier="remote").inc(num_held)
-            return []  # the engine recomputes these faster than the remote delivers them
-        return run[:num_held]
+            return [], num_held  # the engine recomputes these faster than the remote delivers them
+        return run[:num_held], num_held
 
     def _remember_remote(self, key: bytes) -> None:
         self._remote_known[key] = None
