@@ -6,6 +6,7 @@ the contract suite (tests/integration/test_remote_contract.py) runs the same con
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 from kvtier.compression import KVCodec
@@ -22,12 +23,14 @@ class DictTier(RemoteTier):
         super().__init__("dict", 1.0, sealer, codec)
         self.values: dict[str, bytes] = {}
         self.num_prefix_queries = 0
+        self.delay_s = 0.0  # every lookup and read takes this long (a slow or stalled server)
         self._start()
 
     def _connect(self) -> None:
         pass
 
     def _count_prefix(self, names: Sequence[str], max_age_s: int) -> int:
+        time.sleep(self.delay_s)
         self.num_prefix_queries += 1
         count = 0
         while count < len(names) and names[count] in self.values:
@@ -35,6 +38,7 @@ class DictTier(RemoteTier):
         return count
 
     def _fetch_many(self, items: Sequence[tuple[str, memoryview]]) -> list[Fetched | None]:
+        time.sleep(self.delay_s)
         fetched: list[Fetched | None] = []
         for name, out in items:
             value = self.values.get(name)

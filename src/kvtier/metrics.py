@@ -46,8 +46,11 @@ class Metrics:
         self.handoffs = Counter("kvtier_handoffs", "Requests handed off by a prefill instance (expect_tokens): "
                                 "complete (every chunk found, after waiting if needed) or timeout", ["outcome"],
                                 registry=reg)
-        self.loaded_tokens = Counter("kvtier_loaded_tokens", "Tokens the engine loaded instead of computing",
+        self.loaded_tokens = Counter("kvtier_loaded_tokens", "Tokens copied into the engine instead of computed",
                                      registry=reg)
+        self.failed_load_tokens = Counter("kvtier_failed_load_tokens", "Tokens planned to load that the engine "
+                                          "recomputed: their chunk failed to read, was corrupt or came too late",
+                                          registry=reg)
         self.entries = Gauge("kvtier_entries", "Entries a tier holds now", ["tier"], registry=reg)
         self.capacity_entries = Gauge("kvtier_capacity_entries", "Entries a tier can hold", ["tier"],
                                       registry=reg)

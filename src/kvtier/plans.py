@@ -6,7 +6,11 @@ vLLM's connector metadata, so they hold only plain values (ints, bytes, tuples).
 
 Execution order on the worker (it matters, slots are reused):
 1. ``spills``: copy each named memory slot aside for a disk write (before the slot is reused).
-2. ``promotes`` / ``remote_fetches``: read disk / remote entries into memory slots, verified.
+2. ``async_loads``: hand each request's disk / remote reads (into memory slots, verified) to the
+   transfer executor (``kvtier.transfers``), which runs them on background threads; once a
+   request's reads are settled (done, or past their deadline) the worker copies the slots that
+   hold verified data into the request's engine blocks and reports the request's load finished,
+   and the blocks of the rest as failed (the engine recomputes them).
 3. ``loads``: copy memory slots into engine blocks (before the forward).
 4. ``stores``: copy engine blocks into memory slots (after the forward).
 5. once the copies of 4. are done (CUDA: later; steps finish in order):
@@ -64,11 +68,25 @@ class EntryRef:
     namespace: str
 
 
+@dataclass(frozen=True)
+class AsyncLoad:
+    """One request's load that needs disk or remote reads first: read ``disk`` and ``remote``
+    into their memory slots (background), then copy ``loads`` (in prompt order, one chunk each)
+    into the engine blocks; a chunk whose slot did not get verified data by ``deadline_s``
+    seconds after the worker saw the plan, and every chunk after it, is not copied and its
+    blocks are reported as failed."""
+
+    req_id: str
+    disk: tuple[SlotOp, ...]
+    remote: tuple[SlotOp, ...]
+    loads: tuple[LoadOp, ...]
+    deadline_s: float
+
+
 @dataclass
 class StepPlan:
     spills: list[SlotOp] = field(default_factory=list)
-    promotes: list[SlotOp] = field(default_factory=list)
-    remote_fetches: list[SlotOp] = field(default_factory=list)
+    async_loads: list[AsyncLoad] = field(default_factory=list)
     loads: list[LoadOp] = field(default_factory=list)
     stores: list[StoreOp] = field(default_factory=list)
     write_through: list[SlotOp] = field(default_factory=list)
@@ -80,7 +98,7 @@ class StepPlan:
     delayed_frees: list[str] = field(default_factory=list)
 
     def is_empty(self) -> bool:
-        return not (self.spills or self.promotes or self.remote_fetches or self.loads or self.stores
+        return not (self.spills or self.async_loads or self.loads or self.stores
                     or self.write_through or self.remote_puts or self.deletes or self.purges
                     or self.delayed_frees)
 
@@ -114,6 +132,8 @@ class WorkerReport:
     remote_wire_written_bytes: int = 0
     num_remote_errors: int = 0
     num_remote_dropped: int = 0
+    loaded_tokens: int = 0  # tokens copied into the engine's blocks (sum over ranks)
+    failed_load_tokens: int = 0  # tokens planned to load whose chunk failed or was late (recomputed)
     load_seconds: list[float] = field(default_factory=list)
     store_seconds: list[float] = field(default_factory=list)
 

@@ -123,7 +123,7 @@ class TieredStore:
         self.leases = Leases()
         self._world_size = world_size
         self._acks: Counter[tuple[str, bytes]] = Counter()
-        self._ops = StepPlan()  # the store's part of the next plan: spills, promotes, fetches, writes, deletes
+        self._ops = StepPlan()  # the store's part of the next plan: spills, writes, deletes
         self._metrics = metrics
 
     # ----- queries -------------------------------------------------------------------------
@@ -158,6 +158,10 @@ class TieredStore:
         return key in self._disk
 
     @property
+    def has_disk(self) -> bool:
+        return self._disk_settings is not None
+
+    @property
     def num_memory_entries(self) -> int:
         return len(self._memory)
 
@@ -182,15 +186,16 @@ class TieredStore:
                 self._disk_policy.touch(key)
 
     def prepare_promote(self, owner: str, namespace: str, keys: Sequence[bytes],
-                        from_remote: bool = False) -> list[bytes]:
+                        from_remote: bool = False) -> list[SlotOp]:
         """Plan disk -> memory (or remote -> memory) reads of ``keys`` of ``namespace`` for
-        ``owner``.
+        ``owner``: one memory slot each.
 
-        Returns the keys actually planned, a prefix of ``keys`` (shorter when memory is full of
-        leased entries or the namespace is at its quota). Planned entries are pending and leased
-        to ``owner``.
+        Returns the reads planned, for a prefix of ``keys`` (shorter when memory is full of
+        leased entries or the namespace is at its quota). Their entries are pending and leased
+        to ``owner``; the caller hands the reads to the transfer executor, whose report makes
+        them ready (``complete``), or gives them back unread (``abandon``).
         """
-        planned: list[bytes] = []
+        planned: list[SlotOp] = []
         now = self._clock()
         for key in keys:
             slot = self._allocate_slot(namespace)
@@ -200,11 +205,16 @@ class TieredStore:
             on_disk = self._disk.get(key)
             created = now if from_remote or on_disk is None else on_disk.created
             self._add_memory(key, MemoryEntry(slot, State.PENDING, namespace, created, on_disk=not from_remote))
-            op = SlotOp(key, slot, namespace)
-            (self._ops.remote_fetches if from_remote else self._ops.promotes).append(op)
-            planned.append(key)
-        self.leases.acquire(owner, planned)
+            planned.append(SlotOp(key, slot, namespace))
+        self.leases.acquire(owner, [op.key for op in planned])
         return planned
+
+    def abandon(self, keys: Sequence[bytes]) -> None:
+        """Drop the pending entries of reads that were planned (``prepare_promote``) but never
+        handed to a worker: their slots are free again."""
+        for key in keys:
+            if self.is_pending(key):
+                self._drop_memory(key)
 
     def prepare_store(self, key: bytes, namespace: str) -> int | None:
         """Plan a store of chunk ``key`` of ``namespace`` from the engine; returns the slot, or

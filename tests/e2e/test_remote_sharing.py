@@ -53,6 +53,8 @@ def check_shared(writer: list, reader: list) -> None:
     # reduction-order noise of ~1e-4 once in CI. Wrong KV would move logprobs by far more.
     assert all(abs(a - b) < 1e-3 for a, b in zip(shared["logprobs"], oracle["logprobs"]))
     assert metric(text, "kvtier_hits_total", "remote") == 4
+    assert metric(text, "kvtier_loaded_tokens_total") == 4 * CHUNK  # every planned chunk reached the engine
+    assert metric(text, "kvtier_failed_load_tokens_total") == 0
     assert metric(text, "kvtier_read_bytes_total", "remote") > 0
 
 
@@ -80,6 +82,7 @@ def test_engines_share_compressed_kv_through_redis(tiny_model: str, fresh_redis:
     oracle, shared, text = writer[1][0], reader[0][0], reader[1]
     assert shared["num_cached_tokens"] == 4 * CHUNK  # every chunk came from the compressed values
     assert metric(text, "kvtier_hits_total", "remote") == 4 and metric(text, "kvtier_errors_total", "remote") == 0
+    assert metric(text, "kvtier_loaded_tokens_total") == 4 * CHUNK
     client = redis.Redis(port=port_of(fresh_redis))
     values = [client.get(f"kvtier/default/{key.hex()}.0") for key in default_keys(tiny_model, P)]
     chunk_bytes = int(metric(text, "kvtier_read_bytes_total", "remote")) // 4
@@ -116,6 +119,7 @@ def test_prefill_instance_hands_its_kv_to_a_decode_instance(tiny_model: str, fre
     assert out["tokens"] == oracle["tokens"]
     assert all(abs(a - b) < 1e-3 for a, b in zip(out["logprobs"], oracle["logprobs"]))
     assert metric(text, "kvtier_hits_total", "remote") == 4
+    assert metric(text, "kvtier_loaded_tokens_total") == 4 * CHUNK
     assert 'kvtier_handoffs_total{outcome="complete"} 1.0' in text.splitlines()
 
 
@@ -174,17 +178,22 @@ def test_tampered_redis_entries_are_misses_with_correct_output(tiny_model: str, 
     client.set(q_names[0], values[q_names[1]])  # Q: chunks 0 and 1 swapped
     client.set(q_names[1], values[q_names[0]])
     client.set(p_names[3], values[p_names[1]])  # P chunk 3: chunk 1's value replayed under its key
+    # Q first: its reads all fail, so the cost model has no fetch speed yet when P is looked up,
+    # and P's fetch is planned whatever the machine's speed (the gate is tested on its own)
     reader = run_engine({"model": tiny_model, "kvtier": remote_config(url), "actions": [
-        {"op": "generate", "prompts": [P + S2]},
         {"op": "generate", "prompts": [Q + QS]},
+        {"op": "generate", "prompts": [P + S2]},
         {"op": "metrics"},
     ]}, tmp_path, "tamper-reader")
     oracle, cold_q = writer[1][0], writer[2][0]
-    p_out, q_out, text = reader[0][0], reader[1][0], reader[2]
-    assert p_out["num_cached_tokens"] == 2 * CHUNK  # chunks 0 and 1, then the flipped one stops the hit
+    q_out, p_out, text = reader[0][0], reader[1][0], reader[2]
+    # vLLM's num_cached_tokens is the planned hit (counted at admission); what reached the engine:
+    # P's chunks 0 and 1 (the flipped chunk 2 stops the load), nothing of Q (its chunk 0 is bad)
+    assert metric(text, "kvtier_loaded_tokens_total") == 2 * CHUNK
+    assert metric(text, "kvtier_failed_load_tokens_total") == 2 * CHUNK + 2 * CHUNK
     assert p_out["tokens"] == oracle["tokens"]
     assert all(abs(a - b) < 1e-3 for a, b in zip(p_out["logprobs"], oracle["logprobs"]))
-    assert q_out["num_cached_tokens"] == 0 and q_out["tokens"] == cold_q["tokens"]
+    assert q_out["tokens"] == cold_q["tokens"]
     assert metric(text, "kvtier_errors_total", "remote") == 4  # each bad value counted once
     # the corrupt values were deleted; the reader recomputed those chunks and uploaded them afresh
     assert client.get(p_names[2]) != bytes(flipped) and client.get(p_names[3]) != values[p_names[1]]

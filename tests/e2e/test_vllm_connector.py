@@ -3,8 +3,10 @@
 The oracle is the run where the same prefix came from vLLM's own prefix cache. Three engines, each
 in its own process, share one disk directory:
 1. write-through engine: cold runs, the oracle, then a kvtier memory hit after vLLM's cache is reset;
-2. a restart: hits served from disk; a corrupted entry is a miss with correct output; 200 requests
-   keep the memory tier within capacity;
+2. a restart: hits served from disk (asynchronous loads); a corrupted entry is a miss with correct
+   output; a load that fails half-way loads the chunks before the failure and recomputes the rest,
+   with the output of the oracle at that cached length; 200 requests keep the memory tier within
+   capacity;
 3. prefix caching off, small chunked-prefill steps and too few engine blocks for the batch (so
    requests wait and get preempted): hits still load, match the oracle, and leave no lease behind.
 """
@@ -36,6 +38,8 @@ P = tokens(1, 4 * CHUNK)  # a 1,024-token shared prefix: four chunks
 S1, S2 = tokens(2, 40), tokens(3, 50)
 Q = tokens(4, 2 * CHUNK)  # a second document, used for the corruption test
 QS = tokens(5, 30)
+R = tokens(6, 4 * CHUNK)  # a third document: its second chunk is corrupted on disk
+RS = tokens(7, 20)
 TINY_LAYOUT = KVLayout("cpu_lbhnc", 4, 2, 64, 128, "bfloat16")  # the tiny model's KV on vLLM-CPU
 
 
@@ -80,17 +84,25 @@ def runs(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
         {"op": "generate", "prompts": [P + S1], "kvtier": {"namespace": "tenant-c"}},
         {"op": "reset_prefix_cache"},
         {"op": "generate", "prompts": [P + S2], "kvtier": {"load": False}},
+        # R stored; then the oracle for R with only its first chunk cached (vLLM's cache seeded
+        # by a request that shares just that chunk, kvtier out of the way)
+        {"op": "generate", "prompts": [R + RS]},
+        {"op": "reset_prefix_cache"},
+        {"op": "generate", "prompts": [R[:CHUNK] + tokens(8, 40)], "kvtier": {"load": False, "store": False}},
+        {"op": "generate", "prompts": [R + RS], "kvtier": {"load": False}},
     ]}, work, "first")
     # Corrupt the first chunk of Q on disk while no engine runs.
     path = Path(disk_files(disk).path_for(default_keys(tiny_model, Q)[0], 0, "default"))
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
+    for path in (path, Path(disk_files(disk).path_for(default_keys(tiny_model, R)[1], 0, "default"))):
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
     # Engine 2: restart on the same disk; many one-chunk requests through a small memory tier.
     many = [tokens(100 + i, CHUNK + 20) for i in range(200)]
     second = run_engine({**base, "kvtier": kvtier("4MiB"), "actions": [
         {"op": "generate", "prompts": [P + S2]},
         {"op": "generate", "prompts": [Q + QS]},
+        {"op": "generate", "prompts": [R + RS]},
         {"op": "metrics"},
         {"op": "generate", "prompts": many, "max_tokens": 1},
         {"op": "metrics"},
@@ -121,24 +133,35 @@ def test_memory_hit_equals_oracle(runs: dict) -> None:
 
 def test_restart_serves_hits_from_disk(runs: dict) -> None:
     oracle = runs["first"][3][0]
-    restarted, text = runs["second"][0][0], runs["second"][2]
+    restarted, text = runs["second"][0][0], runs["second"][3]
     assert restarted["num_cached_tokens"] == 4 * CHUNK
     assert restarted["tokens"] == oracle["tokens"]
     assert restarted["logprobs"] == oracle["logprobs"]
     assert metric(text, "kvtier_hits_total", "disk") >= 4
+    # what reached the engine: all of P, the first chunk of R; Q (2 chunks) and R's last 3 failed
+    assert metric(text, "kvtier_loaded_tokens_total") == 5 * CHUNK
+    assert metric(text, "kvtier_failed_load_tokens_total") == 5 * CHUNK
+
+
+def test_a_load_that_fails_half_way_recomputes_the_rest(runs: dict) -> None:
+    oracle = runs["first"][20][0]  # R with its first chunk from vLLM's own cache
+    half = runs["second"][2][0]  # R with its first chunk from disk, its second corrupt
+    assert oracle["num_cached_tokens"] == CHUNK
+    assert half["tokens"] == oracle["tokens"]
+    assert half["logprobs"] == oracle["logprobs"]
 
 
 def test_corrupt_disk_entry_is_a_miss(runs: dict) -> None:
     cold_q = runs["first"][1][0]
-    after, text = runs["second"][1][0], runs["second"][2]
-    assert after["num_cached_tokens"] == 0  # chunk 0 was corrupt: nothing of Q is loaded
+    after, text = runs["second"][1][0], runs["second"][3]
+    # vLLM counts the planned hit at admission; chunk 0 was corrupt, so nothing of Q was loaded:
     assert after["tokens"] == cold_q["tokens"]  # a full prefill, as in the cold run
     assert after["logprobs"] == cold_q["logprobs"]
-    assert metric(text, "kvtier_errors_total", "disk") == 1
+    assert metric(text, "kvtier_errors_total", "disk") == 2  # Q's first chunk, R's second
 
 
 def test_memory_stays_within_capacity(runs: dict) -> None:
-    text = runs["second"][4]
+    text = runs["second"][5]
     capacity = metric(text, "kvtier_capacity_entries", "memory")
     assert capacity == 8  # 4 MiB of 512 KiB chunks
     assert 0 < metric(text, "kvtier_entries", "memory") <= capacity

@@ -11,10 +11,11 @@ import time
 from types import SimpleNamespace
 
 from kvtier.config import load_config
-from kvtier.integrations.vllm.scheduler import HANDOFF_POLL_S, SchedulerSide
+from kvtier.integrations.vllm.scheduler import SchedulerSide
 from kvtier.integrations.vllm.setup import EngineSetup
 from kvtier.keys import Namespace
 from kvtier.layout import KVLayout
+from kvtier.manager import HANDOFF_POLL_S
 from kvtier.metrics import Metrics
 from tests.dict_tier import DictTier
 
@@ -49,22 +50,33 @@ def handoffs(scheduler: SchedulerSide, outcome: str) -> float:
     return 0.0
 
 
-def ask(scheduler: SchedulerSide, req: SimpleNamespace) -> int | None:
-    time.sleep(HANDOFF_POLL_S * 1.5)
-    return scheduler.get_num_new_matched_tokens(req, 0)  # type: ignore[arg-type]
+def ask(scheduler: SchedulerSide, req: SimpleNamespace, settle_s: float = 0.5) -> tuple[int | None, bool]:
+    """The scheduler's answer once the remote's answer is in (the lookup runs on a background
+    thread: an answer of None may only mean "not back yet"); None answers for ``settle_s``."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        time.sleep(HANDOFF_POLL_S * 1.5)
+        answer = scheduler.get_num_new_matched_tokens(req, 0)  # type: ignore[arg-type]
+        if answer[0] is not None or time.monotonic() >= deadline:
+            return answer
+
+
+def planned_chunks(scheduler: SchedulerSide) -> int:
+    planned = scheduler.requests["r1"].planned
+    return 0 if planned is None else planned.num_chunks
 
 
 def test_a_decode_request_waits_until_every_announced_chunk_arrived() -> None:
     remote = DictTier()
     scheduler = side(remote)
     req = request({"expect_tokens": 4 * CHUNK})
-    assert ask(scheduler, req) is None  # nothing there yet: wait
+    assert ask(scheduler, req) == (None, False)  # nothing there yet: wait
     arrive(remote, scheduler, 0, 1)
-    assert ask(scheduler, req) is None  # half of it: still waiting, nothing fetched yet
-    assert scheduler.requests["r1"].promoting == []
+    assert ask(scheduler, req) == (None, False)  # half of it: still waiting, nothing fetched yet
+    assert planned_chunks(scheduler) == 0
     arrive(remote, scheduler, 2, 3)
-    assert ask(scheduler, req) is None  # all there: the four fetches are planned (vLLM asks again)
-    assert len(scheduler.requests["r1"].promoting) == 4
+    assert ask(scheduler, req) == (4 * CHUNK, True)  # all there: four fetches, loaded asynchronously
+    assert len(scheduler.requests["r1"].planned.remote) == 4
     assert handoffs(scheduler, "complete") == 1 and handoffs(scheduler, "timeout") == 0
 
 
@@ -72,12 +84,10 @@ def test_the_wait_is_bounded_and_then_loads_what_arrived() -> None:
     remote = DictTier()
     scheduler = side(remote, wait_ms=100)
     req = request({"expect_tokens": 4 * CHUNK})
-    assert ask(scheduler, req) is None
+    assert ask(scheduler, req, settle_s=0) == (None, False)
     arrive(remote, scheduler, 0)
-    deadline = time.monotonic() + 5
-    while not scheduler.requests["r1"].promoting and time.monotonic() < deadline:
-        assert ask(scheduler, req) is None
-    assert len(scheduler.requests["r1"].promoting) == 1  # gave up waiting: loads the one chunk there
+    assert ask(scheduler, req, settle_s=5) == (CHUNK, True)  # gave up waiting: loads the one chunk there
+    assert planned_chunks(scheduler) == 1
     assert handoffs(scheduler, "timeout") == 1 and handoffs(scheduler, "complete") == 0
 
 
@@ -85,18 +95,18 @@ def test_the_remote_is_asked_at_most_once_per_poll_interval() -> None:
     remote = DictTier()
     scheduler = side(remote)
     req = request({"expect_tokens": 4 * CHUNK})
-    assert ask(scheduler, req) is None
+    assert ask(scheduler, req) == (None, False)
     asked = remote.num_prefix_queries
     for _ in range(20):
-        assert scheduler.get_num_new_matched_tokens(req, 0) is None  # type: ignore[arg-type]
+        assert scheduler.get_num_new_matched_tokens(req, 0) == (None, False)  # type: ignore[arg-type]
     assert remote.num_prefix_queries <= asked + 1
 
 
 def test_without_a_handoff_nothing_waits() -> None:
     remote = DictTier()
     scheduler = side(remote)
-    assert ask(scheduler, request(None)) == 0  # the remote holds nothing: computed at once
-    assert ask(scheduler, request({"expect_tokens": 0}, "r2")) == 0
+    assert ask(scheduler, request(None)) == (0, False)  # the remote holds nothing: computed at once
+    assert ask(scheduler, request({"expect_tokens": 0}, "r2")) == (0, False)
     assert handoffs(scheduler, "complete") == handoffs(scheduler, "timeout") == 0
 
 
@@ -106,8 +116,8 @@ def test_a_prefill_instance_announces_the_chunks_it_stored() -> None:
                           (request({"namespace": "tenant-a"}, "r2"),
                            {"kvtier": {"expect_tokens": 4 * CHUNK, "namespace": "tenant-a"}}),
                           (request({"store": False}, "r3"), None)):
-        producer.get_num_new_matched_tokens(req, 0)  # type: ignore[arg-type]
+        ask(producer, req)
         assert producer.request_finished(req) == (False, expected)  # type: ignore[arg-type]
     consumer = side(DictTier())
-    consumer.get_num_new_matched_tokens(request(None), 0)  # type: ignore[arg-type]
+    ask(consumer, request(None))
     assert consumer.request_finished(request(None)) == (False, None)  # type: ignore[arg-type]

@@ -91,10 +91,21 @@ def test_spill_on_evict_then_promote_from_disk() -> None:
     found = store.lookup([key(0)])
     assert found.num_chunks == 1 and found.disk_only == (0,)
     planned = store.prepare_promote("req", NS, [key(0)])
-    assert planned == [key(0)]
+    assert [(op.key, op.slot, op.namespace) for op in planned] == [(key(0), slot0, NS)]
     store.complete(WorkerReport(promoted=[key(0)]))
     assert store.lookup([key(0)]).disk_only == ()
     assert store.in_memory(key(0)) and not store.in_memory(key(1))
+
+
+def test_an_abandoned_promote_frees_its_slot_and_keeps_the_disk_entry() -> None:
+    store = make(num_slots=1, disk=DiskSettings(capacity_entries=4, write_through=True, initial=[DiskItem(key(7), NS, 0.0)]))
+    planned = store.prepare_promote("req", NS, [key(7)])
+    assert len(planned) == 1 and store.is_pending(key(7))
+    store.abandon([key(7)])
+    store.leases.release("req")
+    assert not store.in_memory(key(7)) and store.lookup([key(7)]).disk_only == (0,)
+    stored(store, 1)  # the one slot is free again
+    assert store.in_memory(key(1))
 
 
 def test_failed_promote_drops_the_entry_everywhere() -> None:

@@ -57,6 +57,11 @@ class KVTierConnector(KVConnectorBase_V1):
                  kv_cache_config: "KVCacheConfig") -> None:
         super().__init__(vllm_config, role, kv_cache_config)
         setup = build_setup(vllm_config, kv_cache_config)
+        transfer = vllm_config.kv_transfer_config
+        if transfer is not None and transfer.kv_load_failure_policy != "recompute":
+            # kvtier is a cache: a chunk that fails to load is recomputed, never an error for the
+            # request. vLLM reads this after building the scheduler-side connector.
+            transfer.kv_load_failure_policy = "recompute"
         self._scheduler = None
         self._worker = None
         self._admin = None
@@ -100,7 +105,7 @@ class KVTierConnector(KVConnectorBase_V1):
         self._worker.start_load(self._plan())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads complete in start_load_kv
+        return  # synchronous loads complete in start_load_kv; asynchronous ones before vLLM schedules them
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: "AttentionMetadata",
                       **kwargs: Any) -> None:
@@ -112,7 +117,11 @@ class KVTierConnector(KVConnectorBase_V1):
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         assert self._worker is not None
-        return self._worker.finished_frees() or None, None
+        return self._worker.finished_frees() or None, self._worker.finished_loads() or None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        assert self._worker is not None
+        return self._worker.take_load_errors()
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         assert self._worker is not None
@@ -144,7 +153,7 @@ class KVTierConnector(KVConnectorBase_V1):
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
         assert self._scheduler is not None
-        return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens), False
+        return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
                                  num_external_tokens: int) -> None:
@@ -158,8 +167,8 @@ class KVTierConnector(KVConnectorBase_V1):
     def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
         assert self._scheduler is not None
         meta = connector_output.kv_connector_worker_meta
-        if isinstance(meta, KVTierWorkerMetadata):
-            self._scheduler.complete(meta.report)
+        report = meta.report if isinstance(meta, KVTierWorkerMetadata) else None
+        self._scheduler.complete(report, set(connector_output.finished_recving or ()))
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self._scheduler is not None

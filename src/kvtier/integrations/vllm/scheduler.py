@@ -1,37 +1,39 @@
-"""Scheduler side of the vLLM connector: answers "how many tokens can kvtier give", plans loads and
-stores into each step's metadata, and applies the workers' reports. Never touches a tensor.
+"""Scheduler side of the vLLM connector: translates vLLM's scheduler calls into the engine-neutral
+``KVManager`` (``kvtier.manager``), and its plans into each step's metadata. Never touches a tensor
+and does no I/O.
 
-Runs in vLLM's EngineCore process, on the scheduler thread only.
+Runs in vLLM's EngineCore process, on the scheduler thread (the admin API's threads take ``lock``
+too).
 
 Lookup protocol for one new request (``get_num_new_matched_tokens``):
-- chunks in memory: answer at once; the engine loads them synchronously before the forward.
-- chunks only on disk, or (after the local prefix) on the remote tier: plan promotes (-> a memory
-  slot, verified by the worker), answer ``None`` ("ask again"); once the worker reports them in
-  memory, the next call answers with them. An entry that fails verification is dropped and the
-  answer stops before it: corrupt data is a miss, it never reaches the engine. A remote fetch is
-  planned only when the cost model expects it to beat recomputing.
-Only the chunks beyond vLLM's own prefix hit are looked up. The hit always ends on a block boundary
-and leaves at least one prompt token to compute.
+- a remote answer or a handoff is pending: ``None`` (vLLM asks again next step; others run);
+- every chunk of the hit is in memory: the hit, loaded synchronously before the next forward
+  (a copy from host memory: no I/O);
+- some chunks come from disk or the remote: the hit, asynchronous. vLLM allocates the blocks and
+  parks the request (WAITING_FOR_REMOTE_KVS) while the worker reads the chunks on background
+  threads; the worker copies what was verified into the blocks, reports the request's load
+  finished and the blocks it could not fill as load errors, which vLLM recomputes. Corrupt data
+  is a miss, it never reaches the engine.
+Only the chunks beyond vLLM's own prefix hit are looked up. The hit always ends on a block
+boundary and leaves at least one prompt token to compute.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
 
-from kvtier.costmodel import CostModel
 from kvtier.integrations.vllm.requests import RequestControls, request_controls
 from kvtier.integrations.vllm.setup import EngineSetup
 from kvtier.keys import chunk_keys
-from kvtier.metrics import TIERS, Metrics
-from kvtier.plans import LoadOp, SlotOp, StepPlan, StoreOp, WorkerReport
-from kvtier.store import DiskItem, DiskSettings, TieredStore
+from kvtier.manager import KVManager, LoadRequest, PlannedLoad
+from kvtier.metrics import Metrics
+from kvtier.plans import AsyncLoad, LoadOp, StepPlan, StoreOp, WorkerReport
+from kvtier.store import DiskItem, TieredStore
 from kvtier.tiers.remote import RemoteTier
 
 if TYPE_CHECKING:
@@ -39,12 +41,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.request import Request
 
-logger = logging.getLogger("kvtier")
-
-MAX_PROMOTE_ROUNDS = 2
-REMOTE_KNOWN_KEYS = 200_000
-EXPIRE_EVERY_S = 5.0  # how often entries past their namespace's TTL are removed (lookups never see them)
-HANDOFF_POLL_S = 0.01  # a request waiting for a handoff asks the remote at most this often
+DISK_LOAD_DEADLINE_S = 10.0  # a load from disk alone that takes longer is given up (recomputed)
 
 
 @dataclass
@@ -53,14 +50,11 @@ class RequestState:
     controls: RequestControls
     keys: list[bytes] = field(default_factory=list)  # chunk keys of the token ids seen so far
     num_local_tokens: int = 0  # vLLM's own prefix hit at the last lookup
-    promoting: list[bytes] = field(default_factory=list)
-    promoted_from: dict[bytes, str] = field(default_factory=dict)  # chunk -> tier it came from
-    num_promote_rounds: int = 0
-    counted: bool = False
+    planned: PlannedLoad | None = None  # the load answered to vLLM, until it is dispatched
+    first_chunk: int = 0  # the first chunk of ``planned``
+    loading: bool = False  # an asynchronous load is in flight on the worker
     num_store_checked: int = 0  # chunks already considered for storing
     store_keys: list[bytes] = field(default_factory=list)  # chunks this request's blocks were stored as
-    handoff_until: float = 0.0  # monotonic deadline of the wait for a prefill instance's uploads (0: none)
-    remote_checked_at: float = 0.0  # monotonic time of that check
 
 
 _P = ParamSpec("_P")
@@ -86,171 +80,90 @@ class SchedulerSide:
                  remote: RemoteTier | None) -> None:
         self.setup = setup
         self.lock = threading.RLock()
-        self.remote = remote
-        self._remote_known: OrderedDict[bytes, None] = OrderedDict()  # chunks known to be on the remote
-        self.cost = CostModel(min_step_tokens=setup.chunk_tokens)
-        self._last_step_tokens = 0  # tokens scheduled in the step whose report comes next
         self.metrics = metrics
-        disk = None
-        if setup.disk_dir is not None:
-            disk = DiskSettings(setup.disk_capacity_entries, setup.config.disk.write_policy == "write_through",
-                                initial_disk)
-        self.store = TieredStore(setup.num_slots, setup.config.memory.policy, disk, setup.world_size, metrics,
-                                 setup.chunk_bytes, setup.config.namespace_limits, time.time)
-        self._next_expire = time.monotonic() + EXPIRE_EVERY_S
+        disk_entries = setup.disk_capacity_entries if setup.disk_dir is not None else None
+        self.manager = KVManager.open(setup.config, setup.num_slots, setup.chunk_tokens, setup.chunk_bytes,
+                                      setup.world_size, disk_entries, initial_disk, metrics, remote)
+        self._last_step_tokens = 0  # tokens scheduled in the step whose report comes next
         self.requests: dict[str, RequestState] = {}
-        metrics.capacity_entries.labels(tier="memory").set(setup.num_slots)
-        metrics.capacity_entries.labels(tier="disk").set(setup.disk_capacity_entries)
-        metrics.entries.labels(tier="disk").set(self.store.num_disk_entries)
         self._loads: list[LoadOp] = []
+        self._async_loads: list[AsyncLoad] = []
         self._loaded_owners: list[str] = []
         self._delayed_frees: list[str] = []
         self.kv_cache_manager: KVCacheManager | None = None
         self._digests: dict[tuple[str, str], bytes] = {}
         self._no_cache = frozenset(filter(None, setup.config.no_cache_namespaces.split(",")))
+        remote_deadline_s = setup.config.remote.timeout_ms / 1000
+        self._async_deadline_s = DISK_LOAD_DEADLINE_S if remote is None else max(remote_deadline_s, 0.001)
+
+    @property
+    def store(self) -> TieredStore:
+        return self.manager.store
+
+    @property
+    def remote(self) -> RemoteTier | None:
+        return self.manager.remote
 
     # ----- lookup ----------------------------------------------------------------------------
     @_locked
-    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> int | None:
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
+        """The tokens kvtier can give beyond vLLM's own ``num_computed_tokens`` (None: ask again)
+        and whether they load asynchronously."""
         started = time.perf_counter()
         state = self._state(request)
-        if any(self.store.is_pending(key) for key in state.promoting):
-            return None
-        state.promoting = []
+        if state.planned is not None:  # vLLM could not allocate for the last answer: plan afresh
+            self.manager.cancel_load(request.request_id, state.planned)
+            state.planned = None
         if not state.controls.load:
-            return 0
-        num_tokens = self._lookup(state, num_computed_tokens)
+            return 0, False
+        answer = self._lookup(state, num_computed_tokens)
         self.metrics.lookup_seconds.observe(time.perf_counter() - started)
-        return num_tokens
+        return answer
 
-    def _lookup(self, state: RequestState, num_local: int) -> int | None:
+    def _lookup(self, state: RequestState, num_local: int) -> tuple[int | None, bool]:
         prompt = state.request.prompt_token_ids or []
         block, chunk = self.setup.layout.block_size, self.setup.chunk_tokens
         max_hit = (len(prompt) - 1) // block * block
         keys = self._keys(state, prompt)[: -(-max_hit // chunk)]
         first = num_local // chunk  # chunks before this one are in vLLM's own cache
-        wanted = keys[first:]
-        if not wanted:
-            return 0
-        if state.handoff_until > 0 and time.monotonic() - state.remote_checked_at < HANDOFF_POLL_S:
-            return None  # waiting for a handoff, and the remote was asked moments ago
-        found = self.store.lookup(wanted)
-        remote_run, num_remote = self._remote_run(state, wanted[found.num_chunks:])
-        if self._awaiting_handoff(state, first + found.num_chunks + num_remote, len(keys)):
-            return None  # the prefill instance's uploads are still arriving: vLLM asks again
-        disk_keys = [wanted[i] for i in found.disk_only]
-        if (disk_keys or remote_run) and self._plan_promotes(state, disk_keys, remote_run):
-            return None  # promotes planned: vLLM asks again, and they are in memory by then
-        num_found = found.disk_only[0] if found.disk_only else found.num_chunks  # ready in memory
-        self._count(state, wanted, num_found)
-        hit = min((first + num_found) * chunk, max_hit)
+        expect = state.controls.expect_tokens // chunk
+        planned = self.manager.plan_load(LoadRequest(state.request.request_id, state.controls.namespace, keys, first,
+                                                     expect))
+        if planned is None:
+            return None, False
+        hit = min((first + planned.num_chunks) * chunk, max_hit)
         if hit <= num_local:
-            return 0
-        used = wanted[: -(-hit // chunk) - first]
-        self.store.leases.acquire(state.request.request_id, used)
-        self.store.touch(used)
-        state.num_local_tokens = num_local
-        return hit - num_local
-
-    def _awaiting_handoff(self, state: RequestState, num_available: int, num_keys: int) -> bool:
-        """True while a request that names a handoff (``expect_tokens``) finds fewer chunks than
-        the prefill instance stored, the remote tier is up and ``remote.handoff_wait_ms`` has not
-        passed since its first lookup. The end of a wait is counted: complete or timed out."""
-        expected = min(state.controls.expect_tokens // self.setup.chunk_tokens, num_keys)
-        if not expected or self.remote is None or state.handoff_until < 0:
-            return False
-        now = time.monotonic()
-        if num_available >= expected or not self.remote.healthy or \
-                state.handoff_until and now >= state.handoff_until:
-            outcome = "complete" if num_available >= expected else "timeout"
-            self.metrics.handoffs.labels(outcome=outcome).inc()
-            if outcome == "timeout":
-                logger.warning("kvtier: request %s expected %d chunks from a prefill instance, the remote "
-                               "holds %d: recomputing the rest", state.request.request_id, expected, num_available)
-            state.handoff_until = -1.0  # decided: never wait again
-            return False
-        if not state.handoff_until:
-            state.handoff_until = now + self.setup.config.remote.handoff_wait_ms / 1000
-        return True
-
-    def _plan_promotes(self, state: RequestState, disk_keys: list[bytes], remote_keys: list[bytes]) -> bool:
-        """Plan disk -> memory and remote -> memory reads; False when none could be planned (memory
-        full of leased entries, or this request already had its rounds: a flapping tier must not
-        hold a request back forever)."""
-        if state.num_promote_rounds >= MAX_PROMOTE_ROUNDS:
-            return False
-        state.num_promote_rounds += 1
-        owner, namespace = state.request.request_id, state.controls.namespace
-        planned = self.store.prepare_promote(owner, namespace, disk_keys)
-        state.promoted_from.update(dict.fromkeys(planned, "disk"))
-        if len(planned) == len(disk_keys) and remote_keys:
-            from_remote = self.store.prepare_promote(owner, namespace, remote_keys, from_remote=True)
-            state.promoted_from.update(dict.fromkeys(from_remote, "remote"))
-            planned += from_remote
-        state.promoting = planned
-        return bool(planned)
-
-    def _remote_run(self, state: RequestState, keys: list[bytes]) -> tuple[list[bytes], int]:
-        """The consecutive ``keys`` (after the local prefix) that the remote tier holds, no local
-        tier is already handling and are worth fetching (none once the request has had its promote
-        rounds), and how many the remote holds (fetched or not: what a handoff waits for)."""
-        if self.remote is None or not keys or state.num_promote_rounds >= MAX_PROMOTE_ROUNDS:
-            return [], 0
-        run: list[bytes] = []
-        for key in keys:
-            if self.store.in_memory(key) or self.store.on_disk(key):
-                break
-            run.append(key)
-        if not run:
-            return [], 0
-        namespace = state.controls.namespace
-        num_held = self.remote.exists_prefix(run, 0, namespace=namespace, max_age_s=self.store.ttl_of(namespace))
-        state.remote_checked_at = time.monotonic()
-        for key in run[:num_held]:
-            self._remember_remote(key)
-        if num_held and not self.cost.fetch_pays(num_held * self.setup.chunk_bytes, num_held * self.setup.chunk_tokens):
-            self.metrics.skipped_loads.labels(tier="remote").inc(num_held)
-            return [], num_held  # the engine recomputes these faster than the remote delivers them
-        return run[:num_held], num_held
-
-    def _remember_remote(self, key: bytes) -> None:
-        self._remote_known[key] = None
-        self._remote_known.move_to_end(key)
-        if len(self._remote_known) > REMOTE_KNOWN_KEYS:
-            self._remote_known.popitem(last=False)
-
-    def _count(self, state: RequestState, looked_up: list[bytes], num_found: int) -> None:
-        if state.counted:
-            return
-        state.counted = True
-        served = looked_up[:num_found]
-        by_tier = {tier: sum(1 for key in served if state.promoted_from.get(key, "memory") == tier)
-                   for tier in TIERS}
-        self.metrics.lookups.inc(len(looked_up))
-        remaining = len(looked_up)
-        for tier in TIERS:
-            if tier == "disk" and self.setup.disk_dir is None or tier == "remote" and self.remote is None:
-                continue
-            self.metrics.hits.labels(tier=tier).inc(by_tier[tier])
-            remaining -= by_tier[tier]
-            self.metrics.misses.labels(tier=tier).inc(remaining)
+            self.manager.cancel_load(state.request.request_id, planned)
+            return 0, False
+        state.planned, state.first_chunk, state.num_local_tokens = planned, first, num_local
+        return hit - num_local, planned.is_async
 
     @_locked
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
                                  num_external_tokens: int) -> None:
-        if num_external_tokens == 0:
+        state = self.requests.get(request.request_id)
+        if state is None or state.planned is None:
             return
-        state = self.requests[request.request_id]
+        planned, state.planned = state.planned, None
+        if num_external_tokens == 0:
+            self.manager.cancel_load(request.request_id, planned)
+            return
         block_ids = blocks.get_block_ids()[0]
         block, per_chunk = self.setup.layout.block_size, self.setup.blocks_per_chunk
         start = state.num_local_tokens // block
         end = (state.num_local_tokens + num_external_tokens) // block
+        loads: list[LoadOp] = []
         for chunk_index in range(start // per_chunk, -(-end // per_chunk)):
             lo, hi = max(start, chunk_index * per_chunk), min(end, (chunk_index + 1) * per_chunk)
-            slot = self.store.slot_of(state.keys[chunk_index])
-            self._loads.append(LoadOp(slot, lo - chunk_index * per_chunk, tuple(block_ids[lo:hi])))
-        self._loaded_owners.append(request.request_id)
-        self.metrics.loaded_tokens.inc(num_external_tokens)
+            slot = planned.slots[chunk_index - state.first_chunk]
+            loads.append(LoadOp(slot, lo - chunk_index * per_chunk, tuple(block_ids[lo:hi])))
+        if planned.is_async:
+            self._async_loads.append(AsyncLoad(request.request_id, planned.disk, planned.remote, tuple(loads),
+                                               self._async_deadline_s))
+            state.loading = True
+        else:
+            self._loads += loads
+            self._loaded_owners.append(request.request_id)
 
     # ----- per step --------------------------------------------------------------------------
     @_locked
@@ -265,19 +178,16 @@ class SchedulerSide:
             scheduled = scheduler_output.num_scheduled_tokens.get(req_id, 0)
             self._plan_stores(req_id, num_computed + scheduled, plan)
         plan.loads, self._loads = self._loads, []
+        plan.async_loads, self._async_loads = self._async_loads, []
         plan.delayed_frees, self._delayed_frees = self._delayed_frees, []
         for owner in self._loaded_owners:  # slots are safe: the loads run before this step's stores
-            self.store.leases.release(owner)
+            self.manager.load_finished(owner)
         self._loaded_owners = []
         for req_id in scheduler_output.preempted_req_ids or ():
-            self.store.leases.release(req_id)
-        self.metrics.lease_owners.set(self.store.leases.num_owners())
-        if time.monotonic() >= self._next_expire:
-            self._next_expire = time.monotonic() + EXPIRE_EVERY_S
-            self.store.expire()
-        ops = self.store.take_ops()
-        plan.spills, plan.promotes, plan.remote_fetches = ops.spills, ops.promotes, ops.remote_fetches
-        plan.write_through, plan.deletes, plan.purges = ops.write_through, ops.deletes, ops.purges
+            self.manager.load_finished(req_id)
+        ops = self.manager.take_ops()
+        plan.spills, plan.write_through, plan.deletes, plan.purges = \
+            ops.spills, ops.write_through, ops.deletes, ops.purges
         return plan
 
     def _plan_stores(self, req_id: str, num_computed_after: int, plan: StepPlan) -> None:
@@ -293,54 +203,38 @@ class SchedulerSide:
         keys = self._keys(state, tokens)
         block_ids = self.kv_cache_manager.get_block_ids(req_id)[0]
         per_chunk = self.setup.blocks_per_chunk
-        namespace = state.controls.namespace
         for i in range(state.num_store_checked, num_full):
-            slot = self.store.prepare_store(keys[i], namespace)
-            if slot is None:
+            planned = self.manager.plan_store(keys[i], state.controls.namespace)
+            if planned is None:
                 continue
+            slot, upload = planned
             plan.stores.append(StoreOp(keys[i], slot, tuple(block_ids[i * per_chunk:(i + 1) * per_chunk]), req_id))
             state.store_keys.append(keys[i])
-            if self.remote is not None and keys[i] not in self._remote_known:
-                # never re-upload what the remote holds
-                plan.remote_puts.append(SlotOp(keys[i], slot, namespace, self.store.ttl_of(namespace)))
-                self._remember_remote(keys[i])
+            if upload is not None:
+                plan.remote_puts.append(upload)
         state.num_store_checked = num_full
 
     @_locked
-    def complete(self, report: WorkerReport) -> None:
-        self.store.complete(report)
-        for key in report.remote_failed:
-            self._remote_known.pop(key, None)
-        self.cost.observe_fetch(report.remote_read_bytes, report.remote_fetch_seconds)
-        self.cost.observe_step(self._last_step_tokens, report.forward_seconds)
-        m = self.metrics
-        m.entries.labels(tier="memory").set(self.store.num_memory_entries)
-        m.entries.labels(tier="disk").set(self.store.num_disk_entries)
-        m.read_bytes.labels(tier="memory").inc(report.memory_read_bytes)
-        m.written_bytes.labels(tier="memory").inc(report.memory_written_bytes)
-        m.read_bytes.labels(tier="disk").inc(report.disk_read_bytes)
-        m.written_bytes.labels(tier="disk").inc(report.disk_written_bytes)
-        m.errors.labels(tier="disk").inc(report.num_corrupt + report.num_disk_write_errors)
-        m.dropped_stores.labels(tier="disk").inc(report.num_dropped_writes)
-        m.read_bytes.labels(tier="remote").inc(report.remote_read_bytes)
-        m.written_bytes.labels(tier="remote").inc(report.remote_written_bytes)
-        m.wire_read_bytes.labels(tier="remote").inc(report.remote_wire_read_bytes)
-        m.wire_written_bytes.labels(tier="remote").inc(report.remote_wire_written_bytes)
-        m.errors.labels(tier="remote").inc(report.num_remote_errors)
-        m.dropped_stores.labels(tier="remote").inc(report.num_remote_dropped)
-        for seconds in report.load_seconds:
-            m.load_seconds.observe(seconds)
-        for seconds in report.store_seconds:
-            m.store_seconds.observe(seconds)
+    def complete(self, report: WorkerReport | None, finished_loads: set[str]) -> None:
+        """Apply a step's output: the workers' report, and the requests whose asynchronous loads
+        the workers finished (``finished_recving``)."""
+        if report is not None:
+            self.manager.complete(report, self._last_step_tokens)
+        for req_id in finished_loads:
+            state = self.requests.get(req_id)
+            if state is not None:
+                state.loading = False
+                self.manager.load_finished(req_id)
+            else:  # finished (aborted) while loading: vLLM kept its blocks until now
+                self.manager.release(req_id)
 
     def shutdown(self) -> None:
-        if self.remote is not None:
-            self.remote.close()
+        self.manager.close()
 
     @_locked
     def forget_remote(self) -> None:
         """Forget which chunks the remote holds (after an invalidation removed some)."""
-        self._remote_known.clear()
+        self.manager.forget_remote()
 
     @_locked
     def request_finished(self, request: "Request") -> tuple[bool, dict[str, object] | None]:
@@ -348,13 +242,17 @@ class SchedulerSide:
         its in-flight stores done (stores copy asynchronously and must not read reused blocks),
         and, on a prefill instance (``kv_role: kv_producer``) with a remote tier, the handoff a
         decode instance needs: ``{"kvtier": {"expect_tokens": N}}`` (plus the namespace, when the
-        request named one), which the client or proxy passes on in ``kv_transfer_params``."""
-        self.store.leases.release(request.request_id)
+        request named one), which the client or proxy passes on in ``kv_transfer_params``.
+        A request finished while its asynchronous load is in flight keeps its leases until the
+        worker reports the load finished (vLLM keeps its blocks until then)."""
         state = self.requests.pop(request.request_id, None)
+        if state is not None and state.planned is not None:
+            self.manager.cancel_load(request.request_id, state.planned)
+        if state is None or not state.loading:
+            self.manager.release(request.request_id)
         delay = state is not None and any(self.store.is_pending(key) for key in state.store_keys)
         if delay:
             self._delayed_frees.append(request.request_id)
-        self.metrics.lease_owners.set(self.store.leases.num_owners())
         return delay, self._handoff(state)
 
     def _handoff(self, state: RequestState | None) -> dict[str, object] | None:

@@ -1,9 +1,13 @@
 """Worker side of the vLLM connector: executes each step's ``StepPlan`` on the engine's tensors.
 
 Runs in vLLM's Worker process (one per tensor-parallel rank). It decides nothing: the scheduler side
-chose every slot, block and key. Loads run synchronously before the forward (``start_load_kv``),
-stores after it (``wait_for_save``); disk writes go through a bounded background queue, so the
-engine never waits on the disk for a store. Results go back in a ``WorkerReport``.
+chose every slot, block and key. Loads from memory run synchronously before the forward
+(``start_load_kv``: a host-memory copy); loads that need disk or remote reads are handed to the
+transfer executor (``kvtier.transfers``), which reads on background threads, and are copied into
+the engine's blocks on this thread once settled (``finished_loads``, from ``get_finished``).
+Stores run after the forward (``wait_for_save``); disk writes and uploads go through bounded
+background queues. No disk or network I/O ever runs on the engine's thread. Results go back in a
+``WorkerReport``.
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ import torch
 from kvtier.crypto import Sealer
 from kvtier.datapath import ChunkMover, HostPool, PagedKV, ordered_layers
 from kvtier.integrations.vllm.setup import EngineSetup
-from kvtier.plans import EntryRef, SlotOp, StepPlan, StoreOp, WorkerReport
+from kvtier.plans import AsyncLoad, EntryRef, LoadOp, SlotOp, StepPlan, StoreOp, WorkerReport
 from kvtier.tiers.disk import DiskFiles, DiskWriter, ReadResult
 from kvtier.tiers.remote import RemoteTier
 from kvtier.tiers.uploader import RemoteUploader
+from kvtier.transfers import FillExecutor
 
 logger = logging.getLogger("kvtier")
 
@@ -59,6 +64,10 @@ class WorkerSide:
         self.mover: ChunkMover | None = None
         self.disk: DiskFiles | None = None
         self.writer: DiskWriter | None = None
+        self.fills: FillExecutor | None = None
+        self._async_loads: dict[str, AsyncLoad] = {}  # by request, until settled
+        self._load_errors: set[int] = set()  # engine blocks that async loads could not fill
+        self._fetch_seconds_reported = 0.0
         if setup.disk_dir is not None:
             self.disk = DiskFiles(setup.disk_dir, setup.layout.fingerprint(), sealer=sealer)
             self.writer = DiskWriter(self.disk, setup.config.disk.queue_depth)
@@ -69,6 +78,8 @@ class WorkerSide:
         pin = self.paged.device.type == "cuda"
         self.pool = HostPool(self.setup.num_slots, self.setup.chunk_bytes, pin_memory=pin)
         self.mover = ChunkMover(self.paged, self.pool, self.setup.blocks_per_chunk)
+        self.fills = FillExecutor(self.pool.memoryview, self.rank, self.setup.layout.fingerprint(), self.disk,
+                                  self.remote)
         logger.info("kvtier: %d memory slots of %d bytes, disk %s", self.setup.num_slots,
                     self.setup.chunk_bytes, self.setup.disk_dir or "off")
 
@@ -82,58 +93,79 @@ class WorkerSide:
             return
         for op in plan.spills:
             self._submit_disk_write(op, self._slot_bytes(op.slot))
-        for op in plan.promotes:
-            self._promote(op)
-        if plan.remote_fetches:
-            self._fetch_remote(plan)
+        assert self.fills is not None
+        for load in plan.async_loads:  # after the spills: a fill may reuse a spilled slot
+            self.fills.submit(load.req_id, load.disk, load.remote, load.deadline_s)
+            self._async_loads[load.req_id] = load
         if plan.loads:
-            self._load(plan)
+            self._load(plan.loads)
 
-    def _promote(self, op: SlotOp) -> None:
-        assert self.disk is not None and self.pool is not None
-        key = op.key
-        result = self.disk.read_into(key, self.rank, self.pool.memoryview(op.slot), namespace=op.namespace)
-        if result is ReadResult.OK:
-            self.report.promoted.append(key)
-            self.report.disk_read_bytes += self.setup.chunk_bytes
-            return
-        self.report.promote_failed.append(key)
-        if result is ReadResult.CORRUPT:
-            self.report.num_corrupt += 1
-            logger.warning("kvtier: corrupt disk entry %s removed; the engine recomputes it", key.hex())
-
-    def _fetch_remote(self, plan: StepPlan) -> None:
-        """Remote -> memory slots, verified; a failure is a miss (the engine recomputes)."""
-        assert self.remote is not None and self.pool is not None
-        by_namespace: dict[str, list[SlotOp]] = {}
-        for op in plan.remote_fetches:
-            by_namespace.setdefault(op.namespace, []).append(op)
-        started = time.perf_counter()
-        fetched: list[tuple[SlotOp, ReadResult]] = []
-        for namespace, ops in by_namespace.items():
-            items = [(op.key, self.pool.memoryview(op.slot)) for op in ops]
-            results = self.remote.get_many_into(items, self.rank, self.setup.layout.fingerprint(), namespace=namespace)
-            fetched += zip(ops, results)
-        self.report.remote_fetch_seconds += time.perf_counter() - started
-        for op, result in fetched:
-            if result is ReadResult.OK:
-                self.report.promoted.append(op.key)
-                self.report.remote_read_bytes += self.setup.chunk_bytes
-                continue
-            self.report.promote_failed.append(op.key)
-            self.report.remote_failed.append(op.key)
-            if result is ReadResult.CORRUPT:
-                self.report.num_remote_errors += 1
-                logger.warning("kvtier: corrupt remote entry %s; the engine recomputes it", op.key.hex())
-
-    def _load(self, plan: StepPlan) -> None:
+    def _load(self, loads: list[LoadOp]) -> None:
         assert self.mover is not None
         started = time.perf_counter()
-        self.mover.scatter_chunks(plan.loads)
-        num_blocks = sum(len(op.block_ids) for op in plan.loads)
+        self.mover.scatter_chunks(loads)
+        num_blocks = sum(len(op.block_ids) for op in loads)
         self.report.memory_read_bytes += num_blocks * self.setup.chunk_bytes // self.setup.blocks_per_chunk
+        self.report.loaded_tokens += num_blocks * self.setup.layout.block_size
         self.mover.wait()
         self.report.load_seconds.append(time.perf_counter() - started)
+
+    def finished_loads(self) -> set[str]:
+        """Requests whose asynchronous loads settled since the last call: what was verified is
+        now in their blocks; the blocks of the first chunk that was not, and of every chunk
+        after it, are load errors (``take_load_errors``), which vLLM recomputes."""
+        if self.fills is None or not self._async_loads:
+            return set()
+        self._collect_fills()
+        done: set[str] = set()
+        for settled in self.fills.take_settled():
+            load = self._async_loads.pop(settled.job_id)
+            filled = {op.slot for op in load.disk + load.remote}
+            good = len(load.loads)
+            for index, op in enumerate(load.loads):
+                if op.slot in filled and op.slot not in settled.ok_slots:
+                    good = index
+                    break
+            if good:
+                self._load(list(load.loads[:good]))
+            for op in load.loads[good:]:
+                self._load_errors.update(op.block_ids)
+                self.report.failed_load_tokens += len(op.block_ids) * self.setup.layout.block_size
+            if settled.timed_out:
+                logger.warning("kvtier: the load of request %s passed its deadline (%.1f s); the engine "
+                               "recomputes %d of its chunks", load.req_id, load.deadline_s, len(load.loads) - good)
+            done.add(load.req_id)
+        return done
+
+    def take_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def _collect_fills(self) -> None:
+        """Report every background read that finished (each once), even after its deadline."""
+        if self.fills is None:
+            return
+        for done in self.fills.take_results():
+            key = done.op.key
+            if done.result is ReadResult.OK:
+                self.report.promoted.append(key)
+                if done.tier == "disk":
+                    self.report.disk_read_bytes += self.setup.chunk_bytes
+                else:
+                    self.report.remote_read_bytes += self.setup.chunk_bytes
+                continue
+            self.report.promote_failed.append(key)
+            if done.tier == "remote":
+                self.report.remote_failed.append(key)
+            if done.result is ReadResult.CORRUPT:
+                if done.tier == "disk":
+                    self.report.num_corrupt += 1
+                else:
+                    self.report.num_remote_errors += 1
+                logger.warning("kvtier: corrupt %s entry %s; the engine recomputes it", done.tier, key.hex())
+        seconds = self.fills.remote_fetch_seconds
+        self.report.remote_fetch_seconds += seconds - self._fetch_seconds_reported
+        self._fetch_seconds_reported = seconds
 
     # ----- after the forward -----------------------------------------------------------------
     def save(self, plan: StepPlan) -> None:
@@ -213,6 +245,7 @@ class WorkerSide:
     # ----- reporting -------------------------------------------------------------------------
     def take_report(self) -> WorkerReport | None:
         self._poll()
+        self._collect_fills()
         if self.writer is not None:
             written, failed = self.writer.take_results()
             self.report.disk_written.extend(written)
@@ -234,6 +267,8 @@ class WorkerSide:
 
     def shutdown(self) -> None:
         self.drain()
+        if self.fills is not None:
+            self.fills.close()
         if self.writer is not None:
             self.writer.close()
         if self.uploader is not None:
