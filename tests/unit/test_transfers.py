@@ -117,12 +117,12 @@ def test_a_black_holed_lookup_never_blocks_and_counts_as_a_miss_after_the_deadli
     while True:
         asked = time.monotonic()
         answer = lookups.ask("r1", [key(0)], NS, 0)
-        assert time.monotonic() - asked < 0.05  # the caller's thread never waits for the server
+        assert time.monotonic() - asked < 0.1  # the caller's thread never waits for the server
         answers.append(answer)
         if answer is not None:
             break
         time.sleep(0.01)
     assert answers[-1] == 0 and set(answers[:-1]) == {None}
-    assert timeout_s <= time.monotonic() - started < timeout_s + 0.3
+    assert timeout_s <= time.monotonic() - started < timeout_s + 0.5
     assert lookups.num_timeouts == 1
     lookups.close()

@@ -59,12 +59,13 @@ def test_a_load_that_fails_half_way_fills_the_good_chunks_and_reports_the_rest()
     assert wait_finished(side) == {"r1"}
     assert side.take_load_errors() == {7, 3, 9, 4}  # chunk 1 failed: it and everything after it
     assert side.take_load_errors() == set()
-    expected = torch.frombuffer(bytearray(chunk_payload(0)), dtype=torch.bfloat16)
-    # chunk 0 is in blocks 5 and 2 (a slot holds every layer's pages of the chunk)
-    assert side.pool is not None and bytes(side.pool.memoryview(0)) == chunk_payload(0)
-    assert caches["l0"][5].abs().sum() > 0 and caches["l0"][2].abs().sum() > 0
-    assert caches["l0"][9].abs().sum() == 0 and caches["l0"][7].abs().sum() == 0
-    assert expected.numel() * 2 == LAYOUT.chunk_bytes(CHUNK)
+    # chunk 0 is in blocks 5 and 2: a slot holds [layers, blocks of the chunk, page] (vLLM-CPU pages)
+    pages = torch.frombuffer(bytearray(chunk_payload(0)), dtype=torch.int16).view(2, 2, -1)
+    for layer, name in enumerate(("l0", "l1")):
+        for index, block in enumerate((5, 2)):
+            assert torch.equal(caches[name][block].view(torch.int16).flatten(), pages[layer, index])
+        for block in (7, 3, 9, 4):  # failed: nothing copied
+            assert not caches[name][block].view(torch.int16).any()
     report = side.take_report()
     assert report is not None
     assert sorted(report.promoted) == [keys[0], keys[2]] and report.promote_failed == [keys[1]]
@@ -78,11 +79,11 @@ def test_the_engine_thread_never_waits_for_a_stalled_remote() -> None:
     remote.delay_s = 1.0
     side, caches = worker(remote)
     started = time.monotonic()
-    side.start_load(StepPlan(async_loads=[AsyncLoad("r1", (), (SlotOp(key, 0, NS),), (LoadOp(0, 0, (1, 2)),), 0.1)]))
+    side.start_load(StepPlan(async_loads=[AsyncLoad("r1", (), (SlotOp(key, 0, NS),), (LoadOp(0, 0, (1, 2)),), 0.3)]))
     assert side.finished_loads() == set()
-    assert time.monotonic() - started < 0.05  # start_load and get_finished returned at once
+    assert time.monotonic() - started < 0.2  # start_load and get_finished returned at once
     assert wait_finished(side) == {"r1"}  # settled at the deadline, long before the server answers
-    assert time.monotonic() - started < 0.6
+    assert time.monotonic() - started < 0.9
     assert side.take_load_errors() == {1, 2}
     assert caches["l0"][1].abs().sum() == 0  # nothing was copied into the engine's blocks
     report = side.take_report()
