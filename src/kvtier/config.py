@@ -81,6 +81,7 @@ class RemoteConfig:
     compression: str  # "none", or "cachegen": lossy, smaller values (kvtier.compression)
     compression_bits: int  # cachegen: bits per quantised difference (2..8); fewer = smaller, less exact
     handoff_wait_ms: int  # how long a request with expect_tokens waits for a prefill instance's uploads
+    cost_gate: bool  # fetch only when the measured remote speed beats the measured prefill speed
 
     def __post_init__(self) -> None:
         check_client_certificate(self.tls_cert, self.tls_key)
@@ -381,6 +382,7 @@ _KEYS = (
     _Key("remote.compression", "none", _one_of("none", "cachegen")),
     _Key("remote.compression_bits", 6, _int_in(2, 8, "2..8"), _int_from_text),
     _Key("remote.handoff_wait_ms", 3000, _int_in(0, None, ">= 0 milliseconds"), _int_from_text),
+    _Key("remote.cost_gate", True, _bool, _bool_from_text),
     _Key("encryption.key_file", None, _optional_str),
     _Key("encryption.key_env", None, _optional_env_name),
     _Key("namespace_limits", "", _namespace_limits),
@@ -542,7 +544,7 @@ def _build(values: Mapping[str, _Value]) -> KVTierConfig:
             s3_endpoint=optional("remote.s3_endpoint"), s3_region=optional("remote.s3_region"),
             access_key=optional("remote.access_key"), secret_key=optional("remote.secret_key"),
             compression=text("remote.compression"), compression_bits=num("remote.compression_bits"),
-            handoff_wait_ms=num("remote.handoff_wait_ms")),
+            handoff_wait_ms=num("remote.handoff_wait_ms"), cost_gate=_bool(values["remote.cost_gate"])),
         encryption=EncryptionConfig(key_file=optional("encryption.key_file"),
                                     key_env=optional("encryption.key_env")),
         admin=AdminConfig(port=num("admin.port"), host=text("admin.host"),
@@ -569,7 +571,7 @@ def _values_of(config: KVTierConfig) -> dict[str, _Value]:
         "remote.s3_region": config.remote.s3_region, "remote.access_key": config.remote.access_key,
         "remote.secret_key": config.remote.secret_key, "remote.compression": config.remote.compression,
         "remote.compression_bits": config.remote.compression_bits,
-        "remote.handoff_wait_ms": config.remote.handoff_wait_ms,
+        "remote.handoff_wait_ms": config.remote.handoff_wait_ms, "remote.cost_gate": config.remote.cost_gate,
         "encryption.key_file": config.encryption.key_file, "encryption.key_env": config.encryption.key_env,
         "namespace_limits": _render_limits(config.namespace_limits),
         "admin.port": config.admin.port, "admin.host": config.admin.host,

@@ -166,7 +166,7 @@ class KVManager:
         if self._awaiting_handoff(request, owner, request.first + found.num_chunks + num_remote):
             return None
         remote_run = wanted[found.num_chunks:found.num_chunks + num_remote]
-        if remote_run and not self.cost.fetch_pays(len(remote_run) * self._chunk_bytes,
+        if remote_run and self.config.remote.cost_gate and not self.cost.fetch_pays(len(remote_run) * self._chunk_bytes,
                                                    len(remote_run) * self._chunk_tokens):
             self.metrics.skipped_loads.labels(tier="remote").inc(len(remote_run))
             remote_run = []  # the engine recomputes these faster than the remote delivers them

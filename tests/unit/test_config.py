@@ -22,10 +22,11 @@ ALL_KEYS = ["chunk_tokens", "namespace", "model_id", "store_decode_tokens", "mem
             "metrics.port", "metrics.host"]
 REMOTE_KEYS = ["remote.url", "remote.ttl", "remote.timeout_ms", "remote.queue_depth", "remote.username",
                "remote.password", "remote.tls_ca", "remote.tls_cert", "remote.tls_key", "remote.s3_endpoint", "remote.s3_region", "remote.access_key",
-               "remote.secret_key", "remote.compression", "remote.compression_bits", "remote.handoff_wait_ms"]
+               "remote.secret_key", "remote.compression", "remote.compression_bits", "remote.handoff_wait_ms",
+               "remote.cost_gate"]
 DEFAULT_REMOTE = RemoteConfig(url=None, ttl_s=86400, timeout_ms=2000, queue_depth=64, username=None, password=None,
                               tls_ca=None, tls_cert=None, tls_key=None, s3_endpoint=None, s3_region=None, access_key=None, secret_key=None,
-                              compression="none", compression_bits=6, handoff_wait_ms=3000)
+                              compression="none", compression_bits=6, handoff_wait_ms=3000, cost_gate=True)
 ENCRYPTION_KEYS = ["encryption.key_file", "encryption.key_env"]
 DEFAULT_ENCRYPTION = EncryptionConfig(key_file=None, key_env=None)
 ADMIN_KEYS = ["admin.port", "admin.host", "admin.tokens_file", "admin.audit_log"]
@@ -500,9 +501,9 @@ def test_describe_rows(tmp_path: Path) -> None:
         ("metrics.host", '"127.0.0.1"', "default"),
         ("remote.url", "null", "default"), ("remote.ttl", "86400", "default"),
         ("remote.timeout_ms", "2000", "default"), ("remote.queue_depth", "64", "default"),
-        *[(key, "null", "default") for key in REMOTE_KEYS[4:-3]],
+        *[(key, "null", "default") for key in REMOTE_KEYS[4:-4]],
         ("remote.compression", '"none"', "default"), ("remote.compression_bits", "6", "default"),
-        ("remote.handoff_wait_ms", "3000", "default"),
+        ("remote.handoff_wait_ms", "3000", "default"), ("remote.cost_gate", "true", "default"),
         ("encryption.key_file", "null", "default"), ("encryption.key_env", "null", "default"),
         ("namespace_limits", '""', "default"), ("admin.port", "0", "default"),
         ("admin.host", '"127.0.0.1"', "default"), ("admin.tokens_file", "null", "default"),

@@ -24,8 +24,9 @@ CHUNK = 256
 PROMPT = list(range(100, 100 + 4 * CHUNK + 10))
 
 
-def side(remote: DictTier, wait_ms: int = 5000, producer: bool = False) -> SchedulerSide:
-    config = load_config({"remote.handoff_wait_ms": wait_ms, "chunk_tokens": CHUNK}, {}).config
+def side(remote: DictTier, wait_ms: int = 5000, producer: bool = False, cost_gate: bool = True) -> SchedulerSide:
+    config = load_config({"remote.handoff_wait_ms": wait_ms, "chunk_tokens": CHUNK, "remote.cost_gate": cost_gate},
+                         {}).config
     setup = EngineSetup(config, LAYOUT, Namespace("default", "m", LAYOUT.fingerprint(), 1), ("l0", "l1"), 1,
                         LAYOUT.chunk_bytes(CHUNK), 16, None, 0, producer)
     return SchedulerSide(setup, [], Metrics(), remote)
@@ -121,3 +122,18 @@ def test_a_prefill_instance_announces_the_chunks_it_stored() -> None:
     consumer = side(DictTier())
     ask(consumer, request(None))
     assert consumer.request_finished(request(None)) == (False, None)  # type: ignore[arg-type]
+
+
+def test_the_cost_gate_skips_a_fetch_slower_than_recomputing_unless_turned_off() -> None:
+    for gate, expected in ((True, (0, False)), (False, (4 * CHUNK, True))):
+        remote = DictTier()
+        scheduler = side(remote, cost_gate=gate)
+        ask(scheduler, request(None))  # computes the keys
+        arrive(remote, scheduler, 0, 1, 2, 3)
+        scheduler.request_finished(request(None))  # type: ignore[arg-type]
+        scheduler.manager.cost.observe_step(4096, 0.01)  # the engine prefills 409,600 tokens/s
+        scheduler.manager.cost.observe_fetch(1 << 20, 1.0)  # the remote delivers 1 MiB/s
+        assert ask(scheduler, request(None, "r2")) == expected
+        skipped = [line for line in scheduler.metrics.exposition().decode().splitlines()
+                   if line.startswith('kvtier_skipped_loads_total{tier="remote"}')]
+        assert skipped == (['kvtier_skipped_loads_total{tier="remote"} 4.0'] if gate else [])
