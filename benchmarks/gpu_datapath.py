@@ -1,7 +1,7 @@
 """kvtier's GPU data path and transformers prefix cache, checked and timed in one run (issue 7).
 
-1. Builds a paged KV cache in vLLM's CUDA FlashAttention layout ([2, blocks, block, kv_heads,
-   head_dim] per layer) of Llama-3.1-8B shape (32 layers, 8 KV heads, head_dim 128, bf16, block 16)
+1. Builds a paged KV cache in CUDA vLLM's packed HND layout ([blocks, kv_heads, block, 2*head_dim]
+   per layer, what kvtier's connector asks FlashAttention for) of Llama-3.1-8B shape (32 layers, 8 KV heads, head_dim 128, bf16, block 16)
    filled with random data.
 2. Measures raw pinned host<->device bandwidth: one contiguous copy of the same byte count as each
    request, from and into kvtier's own pinned HostPool.
@@ -95,17 +95,17 @@ def gbps(num_bytes: int, seconds: float) -> float:
 
 # ----- data path ---------------------------------------------------------------------------
 def bench_datapath(shape: Shape, device: torch.device, repeats: int) -> dict:
-    layout = KVLayout("cuda_flash", shape.num_layers, shape.num_kv_heads, shape.head_dim, shape.block_size, "bfloat16")
+    layout = KVLayout("packed_hnd", shape.num_layers, shape.num_kv_heads, shape.head_dim, shape.block_size, "bfloat16")
     blocks_per_chunk = layout.blocks_per_chunk(CHUNK_TOKENS)
     max_tokens = max(shape.request_tokens)
     num_blocks = 2 * max_tokens // shape.block_size + 64
     gen = torch.Generator(device=device).manual_seed(0)
-    layers = [torch.randn((2, num_blocks, shape.block_size, shape.num_kv_heads, shape.head_dim), generator=gen,
+    layers = [torch.randn((num_blocks, shape.num_kv_heads, shape.block_size, 2 * shape.head_dim), generator=gen,
                           device=device, dtype=torch.bfloat16) for _ in range(shape.num_layers)]
-    paged = PagedKV(layers, layout)
+    paged = PagedKV(layers, layout, "FLASH_ATTN")
     pool = HostPool(max_tokens // CHUNK_TOKENS, layout.chunk_bytes(CHUNK_TOKENS), pin_memory=device.type == "cuda")
     mover = ChunkMover(paged, pool, blocks_per_chunk)
-    pages = [t.view(torch.int16).view(2, num_blocks, -1) for t in layers]
+    pages = [t.view(torch.int16).view(num_blocks, -1) for t in layers]
     device_buffer = torch.empty(pool.num_slots * pool.slot_bytes, dtype=torch.uint8, device=device)
     host_bytes = pool.data.view(-1)
     rng = torch.Generator().manual_seed(1)
@@ -138,16 +138,17 @@ def bench_datapath(shape: Shape, device: torch.device, repeats: int) -> dict:
             t0 = time.perf_counter()
             mover.scatter_chunks(loads)
             enqueue_s["load"].append(time.perf_counter() - t0)
+            mover.wait_loads()
             mover.wait()
 
         raw_h2d, raw_d2h = timed(h2d, device, repeats), timed(d2h, device, repeats)
         store_s = timed(store, device, repeats)
         dst_ids = torch.tensor(dst, device=device)
         for p in pages:  # poison the destination blocks: the load must write every word
-            p.index_fill_(1, dst_ids, -1)
+            p.index_fill_(0, dst_ids, -1)
         load_s = timed(load, device, repeats)
         src_ids = torch.tensor(src, device=device)
-        bit_exact = all(torch.equal(p.index_select(1, src_ids), p.index_select(1, dst_ids)) for p in pages)
+        bit_exact = all(torch.equal(p.index_select(0, src_ids), p.index_select(0, dst_ids)) for p in pages)
         medians = {name: statistics.median(values) for name, values in
                    (("raw_h2d", raw_h2d), ("raw_d2h", raw_d2h), ("store", store_s), ("load", load_s))}
         out["sizes"][str(tokens)] = {

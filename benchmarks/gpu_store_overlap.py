@@ -2,7 +2,7 @@
 
 The vLLM worker queues a step's stores (``ChunkMover.gather_chunks``) and returns; the copies run
 on their own streams while the next forward runs. This measures, in one run, on a paged KV cache of
-Llama-3.1-8B shape (cuda_flash layout, 32 layers, 8 KV heads, head_dim 128, bf16, block 16):
+Llama-3.1-8B shape (packed HND layout, 32 layers, 8 KV heads, head_dim 128, bf16, block 16):
 - ``forward_alone_s``: a stand-in forward (bf16 matmuls of an 8B MLP's size) on the engine's stream;
 - ``store_alone_s``: storing N tokens (queue + wait);
 - ``queue_s``: CPU time for ``gather_chunks`` to return (what the engine step actually waits for);
@@ -38,12 +38,12 @@ CHUNK_TOKENS = 256
 
 def build(tokens: int, device: torch.device, smoke: bool):  # type: ignore[no-untyped-def]
     layers, heads, head_dim, block = (2, 2, 16, 16) if smoke else (32, 8, 128, 16)
-    layout = KVLayout("cuda_flash", layers, heads, head_dim, block, "bfloat16")
+    layout = KVLayout("packed_hnd", layers, heads, head_dim, block, "bfloat16")
     num_blocks = tokens // block * 2
     gen = torch.Generator(device=device).manual_seed(0)
-    kv = [torch.randn((2, num_blocks, block, heads, head_dim), generator=gen, device=device).to(torch.bfloat16)
+    kv = [torch.randn((num_blocks, heads, block, 2 * head_dim), generator=gen, device=device).to(torch.bfloat16)
           for _ in range(layers)]
-    paged = PagedKV(kv, layout)
+    paged = PagedKV(kv, layout, "FLASH_ATTN")
     num_chunks = tokens // CHUNK_TOKENS
     pool = HostPool(num_chunks, layout.chunk_bytes(CHUNK_TOKENS), pin_memory=device.type == "cuda")
     per_chunk = CHUNK_TOKENS // block

@@ -174,9 +174,12 @@ def _planes(words: np.ndarray, layout: KVLayout, blocks: int) -> tuple[np.ndarra
         k = pages[:, :, :, 0].reshape(layers, blocks, heads, size, block).transpose(0, 1, 4, 2, 3)
         v = pages[:, :, :, 1].reshape(layers, blocks, heads, block, size).transpose(0, 1, 3, 2, 4)
         return k, v
-    if layout.kind == "cuda_flash":
-        pages = words.reshape(layers, 2, blocks, block, heads, size)
-        return pages[:, 0], pages[:, 1]
+    if layout.kind == "packed_nhd":  # page: [block][heads][K | V]
+        pages = words.reshape(layers, blocks, block, heads, 2 * size)
+        return pages[..., :size], pages[..., size:]
+    if layout.kind == "packed_hnd":  # page: [heads][block][K | V]
+        pages = words.reshape(layers, blocks, heads, block, 2 * size).transpose(0, 1, 3, 2, 4)
+        return pages[..., :size], pages[..., size:]
     # KVLayout refuses other kinds; a new kind must be taught here before it is compressed
     raise LayoutError(f"KV compression does not know layout {layout.kind!r}")
 

@@ -363,7 +363,7 @@ _KEYS = (
     _Key("disk.path", None, _optional_str),
     _Key("disk.capacity", 16 * 2**30, _positive_size, render=_render_size),
     _Key("disk.write_policy", "write_through", _one_of("spill", "write_through")),
-    _Key("disk.queue_depth", 64, _int_in(1, None, "> 0"), _int_from_text),
+    _Key("disk.queue_depth", 256, _int_in(1, None, "> 0"), _int_from_text),
     _Key("metrics.port", 0, _int_in(0, 65535, "0 (off) or a port in 1..65535"), _int_from_text),
     _Key("metrics.host", "127.0.0.1", _str_matching(r"\S+", "a host name or address")),
     _Key("remote.url", None, _optional_str),

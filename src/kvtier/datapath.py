@@ -3,13 +3,15 @@
 This is the one module (with the engine integrations) that touches torch tensors. A ``HostPool`` is
 a preallocated array of fixed-size slots, one chunk each (pinned on CUDA machines, allocated once).
 ``PagedKV`` wraps the engine's per-layer KV tensors, checks them against the expected ``KVLayout``
-and copies blocks with vectorised ``index_select`` / ``index_copy_`` (one call per layer, never a
-loop per token). ``ChunkMover`` executes a step's store and load ops in batches: on CUDA, each chunk
-crosses PCIe as ONE large copy through device staging buffers on dedicated streams
-(``StagingRing``); on CPU it copies straight between the engine's blocks and the slots.
+(``kvtier.layout.derive_kind``: backend, shape, strides) and copies blocks with vectorised
+``index_select`` / ``index_copy_`` / ``index_put_`` (one call per layer, never a loop per block).
+``ChunkMover`` executes a step's store and load ops in batches: on CUDA, groups of chunks cross
+PCIe as one copy per chunk through device staging buffers on dedicated streams (``StagingRing``),
+with one kernel per layer and group on the GPU; on CPU it copies straight between the engine's
+blocks and the slots.
 
-Slot layout (bytes of one chunk): for ``cpu_lbhnc`` [layers, blocks, page]; for ``cuda_flash``
-[layers, 2 (K, V), blocks, page]; ``page`` is one block's elements of one layer (and one of K/V).
+Slot layout (bytes of one chunk), for every kind: [layers, blocks, page]; ``page`` is one block of
+one layer, in the engine's own byte order.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from kvtier.errors import LayoutError
-from kvtier.layout import KVLayout
+from kvtier.layout import KVLayout, derive_kind
 from kvtier.plans import LoadOp, StoreOp
 
 _BIT_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
@@ -58,86 +60,75 @@ class HostPool:
         return memoryview(self.data[index].numpy()).cast("B")
 
 
-def detect_kind(tensor: torch.Tensor, layout: KVLayout) -> str:
-    """Name the layout kind of one layer's KV tensor, or raise LayoutError describing it."""
-    shape = tuple(tensor.shape)
-    heads, block, head = layout.num_kv_heads, layout.block_size, layout.head_size
-    if len(shape) == 4 and shape[1:] == (heads, block, 2 * head):
-        return "cpu_lbhnc"
-    if len(shape) == 5 and shape[0] == 2 and shape[2:] == (block, heads, head):
-        return "cuda_flash"
-    raise LayoutError(
-        f"KV cache tensor of shape {shape} on {tensor.device} does not match a layout kvtier knows "
-        f"(cpu_lbhnc [blocks, {heads}, {block}, {2 * head}] or cuda_flash [2, blocks, {block}, {heads}, "
-        f"{head}]); this attention backend is not supported")
-
-
 class PagedKV:
-    """The engine's KV cache of one worker, as a list of per-layer block tables."""
+    """The engine's KV cache of one worker, as a list of per-layer block tables.
 
-    def __init__(self, layers: Sequence[torch.Tensor], layout: KVLayout) -> None:
+    Each layer's tensor is checked against the expected ``KVLayout`` through ``derive_kind`` (the
+    attention backend's name, shape and strides) and then viewed as [num_blocks, page] integer
+    words over its own storage: every known kind keeps a block of one layer as one contiguous page,
+    whatever the order of the dims inside it.
+    """
+
+    def __init__(self, layers: Sequence[torch.Tensor], layout: KVLayout, backend: str) -> None:
         if len(layers) != layout.num_layers:
             raise LayoutError(f"expected {layout.num_layers} KV layers, the engine has {len(layers)}")
         for tensor in layers:
-            kind = detect_kind(tensor, layout)
+            kind = derive_kind(backend, tuple(tensor.shape), tuple(tensor.stride()), layout.num_kv_heads,
+                               layout.block_size, layout.head_size)
             if kind != layout.kind:
-                raise LayoutError(f"expected KV layout {layout.kind}, the engine uses {kind}")
+                raise LayoutError(f"expected KV layout {layout.kind}, the engine's {backend} backend uses {kind}")
             if dtype_name(tensor.dtype) != layout.dtype:
                 raise LayoutError(f"expected KV dtype {layout.dtype}, the engine uses {tensor.dtype}")
         self.layout = layout
+        self.backend = backend
         self.device = layers[0].device
         self._bits = bit_dtype(layout.dtype_bytes)
-        self._pages = [self._as_pages(t.view(self._bits)) for t in layers]
-        self._axis = 0 if layout.kind == "cpu_lbhnc" else 1  # the block axis of ``_pages``
-
-    def _as_pages(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.layout.kind == "cpu_lbhnc":  # [blocks, page]
-            return tensor.view(tensor.shape[0], -1)
-        return tensor.view(2, tensor.shape[1], -1)  # [2, blocks, page]
+        self._pages = [_as_pages(t.view(self._bits)) for t in layers]
 
     def slot_view(self, slot: torch.Tensor, blocks_per_chunk: int) -> torch.Tensor:
-        """View a slot's bytes as [layers, (2,) blocks, page] of KV-sized integer words."""
-        typed = slot.view(self._bits)
-        if self.layout.kind == "cpu_lbhnc":
-            return typed.view(self.layout.num_layers, blocks_per_chunk, -1)
-        return typed.view(self.layout.num_layers, 2, blocks_per_chunk, -1)
+        """View a slot's bytes as [layers, blocks, page] of KV-sized integer words."""
+        return slot.view(self._bits).view(self.layout.num_layers, blocks_per_chunk, -1)
 
     def block_ids(self, block_ids: Sequence[int]) -> torch.Tensor:
         """``block_ids`` as an index tensor on the engine's device (a blocking upload on CUDA)."""
         return torch.tensor(block_ids, dtype=torch.long, device=self.device)
 
     def gather(self, block_ids: Sequence[int], dst: torch.Tensor) -> None:
-        """Copy engine blocks ``block_ids`` (a whole chunk) into ``dst`` (a ``slot_view``)."""
+        """Copy engine blocks ``block_ids`` (a whole chunk) into ``dst``, a ``slot_view`` on the
+        engine's device: one ``index_select`` per layer, no temporary."""
         ids = self.block_ids(block_ids)
-        if dst.device == self.device:
-            self.gather_into(ids, dst)
-            return
         for layer, pages in enumerate(self._pages):
-            dst[layer].copy_(pages.index_select(self._axis, ids), non_blocking=True)
-
-    def gather_into(self, ids: torch.Tensor, dst: torch.Tensor | Sequence[torch.Tensor]) -> None:
-        """Copy engine blocks ``ids`` (an index tensor on the engine's device) into ``dst``, a
-        ``slot_view`` on the same device or the list of its per-layer views: one ``index_select``
-        per layer, no temporary."""
-        for layer, pages in enumerate(self._pages):
-            torch.index_select(pages, self._axis, ids, out=dst[layer])
+            torch.index_select(pages, 0, ids, out=dst[layer])
 
     def scatter(self, src: torch.Tensor, first_block: int, block_ids: Sequence[int]) -> None:
-        """Copy blocks ``first_block..`` of ``src`` (a ``slot_view``) into engine blocks ``block_ids``."""
-        self.scatter_from(src, first_block, self.block_ids(block_ids))
-
-    def scatter_from(self, src: torch.Tensor | Sequence[torch.Tensor], first_block: int, ids: torch.Tensor) -> None:
-        """Copy blocks ``first_block .. first_block+len(ids)`` of ``src`` (a ``slot_view`` on any
-        device, or the list of its per-layer views) into engine blocks ``ids`` (an index tensor on
-        the engine's device): one ``index_copy_`` per layer."""
-        num_blocks = ids.numel()
+        """Copy blocks ``first_block..`` of ``src`` (a ``slot_view`` on the engine's device) into
+        engine blocks ``block_ids``: one ``index_copy_`` per layer."""
+        ids = self.block_ids(block_ids)
         for layer, pages in enumerate(self._pages):
-            part = src[layer]
-            if first_block or num_blocks != part.shape[self._axis]:
-                part = part.narrow(self._axis, first_block, num_blocks)
-            if part.device != self.device:
-                part = part.to(self.device, non_blocking=True)
-            pages.index_copy_(self._axis, ids, part)
+            pages.index_copy_(0, ids, src[layer].narrow(0, first_block, ids.numel()))
+
+    @property
+    def word_dtype(self) -> torch.dtype:
+        """The integer dtype of the KV dtype's width, in which blocks are moved."""
+        return self._bits
+
+    def gather_layer(self, layer: int, ids: torch.Tensor, out: torch.Tensor) -> None:
+        """Copy blocks ``ids`` (an index tensor on the engine's device) of one layer into ``out``
+        ([len(ids), page], contiguous): one kernel."""
+        torch.index_select(self._pages[layer], 0, ids, out=out)
+
+    def scatter_layer(self, layer: int, ids: torch.Tensor, src: torch.Tensor) -> None:
+        """Write ``src`` ([..., page], any strides, on the engine's device) into the blocks ``ids``
+        (an index tensor of ``src``'s leading shape) of one layer: one kernel."""
+        self._pages[layer].index_put_((ids,), src)
+
+
+def _as_pages(tensor: torch.Tensor) -> torch.Tensor:
+    """[num_blocks, page] over the storage of a layer whose blocks are contiguous pages (checked by
+    ``derive_kind``), whatever the strides of its logical view."""
+    num_blocks = tensor.shape[0]
+    page = tensor.numel() // num_blocks
+    return torch.as_strided(tensor, (num_blocks, page), (tensor.stride(0), 1), tensor.storage_offset())
 
 
 class StagingRing:
@@ -245,29 +236,45 @@ class StagingRing:
 class ChunkMover:
     """Executes a step's store ops (engine blocks -> host slots) and load ops (slots -> blocks).
 
-    Called by the worker, from the thread that runs the engine's forward. On CUDA each chunk moves
-    through a device staging buffer laid out exactly like its slot: a store gathers every layer's
-    blocks of the chunk on the GPU (one ``index_select`` per layer) and then makes ONE device->host
-    copy of the whole chunk; a load makes ONE host->device copy of the slot and then one
-    ``index_copy_`` per layer. Copies run on a dedicated stream and overlap the gathers/scatters of
-    the next chunk (``num_staging`` buffers, at least two for overlap). On CPU the blocks move
-    straight between the engine's tensors and the slots, synchronously.
+    Called by the worker, from the thread that runs the engine's forward. On CPU the blocks move
+    straight between the engine's tensors and the slots, synchronously. On CUDA the ops move in
+    groups of up to ``group_chunks`` chunks through device staging buffers (``StagingRing``), so
+    the CPU cost grows with the chunks and the layers, not with their product:
+    - a store group runs one ``index_select`` per layer (every block of the group, into a
+      layer-major staging buffer), then one device->host copy per chunk into its slot;
+    - a load group runs one host->device copy per chunk (the staging buffer is chunk-major, laid
+      out like the slots), then one ``index_put_`` per layer (two for a group with a partial chunk).
+    Copies run on a dedicated stream and overlap the kernels of the next group.
 
-    ``gather_chunks`` and ``scatter_chunks`` return once the work is queued; results are final
-    only after ``wait()``. A store reads the engine's blocks after the forward queued before the
-    call; a load is ordered before any work queued on the engine's stream after the call. The
-    caller must ``wait()`` before it reports a store, reads a slot on the CPU (disk writes) or
-    lets the engine reuse the stored blocks.
+    ``gather_chunks`` and ``scatter_chunks`` return once the work is queued. Loads are ordered
+    before any work queued afterwards on the engine's stream (no CPU wait); ``wait_loads`` blocks
+    until the slots they read may be overwritten from the CPU. Stores are final after ``wait()``
+    or once ``mark_stores()``'s event completes; the caller must wait before it reports a store,
+    reads a slot on the CPU (disk writes) or lets the engine reuse the stored blocks.
     """
 
-    def __init__(self, paged: PagedKV, pool: HostPool, blocks_per_chunk: int, num_staging: int = 4) -> None:
+    def __init__(self, paged: PagedKV, pool: HostPool, blocks_per_chunk: int, num_staging: int = 2,
+                 group_bytes: int = 1 << 30, staged: bool | None = None) -> None:
+        """``staged``: move through staging buffers (default: on CUDA only; tests turn it on for
+        CPU tensors to check the grouping on machines without a GPU)."""
         self.paged = paged
         self.pool = pool
         self.blocks_per_chunk = blocks_per_chunk
+        # the CPU cost of a batch is one copy per chunk plus one kernel per layer and group, so
+        # larger groups cost less (a 32K-token load of an 8B model: 4 groups of 1 GiB)
+        self.group_chunks = max(1, min(group_bytes // pool.slot_bytes, pool.num_slots))
         self._ring: StagingRing | None = None
-        self._layer_views: dict[int, list[torch.Tensor]] = {}  # staging buffer address -> per-layer views
+        self._loads_done: torch.cuda.Event | None = None
+        # pinned index buffers, reused in turn (a fresh pinned tensor per call costs a host allocation)
+        self._index_host: list[torch.Tensor] = []
+        self._index_used: list[torch.cuda.Event | None] = []
+        self._index_next = 0
+        if staged if staged is not None else paged.device.type == "cuda":
+            self._ring = StagingRing(paged.device, self.group_chunks * pool.slot_bytes, num_staging)
         if paged.device.type == "cuda":
-            self._ring = StagingRing(paged.device, pool.slot_bytes, num_staging)
+            size = 2 * pool.num_slots * blocks_per_chunk
+            self._index_host = [torch.empty(size, dtype=torch.long, pin_memory=True) for _ in range(2)]
+            self._index_used = [None, None]
 
     def gather_chunks(self, ops: Sequence[StoreOp]) -> None:
         """Copy each op's engine blocks (one whole chunk) into its memory slot."""
@@ -278,10 +285,11 @@ class ChunkMover:
                 self.paged.gather(op.block_ids, self._slot_view(self.pool.slot(op.slot)))
             return
         self._ring.begin()
-        ids = self._upload_ids([op.block_ids for op in ops])
-        for op, chunk_ids in zip(ops, ids):
-            self._ring.to_host(functools.partial(self._gather_into, chunk_ids),
-                               functools.partial(_copy_from, self.pool.slot(op.slot)))
+        groups = self._groups(ops)
+        ids = self._upload([[block for op in group for block in op.block_ids] for group in groups])
+        for group, group_ids in zip(groups, ids):
+            self._ring.to_host(functools.partial(self._gather_group, group_ids),
+                               functools.partial(self._copy_out, [op.slot for op in group]))
 
     def scatter_chunks(self, ops: Sequence[LoadOp]) -> None:
         """Copy blocks ``first_block..`` of each op's slot into its engine blocks."""
@@ -292,16 +300,38 @@ class ChunkMover:
                 self.paged.scatter(self._slot_view(self.pool.slot(op.slot)), op.first_block, op.block_ids)
             return
         self._ring.begin()
-        ids = self._upload_ids([op.block_ids for op in ops])
-        for op, chunk_ids in zip(ops, ids):
-            self._ring.from_host(functools.partial(_copy_into, self.pool.slot(op.slot)),
-                                 functools.partial(self._scatter_from, op.first_block, chunk_ids))
+        groups = self._groups(ops)
+        indices: list[list[int]] = []
+        for group in groups:
+            indices.append([block for op in group for block in op.block_ids])
+            if not _whole(group, self.blocks_per_chunk):  # rows of the staged chunks to take
+                indices.append([i * self.blocks_per_chunk + op.first_block + j
+                                for i, op in enumerate(group) for j in range(len(op.block_ids))])
+        uploaded = iter(self._upload(indices))
+        for group in groups:
+            dst = next(uploaded)
+            rows = None if _whole(group, self.blocks_per_chunk) else next(uploaded)
+            self._ring.from_host(functools.partial(self._copy_in, [op.slot for op in group]),
+                                 functools.partial(self._scatter_group, len(group), dst, rows))
         self._ring.fence()
+        self._loads_done = self._ring.mark()
+
+    def last_load_event(self) -> "torch.cuda.Event | None":
+        """An event that completes when every load queued so far is in the engine's blocks (None
+        on CPU, where loads are done when ``scatter_chunks`` returns)."""
+        return self._loads_done
+
+    def wait_loads(self) -> None:
+        """Block until every queued load has read its slots (they may then be overwritten)."""
+        if self._loads_done is not None:
+            self._loads_done.synchronize()
+            self._loads_done = None
 
     def wait(self) -> None:
         """Block until every queued store and load is done (slots and blocks hold their data)."""
         if self._ring is not None:
             self._ring.wait()
+            self._loads_done = None
 
     def mark_stores(self) -> "torch.cuda.Event | None":
         """An event that completes when every store queued so far is in its slot (None on CPU,
@@ -312,37 +342,89 @@ class ChunkMover:
     def _slot_view(self, data: torch.Tensor) -> torch.Tensor:
         return self.paged.slot_view(data[:self.pool.slot_bytes], self.blocks_per_chunk)
 
-    def _upload_ids(self, block_ids: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-        """Every op's block ids in one pinned, asynchronous upload on the work stream."""
+    def _groups(self, ops: Sequence[StoreOp] | Sequence[LoadOp]) -> list:
+        return [ops[i:i + self.group_chunks] for i in range(0, len(ops), self.group_chunks)]
+
+    def _upload(self, indices: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """Index lists in one pinned, asynchronous upload on the work stream."""
         assert self._ring is not None
-        flat = [block for ids in block_ids for block in ids]
-        host = torch.tensor(flat, dtype=torch.long).pin_memory()
+        flat = torch.tensor([i for part in indices for i in part], dtype=torch.long)
+        if not self._index_host:  # staged on a CPU device
+            return list(flat.split([len(part) for part in indices]))
+        turn = self._index_next
+        self._index_next = (turn + 1) % len(self._index_host)
+        used = self._index_used[turn]
+        if used is not None:
+            used.synchronize()  # its last upload is done (long since, in practice)
+        if flat.numel() > self._index_host[turn].numel():
+            self._index_host[turn] = torch.empty(2 * flat.numel(), dtype=torch.long, pin_memory=True)
+        host = self._index_host[turn][:flat.numel()]
+        host.copy_(flat)
         with torch.cuda.stream(self._ring.work_stream):
             device_ids = host.to(self.paged.device, non_blocking=True)
-        return list(device_ids.split([len(ids) for ids in block_ids]))
+            event = torch.cuda.Event()
+            event.record(self._ring.work_stream)
+        self._index_used[turn] = event
+        return list(device_ids.split([len(part) for part in indices]))
 
-    def _staged_layers(self, buffer: torch.Tensor) -> list[torch.Tensor]:
-        """Per-layer slot views of a staging buffer, made once per buffer (fewer Python ops per
-        chunk keep the CPU ahead of the copy engine)."""
-        views = self._layer_views.get(buffer.data_ptr())
-        if views is None:
-            views = list(self._slot_view(buffer).unbind(0))
-            self._layer_views[buffer.data_ptr()] = views
-        return views
+    def _words(self, buffer: torch.Tensor) -> torch.Tensor:
+        return buffer.view(self.paged.word_dtype)
 
-    def _gather_into(self, ids: torch.Tensor, buffer: torch.Tensor) -> None:
-        self.paged.gather_into(ids, self._staged_layers(buffer))
+    def _gather_group(self, ids: torch.Tensor, buffer: torch.Tensor) -> None:
+        """Every block of the group, layer-major: [layers, blocks of the group, page]."""
+        staged = self._words(buffer)[:self.paged.layout.num_layers * ids.numel() * self._page_words]
+        staged = staged.view(self.paged.layout.num_layers, ids.numel(), -1)
+        for layer in range(self.paged.layout.num_layers):
+            self.paged.gather_layer(layer, ids, staged[layer])
 
-    def _scatter_from(self, first_block: int, ids: torch.Tensor, buffer: torch.Tensor) -> None:
-        self.paged.scatter_from(self._staged_layers(buffer), first_block, ids)
+    def _copy_out(self, slots: Sequence[int], buffer: torch.Tensor) -> None:
+        """Layer-major staging into the slots: one device->host copy per run of adjacent slots."""
+        per, layers = self.blocks_per_chunk, self.paged.layout.num_layers
+        staged = self._words(buffer)[:layers * len(slots) * per * self._page_words]
+        staged = staged.view(layers, len(slots), per, -1)
+        for first, slot, count in _runs(slots):
+            dst = self.pool.data[slot:slot + count].view(self.paged.word_dtype).view(count, layers, per, -1)
+            dst.copy_(staged[:, first:first + count].transpose(0, 1), non_blocking=True)
+
+    def _copy_in(self, slots: Sequence[int], buffer: torch.Tensor) -> None:
+        """The group's slots, chunk-major: staging chunk ``i`` is byte for byte slot ``slots[i]``;
+        one host->device copy per run of adjacent slots."""
+        size = self.pool.slot_bytes
+        for first, slot, count in _runs(slots):
+            buffer[first * size:(first + count) * size].copy_(self.pool.data[slot:slot + count].view(-1),
+                                                                non_blocking=True)
+
+    def _scatter_group(self, num_chunks: int, dst: torch.Tensor, rows: torch.Tensor | None,
+                       buffer: torch.Tensor) -> None:
+        per, layers = self.blocks_per_chunk, self.paged.layout.num_layers
+        staged = self._words(buffer)[:num_chunks * layers * per * self._page_words].view(num_chunks, layers, per, -1)
+        for layer in range(layers):
+            src = staged[:, layer]  # [chunks, blocks, page], strided
+            if rows is None:
+                self.paged.scatter_layer(layer, dst.view(num_chunks, per), src)
+            else:
+                self.paged.scatter_layer(layer, dst, src.reshape(num_chunks * per, -1).index_select(0, rows))
+
+    @functools.cached_property
+    def _page_words(self) -> int:
+        return self.paged.layout.block_elems_per_layer
 
 
-def _copy_from(dst: torch.Tensor, buffer: torch.Tensor) -> None:
-    dst.copy_(buffer[:dst.numel()], non_blocking=True)
+def _runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
+    """``slots`` cut into runs of adjacent slots: (index of the run's first, its slot, length)."""
+    runs: list[tuple[int, int, int]] = []
+    for index, slot in enumerate(slots):
+        if runs and runs[-1][1] + runs[-1][2] == slot:
+            first, start, count = runs[-1]
+            runs[-1] = (first, start, count + 1)
+        else:
+            runs.append((index, slot, 1))
+    return runs
 
 
-def _copy_into(src: torch.Tensor, buffer: torch.Tensor) -> None:
-    buffer[:src.numel()].copy_(src, non_blocking=True)
+def _whole(group: Sequence[LoadOp], blocks_per_chunk: int) -> bool:
+    """Whether every load of the group fills a whole chunk from its first block."""
+    return all(op.first_block == 0 and len(op.block_ids) == blocks_per_chunk for op in group)
 
 
 def ordered_layers(kv_caches: Mapping[str, torch.Tensor], layer_names: Sequence[str]) -> list[torch.Tensor]:

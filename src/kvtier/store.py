@@ -21,7 +21,7 @@ planned load.
 from __future__ import annotations
 
 import enum
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -80,6 +80,16 @@ class DiskSettings:
     initial: Sequence[DiskItem] = ()  # oldest first, from the scan of the directory
 
 
+@dataclass
+class _SlotWrite:
+    """A write-through in flight: the disk writer reads the chunk straight from ``slot``, so the
+    slot is not reused until every rank reported the write (written or failed)."""
+
+    slot: int
+    reports_left: int
+    released: bool = False  # the memory entry is gone: free the slot when the write is done
+
+
 @dataclass(frozen=True)
 class Invalidated:
     """How many entries an invalidation removed from the books, per tier."""
@@ -113,6 +123,7 @@ class TieredStore:
         self._memory_usage: Counter[str] = Counter()
         self._disk_usage: Counter[str] = Counter()
         self._doomed: set[bytes] = set()
+        self._slot_writes: dict[bytes, deque[_SlotWrite]] = {}  # by key, oldest first
         self._chunk_bytes = chunk_bytes
         self._limits = dict(limits)
         self._clock = clock
@@ -233,6 +244,7 @@ class TieredStore:
         if self._disk_settings is not None and self._disk_settings.write_through and not on_disk:
             if self._reserve_disk(key, namespace, entry.created):
                 self._ops.write_through.append(SlotOp(key, slot, namespace))
+                self._slot_writes.setdefault(key, deque()).append(_SlotWrite(slot, self._world_size))
                 entry.on_disk = True
         return slot
 
@@ -327,6 +339,8 @@ class TieredStore:
                 entry.state = State.READY
         for key in set(report.disk_failed):
             self._drop_disk(key)
+        for key in [*report.disk_written, *report.disk_failed]:
+            self._slot_write_reported(key)
 
     # ----- internals -----------------------------------------------------------------------
     def _expired(self, entry: MemoryEntry | DiskEntry, now: float) -> bool:
@@ -366,7 +380,29 @@ class TieredStore:
         if key in self._memory:
             entry = self._pop_memory(key)
             self._memory_policy.remove(key)
-            self._free_slots.append(entry.slot)
+            if not self._hold_for_write(key, entry.slot):
+                self._free_slots.append(entry.slot)
+
+    def _hold_for_write(self, key: bytes, slot: int) -> bool:
+        """Whether a write-through still reads ``slot``; if so it frees the slot when done."""
+        for write in self._slot_writes.get(key, ()):
+            if write.slot == slot and not write.released:
+                write.released = True
+                return True
+        return False
+
+    def _slot_write_reported(self, key: bytes) -> None:
+        """One rank reported the oldest write-through of ``key`` done (written or failed)."""
+        writes = self._slot_writes.get(key)
+        if not writes:
+            return  # a spill: it wrote a copy, not the slot
+        writes[0].reports_left -= 1
+        if writes[0].reports_left <= 0:
+            done = writes.popleft()
+            if done.released:
+                self._free_slots.append(done.slot)
+            if not writes:
+                del self._slot_writes[key]
 
     def _add_disk(self, key: bytes, entry: DiskEntry) -> None:
         assert self._disk_policy is not None
@@ -387,7 +423,7 @@ class TieredStore:
 
     def _memory_evictable(self, key: bytes) -> bool:
         entry = self._memory[key]
-        return entry.state is State.READY and not self.leases.is_leased(key)
+        return entry.state is State.READY and not self.leases.is_leased(key) and key not in self._slot_writes
 
     def _memory_quota(self, namespace: str) -> int | None:
         quota = self._limits.get(namespace, _NO_LIMITS).memory_bytes

@@ -7,8 +7,9 @@ settled), so the executor never touches engine memory.
 
 Contract (``FillExecutor``):
 - ``submit(job_id, disk_ops, remote_ops, deadline_s)`` is called from the engine's thread; it
-  returns at once. Disk reads run on one thread, remote reads on another, so a stalled remote
-  never holds back a disk read of another job.
+  returns at once. Each job's disk reads run on one thread, which spreads the chunks over
+  ``disk_readers`` reader threads (reads into the slots and checksums run in parallel, without
+  the GIL); remote reads run on another thread, so a stalled remote never holds back a disk read.
 - ``take_settled()`` (engine's thread) returns the jobs that are *settled*: every read finished,
   or ``deadline_s`` passed since ``submit``. A settled job names the slots that hold verified
   data (``ok_slots``); every other slot of the job must not be copied into the engine (a miss:
@@ -71,7 +72,7 @@ class FillExecutor:
     """Background reads from disk and remote into memory slots; see the module docstring."""
 
     def __init__(self, slot_view: Callable[[int], memoryview], rank: int, layout_fingerprint: bytes,
-                 disk: DiskFiles | None, remote: RemoteTier | None) -> None:
+                 disk: DiskFiles | None, remote: RemoteTier | None, disk_readers: int = 8) -> None:
         self._slot_view = slot_view
         self._rank = rank
         self._layout_fingerprint = layout_fingerprint
@@ -79,6 +80,8 @@ class FillExecutor:
         self._remote = remote
         self._threads = {tier: concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"kvtier-fill-{tier}")
                          for tier in ("disk", "remote")}
+        self._disk_readers = concurrent.futures.ThreadPoolExecutor(max(1, disk_readers),
+                                                                   thread_name_prefix="kvtier-disk-read")
         self._jobs: list[_Job] = []  # submitted, oldest first, until every batch's result was taken
         self.remote_fetch_seconds = 0.0  # time spent in finished remote reads (the cost model's input)
 
@@ -136,17 +139,20 @@ class FillExecutor:
         return not not_done
 
     def close(self) -> None:
-        for pool in self._threads.values():
+        for pool in [*self._threads.values(), self._disk_readers]:
             pool.shutdown(wait=False, cancel_futures=True)  # a read stuck on a dead server must not hold up exit
 
     # ----- on the background threads ----------------------------------------------------------
     def _read_disk(self, ops: list[SlotOp]) -> tuple[list[SlotResult], float]:
         assert self._disk is not None
         started = time.perf_counter()
-        results = [SlotResult(op, "disk", self._disk.read_into(op.key, self._rank, self._slot_view(op.slot),
-                                                                namespace=op.namespace))
-                   for op in ops]
+        results = list(self._disk_readers.map(self._read_disk_one, ops))
         return results, time.perf_counter() - started
+
+    def _read_disk_one(self, op: SlotOp) -> SlotResult:
+        assert self._disk is not None
+        return SlotResult(op, "disk", self._disk.read_into(op.key, self._rank, self._slot_view(op.slot),
+                                                           namespace=op.namespace))
 
     def _read_remote(self, ops: list[SlotOp]) -> tuple[list[SlotResult], float]:
         assert self._remote is not None

@@ -14,7 +14,7 @@ from kvtier.errors import EntryError, LayoutError
 from kvtier.layout import KVLayout
 from kvtier.tiers.framing import frame, unframe_into
 
-KINDS = ("cpu_lbhnc", "cuda_flash")
+KINDS = ("cpu_lbhnc", "packed_nhd", "packed_hnd")
 DTYPES = ("bfloat16", "float16", "float32")
 KEY = bytes(range(16))
 SEALER = Sealer(bytes(range(32)))
@@ -86,7 +86,8 @@ def test_every_decoded_value_is_within_the_quantisation_bound(kind: str, dtype: 
 @pytest.mark.parametrize("kind", KINDS)
 def test_planes_follow_the_engine_page_layout(kind: str) -> None:
     # Element (layer, plane, token, head, dim) lands where the engine keeps it: on CPU, K is
-    # stored transposed in its (block, head) page; on CUDA, K and V are separate pages.
+    # stored transposed in its (block, head) page; on CUDA, K and V are packed in the last dim of
+    # a [block, heads] (NHD) or [heads, block] (HND) page.
     layout = KVLayout(kind, 2, 2, 4, 8, "float32")
     blocks, tokens = 2, 16
     words = np.arange(layout.chunk_bytes(tokens) // 4, dtype="<f4")
@@ -98,11 +99,10 @@ def test_planes_follow_the_engine_page_layout(kind: str) -> None:
         assert k[layer, block, offset, head, dim] == base + dim * 8 + offset
         assert v[layer, block, offset, head, dim] == base + 8 * 4 + offset * 4 + dim
     else:
-        half = page // 2
-        k_base = ((layer * 2 + 0) * blocks + block) * half
-        v_base = ((layer * 2 + 1) * blocks + block) * half
-        assert k[layer, block, offset, head, dim] == k_base + (offset * 2 + head) * 4 + dim
-        assert v[layer, block, offset, head, dim] == v_base + (offset * 2 + head) * 4 + dim
+        base = (layer * blocks + block) * page
+        row = offset * 2 + head if kind == "packed_nhd" else head * 8 + offset  # (token, head) in the page
+        assert k[layer, block, offset, head, dim] == base + row * 2 * 4 + dim
+        assert v[layer, block, offset, head, dim] == base + row * 2 * 4 + 4 + dim
 
 
 def test_real_sized_chunk_at_5_bits_shrinks_at_least_three_times() -> None:
@@ -114,12 +114,12 @@ def test_real_sized_chunk_at_5_bits_shrinks_at_least_three_times() -> None:
 
 
 def test_groups_are_block_multiples_or_the_whole_chunk() -> None:
-    assert KVCodec(KVLayout("cuda_flash", 1, 1, 8, 16, "float16"), 64)._shape.group == GROUP_TOKENS
-    assert KVCodec(KVLayout("cuda_flash", 1, 1, 8, 24, "float16"), 24)._shape.group == 24
+    assert KVCodec(KVLayout("packed_nhd", 1, 1, 8, 16, "float16"), 64)._shape.group == GROUP_TOKENS
+    assert KVCodec(KVLayout("packed_nhd", 1, 1, 8, 24, "float16"), 24)._shape.group == 24
 
 
 def test_values_the_format_cannot_carry_are_declined() -> None:
-    layout = KVLayout("cuda_flash", 2, 2, 16, 16, "float32")
+    layout = KVLayout("packed_nhd", 2, 2, 16, 16, "float32")
     good = kv_like(np.random.default_rng(2), 2, 16, 32, 1.0)
     codec = KVCodec(layout, 16)
     assert codec.encode(memoryview(chunk_of(layout, 16, good))) is not None
@@ -130,20 +130,20 @@ def test_values_the_format_cannot_carry_are_declined() -> None:
 
 
 def test_a_chunk_too_small_to_shrink_is_declined() -> None:
-    layout = KVLayout("cuda_flash", 1, 1, 2, 8, "bfloat16")  # 64 bytes: scales and frame outgrow them
+    layout = KVLayout("packed_nhd", 1, 1, 2, 8, "bfloat16")  # 64 bytes: scales and frame outgrow them
     chunk = chunk_of(layout, 8, np.random.default_rng(5).normal(0, 1, (2, 1, 8, 2)).astype(np.float32))
     assert KVCodec(layout, 8).encode(memoryview(chunk)) is None
 
 
 def test_unsupported_dtypes_and_bits_are_refused() -> None:
     with pytest.raises(LayoutError, match="float8_e4m3fn"):
-        KVCodec(KVLayout("cuda_flash", 1, 1, 8, 16, "float8_e4m3fn"), 16)
+        KVCodec(KVLayout("packed_nhd", 1, 1, 8, 16, "float8_e4m3fn"), 16)
     with pytest.raises(ValueError, match="2..8"):
-        KVCodec(KVLayout("cuda_flash", 1, 1, 8, 16, "float16"), 16, bits=9)
+        KVCodec(KVLayout("packed_nhd", 1, 1, 8, 16, "float16"), 16, bits=9)
 
 
 def test_a_chunk_of_another_shape_or_bits_is_refused() -> None:
-    layout = KVLayout("cuda_flash", 2, 2, 16, 16, "bfloat16")
+    layout = KVLayout("packed_nhd", 2, 2, 16, 16, "bfloat16")
     chunk = chunk_of(layout, 32, kv_like(np.random.default_rng(3), 2, 32, 32, 1.0))
     encoded = KVCodec(layout, 32).encode(memoryview(chunk))
     assert encoded is not None
@@ -151,14 +151,14 @@ def test_a_chunk_of_another_shape_or_bits_is_refused() -> None:
     with pytest.raises(EntryError, match="bits"):
         KVCodec(layout, 32, bits=3).decode_into(encoded, out)
     with pytest.raises(EntryError, match="shape"):
-        KVCodec(KVLayout("cuda_flash", 2, 1, 16, 16, "bfloat16"), 32).decode_into(encoded, out)
+        KVCodec(KVLayout("packed_nhd", 2, 1, 16, 16, "bfloat16"), 32).decode_into(encoded, out)
     with pytest.raises(EntryError, match="stream"):
         KVCodec(layout, 32).decode_into(encoded + b"\0\0\0\0", out)
 
 
 # ---- entry framing with a codec -------------------------------------------------------------------
 
-LAYOUT = KVLayout("cuda_flash", 2, 2, 16, 16, "bfloat16")
+LAYOUT = KVLayout("packed_nhd", 2, 2, 16, 16, "bfloat16")
 CODEC = KVCodec(LAYOUT, 32)
 CHUNK = chunk_of(LAYOUT, 32, kv_like(np.random.default_rng(4), 2, 32, 32, 1.0))
 FINGERPRINT = LAYOUT.fingerprint()

@@ -59,7 +59,7 @@ def test_defaults() -> None:
     assert loaded.config == KVTierConfig(
         chunk_tokens=256, namespace="default", model_id="", no_cache_namespaces="", store_decode_tokens=False,
         memory=MemoryConfig(capacity_bytes=2 * GIB, policy="s3fifo"),
-        disk=DiskConfig(path=None, capacity_bytes=16 * GIB, write_policy="write_through", queue_depth=64),
+        disk=DiskConfig(path=None, capacity_bytes=16 * GIB, write_policy="write_through", queue_depth=256),
         metrics=MetricsConfig(port=0, host="127.0.0.1"), remote=DEFAULT_REMOTE,
         encryption=DEFAULT_ENCRYPTION, admin=DEFAULT_ADMIN, namespace_limits={},
     )
@@ -496,7 +496,7 @@ def test_describe_rows(tmp_path: Path) -> None:
         ("disk.path", '"/kv"', "extra_config"),
         ("disk.capacity", "1500MB", "extra_config"),
         ("disk.write_policy", '"write_through"', "default"),
-        ("disk.queue_depth", "64", "default"),
+        ("disk.queue_depth", "256", "default"),
         ("metrics.port", "9400", "env:KVTIER_METRICS_PORT"),
         ("metrics.host", '"127.0.0.1"', "default"),
         ("remote.url", "null", "default"), ("remote.ttl", "86400", "default"),

@@ -45,7 +45,7 @@ def test_every_identity_field_changes_the_key() -> None:
         Namespace("tenant-b", "tiny", LAYOUT.fingerprint()),
         Namespace("tenant-a", "other-model", LAYOUT.fingerprint()),
         Namespace("tenant-a", "tiny", KVLayout("cpu_lbhnc", 4, 2, 64, 128, "float16").fingerprint()),
-        Namespace("tenant-a", "tiny", KVLayout("cuda_flash", 4, 2, 64, 128, "bfloat16").fingerprint()),
+        Namespace("tenant-a", "tiny", KVLayout("packed_hnd", 4, 2, 64, 128, "bfloat16").fingerprint()),
         Namespace("tenant-a", "tiny", LAYOUT.fingerprint(), world_size=2),
         Namespace("tenant-a", "tiny", LAYOUT.fingerprint(), format_version=2),
     ]

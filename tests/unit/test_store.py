@@ -135,6 +135,26 @@ def test_dropped_disk_write_forgets_the_entry() -> None:
     assert not store.on_disk(key(0))
 
 
+def test_a_slot_under_a_write_through_is_never_reused_before_the_write_is_reported() -> None:
+    # the disk writer reads the chunk straight from its memory slot (no copy on the engine thread)
+    store = make(num_slots=2, disk=DiskSettings(capacity_entries=8, write_through=True), world_size=2)
+    for i in (0, 1):
+        store.prepare_store(key(i), NS)
+        store.complete(WorkerReport(stored=[key(i)]))
+        store.complete(WorkerReport(stored=[key(i)]))
+    assert store.prepare_store(key(2), NS) is None  # both slots are being written: no eviction
+    store.complete(WorkerReport(disk_written=[key(0)]))
+    assert store.prepare_store(key(2), NS) is None  # one rank of two is not enough
+    store.complete(WorkerReport(disk_failed=[key(0)]))
+    assert store.prepare_store(key(2), NS) is not None  # key 0's write is over (failed on a rank)
+    slot_of_1 = store.slot_of(key(1))
+    store.invalidate(NS, {key(1)})  # dropped from the books while its write still reads the slot
+    assert not store.in_memory(key(1))
+    assert store.prepare_store(key(3), NS) is None
+    store.complete(WorkerReport(disk_written=[key(1), key(1)]))
+    assert store.prepare_store(key(3), NS) == slot_of_1
+
+
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["store", "lease", "release", "promote"]),
                           st.integers(min_value=0, max_value=12)), max_size=80))

