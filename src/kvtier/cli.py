@@ -47,7 +47,10 @@ def _port(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kvtier import __version__
+
     parser = argparse.ArgumentParser(prog="kvtier", description="A tiered KV-cache layer for vLLM.")
+    parser.add_argument("--version", action="version", version=f"kvtier {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_serve(commands)
     _add_config(commands)
@@ -228,6 +231,8 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
     loaded = load_config({"config": args.file}, os.environ)
     print(format_table(["key", "value", "source"], [list(row) for row in describe(loaded)], num_left_columns=3))
+    for warning in loaded.warnings:
+        print(f"warning: {warning}")
     print(f"\n{args.file}: ok")
     return 0
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -22,6 +23,8 @@ from fractions import Fraction
 import yaml
 
 from kvtier.errors import ConfigError
+
+logger = logging.getLogger("kvtier")
 
 _Value = int | str | bool | None  # a checked value of one key
 
@@ -154,6 +157,7 @@ class LoadedConfig:
 
     config: KVTierConfig
     sources: dict[str, str]
+    warnings: tuple[str, ...] = ()  # settings that were ignored, each with the reason
 
 
 # ---- sizes ------------------------------------------------------------------------------------
@@ -161,6 +165,8 @@ class LoadedConfig:
 _SIZE_UNITS: dict[str, int] = {
     "": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    # Kubernetes quantities: k, M, G, T (powers of 1000) and Ki, Mi, Gi, Ti (powers of 1024)
+    "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40,
 }
 _SIZE_DISPLAY = ("TiB", "GiB", "MiB", "KiB", "TB", "GB", "MB", "KB")
 _SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")
@@ -171,7 +177,8 @@ def parse_size(text: str | int, key: str) -> int:
 
     Accepts a non-negative int, or a string: a number (a decimal point allowed) and an optional
     case-insensitive unit, space between optional: B; KB, MB, GB, TB (powers of 1000); KiB, MiB,
-    GiB, TiB (powers of 1024). A fractional byte count is rounded down. Zero is a valid size:
+    GiB, TiB (powers of 1024); and Kubernetes' k, M, G, T and Ki, Mi, Gi, Ti (``4Gi``, ``100G``).
+    A fractional byte count is rounded down. Zero is a valid size:
     callers that need a positive one check it.
     """
     try:
@@ -403,9 +410,11 @@ def load_config(inline: Mapping[str, object], environ: Mapping[str, str]) -> Loa
 
     ``inline`` is vLLM's ``kv_connector_extra_config``: config keys, nested or dotted, plus an
     optional ``config`` naming the YAML file (else ``environ["KVTIER_CONFIG"]``, else no file).
-    Raises ConfigError naming the key and the source on an unknown key (including any
-    ``KVTIER_*`` variable other than ``KVTIER_CONFIG``), a wrong type or an impossible value; and
-    with key ``config`` when the file is missing, unreadable, not YAML or not a mapping.
+    Raises ConfigError naming the key and the source on an unknown key of the file or ``inline``,
+    a wrong type or an impossible value; and with key ``config`` when the file is missing,
+    unreadable, not YAML or not a mapping. ``KVTIER_*`` variables that are not config keys do not
+    stop a start: Kubernetes service links (a Service named ``kvtier-redis`` gives every pod
+    ``KVTIER_REDIS_PORT=tcp://...``) are ignored, any other is logged and listed in ``warnings``.
     """
     values: dict[str, _Value] = {key.dotted: key.default for key in _KEYS}
     sources = dict.fromkeys(values, "default")
@@ -414,14 +423,17 @@ def load_config(inline: Mapping[str, object], environ: Mapping[str, str]) -> Loa
     if path is not None:
         settings += _settings_from_mapping(_read_yaml(path), f"file:{path}")
     settings += _settings_from_mapping({k: v for k, v in inline.items() if k != "config"}, "extra_config")
-    settings += _settings_from_env(environ)
+    from_env, warnings = _settings_from_env(environ)
+    settings += from_env
+    for warning in warnings:
+        logger.warning("kvtier: %s", warning)
     for dotted, value, source in settings:
         try:
             values[dotted] = _KEYS_BY_NAME[dotted].check(value)
         except ValueError as exc:
             raise ConfigError(dotted, f"{exc} (from {source})") from None
         sources[dotted] = source
-    return LoadedConfig(_build(values), sources)
+    return LoadedConfig(_build(values), sources, tuple(warnings))
 
 
 def describe(loaded: LoadedConfig) -> list[tuple[str, str, str]]:
@@ -487,20 +499,34 @@ def _settings_from_mapping(mapping: Mapping[object, object], source: str) -> lis
     return [(dotted, value, source) for dotted, value in settings.items()]
 
 
-def _settings_from_env(environ: Mapping[str, str]) -> list[tuple[str, object, str]]:
-    """(dotted key, typed value, source) for each ``KVTIER_*`` variable but ``KVTIER_CONFIG``."""
+# What Kubernetes injects for a Service whose name starts with "kvtier" (e.g. kvtier-redis):
+# <NAME>_SERVICE_HOST, <NAME>_SERVICE_PORT[_<PORT NAME>], <NAME>_PORT and <NAME>_PORT_<n>_<PROTO>[_*].
+_SERVICE_LINK = re.compile(r"KVTIER(_[A-Z0-9_]+)?_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT"
+                           r"|PORT_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)")
+
+
+def _settings_from_env(environ: Mapping[str, str]) -> tuple[list[tuple[str, object, str]], list[str]]:
+    """(dotted key, typed value, source) for each ``KVTIER_*`` variable but ``KVTIER_CONFIG``, and
+    a warning for each variable that names no key (Kubernetes service links are skipped quietly)."""
     settings: list[tuple[str, object, str]] = []
+    warnings: list[str] = []
     for name in sorted(n for n in environ if n.startswith("KVTIER_") and n != "KVTIER_CONFIG"):
         source = f"env:{name}"
         key = _KEYS_BY_ENV.get(name)
+        if key is not None and _SERVICE_LINK.fullmatch(name) and re.match(r"(tcp|udp|sctp)://", environ[name]):
+            warnings.append(f"ignoring {name}={environ[name]}: a Kubernetes service link, not the setting "
+                            f"{key.dotted} (rename the Service, or set {key.dotted} in the config file)")
+            continue
         if key is None:
-            raise ConfigError(name, f"unknown environment variable (from {source})"
-                                    f"{_did_you_mean(name, list(_KEYS_BY_ENV))}")
+            if not _SERVICE_LINK.fullmatch(name):
+                warnings.append(f"ignoring environment variable {name}: it is not a kvtier setting"
+                                f"{_did_you_mean(name, list(_KEYS_BY_ENV))}")
+            continue
         try:
             settings.append((key.dotted, key.from_text(environ[name]), source))
         except ValueError as exc:
             raise ConfigError(key.dotted, f"{exc} (from {source})") from None
-    return settings
+    return settings, warnings
 
 
 def _key_name(name: object, source: str) -> str:

@@ -183,3 +183,13 @@ def test_stats_unreachable_is_one_line(capsys: pytest.CaptureFixture[str]) -> No
     assert len(lines) == 2
     assert lines[0].startswith("kvtier: error: cannot reach http://127.0.0.1:")
     assert "metrics.port" in lines[1]
+
+
+def test_version(capsys) -> None:
+    import kvtier
+    from kvtier.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"kvtier {kvtier.__version__}"

@@ -307,11 +307,38 @@ def test_unknown_key_in_file_names_the_file(tmp_path: Path) -> None:
     assert "did you mean 'metrics.port'" in str(error)
 
 
-def test_unknown_env_var() -> None:
-    error = config_error(env={"KVTIER_MEMORY_CAPACTY": "1GiB"})
-    assert error.key == "KVTIER_MEMORY_CAPACTY"
-    assert "env:KVTIER_MEMORY_CAPACTY" in str(error)
-    assert "did you mean 'KVTIER_MEMORY_CAPACITY'" in str(error)
+def test_unknown_env_var_is_a_warning_not_a_failed_start() -> None:
+    loaded = load(env={"KVTIER_MEMORY_CAPACTY": "1GiB"})
+    assert loaded.config == load().config
+    [warning] = loaded.warnings
+    assert "KVTIER_MEMORY_CAPACTY" in warning and "did you mean 'KVTIER_MEMORY_CAPACITY'" in warning
+
+
+def test_kubernetes_service_links_are_ignored() -> None:
+    # what a Service named kvtier-redis (and one named kvtier) inject into every pod
+    env = {"KVTIER_REDIS_SERVICE_HOST": "10.0.0.11", "KVTIER_REDIS_SERVICE_PORT": "6379",
+           "KVTIER_REDIS_PORT": "tcp://10.0.0.11:6379", "KVTIER_REDIS_PORT_6379_TCP": "tcp://10.0.0.11:6379",
+           "KVTIER_REDIS_PORT_6379_TCP_PROTO": "tcp", "KVTIER_REDIS_PORT_6379_TCP_PORT": "6379",
+           "KVTIER_REDIS_PORT_6379_TCP_ADDR": "10.0.0.11", "KVTIER_SERVICE_HOST": "10.0.0.12",
+           "KVTIER_PORT": "tcp://10.0.0.12:9464", "KVTIER_SERVICE_PORT_METRICS": "9464",
+           "KVTIER_MEMORY_CAPACITY": "4Gi"}
+    loaded = load(env=env)
+    assert loaded.warnings == ()
+    assert loaded.config.memory.capacity_bytes == 4 * GIB
+
+
+def test_a_service_link_that_collides_with_a_key_is_skipped_with_a_warning() -> None:
+    # a Service named kvtier-metrics injects KVTIER_METRICS_PORT=tcp://...: not a port number
+    loaded = load(env={"KVTIER_METRICS_PORT": "tcp://10.0.0.13:9464"})
+    assert loaded.config.metrics.port == 0
+    [warning] = loaded.warnings
+    assert "service link" in warning and "metrics.port" in warning
+
+
+@pytest.mark.parametrize(("text", "expected"), [("4Gi", 4 * GIB), ("512Mi", 512 << 20), ("100G", 100 * 10**9),
+                                                ("1Ti", 1 << 40), ("750M", 750 * 10**6), ("64k", 64000)])
+def test_kubernetes_size_units(text: str, expected: int) -> None:
+    assert load({"memory": {"capacity": text}}).config.memory.capacity_bytes == expected
 
 
 @pytest.mark.parametrize(("inline", "key"), [
