@@ -137,3 +137,17 @@ def test_the_cost_gate_skips_a_fetch_slower_than_recomputing_unless_turned_off()
         skipped = [line for line in scheduler.metrics.exposition().decode().splitlines()
                    if line.startswith('kvtier_skipped_loads_total{tier="remote"}')]
         assert skipped == (['kvtier_skipped_loads_total{tier="remote"} 4.0'] if gate else [])
+
+
+def test_the_digest_cache_is_bounded_whatever_salts_clients_send(monkeypatch) -> None:
+    # a new cache_salt per request used to leave one cached digest each behind (50,000 salts: 20 MiB)
+    import kvtier.integrations.vllm.scheduler as scheduler_module
+
+    monkeypatch.setattr(scheduler_module, "DIGEST_CACHE_SIZE", 100)
+    scheduler = side(None)  # type: ignore[arg-type]  # no remote tier: nothing to wait for
+    for i in range(1000):
+        req = SimpleNamespace(request_id=f"r{i}", prompt_token_ids=PROMPT[:300], cache_salt=f"salt-{i}",
+                              kv_transfer_params=None)
+        scheduler.get_num_new_matched_tokens(req, 0)
+        scheduler.request_finished(req)
+    assert len(scheduler._digests) == 100

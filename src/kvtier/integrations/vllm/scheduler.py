@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 DISK_LOAD_DEADLINE_S = 10.0  # a load from disk alone that takes longer is given up (recomputed)
+DIGEST_CACHE_SIZE = 4096  # namespace digests kept per engine (tenant x salt pairs)
 
 
 @dataclass
@@ -92,7 +94,8 @@ class SchedulerSide:
         self._loaded_owners: list[str] = []
         self._delayed_frees: list[str] = []
         self.blocks = RequestBlocks()
-        self._digests: dict[tuple[str, str], bytes] = {}
+        # namespace digests by (tenant, salt), most recent last; bounded: every request may bring a new salt
+        self._digests: OrderedDict[tuple[str, str], bytes] = OrderedDict()
         self._no_cache = frozenset(filter(None, setup.config.no_cache_namespaces.split(",")))
         remote_deadline_s = setup.config.remote.timeout_ms / 1000
         self._async_deadline_s = DISK_LOAD_DEADLINE_S if remote is None else max(remote_deadline_s, 0.001)
@@ -280,12 +283,17 @@ class SchedulerSide:
         return state
 
     def _digest(self, controls: RequestControls) -> bytes:
-        """Namespace digest of a request's tenant and salt (cached: few distinct values)."""
+        """Namespace digest of a request's tenant and salt (the most recent ``DIGEST_CACHE_SIZE``
+        cached: clients may send a new ``cache_salt`` with every request)."""
         name = (controls.namespace, controls.salt)
         digest = self._digests.get(name)
-        if digest is None:
-            digest = replace(self.setup.namespace, tenant=controls.namespace, salt=controls.salt).digest()
-            self._digests[name] = digest
+        if digest is not None:
+            self._digests.move_to_end(name)
+            return digest
+        digest = replace(self.setup.namespace, tenant=controls.namespace, salt=controls.salt).digest()
+        self._digests[name] = digest
+        if len(self._digests) > DIGEST_CACHE_SIZE:
+            self._digests.popitem(last=False)
         return digest
 
     def _keys(self, state: RequestState, tokens: list[int]) -> list[bytes]:
