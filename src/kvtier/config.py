@@ -264,6 +264,29 @@ def _optional_str(value: object) -> str | None:
     return None if value is None else (_str(value) or None)
 
 
+REMOTE_SCHEMES = ("redis", "rediss", "redis+cluster", "rediss+cluster", "s3")
+
+
+def _remote_url(value: object) -> str | None:
+    """A remote tier URL of a known scheme whose ports (if given) are numbers in 1..65535; None
+    ("" too) = no remote tier. Messages never show the URL's password."""
+    url = _optional_str(value)
+    if url is None:
+        return None
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in REMOTE_SCHEMES:
+        raise ValueError(f"{mask_url(url)!r} has an unknown scheme; expected one of "
+                         f"{', '.join(s + '://' for s in REMOTE_SCHEMES)}")
+    if scheme == "s3":
+        return url
+    hosts = rest.rpartition("@")[2].partition("/")[0].partition("?")[0]
+    for node in filter(None, hosts.split(",")):
+        host, colon, port = node.rpartition(":") if not node.endswith("]") else (node, "", "")
+        if colon and not (port.isdigit() and 1 <= int(port) <= 65535):
+            raise ValueError(f"{mask_url(url)!r}: port {port!r} of host {host!r} is not a number in 1..65535")
+    return url
+
+
 def _optional_env_name(value: object) -> str | None:
     """An environment variable's name, or None ("" too). ``KVTIER_*`` names are refused: those are
     kvtier's own configuration variables, and an unknown one stops start-up."""
@@ -358,6 +381,19 @@ def _render_secret(value: _Value) -> str:
     return "null" if value is None else '"***"'
 
 
+def mask_url(url: str) -> str:
+    """``url`` with the password of its user information replaced by ``***``, for messages, logs
+    and ``kvtier config check`` (``redis://alice:hunter2@cache`` -> ``redis://alice:***@cache``)."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, hosts = rest.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}{sep}{user}:***@{hosts}" if at and colon else url
+
+
+def _render_url(value: _Value) -> str:
+    return "null" if value is None else json.dumps(mask_url(str(value)))
+
+
 _KEYS = (
     _Key("chunk_tokens", 256, _int_in(1, None, "> 0"), _int_from_text),
     _Key("namespace", "default", _str_matching(NAMESPACE_PATTERN, NAMESPACE_RULE)),
@@ -373,7 +409,7 @@ _KEYS = (
     _Key("disk.queue_depth", 256, _int_in(1, None, "> 0"), _int_from_text),
     _Key("metrics.port", 0, _int_in(0, 65535, "0 (off) or a port in 1..65535"), _int_from_text),
     _Key("metrics.host", "127.0.0.1", _str_matching(r"\S+", "a host name or address")),
-    _Key("remote.url", None, _optional_str),
+    _Key("remote.url", None, _remote_url, render=_render_url),
     _Key("remote.ttl", 86400, _int_in(0, None, ">= 0 seconds (0 = never expire)"), _int_from_text),
     _Key("remote.timeout_ms", 2000, _int_in(1, None, "> 0 milliseconds"), _int_from_text),
     _Key("remote.queue_depth", 64, _int_in(1, None, "> 0"), _int_from_text),

@@ -600,3 +600,31 @@ def test_namespace_limits_are_shown_with_size_units() -> None:
 def test_a_client_certificate_needs_its_key() -> None:
     assert config_error({"remote.tls_cert": "/etc/kvtier/client.crt"}).key == "remote.tls_key"
     assert config_error({"remote.tls_key": "/etc/kvtier/client.key"}).key == "remote.tls_cert"
+
+
+def test_config_check_and_errors_never_show_a_password_inside_the_url() -> None:
+    from kvtier.config import describe
+
+    loaded = load({"remote": {"url": "redis://alice:hunter2@cache:6379/0"}})
+    assert loaded.config.remote.url == "redis://alice:hunter2@cache:6379/0"  # the client gets it whole
+    shown = dict((key, value) for key, value, _ in describe(loaded))
+    assert shown["remote.url"] == '"redis://alice:***@cache:6379/0"'
+    error = config_error({"remote": {"url": "redis://alice:hunter2@cache:99999/0"}})
+    assert "hunter2" not in str(error) and "alice:***@cache" in str(error)
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("memcached://cache:11211", "unknown scheme"),
+    ("redis://cache:99999/0", "99999"),
+    ("rediss+cluster://h1:7000,h2:seven", "'seven'"),
+    ("cache:6379", "unknown scheme"),
+])
+def test_remote_urls_are_checked_at_load_as_at_start(url: str, message: str) -> None:
+    error = config_error({"remote": {"url": url}})
+    assert error.key == "remote.url" and message in str(error)
+
+
+@pytest.mark.parametrize("url", ["redis://cache:6379/0", "rediss://u:p@[::1]:6380", "redis+cluster://a:7000,b:7001",
+                                 "s3://bucket/prefix", "redis://cache"])
+def test_good_remote_urls_pass(url: str) -> None:
+    assert load({"remote": {"url": url}}).config.remote.url == url

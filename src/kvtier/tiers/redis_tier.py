@@ -26,6 +26,7 @@ from redis.connection import PythonRespSerializer
 from redis.retry import Retry
 
 from kvtier.entry import HEADER_BYTES
+from kvtier.config import mask_url
 from kvtier.errors import ConfigError
 from kvtier.tiers.remote import Fetched, RemoteOptions, RemoteTier
 
@@ -61,12 +62,12 @@ def parse_url(url: str, options: RemoteOptions) -> RedisTarget:
     nodes = tuple(_parse_node(url, node) for node in hosts.split(",") if node)
     cluster = scheme.endswith("+cluster")
     if not nodes or (len(nodes) > 1 and not cluster):
-        raise ConfigError("remote.url", f"{_mask(url)} must name one host (several only with +cluster)")
+        raise ConfigError("remote.url", f"{mask_url(url)} must name one host (several only with +cluster)")
     if not path.isdigit() and path != "":
-        raise ConfigError("remote.url", f"{_mask(url)}: the path must be a database number")
+        raise ConfigError("remote.url", f"{mask_url(url)}: the path must be a database number")
     db = int(path or 0)
     if cluster and db != 0:
-        raise ConfigError("remote.url", f"{_mask(url)}: Redis Cluster has only database 0")
+        raise ConfigError("remote.url", f"{mask_url(url)}: Redis Cluster has only database 0")
     return RedisTarget(nodes, db, scheme.startswith("rediss"), cluster,
                        options.username or user or None, options.password or password or None)
 
@@ -246,12 +247,5 @@ def _groups(items: Sequence[tuple[str, memoryview]], batch_bytes: int) -> Iterat
 def _parse_node(url: str, node: str) -> tuple[str, int]:
     host, _, port = node.rpartition(":") if ":" in node else (node, "", str(_DEFAULT_PORT))
     if not host or not port.isdigit():
-        raise ConfigError("remote.url", f"{_mask(url)}: bad host:port {node!r}")
+        raise ConfigError("remote.url", f"{mask_url(url)}: bad host:port {node!r}")
     return host, int(port)
-
-
-def _mask(url: str) -> str:
-    """``url`` without its password, for messages."""
-    scheme, sep, rest = url.partition("://")
-    userinfo, at, hosts = rest.rpartition("@")
-    return f"{scheme}{sep}{userinfo.partition(':')[0]}:***@{hosts}" if at else url

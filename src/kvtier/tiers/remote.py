@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from kvtier.compression import KVCodec
-from kvtier.config import NAMESPACE_RULE, check_client_certificate, is_namespace
+from kvtier.config import NAMESPACE_RULE, check_client_certificate, is_namespace, mask_url
 from kvtier.crypto import Sealer
 from kvtier.entry import HEADER_BYTES
 from kvtier.errors import ConfigError, EntryError
@@ -421,7 +421,7 @@ def open_remote(url: str, *, ttl_s: int | None, timeout_s: float, username: str 
     """
     scheme = url.split("://", 1)[0] if "://" in url else ""
     if scheme not in _BACKENDS:
-        raise ConfigError("remote.url", f"unknown scheme {scheme!r} in {url!r}; "
+        raise ConfigError("remote.url", f"unknown scheme {scheme!r} in {mask_url(url)!r}; "
                                         f"expected one of {', '.join(f'{s}://' for s in _BACKENDS)}")
     options = RemoteOptions(ttl_s, timeout_s, username, password, tls_ca, tls_cert, tls_key, s3_endpoint, s3_region,
                             access_key, secret_key, sealer, codec)

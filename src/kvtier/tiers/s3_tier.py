@@ -42,6 +42,7 @@ from botocore.httpsession import URLLib3Session
 from urllib3.util.ssl_ import create_urllib3_context
 
 from kvtier.entry import HEADER_BYTES
+from kvtier.config import mask_url
 from kvtier.errors import ConfigError
 from kvtier.tiers.remote import Fetched, RemoteOptions, RemoteTier
 
@@ -210,7 +211,7 @@ def open_tier(url: str, options: RemoteOptions) -> RemoteTier:
     rest = url.partition("://")[2]
     bucket, _, prefix = rest.partition("/")
     if not bucket:
-        raise ConfigError("remote.url", f"{url!r} names no bucket (expected s3://bucket[/prefix])")
+        raise ConfigError("remote.url", f"{mask_url(url)!r} names no bucket (expected s3://bucket[/prefix])")
     return S3Tier(bucket, prefix.strip("/"), options)
 
 
