@@ -30,8 +30,9 @@ def run(spec: dict) -> list:
 
     transfer = None
     if spec.get("kvtier") is not None:
-        transfer = KVTransferConfig(kv_connector="KVTierConnector", kv_connector_module_path="kvtier.integrations.vllm",
-                                    kv_role=spec.get("kv_role", "kv_both"), kv_connector_extra_config=spec["kvtier"])
+        # by name only: vLLM finds the connector through kvtier's plugin entry point
+        transfer = KVTransferConfig(kv_connector="KVTierConnector", kv_role=spec.get("kv_role", "kv_both"),
+                                    kv_connector_extra_config=spec["kvtier"])
     llm = LLM(model=spec["model"], max_model_len=spec.get("max_model_len", 4096), enforce_eager=True, block_size=128,
               enable_prefix_caching=spec.get("prefix_caching", True), kv_transfer_config=transfer,
               max_num_batched_tokens=spec.get("max_num_batched_tokens", 4096), seed=0,
