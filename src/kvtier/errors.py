@@ -30,6 +30,13 @@ class EntryError(KVTierError):
     length or checksum. Callers turn it into a miss and count it."""
 
 
+class UnreadableEntryError(EntryError):
+    """A well-formed entry this kvtier cannot open: sealed under another master key (or altered
+    so that it does not authenticate), or written with another encryption or compression
+    setting. A miss, counted, but left in place: a reader with the wrong key must not wipe the
+    entries of everyone else."""
+
+
 class ModelError(KVTierError):
     """A model folder cannot be built or used (missing package, half-written folder)."""
 

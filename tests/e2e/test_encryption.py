@@ -45,7 +45,7 @@ def test_sealed_disk_entries_swap_is_a_miss(tiny_model: str, tmp_path: Path) -> 
     assert metric(text, "kvtier_errors_total", "disk") >= 1
 
 
-def test_wrong_master_key_is_a_miss(tiny_model: str, tmp_path: Path) -> None:
+def test_wrong_master_key_is_a_miss_that_deletes_nothing(tiny_model: str, tmp_path: Path) -> None:
     disk = tmp_path / "disk"
     for name, key in (("right", "cd" * 32), ("wrong", "ef" * 32)):
         (tmp_path / f"{name}.key").write_text(key)
@@ -59,3 +59,7 @@ def test_wrong_master_key_is_a_miss(tiny_model: str, tmp_path: Path) -> None:
                      tmp_path, "key-wrong")
     assert out[0][0]["num_cached_tokens"] == 0
     assert metric(out[1], "kvtier_errors_total", "disk") >= 1
+    # the wrong key left the entries in place: the right key still loads them
+    again = run_engine({"model": tiny_model, "kvtier": {**base, "encryption.key_file": str(tmp_path / "right.key")},
+                        "actions": [{"op": "generate", "prompts": [P + S2]}]}, tmp_path, "key-right-again")
+    assert again[0][0]["num_cached_tokens"] == 4 * CHUNK

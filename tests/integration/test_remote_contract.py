@@ -379,11 +379,13 @@ def test_encrypted_round_trip(backend: Backend, sealed_tier: RemoteTier) -> None
     # master key: none of them reads it.
     assert read(sealed_tier, keys[0], namespace="tenant-b")[0] is ReadResult.MISSING
     backend.raw_set(sealed_tier.name_for(keys[0], 0, "tenant-b"), stored)
-    assert read(sealed_tier, keys[0], namespace="tenant-b")[0] is ReadResult.CORRUPT
+    assert read(sealed_tier, keys[0], namespace="tenant-b")[0] is ReadResult.UNREADABLE
     clear = backend.open(None, TIMEOUT_S)
-    assert read(clear, keys[1])[0] is ReadResult.CORRUPT
+    assert read(clear, keys[1])[0] is ReadResult.UNREADABLE
     other = backend.open(None, TIMEOUT_S, sealer=Sealer(os.urandom(32)))
-    assert read(other, keys[2], namespace=TENANT)[0] is ReadResult.CORRUPT
+    assert read(other, keys[2], namespace=TENANT)[0] is ReadResult.UNREADABLE
+    # the wrong master key and the tier in clear left every value for the right key
+    assert [read(sealed_tier, key, namespace=TENANT)[0] for key in keys[1:3]] == [ReadResult.OK] * 2
     clear.close()
     other.close()
 
@@ -408,8 +410,10 @@ SEALED_TAMPERING: dict[str, Callable[[bytes, bytes], bytes]] = {  # (stored valu
 
 
 @pytest.mark.parametrize("tampering", list(SEALED_TAMPERING))
-def test_bad_encrypted_values_read_corrupt_and_are_deleted(backend: Backend, sealed_tier: RemoteTier,
-                                                           tampering: str) -> None:
+def test_bad_encrypted_values_are_misses(backend: Backend, sealed_tier: RemoteTier, tampering: str) -> None:
+    # Values that fail a header or checksum check are corrupt and deleted. Values that pass them
+    # (checksums forged) but do not authenticate look exactly like another master key's: misses
+    # left in place, so that a reader with the wrong key never wipes the store.
     key, neighbour, other = new_key(), new_key(), new_key()
     for each in (key, neighbour, other):
         assert sealed_tier.put(each, 0, payload_of(), LAYOUT, namespace=TENANT)
@@ -420,9 +424,14 @@ def test_bad_encrypted_values_read_corrupt_and_are_deleted(backend: Backend, sea
     outs = [bytearray(PAYLOAD_BYTES), bytearray(PAYLOAD_BYTES)]
     results = sealed_tier.get_many_into([(key, memoryview(outs[0])), (neighbour, memoryview(outs[1]))], 0, LAYOUT,
                                         namespace=TENANT)
-    assert results == [ReadResult.CORRUPT, ReadResult.OK]
-    assert sealed_tier.num_corrupt == 1 and sealed_tier.healthy
-    assert backend.raw_get(name) is None  # deleted
+    if "checksums forged" in tampering:
+        assert results == [ReadResult.UNREADABLE, ReadResult.OK]
+        assert sealed_tier.num_unreadable == 1 and sealed_tier.num_corrupt == 0 and sealed_tier.healthy
+        assert backend.raw_get(name) is not None  # left in place
+    else:
+        assert results == [ReadResult.CORRUPT, ReadResult.OK]
+        assert sealed_tier.num_corrupt == 1 and sealed_tier.healthy
+        assert backend.raw_get(name) is None  # deleted
 
 
 def test_swapped_encrypted_values_read_corrupt(backend: Backend, sealed_tier: RemoteTier,
@@ -441,9 +450,11 @@ def test_swapped_encrypted_values_read_corrupt(backend: Backend, sealed_tier: Re
         for name, value in zip(names, swapped):
             backend.raw_set(name, value)
         caplog.clear()
-        assert read(sealed_tier, one, namespace=TENANT)[0] is ReadResult.CORRUPT
-        assert read(sealed_tier, two, namespace=TENANT)[0] is ReadResult.CORRUPT
-        assert all(backend.raw_get(name) is None for name in names)
+        # headers as they are: the key check refuses them (deleted); forged: the tag does (kept)
+        expected = ReadResult.UNREADABLE if forge_headers else ReadResult.CORRUPT
+        assert read(sealed_tier, one, namespace=TENANT)[0] is expected
+        assert read(sealed_tier, two, namespace=TENANT)[0] is expected
+        assert all((backend.raw_get(name) is None) != forge_headers for name in names)
         # Forged headers pass every header check: the GCM tag is what refuses them.
         assert caplog.text.count("does not authenticate") == (2 if forge_headers else 0)
 
@@ -455,7 +466,7 @@ def test_encrypted_value_replayed_under_another_key_reads_corrupt(backend: Backe
     value = backend.raw_get(sealed_tier.name_for(key, 0, TENANT))
     assert value is not None
     backend.raw_set(sealed_tier.name_for(target, 0, TENANT), forged(value, key=target))
-    assert read(sealed_tier, target, namespace=TENANT)[0] is ReadResult.CORRUPT
+    assert read(sealed_tier, target, namespace=TENANT)[0] is ReadResult.UNREADABLE
     assert read(sealed_tier, key, namespace=TENANT) == (ReadResult.OK, payload)
 
 
@@ -504,9 +515,10 @@ def test_compressed_round_trip(backend: Backend, sealer: Sealer | None) -> None:
         [ReadResult.OK] * 4 + [ReadResult.MISSING]
     assert [bytes(out) for out in outs[:3]] == [decoded(chunk) for chunk in chunks[:3]]
     assert bytes(outs[3]) == chunks[3]
-    # Step: a tier without compression, and a truncated value, read CORRUPT (and delete it).
+    # Step: a tier without compression cannot open a compressed value (a miss, left in place); a
+    # truncated value is corrupt (and deleted).
     assert plain.get_into(keys[0], 0, memoryview(outs[0]), CODEC_LAYOUT.fingerprint(), namespace=TENANT) \
-        is ReadResult.CORRUPT
+        is ReadResult.UNREADABLE
     backend.raw_set(compressed.name_for(keys[1], 0, TENANT), stored[:len(stored) - 100])
     assert compressed.get_into(keys[1], 0, memoryview(outs[1]), CODEC_LAYOUT.fingerprint(), namespace=TENANT) \
         is ReadResult.CORRUPT

@@ -16,22 +16,24 @@ from __future__ import annotations
 import collections
 import contextlib
 import enum
+import errno
 import logging
 import os
 import re
+import secrets
 import threading
 from dataclasses import dataclass
 
 from kvtier.config import NAMESPACE_RULE, is_namespace
 from kvtier.crypto import Sealer
 from kvtier.entry import HEADER_BYTES
-from kvtier.errors import ConfigError, EntryError
-from kvtier.tiers.framing import frame, stored_bytes, unframe_into
+from kvtier.errors import ConfigError, EntryError, UnreadableEntryError
+from kvtier.tiers.framing import check_readable, frame, stored_bytes, unframe_into
 
 logger = logging.getLogger(__name__)
 
 _ENTRY_NAME = re.compile(r"([0-9a-f]{32})\.(\d+)\.kvt")
-_TEMP_NAME = re.compile(r"[0-9a-f]{32}\.\d+\.kvt\.[0-9.]+\.tmp")
+_TEMP_NAME = re.compile(r"[0-9a-f]{32}\.\d+\.kvt\.[0-9a-f.]+\.tmp")  # (older versions: pid.thread)
 _SUBDIR_NAME = re.compile(r"[0-9a-f]{2}")
 _KEY_BYTES = 16
 
@@ -40,6 +42,9 @@ class ReadResult(enum.Enum):
     OK = "ok"
     MISSING = "missing"  # no file: the entry was never written, or was deleted
     CORRUPT = "corrupt"  # unreadable, truncated, mismatching or bad checksum; the file was removed
+    # the file could not be opened (e.g. out of file descriptors), or is a valid entry this kvtier
+    # cannot open (another master key or encryption/compression setting): a miss, the file is kept
+    UNREADABLE = "unreadable"
 
 
 class DiskFiles:
@@ -60,7 +65,7 @@ class DiskFiles:
         self.sealer = sealer
         probe = os.path.join(root, f".kvtier-probe.{os.getpid()}.{threading.get_ident()}")
         try:
-            os.makedirs(root, exist_ok=True)
+            os.makedirs(root, mode=0o700, exist_ok=True)
             with open(probe, "wb"):
                 pass
             os.unlink(probe)
@@ -119,7 +124,9 @@ class DiskFiles:
 
     def write(self, key: bytes, rank: int, payload: bytes | memoryview, *, namespace: str) -> int:
         """Write the entry of ``(key, rank)`` (sealed when the files have a sealer) and publish it
-        atomically; returns the bytes written (``entry_bytes(len(payload))``).
+        atomically, unless a file of that entry is there already: it is never replaced (an entry's
+        content follows from its key; a file this kvtier cannot open, e.g. sealed under another
+        master key, is left for its owner). Returns ``entry_bytes(len(payload))``.
 
         On ``OSError`` (e.g. ENOSPC) the temp file is removed and the error re-raised; an earlier
         entry of the same key, if any, is left as it was.
@@ -127,20 +134,20 @@ class DiskFiles:
         path = self.path_for(key, rank, namespace)
         header, stored = frame(key, rank, self.layout_fingerprint, memoryview(payload).cast("B"), self.sealer,
                                namespace, None)
-        temp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        temp = f"{path}.{secrets.token_hex(8)}.tmp"  # unpredictable: nothing can be planted there
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            for directory in (self.namespace_dir(namespace), os.path.dirname(path)):  # each level private
+                os.makedirs(directory, mode=0o700, exist_ok=True)
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             try:
                 _write_all(fd, header)
                 _write_all(fd, stored)
             finally:
                 os.close(fd)
-            os.replace(temp, path)
-        except OSError:
+            _publish(temp, path)
+        finally:
             with contextlib.suppress(OSError):
                 os.unlink(temp)
-            raise
         return HEADER_BYTES + stored.nbytes
 
     def read_into(self, key: bytes, rank: int, out: memoryview, *, namespace: str) -> ReadResult:
@@ -149,26 +156,30 @@ class DiskFiles:
         ``out``; sealed ones are read into one temporary buffer (the sealed length), checksummed,
         then decrypted straight into ``out``.
 
-        Returns OK, MISSING (no file), or CORRUPT (the file was wrong in any way, of the other
-        codec, did not authenticate, or opening or reading it failed; it has been removed where
-        the file system allows). Unless OK, the content of ``out`` is unspecified; nothing outside
-        ``out`` is written. Called on the worker's engine thread, concurrently with the writer
-        thread: ``os.replace`` makes a concurrent write invisible until whole.
+        Returns OK, MISSING (no file), UNREADABLE (the file could not be opened, or is an entry
+        this kvtier cannot open: sealed under another master key, does not authenticate, or of
+        another encryption or compression setting; it is left in place) or CORRUPT (the file was
+        wrong in any other way, or reading it failed; it has been removed where the file system
+        allows). Unless OK, the content of ``out`` is unspecified; nothing outside ``out`` is
+        written. Called on a reader thread, concurrently with the writer thread: ``os.replace``
+        makes a concurrent write invisible until whole.
         """
         path = self.path_for(key, rank, namespace)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return ReadResult.MISSING
-        except OSError as exc:
+        except OSError as exc:  # not the entry's fault: keep it
             logger.warning("kvtier: cannot open disk entry %s: %s", path, exc)
-            _unlink_if_same(path, None)
-            return ReadResult.CORRUPT
+            return ReadResult.UNREADABLE
         opened: os.stat_result | None = None
         try:
             opened = os.fstat(fd)
             self._read_checked(fd, opened.st_size, key, rank, memoryview(out).cast("B"), namespace)
             return ReadResult.OK
+        except UnreadableEntryError as exc:
+            logger.warning("kvtier: disk entry %s cannot be opened by this kvtier (left in place): %s", path, exc)
+            return ReadResult.UNREADABLE
         except (EntryError, OSError) as exc:
             logger.warning("kvtier: bad disk entry %s: %s", path, exc)
             _unlink_if_same(path, opened)
@@ -180,6 +191,9 @@ class DiskFiles:
                       namespace: str) -> None:
         expected_bytes = self.entry_bytes(out.nbytes)
         if file_bytes != expected_bytes:
+            header = bytearray(HEADER_BYTES)
+            if file_bytes >= HEADER_BYTES and _preadv_all(fd, [memoryview(header)]) == HEADER_BYTES:
+                check_readable(header, self.sealer, None)  # another setting's entry: left in place
             raise EntryError(f"entry file has {file_bytes} bytes, expected {expected_bytes}")
         header_buf = bytearray(HEADER_BYTES)
         stored = out if self.sealer is None else memoryview(bytearray(expected_bytes - HEADER_BYTES))
@@ -339,6 +353,20 @@ class DiskWriter:
         except Exception:  # a bug must not kill the writer thread and hang flush()/close()
             logger.exception("kvtier: unexpected error in the disk writer")
         return False
+
+
+def _publish(temp: str, path: str) -> None:
+    """Make the complete file ``temp`` visible at ``path`` in one step, unless ``path`` exists
+    (then nothing changes); the caller removes ``temp`` after."""
+    try:
+        os.link(temp, path)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        if not os.path.exists(path):  # a file system without hard links
+            os.replace(temp, path)
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:

@@ -16,7 +16,7 @@ from kvtier.compression import KVCodec
 from kvtier.crypto import SEAL_OVERHEAD_BYTES, Sealer
 from kvtier.entry import CODEC_AES256_GCM, CODEC_CACHEGEN, CODEC_RAW, KNOWN_CODECS, EntryHeader, check_entry, \
     decode_header, encode_header, payload_checksum, sealed_aad
-from kvtier.errors import EntryError
+from kvtier.errors import EntryError, UnreadableEntryError
 
 
 def stored_bytes(payload_bytes: int, sealer: Sealer | None) -> int:
@@ -43,6 +43,21 @@ def frame(key: bytes, rank: int, layout_fingerprint: bytes, payload: memoryview,
     return encode_header(header), stored
 
 
+def check_readable(header: bytes | bytearray | memoryview, sealer: Sealer | None, codec: KVCodec | None) -> None:
+    """Raise ``UnreadableEntryError`` when a well-formed ``header`` names an encryption or
+    compression setting this reader does not have (checked before sizes: such an entry is the
+    right size for its writer, not for this reader). Malformed headers raise ``EntryError``."""
+    decoded = decode_header(header)
+    if decoded.codec not in KNOWN_CODECS:
+        raise EntryError(f"unknown entry codec {decoded.codec}")
+    sealed, compressed = bool(decoded.codec & CODEC_AES256_GCM), bool(decoded.codec & CODEC_CACHEGEN)
+    if sealed != (sealer is not None):
+        raise UnreadableEntryError(f"entry is {'sealed' if sealed else 'in clear'}, this kvtier has encryption "
+                                   f"{'on' if sealer is not None else 'off'}")
+    if compressed and codec is None:
+        raise UnreadableEntryError("entry is compressed and this kvtier's compression is off")
+
+
 def unframe_into(header: bytes | bytearray | memoryview, stored: memoryview, key: bytes, rank: int,
                  layout_fingerprint: bytes, out: memoryview, sealer: Sealer | None, namespace: str,
                  codec: KVCodec | None) -> None:
@@ -54,22 +69,16 @@ def unframe_into(header: bytes | bytearray | memoryview, stored: memoryview, key
     checksum does not match, the sealed payload does not authenticate or the compressed one does
     not decode. Unless it returns, the content of ``out`` is unspecified.
     """
+    check_readable(header, sealer, codec)
     decoded = decode_header(header)
-    if decoded.codec not in KNOWN_CODECS:
-        raise EntryError(f"unknown entry codec {decoded.codec}")
-    sealed, compressed = bool(decoded.codec & CODEC_AES256_GCM), bool(decoded.codec & CODEC_CACHEGEN)
-    if sealed != (sealer is not None):
-        raise EntryError(f"entry is {'sealed' if sealed else 'in clear'}, this kvtier has encryption "
-                         f"{'on' if sealer is not None else 'off'}")
-    if compressed and codec is None:
-        raise EntryError("entry is compressed and this kvtier's compression is off")
+    compressed = bool(decoded.codec & CODEC_CACHEGEN)
     check_entry(decoded, key, rank, layout_fingerprint, stored)
     plain = stored
     if sealer is not None:
         plain = out if not compressed else memoryview(bytearray(max(0, stored.nbytes - SEAL_OVERHEAD_BYTES)))
         aad = sealed_aad(key, rank, layout_fingerprint, decoded.codec)
         if not sealer.open_into(namespace.encode("utf-8"), aad, stored, plain):
-            raise EntryError("sealed entry does not authenticate (altered, swapped, another namespace "
+            raise UnreadableEntryError("sealed entry does not authenticate (altered, swapped, another namespace "
                              "or another master key)")
     if compressed:
         assert codec is not None

@@ -4,20 +4,22 @@ Object names: ``kvtier/<namespace>/<32 hex key>.<rank>`` (S3: under the URL's pr
 tenant's entries can be listed and removed together (``delete_namespace``). A value is an entry
 (``kvtier.entry``: header, then payload), so every value says which key, rank and layout it
 holds and is verified (header, length, checksum) on every read. A value that does not match its
-key, is truncated, corrupt, of another codec or of another layout reads as
-``ReadResult.CORRUPT``: it is counted in ``num_corrupt``, deleted best-effort, and its bytes
-never reach the caller as data.
+key, is truncated, corrupt or of another layout reads as ``ReadResult.CORRUPT``: it is counted in
+``num_corrupt``, deleted best-effort, and its bytes never reach the caller as data. A value this
+tier cannot open (sealed under another master key, not authenticating, or of another encryption
+or compression setting) reads as ``ReadResult.UNREADABLE``: a miss, counted in
+``num_unreadable``, and left in place, so a reader with the wrong key never wipes the store.
 
 Encryption at rest: a tier opened with a ``Sealer`` (``open_remote(..., sealer=...)``) seals every
 payload it puts (AES-256-GCM, ``kvtier.crypto``; ``tiers/framing.py``) and reads only sealed
 values; a value that does not authenticate (altered, swapped with another key's, sealed for
-another namespace label or under another master key) reads CORRUPT like any other bad value.
+another namespace label or under another master key) reads UNREADABLE and is left in place.
 Compression (``open_remote(..., codec=...)``, ``kvtier.compression``): a tier with a codec puts
 compressed values (lossy, several times smaller) and reads compressed and uncompressed ones; a
-tier without reads a compressed value as CORRUPT. Sealed or compressed reads land in temporary
+tier without reads a compressed value as UNREADABLE. Sealed or compressed reads land in temporary
 buffers (at most the sealed or raw length, about ``SEALED_GROUP_BYTES`` at a time), then are
 decrypted and decoded into the caller's buffers. Engines sharing a store must share its
-encryption and compression settings: each reads the others' values as CORRUPT and deletes them.
+encryption and compression settings: each reads the others' values as UNREADABLE (misses).
 
 Failure model: no method raises on I/O failure. A failed call returns a miss (``MISSING``,
 ``False``, ``0``), increments ``num_errors`` and marks the tier unhealthy. While unhealthy,
@@ -52,9 +54,9 @@ from kvtier.compression import KVCodec
 from kvtier.config import NAMESPACE_RULE, check_client_certificate, is_namespace, mask_url
 from kvtier.crypto import Sealer
 from kvtier.entry import HEADER_BYTES
-from kvtier.errors import ConfigError, EntryError
+from kvtier.errors import ConfigError, EntryError, UnreadableEntryError
 from kvtier.tiers.disk import ReadResult
-from kvtier.tiers.framing import frame, stored_bytes, unframe_into
+from kvtier.tiers.framing import check_readable, frame, stored_bytes, unframe_into
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +149,7 @@ class RemoteTier(abc.ABC):
         self.sealer = sealer
         self.codec = codec
         self.num_errors = 0
+        self.num_unreadable = 0  # values of another master key or setting, left in place
         self.num_corrupt = 0
         # Bytes of values as stored (header + payload, compressed and/or sealed) that reached this
         # process from good reads and left it in successful puts: what the network carried.
@@ -201,6 +204,7 @@ class RemoteTier(abc.ABC):
             self.value_bytes_read += sum(found.value_bytes for found, result in zip(fetched, group_results)
                                          if found is not None and result is ReadResult.OK)
             results += group_results
+        self.num_unreadable += sum(result is ReadResult.UNREADABLE for result in results)
         corrupt = [name for name, result in zip(names, results) if result is ReadResult.CORRUPT]
         if corrupt:
             self.num_corrupt += len(corrupt)
@@ -379,11 +383,16 @@ class RemoteTier(abc.ABC):
             return ReadResult.MISSING
         try:
             most = HEADER_BYTES + stored.nbytes
+            check_readable(found.header, self.sealer, self.codec)  # before sizes: another setting's are kept
             if found.value_bytes != most and not (self.codec is not None and HEADER_BYTES <= found.value_bytes < most):
                 raise EntryError(f"value has {found.value_bytes} bytes, expected {most}"
                                  f"{' or fewer' if self.codec is not None else ''}")
             unframe_into(found.header, stored[:found.value_bytes - HEADER_BYTES], key, rank, layout_fingerprint,
                          out, self.sealer, namespace, self.codec)
+        except UnreadableEntryError as exc:  # another key or setting: a miss, left for its owner
+            logger.warning("kvtier: remote entry %s in %s cannot be opened by this kvtier (left in place): %s",
+                           name, self.description, exc)
+            return ReadResult.UNREADABLE
         except EntryError as exc:
             logger.warning("kvtier: bad remote entry %s in %s: %s", name, self.description, exc)
             return ReadResult.CORRUPT

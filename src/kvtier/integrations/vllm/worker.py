@@ -188,12 +188,13 @@ class WorkerSide:
             self.report.promote_failed.append(key)
             if done.tier == "remote":
                 self.report.remote_failed.append(key)
-            if done.result is ReadResult.CORRUPT:
+            if done.result in (ReadResult.CORRUPT, ReadResult.UNREADABLE):  # both counted as errors
                 if done.tier == "disk":
                     self.report.num_corrupt += 1
                 else:
                     self.report.num_remote_errors += 1
-                logger.warning("kvtier: corrupt %s entry %s; the engine recomputes it", done.tier, key.hex())
+                logger.warning("kvtier: %s %s entry %s; the engine recomputes it", done.result.value, done.tier,
+                               key.hex())
         seconds = self.fills.remote_fetch_seconds
         self.report.remote_fetch_seconds += seconds - self._fetch_seconds_reported
         self._fetch_seconds_reported = seconds
