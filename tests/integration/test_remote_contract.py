@@ -710,3 +710,27 @@ def test_client_certificate_options_are_checked(tmp_path: Path) -> None:
         open_remote("rediss://127.0.0.1:1", ttl_s=None, timeout_s=1.0, tls_cert=str(tmp_path))
     with pytest.raises(ConfigError, match="remote.tls_ca: file not found"):
         open_remote("rediss://127.0.0.1:1", ttl_s=None, timeout_s=1.0, tls_ca=str(tmp_path / "missing.crt"))
+
+
+def test_redis_reads_are_bounded_and_typed(fresh_redis: ServerProcess) -> None:
+    # A 64 MiB value planted under an entry's name is not read into memory; a list under another
+    # entry's name is one corrupt entry (deleted, counted), not a failed batch or an unhealthy tier.
+    tier = open_remote(f"redis://127.0.0.1:{port_of(fresh_redis)}/0", ttl_s=None, timeout_s=TIMEOUT_S)
+    try:
+        big, listed, good = new_key(), new_key(), new_key()
+        payload = payload_of()
+        assert tier.put(good, 0, payload, LAYOUT, namespace=TENANT)
+        client = tier.client  # type: ignore[attr-defined]
+        client.set(tier.name_for(big, 0, TENANT), b"\0" * (64 << 20))
+        client.rpush(tier.name_for(listed, 0, TENANT), b"a", b"b")
+        sent_before = int(client.info("stats")["total_net_output_bytes"])
+        outs = [bytearray(PAYLOAD_BYTES) for _ in range(3)]
+        results = tier.get_many_into([(key, memoryview(out)) for key, out in zip((big, listed, good), outs)], 0,
+                                     LAYOUT, namespace=TENANT)
+        sent = int(client.info("stats")["total_net_output_bytes"]) - sent_before
+        assert results == [ReadResult.CORRUPT, ReadResult.CORRUPT, ReadResult.OK]
+        assert bytes(outs[2]) == payload and tier.healthy and tier.num_corrupt == 2
+        assert sent < 4 * PAYLOAD_BYTES  # not the 64 MiB
+        assert client.exists(tier.name_for(big, 0, TENANT), tier.name_for(listed, 0, TENANT)) == 0  # deleted
+    finally:
+        tier.close()

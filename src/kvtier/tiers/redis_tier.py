@@ -6,8 +6,8 @@ Cluster; the listed nodes are seeds, the client discovers the rest). ``username`
 options, when given, win over the URL's.
 
 Data path: one value per entry, written with ``SET name value NX [EX ttl_s]`` (an existing value
-is neither overwritten nor has its TTL refreshed) and read with pipelined GETs, in groups of
-about 16 MiB per round trip. Large values travel without joining or copying on the client side:
+is neither overwritten nor has its TTL refreshed) and read with pipelined EXISTS and bounded
+GETRANGEs (never more than one byte past an entry's size), in groups of about 16 MiB per round trip. Large values travel without joining or copying on the client side:
 a custom command packer sends header and payload as separate buffers of one bulk string (redis-py's
 hiredis packer copies every command into one buffer, which makes a 6 MB SET about 3x slower).
 Socket connect and read timeouts are ``timeout_s`` and redis-py's own retries are off.
@@ -129,13 +129,27 @@ class RedisTier(RemoteTier):
         return count
 
     def _fetch_many(self, items: Sequence[tuple[str, memoryview]]) -> list[Fetched | None]:
+        """Per name, EXISTS and a bounded GETRANGE (at most one byte more than an entry can be, so
+        a huge value planted under an entry's name is never read whole); a value of another type
+        (WRONGTYPE) is one bad entry, not a failed batch."""
         fetched: list[Fetched | None] = []
         for group in _groups(items, _BATCH_BYTES):
             pipe = self.client.pipeline(transaction=False)
-            for name, _ in group:
-                pipe.get(name)
-            values = pipe.execute()
-            fetched.extend(_place(value, out) for value, (_, out) in zip(values, group))
+            for name, out in group:
+                pipe.exists(name)
+                pipe.getrange(name, 0, HEADER_BYTES + out.nbytes)
+            replies = pipe.execute(raise_on_error=False)
+            for (_, out), exists, value in zip(group, replies[0::2], replies[1::2]):
+                if isinstance(exists, Exception):
+                    raise exists
+                if not exists:
+                    fetched.append(None)
+                elif isinstance(value, redis.ResponseError):  # not a string: a bad entry (deleted, counted)
+                    fetched.append(Fetched(b"", 0))
+                elif isinstance(value, Exception):
+                    raise value
+                else:
+                    fetched.append(_place(value, out))
         return fetched
 
     @property
