@@ -69,6 +69,16 @@ class EntryRef:
 
 
 @dataclass(frozen=True)
+class Invalidation:
+    """An admin invalidation of ``namespace`` (``keys`` None: all of it) that the worker applies
+    to its upload queue: queued uploads of those entries are dropped, and the remote deletes them
+    again behind the uploads already in flight."""
+
+    namespace: str
+    keys: tuple[bytes, ...] | None
+
+
+@dataclass(frozen=True)
 class AsyncLoad:
     """One request's load that needs disk or remote reads first: read ``disk`` and ``remote``
     into their memory slots (background), then copy ``loads`` (in prompt order, one chunk each)
@@ -93,6 +103,7 @@ class StepPlan:
     remote_puts: list[SlotOp] = field(default_factory=list)
     deletes: list[EntryRef] = field(default_factory=list)
     purges: list[str] = field(default_factory=list)  # namespaces whose disk entries all go
+    invalidations: list[Invalidation] = field(default_factory=list)  # for the upload queue
     # finished requests whose blocks vLLM keeps until the worker reports their stores done
     # (``get_finished``): stores run asynchronously and must not read freed blocks
     delayed_frees: list[str] = field(default_factory=list)
@@ -102,7 +113,7 @@ class StepPlan:
     def is_empty(self) -> bool:
         return not (self.spills or self.async_loads or self.loads or self.stores
                     or self.write_through or self.remote_puts or self.deletes or self.purges
-                    or self.delayed_frees)
+                    or self.invalidations or self.delayed_frees)
 
 
 @dataclass

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from kvtier.config import NamespaceLimits
 from kvtier.leases import Leases
 from kvtier.metrics import Metrics
-from kvtier.plans import EntryRef, SlotOp, StepPlan, WorkerReport
+from kvtier.plans import EntryRef, Invalidation, SlotOp, StepPlan, WorkerReport
 from kvtier.policy import EvictionPolicy, make_policy
 
 _NO_LIMITS = NamespaceLimits()
@@ -289,6 +289,7 @@ class TieredStore:
             self._ops.deletes.append(EntryRef(key, namespace))
         if keys is None and self._disk_settings is not None:
             self._ops.purges.append(namespace)
+        self._ops.invalidations.append(Invalidation(namespace, None if keys is None else tuple(sorted(keys))))
         self.reap()
         self._metrics.invalidated.labels(tier="memory").inc(len(memory))
         self._metrics.invalidated.labels(tier="disk").inc(len(disk))

@@ -346,3 +346,13 @@ def test_tenant_books_stay_consistent(steps: list[tuple[str, int, str]]) -> None
         assert sum(u.memory for u in usage.values()) == store.num_memory_entries
         assert sum(u.disk for u in usage.values()) == store.num_disk_entries
         assert usage.get("a", None) is None or (usage["a"].memory <= 3 and usage["a"].disk <= 4)
+
+
+def test_an_invalidation_is_planned_for_the_upload_queue_too() -> None:
+    from kvtier.plans import Invalidation
+
+    store = make()
+    stored(store, 0)
+    store.invalidate(NS, {key(0)})
+    store.invalidate("tenant-b")
+    assert store.take_ops().invalidations == [Invalidation(NS, (key(0),)), Invalidation("tenant-b", None)]

@@ -124,3 +124,14 @@ def test_only_a_preemption_of_a_request_with_stores_in_flight_waits_for_them(mon
     assert waits == []
     side.handle_preemptions(StepPlan(preempted=["r1"]))
     assert waits == [1]
+
+
+def test_an_invalidation_reaches_the_upload_queue_on_a_step_without_a_forward() -> None:
+    from kvtier.plans import Invalidation
+
+    remote = DictTier()
+    assert remote.put(b"k" * 16, 0, chunk_payload(1), LAYOUT.fingerprint(), namespace=NS)
+    side, _ = worker(remote)
+    side.begin_step(StepPlan(invalidations=[Invalidation(NS, None)]))  # no save(): vLLM 0.26 idle step
+    assert side.uploader is not None and side.uploader.flush(5)
+    assert not remote.values  # deleted behind the (empty) upload queue

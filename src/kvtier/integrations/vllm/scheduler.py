@@ -192,8 +192,8 @@ class SchedulerSide:
         for req_id in plan.preempted:
             self.manager.load_finished(req_id)
         ops = self.manager.take_ops()
-        plan.spills, plan.write_through, plan.deletes, plan.purges = \
-            ops.spills, ops.write_through, ops.deletes, ops.purges
+        plan.spills, plan.write_through, plan.deletes, plan.purges, plan.invalidations = \
+            ops.spills, ops.write_through, ops.deletes, ops.purges, ops.invalidations
         return plan
 
     def _plan_stores(self, req_id: str, num_computed_after: int, plan: StepPlan) -> None:

@@ -22,7 +22,7 @@ import torch
 from kvtier.crypto import Sealer
 from kvtier.datapath import ChunkMover, HostPool, PagedKV, ordered_layers
 from kvtier.integrations.vllm.setup import EngineSetup
-from kvtier.plans import AsyncLoad, EntryRef, LoadOp, SlotOp, StepPlan, StoreOp, WorkerReport
+from kvtier.plans import AsyncLoad, EntryRef, Invalidation, LoadOp, SlotOp, StepPlan, StoreOp, WorkerReport
 from kvtier.tiers.disk import DiskFiles, DiskWriter, ReadResult
 from kvtier.tiers.remote import RemoteTier
 from kvtier.tiers.uploader import RemoteUploader
@@ -43,6 +43,7 @@ class _PendingStep:
     remote_puts: list[SlotOp]
     deletes: list[EntryRef]
     purges: list[str]
+    invalidations: list[Invalidation]
     started: float
 
 
@@ -77,6 +78,7 @@ class WorkerSide:
         self.fills: FillExecutor | None = None
         self._async_loads: dict[str, AsyncLoad] = {}  # by request, until settled
         self._copying: list[_Copying] = []  # settled, their copies into the blocks still queued
+        self._queued_early: StepPlan | None = None  # a plan with nothing to copy, queued when bound
         self._load_errors: set[int] = set()  # engine blocks that async loads could not fill
         self._fetch_seconds_reported = 0.0
         if setup.disk_dir is not None:
@@ -102,6 +104,10 @@ class WorkerSide:
         where some versions skip ``wait_for_save``): takes the plan's delayed frees."""
         self._step_started = time.perf_counter()
         self._awaiting_free.update(plan.delayed_frees)
+        if not plan.stores and (plan.deletes or plan.purges or plan.invalidations):
+            self._queue_step(plan)  # nothing to copy: do not wait for a forward (0.26 skips wait_for_save)
+            self._queued_early = plan
+            self._poll()
 
     def start_load(self, plan: StepPlan) -> None:
         if plan.is_empty():
@@ -204,7 +210,7 @@ class WorkerSide:
         if self._step_started is not None:
             self.report.forward_seconds = time.perf_counter() - self._step_started
             self._step_started = None
-        if plan.stores or plan.deletes or plan.purges:
+        if plan is not self._queued_early and (plan.stores or plan.deletes or plan.purges or plan.invalidations):
             self._queue_step(plan)
         self._poll()
 
@@ -220,7 +226,7 @@ class WorkerSide:
             event = self.mover.mark_stores()
             self.report.memory_written_bytes += len(plan.stores) * self.setup.chunk_bytes
         self._pending.append(_PendingStep(event, plan.stores, plan.write_through, plan.remote_puts, plan.deletes,
-                                          plan.purges, started))
+                                          plan.purges, plan.invalidations, started))
 
     def _poll(self) -> None:
         """Finish the steps whose copies are done, oldest first (they complete in order)."""
@@ -231,6 +237,9 @@ class WorkerSide:
                     self.writer.submit_delete(ref.key, self.rank, namespace=ref.namespace)
                 for namespace in done.purges:
                     self.writer.submit_purge(namespace)
+            if self.uploader is not None:  # before this step's own uploads, which are newer
+                for invalidation in done.invalidations:
+                    self.uploader.remove(invalidation.namespace, invalidation.keys, self.rank)
             if done.stores:
                 self.report.stored.extend(op.key for op in done.stores)
                 self.report.store_seconds.append(time.perf_counter() - done.started)
