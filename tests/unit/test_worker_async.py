@@ -14,6 +14,7 @@ from kvtier.integrations.vllm.worker import WorkerSide
 from kvtier.keys import Namespace
 from kvtier.layout import KVLayout
 from kvtier.plans import AsyncLoad, LoadOp, SlotOp, StepPlan, StoreOp
+from kvtier.tiers.remote import RemoteTier
 from tests.dict_tier import DictTier
 
 LAYOUT = KVLayout("cpu_lbhnc", 2, 1, 8, 16, "bfloat16")
@@ -22,11 +23,12 @@ NUM_BLOCKS = 12
 NS = "default"
 
 
-def worker(remote: DictTier) -> tuple[WorkerSide, dict[str, torch.Tensor]]:
+def worker(remote: RemoteTier | None, upload_remote: RemoteTier | None = None) -> tuple[WorkerSide,
+                                                                                       dict[str, torch.Tensor]]:
     config = load_config({"chunk_tokens": CHUNK}, {}).config
     setup = EngineSetup(config, LAYOUT, Namespace(NS, "m", LAYOUT.fingerprint(), 1), ("l0", "l1"), 1,
                         LAYOUT.chunk_bytes(CHUNK), 4, None, 0)
-    side = WorkerSide(setup, 0, remote, None)
+    side = WorkerSide(setup, 0, remote, None, upload_remote)
     caches = {name: torch.zeros(NUM_BLOCKS, 1, 16, 16, dtype=torch.bfloat16) for name in ("l0", "l1")}
     side.register_kv_caches(caches, "CPU_ATTN")
     return side, caches

@@ -85,8 +85,10 @@ class KVTierConnector(KVConnectorBase_V1):
             from kvtier.integrations.vllm.worker import WorkerSide
 
             sealer = open_sealer(setup)
+            # reads and uploads on separate clients: a failing upload (a full Redis) must not
+            # mark the tier unhealthy for reads
             self._worker = WorkerSide(setup, get_tensor_model_parallel_rank(), open_remote_tier(setup, sealer),
-                                      sealer)
+                                      sealer, open_remote_tier(setup, sealer))
 
     @classmethod
     def get_required_kvcache_layout(cls, vllm_config: "VllmConfig") -> str | None:

@@ -58,16 +58,21 @@ class _Copying:
 
 
 class WorkerSide:
-    def __init__(self, setup: EngineSetup, rank: int, remote: RemoteTier | None, sealer: Sealer | None) -> None:
+    def __init__(self, setup: EngineSetup, rank: int, remote: RemoteTier | None, sealer: Sealer | None,
+                 upload_remote: RemoteTier | None = None) -> None:
+        """``remote`` serves reads; ``upload_remote`` (another handle on the same tier, default
+        ``remote``) serves uploads, so that failing writes leave reads healthy."""
         self.setup = setup
         self.rank = rank
         self.remote = remote
+        self.upload_remote = upload_remote or remote
         self.uploader: RemoteUploader | None = None
         self._step_started: float | None = None
         self._pending: list[_PendingStep] = []  # steps with work left, oldest first
         self._awaiting_free: set[str] = set()
         if remote is not None:
-            self.uploader = RemoteUploader(remote, setup.layout.fingerprint(), setup.config.remote.queue_depth)
+            self.uploader = RemoteUploader(self.upload_remote, setup.layout.fingerprint(),
+                                           setup.config.remote.queue_depth)
         self.report = WorkerReport()
         self._wire_reported = (0, 0)  # the remote tier's value bytes (read, written) reported so far
         self.paged: PagedKV | None = None
@@ -305,7 +310,8 @@ class WorkerSide:
             self.report.remote_failed.extend(failed)
             self.report.num_remote_errors += len(failed)
         if self.remote is not None:
-            wire = (self.remote.value_bytes_read, self.remote.value_bytes_written)
+            assert self.upload_remote is not None
+            wire = (self.remote.value_bytes_read, self.upload_remote.value_bytes_written)
             self.report.remote_wire_read_bytes += wire[0] - self._wire_reported[0]
             self.report.remote_wire_written_bytes += wire[1] - self._wire_reported[1]
             self._wire_reported = wire
@@ -322,4 +328,6 @@ class WorkerSide:
             self.uploader.close()
         if self.remote is not None:
             self.remote.close()
+        if self.upload_remote is not None and self.upload_remote is not self.remote:
+            self.upload_remote.close()
 
