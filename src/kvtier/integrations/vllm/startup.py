@@ -86,10 +86,19 @@ def open_sealer(setup: EngineSetup) -> Sealer | None:
 
 
 def serve_metrics(metrics: Metrics, setup: EngineSetup) -> None:
+    """Serve kvtier's metrics on ``metrics.port``. A port that is taken (several engines on one
+    host with the same setting) is reported, not fatal: the engine serves without it."""
     port = setup.config.metrics.port
-    if port:
+    if not port:
+        return
+    try:
         metrics.serve(setup.config.metrics.host, port)
-        logger.info("kvtier: metrics on http://%s:%d/metrics", setup.config.metrics.host, port)
+    except OSError as exc:
+        logger.error("kvtier: cannot serve metrics on %s:%d (%s); this engine runs without kvtier's metrics "
+                     "endpoint: give each engine on a host its own metrics.port (KVTIER_METRICS_PORT)",
+                     setup.config.metrics.host, port, exc.strerror or exc)
+        return
+    logger.info("kvtier: metrics on http://%s:%d/metrics", setup.config.metrics.host, port)
 
 
 def serve_admin(scheduler: SchedulerSide, setup: EngineSetup) -> AdminServer | None:
