@@ -276,3 +276,48 @@ def test_kvtier_admin_explains_a_refusal(admin: Admin, tmp_path: Path, monkeypat
     closed = "http://127.0.0.1:1"
     assert main(["admin", "--url", closed, "--token-env", "KV_READ", "stats"]) == 1
     assert "cannot reach" in capsys.readouterr().err
+
+
+# ----- hardening -------------------------------------------------------------------------------------
+
+def test_liveness_needs_no_token_and_reveals_nothing(admin: Admin) -> None:
+    assert admin.call("GET", "/livez", token=None) == (200, {"status": "ok"})
+    assert admin.audit() == []
+
+
+def test_an_unauthenticated_request_is_refused_before_its_body_is_read(admin: Admin) -> None:
+    import socket
+    import urllib.parse
+
+    host, port = urllib.parse.urlsplit(admin.url).netloc.split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        # announces 8 MiB and sends none of it: the answer must not wait for the body
+        sock.sendall(b"POST /v1/invalidate HTTP/1.1\r\nHost: x\r\nContent-Length: 8000000\r\n\r\n")
+        started = time.monotonic()
+        reply = sock.recv(4096)
+    assert reply.startswith(b"HTTP/1.0 401") or reply.startswith(b"HTTP/1.1 401")
+    assert time.monotonic() - started < 2
+
+
+def test_unauthenticated_requests_cannot_grow_the_audit_log_without_bound(admin: Admin, monkeypatch) -> None:
+    import kvtier.admin.http as admin_http
+
+    for _ in range(admin_http.DENIED_AUDIT_PER_MINUTE + 40):
+        assert admin.call("GET", "/v1/stats", token="x" * 32)[0] == 401
+    assert len(admin.audit()) == admin_http.DENIED_AUDIT_PER_MINUTE
+
+
+def test_authenticated_404s_and_lookups_are_audited(admin: Admin) -> None:
+    assert admin.call("GET", "/v1/nothing-here", token=READ_TOKEN)[0] == 404
+    assert admin.call("POST", "/v1/lookup", {"namespace": "default", "token_ids": [1, 2, 3, 4]},
+                      token=READ_TOKEN)[0] == 200
+    events = admin.audit()
+    assert [(e["path"], e["status"], e["role"]) for e in events] == [("/v1/nothing-here", 404, "read"),
+                                                                     ("/v1/lookup", 200, "read")]
+
+
+@pytest.mark.parametrize("body", [{"ttl_s": 10**30}, {"ttl_s": 1e400}, {"memory_quota": 2**70},
+                                  {"disk_quota": "9999999TiB"}, {"ttl_s": -1}])
+def test_limits_out_of_bounds_are_a_400(admin: Admin, body: dict) -> None:
+    status, answer = admin.call("PUT", "/v1/namespaces/tenant-a", raw=json.dumps(body).encode())
+    assert status == 400 and "error" in answer

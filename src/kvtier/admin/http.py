@@ -13,9 +13,14 @@ PUT      /v1/namespaces/<namespace>    admin  ``{"ttl_s"?, "memory_quota"?, "dis
 POST     /v1/invalidate                admin  ``{"namespace", "token_ids"? | "keys"?, "salt"?}``: remove from every tier
 =======  ============================  =====  ==================================================
 
-A request without a valid token gets 401, a read token on an admin endpoint 403; both are
-audited, as is every admin action with its outcome. Bodies are JSON objects of at most
-``MAX_BODY_BYTES``; anything else is a 400 with a reason. Nothing a client sends is executed or
+``GET /livez`` needs no token and says only ``{"status": "ok"}`` (for liveness probes).
+
+A request without a valid token gets 401 before its body is read, a read token on an admin
+endpoint 403; both are audited (unauthenticated ones at most ``DENIED_AUDIT_PER_MINUTE`` lines a
+minute, then one line counting the rest), as are lookups, authenticated 404s and every admin
+action with its outcome. At most ``MAX_CONNECTIONS`` connections are served at once (others are
+closed), each request within ``REQUEST_TIMEOUT_S``. Bodies are JSON objects of at most
+``MAX_BODY_BYTES``; anything else is a 400 with a reason; ``ttl_s`` and quotas are bounded. Nothing a client sends is executed or
 unpickled; unknown fields are refused (a typo must not widen an invalidation to a whole
 namespace, so ``token_ids`` and ``keys`` are exclusive and checked strictly).
 """
@@ -26,6 +31,7 @@ import json
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -42,6 +48,10 @@ logger = logging.getLogger("kvtier")
 MAX_BODY_BYTES = 8 << 20
 MAX_TOKEN_IDS = 1 << 20
 REQUEST_TIMEOUT_S = 10.0
+MAX_CONNECTIONS = 32
+DENIED_AUDIT_PER_MINUTE = 60
+MAX_TTL_S = 10 * 365 * 86400  # ten years
+MAX_QUOTA_BYTES = 1 << 60
 _KEY_HEX = re.compile(r"[0-9a-f]{32}")
 
 
@@ -63,6 +73,10 @@ class AdminAPI:
         self.service = service
         self.tokens = tokens
         self.audit = audit
+        self._denied = _Budget(DENIED_AUDIT_PER_MINUTE, 60.0)
+
+    def authenticated(self, authorization: str | None) -> bool:
+        return self.tokens.authenticate(authorization) is not None
 
     def handle(self, method: str, path: str, authorization: str | None, body: bytes | None,
                client: str) -> tuple[int, dict[str, object]]:
@@ -73,9 +87,17 @@ class AdminAPI:
                                     "token_id": None if principal is None else principal.token_id,
                                     "role": None if principal is None else principal.role.name.lower()}
         if principal is None:
-            return self._deny(event, HTTPStatus.UNAUTHORIZED, "missing or unknown bearer token")
+            reason = "missing or unknown bearer token"
+            suppressed = self._denied.take()
+            if suppressed is not None:  # unauthenticated clients must not grow the log without bound
+                if suppressed:
+                    self.audit.record({"denied_unlogged": suppressed, "status": int(HTTPStatus.UNAUTHORIZED)})
+                return self._deny(event, HTTPStatus.UNAUTHORIZED, reason)
+            return HTTPStatus.UNAUTHORIZED, {"error": reason}
         if route is None:
-            return HTTPStatus.NOT_FOUND, {"error": f"no endpoint {method} {path[:200]}"}
+            answer = {"error": f"no endpoint {method} {path[:200]}"}
+            self.audit.record({**event, "status": int(HTTPStatus.NOT_FOUND), "detail": answer})
+            return HTTPStatus.NOT_FOUND, answer
         if principal.role < route.role:
             return self._deny(event, HTTPStatus.FORBIDDEN, f"needs an {route.role.name.lower()} token")
         try:
@@ -121,7 +143,7 @@ class AdminAPI:
         namespace = _namespace(argument)
         current = self.service.current_limits(namespace)
         limits = NamespaceLimits(
-            ttl_s=_non_negative_int(request["ttl_s"], "ttl_s") if "ttl_s" in request else current.ttl_s,
+            ttl_s=_non_negative_int(request["ttl_s"], "ttl_s", MAX_TTL_S) if "ttl_s" in request else current.ttl_s,
             memory_bytes=_size(request["memory_quota"], "memory_quota") if "memory_quota" in request
             else current.memory_bytes,
             disk_bytes=_size(request["disk_quota"], "disk_quota") if "disk_quota" in request else current.disk_bytes)
@@ -151,11 +173,60 @@ class AdminAPI:
 _ROUTES: dict[str, _Route] = {
     "GET /v1/health": _Route(Role.READ, False, AdminAPI._health),
     "GET /v1/stats": _Route(Role.READ, False, AdminAPI._stats),
-    "POST /v1/lookup": _Route(Role.READ, False, AdminAPI._lookup),
+    "POST /v1/lookup": _Route(Role.READ, True, AdminAPI._lookup),  # reveals what is cached: audited
     "GET /v1/namespaces": _Route(Role.READ, False, AdminAPI._namespaces),
     "PUT /v1/namespaces/": _Route(Role.ADMIN, True, AdminAPI._set_limits),
     "POST /v1/invalidate": _Route(Role.ADMIN, True, AdminAPI._invalidate),
 }
+
+
+class _Budget:
+    """At most ``limit`` events per ``window_s``; ``take`` says whether this one is within the
+    budget: None when it is not, else the number refused since the budget was last open."""
+
+    def __init__(self, limit: int, window_s: float) -> None:
+        self._limit, self._window_s = limit, window_s
+        self._start, self._used, self._refused = time.monotonic(), 0, 0
+        self._lock = threading.Lock()
+
+    def take(self) -> int | None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._start >= self._window_s:
+                self._start, self._used = now, 0
+            if self._used >= self._limit:
+                self._refused += 1
+                return None
+            self._used += 1
+            refused, self._refused = self._refused, 0
+            return refused
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """A threading HTTP server that serves at most ``MAX_CONNECTIONS`` connections at once and
+    closes any beyond (an unauthenticated client cannot tie up threads without bound)."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request, client_address):  # type: ignore[no-untyped-def]
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except Exception:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):  # type: ignore[no-untyped-def]
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class AdminServer:
@@ -166,7 +237,7 @@ class AdminServer:
         self._api = api
         handler = _handler_for(api)
         try:
-            self._server = ThreadingHTTPServer((host, port), handler)
+            self._server = _BoundedServer((host, port), handler)
         except OSError as exc:
             raise ConfigError("admin.port", f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         self._server.daemon_threads = True
@@ -201,6 +272,15 @@ def _handler_for(api: AdminAPI) -> type[BaseHTTPRequestHandler]:
             self._answer("DELETE")
 
         def _answer(self, method: str) -> None:
+            if method == "GET" and self.path.split("?", 1)[0] == "/livez":
+                self._send(HTTPStatus.OK, {"status": "ok"})  # no token, nothing revealed
+                return
+            authorization = self.headers.get("Authorization")
+            if not api.authenticated(authorization):  # refused before its body is read
+                self.close_connection = True
+                status, answer = api.handle(method, self.path, authorization, None, self.client_address[0])
+                self._send(status, answer)
+                return
             body: bytes | None = None
             try:
                 length = int(self.headers.get("Content-Length") or 0)
@@ -284,20 +364,22 @@ def _keys(value: object) -> list[bytes]:
     return [bytes.fromhex(key) for key in value]
 
 
-def _non_negative_int(value: object, name: str) -> int:
-    if type(value) is not int or value < 0:
-        raise BadRequest(f"{name} must be an integer >= 0 (0: none)")
+def _non_negative_int(value: object, name: str, most: int) -> int:
+    if type(value) is not int or not 0 <= value <= most:
+        raise BadRequest(f"{name} must be an integer in 0..{most} (0: none)")
     return value
 
 
 def _size(value: object, name: str) -> int:
     if type(value) is int:
-        if value < 0:
-            raise BadRequest(f"{name} must be >= 0 (0: none)")
-        return value
-    if not isinstance(value, str):
+        size = value
+    elif isinstance(value, str):
+        try:
+            size = parse_size(value, name)
+        except ConfigError as exc:
+            raise BadRequest(f"{name}: {exc}") from None
+    else:
         raise BadRequest(f"{name} must be a byte count or a size like \"1GiB\" (0: none)")
-    try:
-        return parse_size(value, name)
-    except ConfigError as exc:
-        raise BadRequest(f"{name}: {exc}") from None
+    if not 0 <= size <= MAX_QUOTA_BYTES:
+        raise BadRequest(f"{name} must be a size in 0..{MAX_QUOTA_BYTES} bytes (0: none)")
+    return size
