@@ -15,7 +15,8 @@ Contract (``FillExecutor``):
   data (``ok_slots``); every other slot of the job must not be copied into the engine (a miss:
   the engine recomputes those tokens). This is what bounds a request's wait by wall-clock time,
   whatever the tier does.
-- ``take_results()`` (engine's thread) returns each read once it has really finished, possibly
+- ``take_results()`` (engine's thread) returns each read once it has really finished (and the
+  seconds the remote reads took), possibly
   after its job was settled by the deadline. A slot being read must not be reused until its
   result was taken: the books keep such an entry pending (not evictable) until then, so a late
   read can never land in a slot that holds something else.
@@ -83,7 +84,6 @@ class FillExecutor:
         self._disk_readers = concurrent.futures.ThreadPoolExecutor(max(1, disk_readers),
                                                                    thread_name_prefix="kvtier-disk-read")
         self._jobs: list[_Job] = []  # submitted, oldest first, until every batch's result was taken
-        self.remote_fetch_seconds = 0.0  # time spent in finished remote reads (the cost model's input)
 
     def submit(self, job_id: str, disk_ops: Sequence[SlotOp], remote_ops: Sequence[SlotOp], deadline_s: float) -> None:
         job = _Job(job_id, time.monotonic() + deadline_s)
@@ -108,9 +108,11 @@ class FillExecutor:
             settled.append(SettledFill(job.job_id, frozenset(ok), timed_out=not done))
         return settled
 
-    def take_results(self) -> list[SlotResult]:
-        """Results of every read that finished since the last call (each once)."""
+    def take_results(self) -> tuple[list[SlotResult], float]:
+        """Results of every read that finished since the last call (each once), and the seconds
+        the remote reads among them took (the cost model's input)."""
         results: list[SlotResult] = []
+        remote_seconds = 0.0
         keep: list[_Job] = []
         for job in self._jobs:
             pending = [batch for batch in job.batches if not batch.future.done()]
@@ -120,12 +122,12 @@ class FillExecutor:
                     results += batch_results
                     job.ok_slots.update(r.op.slot for r in batch_results if r.result is ReadResult.OK)
                     if batch.tier == "remote":
-                        self.remote_fetch_seconds += seconds
+                        remote_seconds += seconds
             job.batches = pending
             if pending or not job.settled:
                 keep.append(job)
         self._jobs = keep
-        return results
+        return results, remote_seconds
 
     @property
     def num_in_flight(self) -> int:

@@ -59,9 +59,9 @@ def test_disk_reads_fill_the_slots_and_a_corrupt_entry_is_not_ok(tmp_path) -> No
     assert settled.job_id == "r1" and not settled.timed_out
     assert settled.ok_slots == {0, 2}
     assert bytes(slots.data[0]) == payload(0) and bytes(slots.data[2]) == payload(2)
-    results = {r.op.key: r.result for r in executor.take_results()}
+    results = {r.op.key: r.result for r in executor.take_results()[0]}
     assert results == {key(0): ReadResult.OK, key(1): ReadResult.CORRUPT, key(2): ReadResult.OK}
-    assert executor.take_results() == []  # each result once
+    assert executor.take_results()[0] == []  # each result once
     executor.close()
 
 
@@ -76,11 +76,11 @@ def test_a_stalled_remote_settles_at_the_deadline_and_reports_its_read_later() -
     [settled] = settle(executor)
     assert time.monotonic() - started < 0.4  # did not wait for the server
     assert settled.timed_out and settled.ok_slots == frozenset()
-    assert executor.take_results() == []  # the read is still running: its slot stays taken
+    assert executor.take_results() == ([], 0.0)  # the read is still running: its slot stays taken
     assert executor.wait_idle(5)
-    [late] = executor.take_results()
+    [late], remote_seconds = executor.take_results()
     assert late.result is ReadResult.OK and late.op.slot == 0
-    assert executor.remote_fetch_seconds >= 0.5
+    assert remote_seconds >= 0.5
     executor.close()
 
 

@@ -85,7 +85,6 @@ class WorkerSide:
         self._copying: list[_Copying] = []  # settled, their copies into the blocks still queued
         self._queued_early: StepPlan | None = None  # a plan with nothing to copy, queued when bound
         self._load_errors: set[int] = set()  # engine blocks that async loads could not fill
-        self._fetch_seconds_reported = 0.0
         if setup.disk_dir is not None:
             self.disk = DiskFiles(setup.disk_dir, setup.layout.fingerprint(), sealer=sealer)
             self.writer = DiskWriter(self.disk, setup.config.disk.queue_depth)
@@ -187,7 +186,9 @@ class WorkerSide:
         """Report every background read that finished (each once), even after its deadline."""
         if self.fills is None:
             return
-        for done in self.fills.take_results():
+        results, remote_seconds = self.fills.take_results()
+        self.report.remote_fetch_seconds += remote_seconds
+        for done in results:
             key = done.op.key
             if done.result is ReadResult.OK:
                 self.report.promoted.append(key)
@@ -206,9 +207,6 @@ class WorkerSide:
                     self.report.num_remote_errors += 1
                 logger.warning("kvtier: %s %s entry %s; the engine recomputes it", done.result.value, done.tier,
                                key.hex())
-        seconds = self.fills.remote_fetch_seconds
-        self.report.remote_fetch_seconds += seconds - self._fetch_seconds_reported
-        self._fetch_seconds_reported = seconds
 
     # ----- after the forward -----------------------------------------------------------------
     def save(self, plan: StepPlan) -> None:
