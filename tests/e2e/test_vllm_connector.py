@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from kvtier.fingerprint import model_fingerprint
 from kvtier.keys import Namespace, chunk_keys
 from kvtier.layout import KVLayout
 from kvtier.tiers.disk import DiskFiles
@@ -45,7 +46,8 @@ TINY_LAYOUT = KVLayout("cpu_lbhnc", 4, 2, 64, 128, "bfloat16")  # the tiny model
 
 def default_keys(model: str, prompt: list[int]) -> list[bytes]:
     """Chunk keys of ``prompt`` in the default namespace, as the engines of these tests make them."""
-    digest = Namespace("default", model, TINY_LAYOUT.fingerprint(), 1).digest()
+    identity = f"{model}#{model_fingerprint(model, None, 'bfloat16', 'auto', None)}"  # as the engine makes it
+    digest = Namespace("default", identity, TINY_LAYOUT.fingerprint(), 1).digest()
     return [key.digest for key in chunk_keys(digest, prompt, CHUNK)]
 
 

@@ -8,7 +8,12 @@
   tokens, instead of recomputing what is still being uploaded;
 - vLLM's ``cache_salt``: becomes part of every key of the request, so requests with different
   salts never share KV, on any tier;
-- the configuration's ``no_cache_namespaces``: requests in these namespaces never load or store.
+- the configuration's ``no_cache_namespaces``: requests in these namespaces never load or store;
+- what changes the KV besides the tokens (``content_binding``): the request's LoRA adapter (its
+  name, id, path and a fingerprint of its files) and its multimodal inputs (vLLM's per-item hashes
+  and their positions) are bound into every key with the salt, so the same tokens under another
+  adapter or image never hit; prompt embeddings cannot be keyed: such a request is served
+  without kvtier.
 A request that sends malformed controls is served without kvtier (no load, no store) and a
 warning names the problem: a typo must never widen who can read a prompt's KV.
 """
@@ -16,10 +21,11 @@ warning names the problem: a typo must never widen who can read a prompt's KV.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 
 from kvtier.config import NAMESPACE_PATTERN, is_namespace
+from kvtier.fingerprint import adapter_fingerprint
 
 logger = logging.getLogger("kvtier")
 
@@ -37,12 +43,33 @@ class RequestControls:
 
 
 def request_controls(params: Mapping[str, object] | None, cache_salt: str | None,
-                     default_namespace: str, no_cache: frozenset[str] = frozenset()) -> RequestControls:
-    """The request's controls; a namespace in ``no_cache`` never loads or stores."""
+                     default_namespace: str, no_cache: frozenset[str] = frozenset(),
+                     binding: str | None = "") -> RequestControls:
+    """The request's controls; a namespace in ``no_cache`` never loads or stores. ``binding``
+    (``content_binding``) joins the salt; None: the request cannot be keyed, kvtier stays out."""
     controls = _controls(params, cache_salt, default_namespace)
-    if controls.namespace in no_cache:
+    if binding:
+        controls = replace(controls, salt=f"{controls.salt}\x1f{binding}")
+    if controls.namespace in no_cache or binding is None:
         return RequestControls(controls.namespace, False, False, controls.salt)
     return controls
+
+
+def content_binding(lora: object | None, mm_features: Sequence[object] | None, prompt_embeds: object | None) -> str | None:
+    """What besides the token ids changes a request's KV, as text to bind into its keys ("" for a
+    plain request); None when kvtier cannot key it (prompt embeddings)."""
+    if prompt_embeds is not None:
+        return None
+    parts: list[str] = []
+    if lora is not None:
+        path = str(getattr(lora, "lora_path", "") or "")
+        parts.append(f"lora:{getattr(lora, 'lora_int_id', '')}:{getattr(lora, 'lora_name', '')}:{path}:"
+                     f"{adapter_fingerprint(path) if path else ''}")
+    for feature in mm_features or ():
+        position = getattr(feature, "mm_position", None)
+        parts.append(f"mm:{getattr(feature, 'identifier', '')}@{getattr(position, 'offset', '')}"
+                     f"+{getattr(position, 'length', '')}")
+    return "\n".join(parts)
 
 
 def _controls(params: Mapping[str, object] | None, cache_salt: str | None,

@@ -21,6 +21,7 @@ boundary and leaves at least one prompt token to compute.
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
 
 from kvtier.integrations.vllm.compat import RequestBlocks
-from kvtier.integrations.vllm.requests import RequestControls, request_controls
+from kvtier.integrations.vllm.requests import RequestControls, content_binding, request_controls
 from kvtier.integrations.vllm.setup import EngineSetup
 from kvtier.keys import chunk_keys
 from kvtier.manager import KVManager, LoadRequest, PlannedLoad
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.request import Request
+
+logger = logging.getLogger("kvtier")
 
 DISK_LOAD_DEADLINE_S = 10.0  # a load from disk alone that takes longer is given up (recomputed)
 DIGEST_CACHE_SIZE = 4096  # namespace digests kept per engine (tenant x salt pairs)
@@ -277,8 +280,13 @@ class SchedulerSide:
     def _state(self, request: "Request") -> RequestState:
         state = self.requests.get(request.request_id)
         if state is None:
+            binding = content_binding(getattr(request, "lora_request", None), getattr(request, "mm_features", None),
+                                      getattr(request, "prompt_embeds", None))
+            if binding is None:
+                logger.warning("kvtier: request %s has prompt embeddings, which kvtier cannot key: served "
+                               "without kvtier", request.request_id)
             controls = request_controls(request.kv_transfer_params, request.cache_salt, self.setup.config.namespace,
-                                        self._no_cache)
+                                        self._no_cache, binding)
             state = self.requests[request.request_id] = RequestState(request, controls=controls)
         return state
 

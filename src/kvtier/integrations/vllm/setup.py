@@ -17,6 +17,7 @@ from kvtier.datapath import dtype_name
 from kvtier.crypto import SEAL_OVERHEAD_BYTES
 from kvtier.entry import HEADER_BYTES
 from kvtier.errors import ConfigError, LayoutError
+from kvtier.fingerprint import model_fingerprint
 from kvtier.keys import Namespace
 from kvtier.layout import KVLayout
 
@@ -70,8 +71,8 @@ def build_setup(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> Engi
     if parallel.pipeline_parallel_size > 1:
         raise ConfigError("engine", "kvtier does not support pipeline parallelism yet")
     world_size = parallel.tensor_parallel_size
-    model = config.model_id or vllm_config.model_config.model
-    namespace = Namespace(config.namespace, model, layout.fingerprint(), world_size)
+    namespace = Namespace(config.namespace, model_identity(vllm_config, config.model_id), layout.fingerprint(),
+                          world_size)
     chunk_bytes = layout.chunk_bytes(config.chunk_tokens)
     num_slots = config.memory.capacity_bytes // chunk_bytes
     if num_slots < 1:
@@ -89,6 +90,16 @@ def build_setup(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> Engi
     producer = transfer is not None and transfer.kv_role == "kv_producer"
     return EngineSetup(config, layout, namespace, layer_names, world_size, chunk_bytes, num_slots,
                        disk_dir, disk_entries, producer)
+
+
+def model_identity(vllm_config: VllmConfig, model_id: str | None) -> str:
+    """The model part of every key: ``model_id`` (else the model's name or path) and a fingerprint
+    of its weights, config, dtype, KV cache dtype, quantization and revision, so that a checkpoint
+    swapped in at the same path, or another dtype, never meets the old KV."""
+    model_config = vllm_config.model_config
+    fingerprint = model_fingerprint(model_config.model, model_config.revision, dtype_name(model_config.dtype),
+                                    str(vllm_config.cache_config.cache_dtype), model_config.quantization)
+    return f"{model_id or model_config.model}#{fingerprint}"
 
 
 def _layout_of(kv_cache_config: KVCacheConfig) -> tuple[KVLayout, tuple[str, ...]]:
