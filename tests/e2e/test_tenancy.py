@@ -118,8 +118,9 @@ def test_tenants_are_isolated_and_invalidated_on_every_tier(tiny_model: str, fre
 
     # Step 4: the audit log holds the three denials and the invalidation, never a token.
     events = [json.loads(line) for line in audit_log.read_text().splitlines()]
-    assert [(e["path"], e["status"]) for e in events] == [
-        ("/v1/stats", 401), ("/v1/invalidate", 401), ("/v1/invalidate", 403), ("/v1/invalidate", 200)]
+    assert [(e["path"], e["status"]) for e in events] == [  # lookups are audited: they reveal what is cached
+        ("/v1/stats", 401), ("/v1/invalidate", 401), ("/v1/invalidate", 403), ("/v1/lookup", 200),
+        ("/v1/invalidate", 200), ("/v1/lookup", 200)]
     assert ADMIN_TOKEN not in audit_log.read_text() and READ_TOKEN not in audit_log.read_text()
 
 
