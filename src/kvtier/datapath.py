@@ -17,6 +17,7 @@ one layer, in the engine's own byte order.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -367,21 +368,20 @@ class ChunkMover:
         self._index_used[turn] = event
         return list(device_ids.split([len(part) for part in indices]))
 
-    def _words(self, buffer: torch.Tensor) -> torch.Tensor:
-        return buffer.view(self.paged.word_dtype)
+    def _staged(self, buffer: torch.Tensor, *shape: int) -> torch.Tensor:
+        """The start of a staging buffer as KV-sized words of ``shape`` (its last dim: a page)."""
+        return buffer.view(self.paged.word_dtype)[:math.prod(shape)].view(*shape)
 
     def _gather_group(self, ids: torch.Tensor, buffer: torch.Tensor) -> None:
         """Every block of the group, layer-major: [layers, blocks of the group, page]."""
-        staged = self._words(buffer)[:self.paged.layout.num_layers * ids.numel() * self._page_words]
-        staged = staged.view(self.paged.layout.num_layers, ids.numel(), -1)
+        staged = self._staged(buffer, self.paged.layout.num_layers, ids.numel(), self._page_words)
         for layer in range(self.paged.layout.num_layers):
             self.paged.gather_layer(layer, ids, staged[layer])
 
     def _copy_out(self, slots: Sequence[int], buffer: torch.Tensor) -> None:
         """Layer-major staging into the slots: one device->host copy per run of adjacent slots."""
         per, layers = self.blocks_per_chunk, self.paged.layout.num_layers
-        staged = self._words(buffer)[:layers * len(slots) * per * self._page_words]
-        staged = staged.view(layers, len(slots), per, -1)
+        staged = self._staged(buffer, layers, len(slots), per, self._page_words)
         for first, slot, count in _runs(slots):
             dst = self.pool.data[slot:slot + count].view(self.paged.word_dtype).view(count, layers, per, -1)
             dst.copy_(staged[:, first:first + count].transpose(0, 1), non_blocking=True)
@@ -397,7 +397,7 @@ class ChunkMover:
     def _scatter_group(self, num_chunks: int, dst: torch.Tensor, rows: torch.Tensor | None,
                        buffer: torch.Tensor) -> None:
         per, layers = self.blocks_per_chunk, self.paged.layout.num_layers
-        staged = self._words(buffer)[:num_chunks * layers * per * self._page_words].view(num_chunks, layers, per, -1)
+        staged = self._staged(buffer, num_chunks, layers, per, self._page_words)
         for layer in range(layers):
             src = staged[:, layer]  # [chunks, blocks, page], strided
             if rows is None:

@@ -43,10 +43,12 @@ def frame(key: bytes, rank: int, layout_fingerprint: bytes, payload: memoryview,
     return encode_header(header), stored
 
 
-def check_readable(header: bytes | bytearray | memoryview, sealer: Sealer | None, codec: KVCodec | None) -> None:
-    """Raise ``UnreadableEntryError`` when a well-formed ``header`` names an encryption or
-    compression setting this reader does not have (checked before sizes: such an entry is the
-    right size for its writer, not for this reader). Malformed headers raise ``EntryError``."""
+def check_readable(header: bytes | bytearray | memoryview, sealer: Sealer | None,
+                   codec: KVCodec | None) -> EntryHeader:
+    """The decoded ``header``; raises ``UnreadableEntryError`` when it is well formed but names
+    an encryption or compression setting this reader does not have (readers whose size check
+    fails call it first: such an entry is the right size for its writer, not for this reader).
+    Malformed headers raise ``EntryError``."""
     decoded = decode_header(header)
     if decoded.codec not in KNOWN_CODECS:
         raise EntryError(f"unknown entry codec {decoded.codec}")
@@ -56,6 +58,7 @@ def check_readable(header: bytes | bytearray | memoryview, sealer: Sealer | None
                                    f"{'on' if sealer is not None else 'off'}")
     if compressed and codec is None:
         raise UnreadableEntryError("entry is compressed and this kvtier's compression is off")
+    return decoded
 
 
 def unframe_into(header: bytes | bytearray | memoryview, stored: memoryview, key: bytes, rank: int,
@@ -69,8 +72,7 @@ def unframe_into(header: bytes | bytearray | memoryview, stored: memoryview, key
     checksum does not match, the sealed payload does not authenticate or the compressed one does
     not decode. Unless it returns, the content of ``out`` is unspecified.
     """
-    check_readable(header, sealer, codec)
-    decoded = decode_header(header)
+    decoded = check_readable(header, sealer, codec)
     compressed = bool(decoded.codec & CODEC_CACHEGEN)
     check_entry(decoded, key, rank, layout_fingerprint, stored)
     plain = stored

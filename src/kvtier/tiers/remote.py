@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from kvtier.compression import KVCodec
-from kvtier.config import NAMESPACE_RULE, check_client_certificate, is_namespace, mask_url
+from kvtier.config import NAMESPACE_RULE, REMOTE_SCHEMES, check_client_certificate, is_namespace, mask_url
 from kvtier.crypto import Sealer
 from kvtier.entry import HEADER_BYTES
 from kvtier.errors import ConfigError, EntryError, UnreadableEntryError
@@ -69,13 +69,9 @@ _MIN_GROUP_ITEMS = 4  # ... and at least this many items, to keep concurrent bac
 DECODE_THREADS = min(4, os.cpu_count() or 1)  # verify + decrypt + decode of a batch's values
 
 # scheme -> module that implements it; each module has ``open_tier(url, options) -> RemoteTier``.
-_BACKENDS = {
-    "redis": "kvtier.tiers.redis_tier",
-    "rediss": "kvtier.tiers.redis_tier",
-    "redis+cluster": "kvtier.tiers.redis_tier",
-    "rediss+cluster": "kvtier.tiers.redis_tier",
-    "s3": "kvtier.tiers.s3_tier",
-}
+# the module of each scheme that the config accepts (one list: config.REMOTE_SCHEMES)
+_BACKENDS = {scheme: "kvtier.tiers.s3_tier" if scheme == "s3" else "kvtier.tiers.redis_tier"
+             for scheme in REMOTE_SCHEMES}
 
 _T = TypeVar("_T")
 
@@ -383,8 +379,8 @@ class RemoteTier(abc.ABC):
             return ReadResult.MISSING
         try:
             most = HEADER_BYTES + stored.nbytes
-            check_readable(found.header, self.sealer, self.codec)  # before sizes: another setting's are kept
             if found.value_bytes != most and not (self.codec is not None and HEADER_BYTES <= found.value_bytes < most):
+                check_readable(found.header, self.sealer, self.codec)  # another setting's value: kept
                 raise EntryError(f"value has {found.value_bytes} bytes, expected {most}"
                                  f"{' or fewer' if self.codec is not None else ''}")
             unframe_into(found.header, stored[:found.value_bytes - HEADER_BYTES], key, rank, layout_fingerprint,
