@@ -46,3 +46,20 @@ class ServerError(KVTierError):
 
     The message names the server and, where there is one, its log file.
     """
+
+
+class TokenError(KVTierError):
+    """A signed token (``kvtier.signing``: a namespace token or a handoff) is not valid. The
+    message never quotes the token or the key."""
+
+
+class MalformedTokenError(TokenError):
+    """The text is not a token of the expected kind (wrong prefix, fields, characters or length)."""
+
+
+class BadSignatureError(TokenError):
+    """The token is well formed but its MAC does not match: altered, or signed with another key."""
+
+
+class ExpiredTokenError(TokenError):
+    """The token's signature is good but its expiry time has passed."""
