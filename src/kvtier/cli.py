@@ -1,4 +1,4 @@
-"""The ``kvtier`` command: serve, config check, stats, admin, demo, bench.
+"""The ``kvtier`` command: serve, config check, stats, admin, demo, bench, advise.
 
 A mistake the user can fix (bad arguments, a bad config file, a model folder in the way) prints one
 line ``kvtier: error: ...`` and a hint, and exits 2; a server that fails or cannot be reached
@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_admin(commands)
     _add_demo(commands)
     _add_bench(commands)
+    _add_advise(commands)
     _add_proxy(commands)
     return parser
 
@@ -180,6 +181,12 @@ def _add_bench(commands: Commands) -> None:
     from kvtier.bench.options import add_bench_parser
 
     add_bench_parser(commands)
+
+
+def _add_advise(commands: Commands) -> None:
+    from kvtier.advisor.command import add_advise_parser
+
+    add_advise_parser(commands)
 
 
 def cmd_serve(args: argparse.Namespace, engine_args: list[str]) -> int:
@@ -353,9 +360,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_advise(args: argparse.Namespace) -> int:
+    from kvtier.advisor.command import run_advise
+
+    run_advise(args)
+    return 0
+
+
 def _hint(args: argparse.Namespace, exc: KVTierError) -> str:
     if isinstance(exc, ConfigError) and args.command == "bench":
         return "`kvtier bench WORKLOAD --help` lists the flags and their defaults"
+    if isinstance(exc, ConfigError) and args.command == "advise":
+        return "`kvtier advise --help` lists the flags and the trace formats"
     if isinstance(exc, ConfigError):
         return "`kvtier config check FILE` shows every key; docs/configuration.md describes them"
     if isinstance(exc, ModelError):
@@ -384,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "config": cmd_config_check, "stats": cmd_stats, "admin": cmd_admin, "demo": cmd_demo, "bench": cmd_bench,
+        "advise": cmd_advise,
         "serve": lambda a: cmd_serve(a, extra), "proxy": cmd_proxy,
     }
     signal.signal(signal.SIGTERM, _raise_interrupt)  # so servers we started are stopped
