@@ -113,6 +113,23 @@ class EncryptionConfig:
 
 
 @dataclass(frozen=True)
+class SigningConfig:
+    """Signed tenancy (``kvtier.signing``): with a key (from the file ``key_file`` or the
+    environment variable named ``key_env``, never a value on a command line) a request's namespace
+    comes only from a valid namespace token and ``expect_tokens`` only from a valid handoff.
+    ``unsigned``: what a request without a namespace token gets, ``refuse`` (served without kvtier)
+    or ``default`` (the configured ``namespace``). No key: requests are trusted as before."""
+
+    key_file: str | None
+    key_env: str | None
+    unsigned: str = "refuse"
+
+    def __post_init__(self) -> None:
+        if self.key_file is not None and self.key_env is not None:
+            raise ConfigError("signing.key_env", "set only one of signing.key_file and signing.key_env")
+
+
+@dataclass(frozen=True)
 class AdminConfig:
     """The admin HTTP API (``kvtier.admin``); off when ``port`` is 0. ``tokens_file`` is required
     when it is on: there is no unauthenticated mode."""
@@ -148,6 +165,7 @@ class KVTierConfig:
     encryption: EncryptionConfig
     admin: AdminConfig
     namespace_limits: dict[str, NamespaceLimits]  # from ``namespace_limits``
+    signing: SigningConfig = SigningConfig(None, None)
 
 
 @dataclass(frozen=True)
@@ -433,10 +451,13 @@ _KEYS = (
     _Key("admin.host", "127.0.0.1", _str_matching(r"\S+", "a host name or address")),
     _Key("admin.tokens_file", None, _optional_str),
     _Key("admin.audit_log", None, _optional_str),
+    _Key("signing.key_file", None, _optional_str),
+    _Key("signing.key_env", None, _optional_env_name),
+    _Key("signing.unsigned", "refuse", _one_of("refuse", "default")),
 )
 _KEYS_BY_NAME = {key.dotted: key for key in _KEYS}
 _KEYS_BY_ENV = {key.env_var: key for key in _KEYS}
-_SECTIONS = ("memory", "disk", "metrics", "remote", "encryption", "admin")
+_SECTIONS = ("memory", "disk", "metrics", "remote", "encryption", "admin", "signing")
 
 
 # ---- loading ------------------------------------------------------------------------------------
@@ -612,6 +633,8 @@ def _build(values: Mapping[str, _Value]) -> KVTierConfig:
         admin=AdminConfig(port=num("admin.port"), host=text("admin.host"),
                           tokens_file=optional("admin.tokens_file"), audit_log=optional("admin.audit_log")),
         namespace_limits=parse_namespace_limits(text("namespace_limits")),
+        signing=SigningConfig(key_file=optional("signing.key_file"), key_env=optional("signing.key_env"),
+                              unsigned=text("signing.unsigned")),
     )
 
 
@@ -638,6 +661,8 @@ def _values_of(config: KVTierConfig) -> dict[str, _Value]:
         "namespace_limits": _render_limits(config.namespace_limits),
         "admin.port": config.admin.port, "admin.host": config.admin.host,
         "admin.tokens_file": config.admin.tokens_file, "admin.audit_log": config.admin.audit_log,
+        "signing.key_file": config.signing.key_file, "signing.key_env": config.signing.key_env,
+        "signing.unsigned": config.signing.unsigned,
     }
 
 

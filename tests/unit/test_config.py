@@ -31,7 +31,8 @@ ENCRYPTION_KEYS = ["encryption.key_file", "encryption.key_env"]
 DEFAULT_ENCRYPTION = EncryptionConfig(key_file=None, key_env=None)
 ADMIN_KEYS = ["admin.port", "admin.host", "admin.tokens_file", "admin.audit_log"]
 DEFAULT_ADMIN = AdminConfig(port=0, host="127.0.0.1", tokens_file=None, audit_log=None)
-UNSET_KEYS = ["no_cache_namespaces", "namespace_limits"] + REMOTE_KEYS + ENCRYPTION_KEYS + ADMIN_KEYS  # the keys the "every key" tests below leave at their defaults
+SIGNING_KEYS = ["signing.key_file", "signing.key_env", "signing.unsigned"]
+UNSET_KEYS = ["no_cache_namespaces", "namespace_limits"] + REMOTE_KEYS + ENCRYPTION_KEYS + ADMIN_KEYS + SIGNING_KEYS  # the keys the "every key" tests below leave at their defaults
 
 
 def load(inline: Mapping[str, object] | None = None, env: Mapping[str, str] | None = None) -> LoadedConfig:
@@ -535,6 +536,8 @@ def test_describe_rows(tmp_path: Path) -> None:
         ("namespace_limits", '""', "default"), ("admin.port", "0", "default"),
         ("admin.host", '"127.0.0.1"', "default"), ("admin.tokens_file", "null", "default"),
         ("admin.audit_log", "null", "default"),
+        ("signing.key_file", "null", "default"), ("signing.key_env", "null", "default"),
+        ("signing.unsigned", '"refuse"', "default"),
     ]
 
 
@@ -628,3 +631,14 @@ def test_remote_urls_are_checked_at_load_as_at_start(url: str, message: str) -> 
                                  "s3://bucket/prefix", "redis://cache"])
 def test_good_remote_urls_pass(url: str) -> None:
     assert load({"remote": {"url": url}}).config.remote.url == url
+
+
+def test_signing_settings() -> None:
+    config = load({"signing": {"key_env": "KV_SIGNING", "unsigned": "default"}}).config
+    assert config.signing.key_env == "KV_SIGNING" and config.signing.unsigned == "default"
+    assert load(env={"KVTIER_SIGNING_KEY_FILE": "/etc/kvtier/signing.key"}).config.signing.key_file == \
+        "/etc/kvtier/signing.key"
+    with pytest.raises(ConfigError, match="signing.unsigned"):
+        load({"signing.unsigned": "allow"})
+    with pytest.raises(ConfigError, match="signing.key_env"):
+        load({"signing.key_env": "K", "signing.key_file": "/k"})

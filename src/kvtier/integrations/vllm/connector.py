@@ -69,14 +69,14 @@ class KVTierConnector(KVConnectorBase_V1):
         self._admin = None
         if role == KVConnectorRole.SCHEDULER:
             from kvtier.integrations.vllm.scheduler import SchedulerSide
-            from kvtier.integrations.vllm.startup import open_remote_tier, open_sealer, scan_disk, serve_admin, \
-                serve_metrics
+            from kvtier.integrations.vllm.startup import open_remote_tier, open_sealer, open_signing_key, scan_disk, \
+                serve_admin, serve_metrics
 
             metrics = Metrics()
             sealer = open_sealer(setup)
             serve_metrics(metrics, setup)
             self._scheduler = SchedulerSide(setup, scan_disk(setup, metrics, sealer), metrics,
-                                            open_remote_tier(setup, sealer))
+                                            open_remote_tier(setup, sealer), open_signing_key(setup))
             self._admin = serve_admin(self._scheduler, setup)
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank

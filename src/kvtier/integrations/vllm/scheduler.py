@@ -30,12 +30,13 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
 
 from kvtier.integrations.vllm.compat import RequestBlocks
-from kvtier.integrations.vllm.requests import RequestControls, content_binding, request_controls
+from kvtier.integrations.vllm.requests import RequestControls, Trust, content_binding, request_controls
 from kvtier.integrations.vllm.setup import EngineSetup
 from kvtier.keys import chunk_keys
 from kvtier.manager import KVManager, LoadRequest, PlannedLoad
 from kvtier.metrics import Metrics
 from kvtier.plans import AsyncLoad, LoadOp, StepPlan, StoreOp, WorkerReport
+from kvtier.signing import HandoffClaim, SigningKey, prompt_id_of, sign_handoff
 from kvtier.store import DiskItem, TieredStore
 from kvtier.tiers.remote import RemoteTier
 
@@ -48,6 +49,7 @@ logger = logging.getLogger("kvtier")
 
 DISK_LOAD_DEADLINE_S = 10.0  # a load from disk alone that takes longer is given up (recomputed)
 DIGEST_CACHE_SIZE = 4096  # namespace digests kept per engine (tenant x salt pairs)
+HANDOFF_TTL_S = 600  # a signed handoff is honoured this long after the prefill step
 
 
 @dataclass
@@ -83,8 +85,11 @@ class SchedulerSide:
     them from its scheduler thread, the admin API (``kvtier.admin``) from its own threads."""
 
     def __init__(self, setup: EngineSetup, initial_disk: list[DiskItem], metrics: Metrics,
-                 remote: RemoteTier | None) -> None:
+                 remote: RemoteTier | None, signing_key: SigningKey | None = None) -> None:
+        """``signing_key``: namespaces and handoffs only from tokens signed with it (None: as sent)."""
         self.setup = setup
+        self._trust = None if signing_key is None else \
+            Trust(signing_key, refuse_unsigned=setup.config.signing.unsigned == "refuse")
         self.lock = threading.RLock()
         self.metrics = metrics
         disk_entries = setup.disk_capacity_entries if setup.disk_dir is not None else None
@@ -134,6 +139,8 @@ class SchedulerSide:
         keys = self._keys(state, prompt)[: -(-max_hit // chunk)]
         first = num_local // chunk  # chunks before this one are in vLLM's own cache
         expect = state.controls.expect_tokens // chunk
+        if state.controls.handoff_prompt_id and not _names_prompt(state.controls.handoff_prompt_id, keys, expect):
+            expect = 0  # a handoff signed for another prompt
         planned = self.manager.plan_load(LoadRequest(state.request.request_id, state.controls.namespace, keys, first,
                                                      expect))
         if planned is None:
@@ -272,7 +279,13 @@ class SchedulerSide:
         if not num_tokens:
             return None
         section: dict[str, object] = {"expect_tokens": num_tokens}
-        if state.controls.namespace != self.setup.config.namespace:
+        if self._trust is not None:
+            keys = self._keys(state, state.request.prompt_token_ids or [])
+            last_key = keys[num_tokens // self.setup.chunk_tokens - 1]
+            claim = HandoffClaim(state.controls.namespace, num_tokens, prompt_id_of(last_key),
+                                 int(time.time()) + HANDOFF_TTL_S)
+            section["handoff"] = sign_handoff(self._trust.key, claim)
+        elif state.controls.namespace != self.setup.config.namespace:
             section["namespace"] = state.controls.namespace
         return {"kvtier": section}
 
@@ -286,7 +299,7 @@ class SchedulerSide:
                 logger.warning("kvtier: request %s has prompt embeddings, which kvtier cannot key: served "
                                "without kvtier", request.request_id)
             controls = request_controls(request.kv_transfer_params, request.cache_salt, self.setup.config.namespace,
-                                        self._no_cache, binding)
+                                        self._no_cache, binding, self._trust, time.time())
             state = self.requests[request.request_id] = RequestState(request, controls=controls)
         return state
 
@@ -313,3 +326,8 @@ class SchedulerSide:
                               start=len(state.keys), parent=parent)
             state.keys.extend(key.digest for key in more)
         return state.keys
+
+
+def _names_prompt(prompt_id: str, keys: list[bytes], expect_chunks: int) -> bool:
+    """Whether a signed handoff's ``prompt_id`` is this prompt's (its last announced chunk's key)."""
+    return 0 < expect_chunks <= len(keys) and prompt_id == prompt_id_of(keys[expect_chunks - 1])

@@ -17,6 +17,7 @@ from kvtier.errors import ConfigError, LayoutError
 from kvtier.integrations.vllm.scheduler import SchedulerSide
 from kvtier.integrations.vllm.setup import EngineSetup
 from kvtier.metrics import Metrics
+from kvtier.signing import SigningKey, load_signing_key
 from kvtier.store import DiskItem
 from kvtier.tiers.disk import DiskFiles
 from kvtier.tiers.remote import RemoteTier
@@ -83,6 +84,13 @@ def open_sealer(setup: EngineSetup) -> Sealer | None:
     """The entry sealer of this process (each process loads the master key itself; the key never
     crosses a process boundary). None: entries are stored in clear."""
     return load_sealer(setup.config.encryption, os.environ)
+
+
+def open_signing_key(setup: EngineSetup) -> SigningKey | None:
+    """The key namespace tokens and handoffs must be signed with (``signing.key_file`` or
+    ``signing.key_env``); None: requests name their namespace and handoff unchecked."""
+    config = setup.config.signing
+    return load_signing_key(config.key_file, config.key_env, os.environ)
 
 
 def serve_metrics(metrics: Metrics, setup: EngineSetup) -> None:
