@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from collections.abc import Mapping
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -21,6 +22,10 @@ SERVER_MODULE = "vllm.entrypoints.openai.api_server"  # `vllm serve` of the vllm
 
 
 ROLES = {"both": "kv_both", "producer": "kv_producer", "consumer": "kv_consumer"}
+# config keys whose values are secrets: never on vLLM's command line (ps, /proc/<pid>/cmdline, its
+# "non-default args" log); they come from the environment or from a file
+SECRET_KEYS = {"remote.password": "the environment variable KVTIER_REMOTE_PASSWORD or the --config file",
+               "remote.secret_key": "the environment variable KVTIER_REMOTE_SECRET_KEY or the --config file"}
 
 
 def connector_config_json(config_path: str | None, inline: dict[str, object], role: str = "both") -> str:
@@ -51,7 +56,40 @@ def parse_inline(assignments: list[str]) -> dict[str, object]:
             inline[key.strip()] = yaml.safe_load(text) if text else ""
         except yaml.YAMLError:
             inline[key.strip()] = text
+    refuse_secrets(inline)
     return inline
+
+
+def refuse_secrets(inline: Mapping[str, object]) -> None:
+    """Raise ConfigError naming the key (never its value) when ``inline`` holds a secret: a
+    password, an S3 secret key, or a password inside ``remote.url``. ``inline`` ends up on vLLM's
+    command line, where every local user can read it."""
+    for dotted, value in _flattened(inline, ""):
+        if dotted in SECRET_KEYS and value not in (None, ""):
+            raise ConfigError(dotted, f"a secret does not belong on the command line: set it through "
+                                      f"{SECRET_KEYS[dotted]}")
+        if dotted == "remote.url" and isinstance(value, str) and _has_password(value):
+            raise ConfigError(dotted, "a password inside the URL does not belong on the command line: leave it "
+                                      "out of the URL and set KVTIER_REMOTE_PASSWORD, or put the URL in the "
+                                      "--config file or the environment variable KVTIER_REMOTE_URL")
+
+
+def _flattened(mapping: Mapping[str, object], prefix: str) -> list[tuple[str, object]]:
+    pairs: list[tuple[str, object]] = []
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            pairs += _flattened({str(k): v for k, v in value.items()}, f"{dotted}.")
+        else:
+            pairs.append((dotted, value))
+    return pairs
+
+
+def _has_password(url: str) -> bool:
+    try:
+        return bool(urlsplit(url).password)
+    except ValueError:
+        return "@" in url  # unparsable: refuse what may hide credentials
 
 
 def server_command(model: str, config_path: str | None, inline: dict[str, object], port: int | None,

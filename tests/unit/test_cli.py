@@ -193,3 +193,23 @@ def test_version(capsys) -> None:
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"kvtier {kvtier.__version__}"
+
+
+@pytest.mark.parametrize("assignment, key", [
+    ("remote.password=hunter2-secret", "remote.password"),
+    ("remote.secret_key=hunter2-secret", "remote.secret_key"),
+    ("remote={password: hunter2-secret}", "remote.password"),
+    ("remote.url=redis://:hunter2-secret@cache:6379/0", "remote.url"),
+    ("remote.url=rediss://user:hunter2-secret@cache:6379/0", "remote.url"),
+])
+def test_serve_set_refuses_secrets(assignment: str, key: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # --set values land on vLLM's command line (ps, /proc, its "non-default args" log): issue 16 #12
+    assert main(["serve", "/models/m", "--set", assignment, "--dry-run"]) == 2
+    err = capsys.readouterr()
+    assert "hunter2" not in err.err + err.out
+    assert err.err.startswith(f"kvtier: error: {key}: ") and "KVTIER_REMOTE_" in err.err
+
+
+def test_serve_set_takes_urls_without_passwords() -> None:
+    assert parse_inline(["remote.url=redis://cache:6379/0", "remote.username=kv"]) == {
+        "remote.url": "redis://cache:6379/0", "remote.username": "kv"}
