@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 import redis
 
+from kvtier.signing import NamespaceClaim, SigningKey, sign_namespace
 from tests.admin_client import admin_call
 from tests.conftest import free_port
-from tests.e2e.engines import Engine, metric, wait_for
+from tests.e2e.engines import Engine, metric, run_engine, wait_for
 from tests.e2e.test_vllm_connector import CHUNK, P, S2
 from tests.servers import ServerProcess, fresh_redis, port_of  # noqa: F401  (fixtures)
 
@@ -131,3 +132,31 @@ def _eventually(check: Callable[[], bool], timeout_s: float = 20.0) -> bool:
             return False
         time.sleep(0.1)
     return True
+
+
+def test_with_a_signing_key_only_a_signed_namespace_reaches_a_tenant(tiny_model: str, tmp_path: Path) -> None:
+    """Issue 16 #1: any client used to pick its tenant with ``{"namespace": "tenant-a"}``; with
+    ``signing.key_file`` a plain namespace is served without kvtier (no store, no hit), a valid
+    namespace token reaches its own tenant only, and an unsigned request is refused
+    (``signing.unsigned: refuse``)."""
+    key = SigningKey(bytes(range(32)))
+    key_file = tmp_path / "signing.key"
+    key_file.write_text(key.secret.hex())
+    key_file.chmod(0o600)
+    expires = int(time.time()) + 3600
+    tenant_a = {"namespace_token": sign_namespace(key, NamespaceClaim("tenant-a", expires))}
+    tenant_b = {"namespace_token": sign_namespace(key, NamespaceClaim("tenant-b", expires))}
+    forged = {"namespace": "tenant-a"}
+    reset = {"op": "reset_prefix_cache"}
+    results = run_engine({"model": tiny_model, "kvtier": {
+        "memory.capacity": "64MiB", "signing.key_file": str(key_file), "signing.unsigned": "refuse"}, "actions": [
+        {"op": "generate", "prompts": [P + S2], "kvtier": forged}, reset,  # 0: not stored anywhere
+        {"op": "generate", "prompts": [P + S2], "kvtier": tenant_a}, reset,  # 2: cold, stored in tenant-a
+        {"op": "generate", "prompts": [P + S2], "kvtier": forged}, reset,  # 4: no hit in tenant-a
+        {"op": "generate", "prompts": [P + S2], "kvtier": tenant_b}, reset,  # 6: no hit across tenants
+        {"op": "generate", "prompts": [P + S2]}, reset,  # 8: unsigned: refused
+        {"op": "generate", "prompts": [P + S2], "kvtier": tenant_a},  # 10: a hit
+    ]}, tmp_path, "signed")
+    assert [results[i][0]["num_cached_tokens"] for i in (0, 2, 4, 6, 8)] == [0, 0, 0, 0, 0]
+    assert results[10][0]["num_cached_tokens"] == 4 * CHUNK
+    assert results[10][0]["tokens"] == results[2][0]["tokens"] == results[4][0]["tokens"]
