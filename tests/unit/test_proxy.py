@@ -1,4 +1,5 @@
-"""``kvtier proxy`` against fake prefill and decode instances: what each gets, what the client gets.
+"""``kvtier proxy`` against fake prefill and decode instances: what each gets, what the client gets,
+and what it answers when an instance is down or the request is bad.
 
 The real thing (two vLLM servers, Redis, the proxy) is tests/e2e/test_disaggregated.py.
 """
@@ -7,13 +8,15 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from kvtier.proxy import Proxy, Upstream, decode_body, prefill_body, serve
+from kvtier.proxy import Proxy, ProxySettings, Upstream, decode_body, prefill_body, serve, strip_handoff
 
 HANDOFF = {"kvtier": {"expect_tokens": 512}}
 
@@ -26,6 +29,10 @@ class Instance(ThreadingHTTPServer):
         self.role, self.status = role, status
         self.bodies: list[dict] = []
         self.paths: list[str] = []
+        self.auth: list[str | None] = []
+        self.delay_s = 0.0
+        self.active = self.max_active = 0
+        self.lock = threading.Lock()
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
     @property
@@ -41,11 +48,20 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.server.paths.append(self.path)
+        self.server.auth.append(self.headers.get("Authorization"))
         self._send(200, b'{"data": [{"id": "m"}]}')
 
     def do_POST(self) -> None:
-        self.server.paths.append(self.path)
-        self.server.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        server = self.server
+        server.paths.append(self.path)
+        server.auth.append(self.headers.get("Authorization"))
+        server.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        with server.lock:
+            server.active += 1
+            server.max_active = max(server.max_active, server.active)
+        time.sleep(server.delay_s)
+        with server.lock:
+            server.active -= 1
         if self.server.status != 200:
             self._send(self.server.status, b'{"error": "down"}')
         elif self.server.role == "prefill":
@@ -81,9 +97,9 @@ def instances() -> Iterator[tuple[Instance, Instance, int]]:
     decode.shutdown()
 
 
-def post(port: int, path: str, body: bytes) -> tuple[int, bytes]:
+def post(port: int, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    conn.request("POST", path, body, {"Content-Type": "application/json"})
+    conn.request("POST", path, body, {"Content-Type": "application/json", **(headers or {})})
     response = conn.getresponse()
     return response.status, response.read()
 
@@ -134,3 +150,75 @@ def test_upstream_urls_are_checked(url: str) -> None:
     with pytest.raises(ValueError, match="http://host:port"):
         Upstream.parse(url)
     assert Upstream.parse("http://10.0.0.1:8001") == Upstream("10.0.0.1", 8001)
+
+
+def test_client_handoff_fields_are_stripped_and_authorization_travels(instances: tuple[Instance, Instance, int]) -> None:
+    prefill, decode, port = instances
+    prefill.status = 503  # no handoff from a prefill instance: the client's own must not survive either
+    body = {"prompt": "x", "kv_transfer_params": {"kvtier": {"namespace": "a", "expect_tokens": 99999,
+                                                              "handoff": "kvho1:forged"}}}
+    status, _ = post(port, "/v1/completions", json.dumps(body).encode(), {"Authorization": "Bearer k1"})
+    assert status == 200
+    assert prefill.bodies[0]["kv_transfer_params"] == {"kvtier": {"namespace": "a"}}
+    assert decode.bodies == [{"prompt": "x", "kv_transfer_params": {"kvtier": {"namespace": "a"}}}]
+    assert prefill.auth == decode.auth == ["Bearer k1"]
+    assert strip_handoff({"kv_transfer_params": "junk"}) == {"kv_transfer_params": "junk"}
+
+
+def _dead_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_an_unreachable_instance_is_a_503_in_the_openai_format() -> None:
+    server = serve(Proxy([], [Upstream("127.0.0.1", _dead_port())], 10.0), "127.0.0.1", 0)
+    try:
+        status, data = post(server.server_address[1], "/v1/completions", b'{"prompt": "x"}')
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+        conn.request("GET", "/v1/models")
+        models = conn.getresponse()
+    finally:
+        server.shutdown()
+    assert status == 503 and models.status == 503
+    error = json.loads(data)["error"]
+    assert error["code"] == 503 and error["type"] == "service_unavailable" and "unavailable" in error["message"]
+
+
+def test_round_robin_skips_a_dead_instance_after_it_failed() -> None:
+    alive = Instance("decode")
+    server = serve(Proxy([], [Upstream("127.0.0.1", _dead_port()), alive.upstream], 10.0), "127.0.0.1", 0)
+    try:
+        statuses = [post(server.server_address[1], "/v1/completions", b'{"prompt": "x"}')[0] for _ in range(5)]
+    finally:
+        server.shutdown()
+    assert statuses == [503, 200, 200, 200, 200] and len(alive.bodies) == 4
+
+
+@pytest.mark.parametrize("raw", [b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+                                 b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-A: a\x01b\r\n\r\n"])
+def test_a_malformed_request_is_a_400(instances: tuple[Instance, Instance, int], raw: bytes) -> None:
+    _, decode, port = instances
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(raw)
+        assert sock.recv(100).startswith(b"HTTP/1.1 400")
+    assert decode.bodies == []
+
+
+def test_concurrency_is_bounded_and_excess_waiters_get_503() -> None:
+    decode = Instance("decode")
+    decode.delay_s = 0.3
+    settings = ProxySettings(timeout_s=10, max_concurrency=2, max_waiting=2)
+    server = serve(Proxy([], [decode.upstream], settings=settings), "127.0.0.1", 0)
+    statuses: list[int] = []
+    threads = [threading.Thread(target=lambda: statuses.append(
+        post(server.server_address[1], "/v1/completions", b'{"prompt": "x"}')[0])) for _ in range(6)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        server.shutdown()
+    assert decode.max_active == 2  # never more than max_concurrency at the instance
+    assert sorted(statuses) == [200, 200, 200, 200, 503, 503]  # 2 running + 2 waiting; the rest refused
