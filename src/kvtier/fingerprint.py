@@ -41,9 +41,10 @@ def folder_fingerprint(path: str) -> str:
 
 
 @functools.lru_cache(maxsize=1024)
-def adapter_fingerprint(path: str) -> str:
-    """``folder_fingerprint`` of a LoRA adapter, read once per path and process (vLLM itself
-    requires a new ``lora_int_id`` for changed adapter weights)."""
+def adapter_fingerprint(path: str, lora_id: int) -> str:
+    """``folder_fingerprint`` of a LoRA adapter, read once per path and ``lora_id`` in a process:
+    vLLM requires a new ``lora_int_id`` for changed adapter weights, so new files at the same path
+    come with a new id and are read again."""
     return folder_fingerprint(path)
 
 

@@ -3,8 +3,9 @@
 Used by the end-to-end tests: each engine lives in its own subprocess, so a restart is a new
 process, exactly as in production. Input (argv[1], a JSON file):
   {"model": DIR, "kvtier": {extra config} | null, "prefix_caching": bool, "kv_cache_gib": float,
-   "kv_role": "kv_both" | "kv_producer" | "kv_consumer",
+   "kv_role": "kv_both" | "kv_producer" | "kv_consumer", "max_lora_rank": N (LoRA on),
    "actions": [{"op": "generate", "prompts": [[ids...], ...], "max_tokens": N, "kvtier": {per-request},
+                "lora": {"name": S, "id": N, "path": DIR},
                 "save_transfer_params": FILE (the first output's kv_transfer_params, as JSON),
                 "transfer_params_from": FILE (wait for it; its JSON is the request's kv_transfer_params)}
                | {"op": "reset_prefix_cache"} | {"op": "metrics"} | {"op": "sleep", "seconds": S}
@@ -36,7 +37,7 @@ def run(spec: dict) -> list:
     llm = LLM(model=spec["model"], max_model_len=spec.get("max_model_len", 4096), enforce_eager=True, block_size=128,
               enable_prefix_caching=spec.get("prefix_caching", True), kv_transfer_config=transfer,
               max_num_batched_tokens=spec.get("max_num_batched_tokens", 4096), seed=0,
-              num_gpu_blocks_override=spec.get("num_blocks"))
+              num_gpu_blocks_override=spec.get("num_blocks"), **_lora_options(spec))
     results = []
     for action in spec["actions"]:
         if action["op"] == "generate":
@@ -47,7 +48,8 @@ def run(spec: dict) -> list:
                 extra = {"kv_transfer_params": json.loads(source.read_text())}
             params = SamplingParams(temperature=0.0, max_tokens=action.get("max_tokens", 8), logprobs=3,
                                     extra_args=extra)
-            outs = llm.generate([{"prompt_token_ids": p} for p in action["prompts"]], params, use_tqdm=False)
+            outs = llm.generate([{"prompt_token_ids": p} for p in action["prompts"]], params, use_tqdm=False,
+                                lora_request=_lora_request(action.get("lora")))
             if "save_transfer_params" in action:
                 target = Path(action["save_transfer_params"])
                 target.with_suffix(".tmp").write_text(json.dumps(outs[0].kv_transfer_params))
@@ -69,6 +71,18 @@ def run(spec: dict) -> list:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
                 results.append(resp.read().decode())
     return results
+
+
+def _lora_options(spec: dict) -> dict:
+    if "max_lora_rank" not in spec:
+        return {}
+    return {"enable_lora": True, "max_lora_rank": spec["max_lora_rank"], "max_loras": 2}
+
+
+def _lora_request(lora: dict | None):
+    from vllm.lora.request import LoRARequest
+
+    return None if lora is None else LoRARequest(lora["name"], lora["id"], lora["path"])
 
 
 def _output(out) -> dict:

@@ -61,6 +61,18 @@ def test_lora_adapters_and_images_change_the_salt_and_embeddings_are_refused(tmp
     assert content_binding(None, [image("aaa", 5)], None) == salts["image a"]  # and the same again
     assert content_binding(None, [], prompt_embeds=object()) is None
     controls = request_controls(None, "s", "default", binding=salts["sql"])
-    assert controls.load and controls.store and controls.salt.startswith("s\x1f") and "lora:1:sql" in controls.salt
+    assert controls.load and controls.store and controls.salt.startswith("s\x1f") and "lora-files:" in controls.salt
     refused = request_controls(None, None, "default", binding=None)
     assert not refused.load and not refused.store
+
+
+def test_the_same_adapter_files_key_alike_under_any_name_id_or_path(tmp_path: Path) -> None:
+    """Instances name and number adapters as they like and mount them where they like: the files
+    decide. An adapter that is not a local folder is keyed by name, id and path."""
+    here = SimpleNamespace(lora_int_id=1, lora_name="sql", lora_path=checkpoint(tmp_path / "a", b"s" * 100))
+    there = SimpleNamespace(lora_int_id=7, lora_name="sql-v1", lora_path=checkpoint(tmp_path / "b", b"s" * 100))
+    other = SimpleNamespace(lora_int_id=1, lora_name="sql", lora_path=checkpoint(tmp_path / "c", b"t" * 100))
+    assert content_binding(here, [], None) == content_binding(there, [], None)
+    assert content_binding(here, [], None) != content_binding(other, [], None)
+    remote = SimpleNamespace(lora_int_id=3, lora_name="hub", lora_path="org/adapter")
+    assert content_binding(remote, [], None) == "lora:hub:3:org/adapter"

@@ -86,14 +86,24 @@ def content_binding(lora: object | None, mm_features: Sequence[object] | None, p
         return None
     parts: list[str] = []
     if lora is not None:
-        path = str(getattr(lora, "lora_path", "") or "")
-        parts.append(f"lora:{getattr(lora, 'lora_int_id', '')}:{getattr(lora, 'lora_name', '')}:{path}:"
-                     f"{adapter_fingerprint(path) if path else ''}")
+        parts.append(_lora_binding(lora))
     for feature in mm_features or ():
         position = getattr(feature, "mm_position", None)
         parts.append(f"mm:{getattr(feature, 'identifier', '')}@{getattr(position, 'offset', '')}"
                      f"+{getattr(position, 'length', '')}")
     return "\n".join(parts)
+
+
+def _lora_binding(lora: object) -> str:
+    """An adapter in a local folder is keyed by its files alone, so instances that load the same
+    adapter under other names, ids or mount paths share its KV; any other is keyed by name, id
+    and path (never shared, never confused)."""
+    path = str(getattr(lora, "lora_path", "") or "")
+    lora_id = int(getattr(lora, "lora_int_id", 0) or 0)
+    fingerprint = adapter_fingerprint(path, lora_id) if path else ""
+    if fingerprint:
+        return f"lora-files:{fingerprint}"
+    return f"lora:{getattr(lora, 'lora_name', '')}:{lora_id}:{path}"
 
 
 def _controls(params: Mapping[str, object] | None, cache_salt: str | None,
