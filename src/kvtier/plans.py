@@ -145,6 +145,9 @@ class WorkerReport:
     remote_wire_written_bytes: int = 0
     num_remote_errors: int = 0
     num_remote_dropped: int = 0
+    # change in the length of the background queues since the last report (summed over ranks)
+    disk_queue_delta: int = 0
+    upload_queue_delta: int = 0
     loaded_tokens: int = 0  # tokens copied into the engine's blocks (sum over ranks)
     failed_load_tokens: int = 0  # tokens planned to load whose chunk failed or was late (recomputed)
     load_seconds: list[float] = field(default_factory=list)

@@ -301,6 +301,12 @@ class DiskWriter:
             self._cond.notify_all()
             return True
 
+    @property
+    def num_queued_writes(self) -> int:
+        """Writes queued or in progress (at most ``queue_depth``)."""
+        with self._cond:
+            return self._num_writes_queued
+
     def take_results(self) -> tuple[list[bytes], list[bytes]]:
         """(keys written, keys whose write failed) since the last call, each in completion order.
         Dropped writes are not listed: ``submit_write`` already returned False for them."""

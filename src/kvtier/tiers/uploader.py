@@ -82,6 +82,12 @@ class RemoteUploader:
                 self._cond.notify_all()
         return len(dropped)
 
+    @property
+    def num_queued_uploads(self) -> int:
+        """Uploads queued (at most ``queue_depth``)."""
+        with self._cond:
+            return self._num_uploads
+
     def take_results(self) -> tuple[list[bytes], list[bytes]]:
         """Keys uploaded (or already present) and keys that failed or were dropped, since the last call."""
         with self._cond:

@@ -12,6 +12,11 @@ and the README). The differences kvtier meets, and how each is handled:
   in every version, so the worker releases delayed frees there.
 - The KV cache layout: kvtier asks for HND (``get_required_kvcache_layout``), which every version
   honours (0.32+ name it LBHNC); the worker checks the tensors it gets against it.
+- Connector stats (kvtier's metrics on vLLM's /metrics, ``stats.py``): the hooks are the same
+  (``get_kv_connector_stats`` on the scheduler side after every step, ``build_kv_connector_stats``
+  and ``build_prom_metrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)`` in the
+  API server, labels ``model_name`` and ``engine``); 0.26 sends the stats' ``data``, 0.32 their
+  ``to_dict()``, which returns ``data``: kvtier keeps its whole payload in ``data``.
 """
 
 from __future__ import annotations

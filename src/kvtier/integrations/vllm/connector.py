@@ -17,6 +17,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from kvtier.integrations.vllm.compat import REQUIRED_KV_CACHE_LAYOUT, attention_backend, check_version
 from kvtier.integrations.vllm.setup import build_setup
+from kvtier.integrations.vllm.stats import KVTierPromMetrics, KVTierStats, StatsSource, build_stats
 from kvtier.metrics import Metrics
 from kvtier.plans import StepPlan, WorkerReport
 
@@ -67,6 +68,7 @@ class KVTierConnector(KVConnectorBase_V1):
         self._scheduler = None
         self._worker = None
         self._admin = None
+        self._stats: StatsSource | None = None
         if role == KVConnectorRole.SCHEDULER:
             from kvtier.integrations.vllm.scheduler import SchedulerSide
             from kvtier.integrations.vllm.startup import open_remote_tier, open_sealer, open_signing_key, scan_disk, \
@@ -78,6 +80,7 @@ class KVTierConnector(KVConnectorBase_V1):
             self._scheduler = SchedulerSide(setup, scan_disk(setup, metrics, sealer), metrics,
                                             open_remote_tier(setup, sealer), open_signing_key(setup))
             self._admin = serve_admin(self._scheduler, setup)
+            self._stats = StatsSource(self._scheduler)
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
@@ -155,6 +158,19 @@ class KVTierConnector(KVConnectorBase_V1):
         assert isinstance(meta, KVTierMetadata)
         return meta.plan
 
+    # ----- kvtier's metrics on vLLM's /metrics (stats.py) ------------------------------------
+    def get_kv_connector_stats(self) -> KVTierStats | None:
+        return None if self._stats is None else self._stats.take()
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, object] | None = None) -> KVTierStats:
+        return build_stats(data)
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: "VllmConfig", metric_types: dict[type, type], labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> KVTierPromMetrics:
+        return KVTierPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
     # ----- scheduler side --------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
         assert self._scheduler is not None
@@ -174,6 +190,8 @@ class KVTierConnector(KVConnectorBase_V1):
         meta = connector_output.kv_connector_worker_meta
         report = meta.report if isinstance(meta, KVTierWorkerMetadata) else None
         self._scheduler.complete(report, set(connector_output.finished_recving or ()))
+        if self._stats is not None:
+            self._stats.record(report)
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self._scheduler is not None

@@ -75,6 +75,7 @@ class WorkerSide:
                                            setup.config.remote.queue_depth)
         self.report = WorkerReport()
         self._wire_reported = (0, 0)  # the remote tier's value bytes (read, written) reported so far
+        self._queues_reported = (0, 0)  # the lengths of the disk write and upload queues reported so far
         self.paged: PagedKV | None = None
         self.pool: HostPool | None = None
         self.mover: ChunkMover | None = None
@@ -313,8 +314,17 @@ class WorkerSide:
             self.report.remote_wire_read_bytes += wire[0] - self._wire_reported[0]
             self.report.remote_wire_written_bytes += wire[1] - self._wire_reported[1]
             self._wire_reported = wire
+        self._report_queues()
         report, self.report = self.report, WorkerReport()
         return None if report.is_empty() else report
+
+    def _report_queues(self) -> None:
+        """Add the change in the lengths of the background queues to the report."""
+        queues = (0 if self.writer is None else self.writer.num_queued_writes,
+                  0 if self.uploader is None else self.uploader.num_queued_uploads)
+        self.report.disk_queue_delta += queues[0] - self._queues_reported[0]
+        self.report.upload_queue_delta += queues[1] - self._queues_reported[1]
+        self._queues_reported = queues
 
     def shutdown(self) -> None:
         self.drain()
