@@ -79,8 +79,7 @@ class KVCodec:
         self.blocks = layout.blocks_per_chunk(chunk_tokens)
         self.chunk_bytes = layout.chunk_bytes(chunk_tokens)
         group = GROUP_TOKENS if chunk_tokens % GROUP_TOKENS == 0 else chunk_tokens
-        self._shape = _Shape(layout.num_layers, chunk_tokens, layout.num_kv_heads * layout.head_size,
-                             min(group, 255))
+        self._shape = _Shape(layout.num_layers, chunk_tokens, _plane_channels(layout), min(group, 255))
         self._levels = (1 << (bits - 1)) - 1  # differences: symmetric levels -levels..levels
         self._scale_bytes = 2 * 2 * self._shape.layers * self._shape.channels * 2  # float16 [2, 2, L, C]
 
@@ -180,8 +179,21 @@ def _planes(words: np.ndarray, layout: KVLayout, blocks: int) -> tuple[np.ndarra
     if layout.kind == "packed_hnd":  # page: [heads][block][K | V]
         pages = words.reshape(layers, blocks, heads, block, 2 * size).transpose(0, 1, 3, 2, 4)
         return pages[..., :size], pages[..., size:]
+    if layout.kind == "mla":  # page: [block][latent]; scales are per channel, so halves serve as planes
+        pages = words.reshape(layers, blocks, block, 1, size)
+        return pages[..., :size // 2], pages[..., size // 2:]
     # KVLayout refuses other kinds; a new kind must be taught here before it is compressed
     raise LayoutError(f"KV compression does not know layout {layout.kind!r}")
+
+
+def _plane_channels(layout: KVLayout) -> int:
+    """Channels of one of the two planes the codec quantises: K or V over all heads, or half of
+    MLA's latent (which must then have an even width)."""
+    if layout.kind == "mla":
+        if layout.head_size % 2:
+            raise LayoutError(f"KV compression needs an even MLA latent width, got {layout.head_size}")
+        return layout.head_size // 2
+    return layout.num_kv_heads * layout.head_size
 
 
 def _word_dtype(dtype: str) -> str:

@@ -13,6 +13,10 @@ the kinds differ in what the page holds:
   last dimension.
 - ``packed_hnd``: the same backends with the HND cache layout (stride order (0, 1, 2, 3)): a page is
   [heads][block_size][K | V].
+- ``mla``: multi-head latent attention (DeepSeek-V2/V3; vLLM-CPU's ``CPU_MLA``/``AMX_MLA`` and the
+  CUDA MLA backends). One tensor per layer of shape [num_blocks, (1,) block_size, head_size]: a page is
+  [block_size][latent], one latent vector per token (``kv_lora_rank`` + rope dims, e.g. 576) shared
+  by every head, no separate K and V. ``num_kv_heads`` is 1 and ``head_size`` the latent's width.
 ``derive_kind`` names the kind from what the engine registers (backend, shape, strides) and refuses
 anything else with a ``LayoutError`` naming the backend, shape and strides: never guessed, never
 silent zero hits. Entries of different kinds never meet: the kind is in every key's fingerprint.
@@ -26,13 +30,16 @@ import xxhash
 
 from kvtier.errors import LayoutError
 
-KNOWN_KINDS = ("cpu_lbhnc", "packed_nhd", "packed_hnd")
+KNOWN_KINDS = ("cpu_lbhnc", "packed_nhd", "packed_hnd", "mla")
 
 # Attention backends (vLLM's names) whose KV pages kvtier knows, and the kinds each can produce.
 PACKED_BACKENDS = ("FLASH_ATTN", "FLASHINFER", "TRITON_ATTN")
-BACKEND_KINDS = {"CPU_ATTN": ("cpu_lbhnc",), **{name: ("packed_nhd", "packed_hnd") for name in PACKED_BACKENDS}}
-# Physical order of the logical dims (blocks, heads, block_size, 2*head_size), outermost first.
-_KIND_ORDER = {"cpu_lbhnc": (0, 1, 2, 3), "packed_nhd": (0, 2, 1, 3), "packed_hnd": (0, 1, 2, 3)}
+MLA_BACKENDS = ("CPU_MLA", "AMX_MLA", "FLASHMLA", "FLASHINFER_MLA", "TRITON_MLA", "CUTLASS_MLA", "FLASH_ATTN_MLA")
+BACKEND_KINDS = {"CPU_ATTN": ("cpu_lbhnc",), **{name: ("packed_nhd", "packed_hnd") for name in PACKED_BACKENDS},
+                 **{name: ("mla",) for name in MLA_BACKENDS}}
+# Physical order of the logical dims, outermost first: (blocks, heads, block_size, 2*head_size),
+# or for MLA (blocks, block_size, head_size).
+_KIND_ORDER = {"cpu_lbhnc": (0, 1, 2, 3), "packed_nhd": (0, 2, 1, 3), "packed_hnd": (0, 1, 2, 3), "mla": (0, 1, 2)}
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8_e4m3fn": 1, "float8_e5m2": 1, "uint8": 1}
 
@@ -56,15 +63,22 @@ class KVLayout:
         for name in ("num_layers", "num_kv_heads", "head_size", "block_size"):
             if getattr(self, name) <= 0:
                 raise LayoutError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.kind == "mla" and self.num_kv_heads != 1:
+            raise LayoutError(f"an MLA layout has one latent head, got num_kv_heads={self.num_kv_heads}")
 
     @property
     def dtype_bytes(self) -> int:
         return DTYPE_BYTES[self.dtype]
 
     @property
+    def num_planes(self) -> int:
+        """Vectors per token and head: K and V (2), or MLA's one latent (1)."""
+        return 1 if self.kind == "mla" else 2
+
+    @property
     def block_elems_per_layer(self) -> int:
         """Elements of one block of one layer, K and V together."""
-        return 2 * self.num_kv_heads * self.block_size * self.head_size
+        return self.num_planes * self.num_kv_heads * self.block_size * self.head_size
 
     @property
     def block_bytes_per_layer(self) -> int:
@@ -103,8 +117,13 @@ def derive_kind(backend: str, shape: tuple[int, ...], strides: tuple[int, ...], 
     if kinds is None:
         raise LayoutError(f"kvtier does not know the KV layout of {described}; it supports the backends "
                           f"{', '.join(BACKEND_KINDS)}")
-    expected = (num_kv_heads, block_size, 2 * head_size)
-    if len(shape) != 4 or tuple(shape[1:]) != expected:
+    if kinds == ("mla",):
+        if len(shape) == 4 and shape[1] == 1:  # vLLM-CPU's AMX_MLA keeps a heads dim of 1
+            shape, strides = (shape[0], *shape[2:]), (strides[0], *strides[2:])
+        if len(shape) != 3 or tuple(shape[1:]) != (block_size, head_size):
+            raise LayoutError(f"kvtier does not know the KV layout of {described}: expected [num_blocks, "
+                              f"{block_size}, {head_size}] (blocks, block size, latent)")
+    elif len(shape) != 4 or tuple(shape[1:]) != (num_kv_heads, block_size, 2 * head_size):
         raise LayoutError(f"kvtier does not know the KV layout of {described}: expected [num_blocks, "
                           f"{num_kv_heads}, {block_size}, {2 * head_size}] (blocks, heads, block size, K|V)")
     for kind in kinds:

@@ -7,14 +7,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvtier.compression import GROUP_TOKENS, KVCodec, _from_float, _planes, _to_float
+from kvtier.compression import GROUP_TOKENS, KVCodec, _from_float, _plane_channels, _planes, _to_float
 from kvtier.crypto import Sealer
 from kvtier.entry import CODEC_AES256_GCM, CODEC_CACHEGEN, CODEC_RAW, decode_header, encode_header
 from kvtier.errors import EntryError, LayoutError
 from kvtier.layout import KVLayout
 from kvtier.tiers.framing import frame, unframe_into
 
-KINDS = ("cpu_lbhnc", "packed_nhd", "packed_hnd")
+KINDS = ("cpu_lbhnc", "packed_nhd", "packed_hnd", "mla")
 DTYPES = ("bfloat16", "float16", "float32")
 KEY = bytes(range(16))
 SEALER = Sealer(bytes(range(32)))
@@ -34,7 +34,7 @@ def chunk_of(layout: KVLayout, tokens: int, values: np.ndarray) -> bytes:
 def values_of(layout: KVLayout, tokens: int, chunk: bytes | bytearray) -> np.ndarray:
     """The inverse of ``chunk_of``: [2, layers, tokens, channels] float32."""
     words = np.frombuffer(chunk, dtype="<f4" if layout.dtype == "float32" else "<u2")
-    channels = layout.num_kv_heads * layout.head_size
+    channels = _plane_channels(layout)
     return np.stack([_to_float(plane, layout.dtype).reshape(layout.num_layers, tokens, channels)
                      for plane in _planes(words, layout, tokens // layout.block_size)])
 
@@ -59,6 +59,13 @@ def error_bound(codec: KVCodec, values: np.ndarray) -> np.ndarray:
     return step / 2 + magnitude * (1 + 1 / 127) * rounding * 1.01 + 1e-6
 
 
+def layout_of(kind: str, layers: int, heads: int, head_size: int, block: int, dtype: str) -> KVLayout:
+    """For MLA: one latent of ``2 * heads * head_size`` per token, quantised as two halves."""
+    if kind == "mla":
+        return KVLayout(kind, layers, 1, 2 * heads * head_size, block, dtype)
+    return KVLayout(kind, layers, heads, head_size, block, dtype)
+
+
 @settings(max_examples=40, deadline=None)
 @given(kind=st.sampled_from(KINDS), dtype=st.sampled_from(DTYPES), layers=st.integers(1, 4),
        heads=st.integers(1, 3), head_size=st.sampled_from([8, 16, 32]), block=st.sampled_from([8, 16]),
@@ -67,11 +74,11 @@ def error_bound(codec: KVCodec, values: np.ndarray) -> np.ndarray:
 def test_every_decoded_value_is_within_the_quantisation_bound(kind: str, dtype: str, layers: int, heads: int,
                                                               head_size: int, block: int, blocks: int, bits: int,
                                                               seed: int, scale: float) -> None:
-    layout = KVLayout(kind, layers, heads, head_size, block, dtype)
+    layout = layout_of(kind, layers, heads, head_size, block, dtype)
     tokens = block * blocks
     codec = KVCodec(layout, tokens, bits)
     original = values_of(layout, tokens, chunk_of(layout, tokens, kv_like(np.random.default_rng(seed), layers,
-                                                                           tokens, heads * head_size, scale)))
+                                                                           tokens, _plane_channels(layout), scale)))
     encoded = codec.encode(memoryview(chunk_of(layout, tokens, original)))
     if encoded is None:  # declined: only when it would not be smaller
         assert codec._scale_bytes >= layout.chunk_bytes(tokens) // 8
@@ -88,13 +95,17 @@ def test_planes_follow_the_engine_page_layout(kind: str) -> None:
     # Element (layer, plane, token, head, dim) lands where the engine keeps it: on CPU, K is
     # stored transposed in its (block, head) page; on CUDA, K and V are packed in the last dim of
     # a [block, heads] (NHD) or [heads, block] (HND) page.
-    layout = KVLayout(kind, 2, 2, 4, 8, "float32")
+    layout = layout_of(kind, 2, 2, 4, 8, "float32")
     blocks, tokens = 2, 16
     words = np.arange(layout.chunk_bytes(tokens) // 4, dtype="<f4")
     k, v = _planes(words, layout, blocks)
     layer, block, offset, head, dim = 1, 1, 3, 1, 2
     page = layout.block_elems_per_layer  # elements of one block of one layer
-    if kind == "cpu_lbhnc":
+    if kind == "mla":  # page [block][latent of 16]: the first half, then the second
+        base = (layer * blocks + block) * page + offset * 16
+        assert k[layer, block, offset, 0, 4 * head + dim] == base + 4 * head + dim
+        assert v[layer, block, offset, 0, 4 * head + dim] == base + 8 + 4 * head + dim
+    elif kind == "cpu_lbhnc":
         base = (layer * blocks + block) * page + head * 2 * 8 * 4
         assert k[layer, block, offset, head, dim] == base + dim * 8 + offset
         assert v[layer, block, offset, head, dim] == base + 8 * 4 + offset * 4 + dim

