@@ -10,12 +10,17 @@ is neither overwritten nor has its TTL refreshed) and read with pipelined EXISTS
 GETRANGEs (never more than one byte past an entry's size), in groups of about 16 MiB per round trip. Large values travel without joining or copying on the client side:
 a custom command packer sends header and payload as separate buffers of one bulk string (redis-py's
 hiredis packer copies every command into one buffer, which makes a 6 MB SET about 3x slower).
-Socket connect and read timeouts are ``timeout_s`` and redis-py's own retries are off.
+Deadlines: every call of the tier is bounded as a whole by ``timeout_s`` (``CallDeadline``):
+each connection's socket is wrapped so that connecting and every send and receive get only what
+is left of the call's deadline (a value trickling in over a slow link is given up at the
+deadline, not after ``timeout_s`` per read). redis-py's own retries are off.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -28,7 +33,7 @@ from redis.retry import Retry
 from kvtier.entry import HEADER_BYTES
 from kvtier.config import mask_url
 from kvtier.errors import ConfigError
-from kvtier.tiers.remote import Fetched, RemoteOptions, RemoteTier
+from kvtier.tiers.remote import CallDeadline, Fetched, RemoteOptions, RemoteTier
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +98,9 @@ class RedisTier(RemoteTier):
         self._client.ping()
 
     def _make_client(self) -> redis.Redis | RedisCluster:
-        connection_class = _SSLConnection if self.target.tls else _Connection
+        base = _SSLConnection if self.target.tls else _Connection
+        # a class per tier: redis-py (and RedisCluster's per-node pools) pass no extra arguments on
+        connection_class = type(base.__name__, (base,), {"deadline": self.deadline})
         tls = {"ssl_ca_certs": self._tls_ca, "ssl_certfile": self._tls_cert, "ssl_keyfile": self._tls_key} \
             if self.target.tls else {}
         no_retry = Retry(NoBackoff(), 0)
@@ -228,11 +235,69 @@ class _PackerMixin:
         return _Packer(self._buffer_cutoff, self.encoder.encode)
 
 
-class _Connection(_PackerMixin, redis.Connection):
+class _DeadlineMixin:
+    """Connection mixin: connect within what is left of the tier's ``CallDeadline`` and wrap the
+    socket in a ``_DeadlineSocket``. ``deadline`` is set on a subclass per tier."""
+
+    deadline: CallDeadline
+    socket_timeout: float | None
+    socket_connect_timeout: float | None
+
+    def _connect(self) -> socket.socket:
+        base_timeout = self.socket_connect_timeout
+        remaining = self.deadline.check()
+        if remaining != math.inf:
+            self.socket_connect_timeout = remaining if base_timeout is None else min(base_timeout, remaining)
+        try:
+            sock = super()._connect()  # type: ignore[misc]
+        finally:
+            self.socket_connect_timeout = base_timeout
+        return _DeadlineSocket(sock, self.deadline, self.socket_timeout)  # type: ignore[return-value]
+
+
+class _DeadlineSocket:
+    """A socket whose every send and receive is given at most what is left of the call's
+    deadline (and never more than the timeout redis-py asked for: 0 stays non-blocking).
+    Everything else is the socket's own."""
+
+    def __init__(self, sock: socket.socket, deadline: CallDeadline, timeout_s: float | None) -> None:
+        self._sock = sock
+        self._deadline = deadline
+        self._requested = timeout_s
+
+    def settimeout(self, timeout_s: float | None) -> None:
+        self._requested = timeout_s
+        self._sock.settimeout(timeout_s)
+
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        self._arm()
+        return self._sock.recv(size, flags)
+
+    def recv_into(self, buffer: memoryview | bytearray, size: int = 0, flags: int = 0) -> int:
+        self._arm()
+        return self._sock.recv_into(buffer, size, flags)
+
+    def sendall(self, data: bytes | memoryview, flags: int = 0) -> None:
+        self._arm()  # sendall's timeout bounds the whole send (Python >= 3.5)
+        self._sock.sendall(data, flags)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._sock, name)
+
+    def _arm(self) -> None:
+        remaining = self._deadline.remaining_s()
+        if remaining <= 0:
+            raise socket.timeout("the remote call passed its deadline (remote.timeout_ms)")
+        requested = math.inf if self._requested is None else self._requested
+        timeout_s = min(requested, remaining)
+        self._sock.settimeout(None if timeout_s == math.inf else timeout_s)
+
+
+class _Connection(_DeadlineMixin, _PackerMixin, redis.Connection):
     pass
 
 
-class _SSLConnection(_PackerMixin, redis.SSLConnection):
+class _SSLConnection(_DeadlineMixin, _PackerMixin, redis.SSLConnection):
     pass
 
 

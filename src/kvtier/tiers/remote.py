@@ -25,9 +25,11 @@ Failure model: no method raises on I/O failure. A failed call returns a miss (``
 ``False``, ``0``), increments ``num_errors`` and marks the tier unhealthy. While unhealthy,
 calls return misses at once, without touching the network, until ``retry_after_s`` has passed
 (exponential backoff from 1 s, doubling up to 30 s); the next call then probes the server, and
-a success marks the tier healthy again. Each network operation has a deadline of ``timeout_s``
-(given at construction); no client-side retries are made, so a call against a dead or stalled
-server returns within about ``timeout_s``. A server unreachable at start does not raise: the
+a success marks the tier healthy again. Each call has one wall-clock deadline, ``timeout_s``
+(given at construction) after it starts, for the whole call: connecting, every send and every
+receive (``CallDeadline``; backends bound each blocking operation by what is left of it). No
+client-side retries are made, so a call against a dead, stalled or slow server (a large value
+trickling in) returns a miss within about ``timeout_s``. A server unreachable at start does not raise: the
 tier starts unhealthy and logs a warning. Bad configuration raises ``ConfigError``.
 
 Threading: every method may be called from any thread, by one thread at a time per instance.
@@ -44,6 +46,7 @@ import concurrent.futures
 import functools
 import importlib
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -129,6 +132,33 @@ def namespace_prefix(namespace: str) -> str:
     return f"{OBJECT_PREFIX}{namespace}/"
 
 
+class CallDeadline:
+    """The wall-clock deadline of the call in progress on one tier (set by ``RemoteTier`` around
+    every call; none between calls). Backends read it before each blocking operation: a socket
+    gets at most ``remaining_s()`` for its next send or receive, and ``check`` raises
+    ``TimeoutError`` (an ``OSError``: an I/O failure) once it has passed."""
+
+    def __init__(self) -> None:
+        self._at = math.inf
+
+    def start(self, timeout_s: float) -> None:
+        self._at = time.monotonic() + timeout_s
+
+    def clear(self) -> None:
+        self._at = math.inf
+
+    def remaining_s(self) -> float:
+        """Seconds left (``math.inf`` when no call is in progress; <= 0 once passed)."""
+        return self._at - time.monotonic()
+
+    def check(self) -> float:
+        """Seconds left; ``TimeoutError`` when none are."""
+        remaining = self.remaining_s()
+        if remaining <= 0:
+            raise TimeoutError("the remote call passed its deadline (remote.timeout_ms)")
+        return remaining
+
+
 class RemoteTier(abc.ABC):
     """Shared store reached over the network; see the module docstring for the contract."""
 
@@ -152,6 +182,7 @@ class RemoteTier(abc.ABC):
         self.value_bytes_read = 0
         self.value_bytes_written = 0
         self._decoders: concurrent.futures.ThreadPoolExecutor | None = None  # made on first use
+        self.deadline = CallDeadline()  # of the call in progress: ``timeout_s`` for the whole call
         self._healthy = True
         self._connected = False
         self._backoff_s = 0.0
@@ -321,6 +352,7 @@ class RemoteTier(abc.ABC):
         """Run ``call`` unless backing off; an I/O failure returns ``on_failure``."""
         if not self._healthy and time.monotonic() < self._retry_at:
             return on_failure
+        self.deadline.start(self.timeout_s)
         try:
             if not self._connected:
                 self._connect()
@@ -329,6 +361,8 @@ class RemoteTier(abc.ABC):
         except self.io_errors as exc:
             self._record_failure(exc)
             return on_failure
+        finally:
+            self.deadline.clear()
         self._record_success()
         return result
 

@@ -5,7 +5,13 @@ Options: ``s3_endpoint`` (any S3-compatible server; path-style addressing is use
 ``s3_region``, ``access_key``/``secret_key`` (else boto3's usual credential chain), ``tls_ca``
 (CA bundle used to verify an https endpoint), ``tls_cert``/``tls_key`` (client certificate for
 servers that require one). Connect and read timeouts are ``timeout_s``; boto3's own
-retries are off.
+retries are off. Deadlines: each call of the tier is bounded as a whole by ``timeout_s``
+(``CallDeadline``): a batch waits for its requests until then, a body is read and a value sent
+in pieces that each check the deadline (and a body's socket waits at most what is left of it),
+so a value trickling over a slow link is given up at the deadline. A request stalled before its
+body (connecting, sending, waiting for the status line) ends at its socket timeout, so a call
+returns within ``timeout_s`` plus at most one socket timeout in that case (running requests are
+always waited for: they write into the caller's buffers).
 
 Data path: PUT with ``If-None-Match: *`` (an existing object is left alone; 412
 PreconditionFailed and 409 ConditionalRequestConflict mean "already there or being written":
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import email.utils
+import io
 import logging
 import socket
 import ssl
@@ -44,7 +51,7 @@ from urllib3.util.ssl_ import create_urllib3_context
 from kvtier.entry import HEADER_BYTES
 from kvtier.config import mask_url
 from kvtier.errors import ConfigError
-from kvtier.tiers.remote import Fetched, RemoteOptions, RemoteTier
+from kvtier.tiers.remote import CallDeadline, Fetched, RemoteOptions, RemoteTier
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +60,7 @@ _HEAD_WAVE = 8  # exists_prefix asks this many names at a time, stopping at the 
 _DELETE_BATCH = 1000  # the S3 limit per DeleteObjects
 _ABSENT_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
 _ALREADY_THERE_CODES = frozenset({"412", "PreconditionFailed", "409", "ConditionalRequestConflict"})
+_BODY_PIECE_BYTES = 16 << 10  # a value is read and sent in pieces of this size, each checking the deadline
 
 _T = TypeVar("_T")
 
@@ -123,18 +131,18 @@ class S3Tier(RemoteTier):
             if value_bytes < HEADER_BYTES:
                 return Fetched(b"", value_bytes)
             header = bytearray(HEADER_BYTES)
-            _read_exact(body, memoryview(header))
+            _read_exact(body, memoryview(header), self.deadline, self.timeout_s)
             if value_bytes > HEADER_BYTES + out.nbytes:  # too long: the header only (whose setting?)
                 return Fetched(bytes(header), value_bytes)
-            _read_exact(body, out[:value_bytes - HEADER_BYTES])
+            _read_exact(body, out[:value_bytes - HEADER_BYTES], self.deadline, self.timeout_s)
             return Fetched(bytes(header), value_bytes)
         finally:
             body.close()
 
     def _put_new(self, name: str, header: bytes, payload: memoryview, ttl_s: int | None) -> bool:
         try:
-            self.client.put_object(Bucket=self.bucket, Key=name, Body=b"".join((header, payload)),
-                                   IfNoneMatch="*")
+            self.client.put_object(Bucket=self.bucket, Key=name,
+                                   Body=_DeadlineBody(b"".join((header, payload)), self.deadline), IfNoneMatch="*")
         except ClientError as exc:
             if _error_code(exc) in _ALREADY_THERE_CODES:
                 return True
@@ -196,6 +204,12 @@ class S3Tier(RemoteTier):
 
         futures = [self._pool.submit(run, item) for item in items]
         try:
+            remaining = self.deadline.remaining_s()
+            _, pending = concurrent.futures.wait(futures, timeout=None if remaining == float("inf") else
+                                                 max(remaining, 0.0))
+            if pending:
+                failed.set()
+                raise TimeoutError("the remote call passed its deadline (remote.timeout_ms)")
             return [future.result() for future in futures]
         except BaseException:
             for future in futures:
@@ -280,11 +294,26 @@ def _error_code(exc: ClientError) -> str:
     return str(error.get("Code", exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")))
 
 
-def _read_exact(body: object, out: memoryview) -> None:
-    """Fill ``out`` from a streaming body (botocore raises IncompleteReadError when it ends early)."""
+class _DeadlineBody(io.BytesIO):
+    """A request body that botocore reads in pieces, each checking the call's deadline."""
+
+    def __init__(self, value: bytes, deadline: CallDeadline) -> None:
+        super().__init__(value)
+        self._deadline = deadline
+
+    def read(self, size: int | None = -1) -> bytes:
+        self._deadline.check()
+        return super().read(_BODY_PIECE_BYTES if size is None or size < 0 else min(size, _BODY_PIECE_BYTES))
+
+
+def _read_exact(body: object, out: memoryview, deadline: CallDeadline, timeout_s: float) -> None:
+    """Fill ``out`` from a streaming body in pieces, each checking ``deadline``, its socket
+    waiting at most ``timeout_s`` or what is left (botocore raises IncompleteReadError when it
+    ends early)."""
     num_read = 0
     while num_read < out.nbytes:
-        got = body.readinto(out[num_read:])  # type: ignore[attr-defined]
+        body.set_socket_timeout(min(deadline.check(), timeout_s))  # type: ignore[attr-defined]
+        got = body.readinto(out[num_read:num_read + _BODY_PIECE_BYTES])  # type: ignore[attr-defined]
         if not got:
             raise urllib3.exceptions.ProtocolError(f"body ended after {num_read} of {out.nbytes} bytes")
         num_read += got

@@ -1,0 +1,91 @@
+"""Issue 16 #4: ``remote.timeout_ms`` bounds each remote call end to end, against the real Redis
+behind a bandwidth-limited loopback link (tests/slow_link.py). A 256 KiB value trickling in at
+64 KiB/s used to take about 4 s with a 0.5 s timeout (the socket timeout bounded each read, and
+every read brought some bytes) and the tier stayed healthy."""
+
+from __future__ import annotations
+
+import time
+
+from kvtier.tiers.disk import ReadResult
+from kvtier.tiers.remote import open_remote
+from tests.integration.test_remote_contract import s3_backend
+from tests.servers import ServerProcess, fresh_redis, port_of, seaweed  # noqa: F401  (fixtures)
+from tests.slow_link import SlowLink
+
+LAYOUT = b"\x07" * 16
+NS = "tenant-a"
+VALUE_BYTES = 256 << 10
+TIMEOUT_S = 0.5
+SLACK_S = 0.4  # thread scheduling on a busy 2-core machine
+
+
+def test_a_slow_read_is_a_miss_within_the_timeout(fresh_redis: ServerProcess) -> None:
+    fast = open_remote(f"redis://127.0.0.1:{port_of(fresh_redis)}/0", ttl_s=None, timeout_s=5.0)
+    key, payload = b"\x01" * 16, bytes(range(256)) * (VALUE_BYTES // 256)
+    assert fast.put(key, 0, payload, LAYOUT, namespace=NS)
+    with SlowLink(port_of(fresh_redis), bytes_per_s=64 << 10) as link:
+        slow = open_remote(f"redis://127.0.0.1:{link.port}/0", ttl_s=None, timeout_s=TIMEOUT_S)
+        assert slow.healthy  # a PING gets through a slow link in time
+        out = memoryview(bytearray(len(payload)))
+        started = time.monotonic()
+        result = slow.get_into(key, 0, out, LAYOUT, namespace=NS)
+        elapsed = time.monotonic() - started
+        assert result is ReadResult.MISSING and elapsed < TIMEOUT_S + SLACK_S, elapsed
+        assert not slow.healthy  # a call past its deadline is a failure like any other
+        slow.close()
+    out = memoryview(bytearray(len(payload)))
+    assert fast.get_into(key, 0, out, LAYOUT, namespace=NS) is ReadResult.OK and bytes(out) == payload
+    fast.close()
+
+
+def test_a_slow_write_gives_up_within_the_timeout(fresh_redis: ServerProcess) -> None:
+    with SlowLink(port_of(fresh_redis), bytes_per_s=64 << 10) as link:
+        slow = open_remote(f"redis://127.0.0.1:{link.port}/0", ttl_s=None, timeout_s=TIMEOUT_S)
+        started = time.monotonic()
+        assert not slow.put(b"\x02" * 16, 0, bytes(VALUE_BYTES), LAYOUT, namespace=NS)
+        assert time.monotonic() - started < TIMEOUT_S + SLACK_S
+        slow.close()
+
+
+def test_small_calls_over_the_slow_link_still_succeed(fresh_redis: ServerProcess) -> None:
+    # the deadline is per call: many small calls in a row are each given the full timeout
+    fast = open_remote(f"redis://127.0.0.1:{port_of(fresh_redis)}/0", ttl_s=None, timeout_s=5.0)
+    keys = [bytes([i]) * 16 for i in range(1, 5)]
+    for key in keys:
+        assert fast.put(key, 0, bytes(1024), LAYOUT, namespace=NS)
+    with SlowLink(port_of(fresh_redis), bytes_per_s=64 << 10) as link:
+        slow = open_remote(f"redis://127.0.0.1:{link.port}/0", ttl_s=None, timeout_s=TIMEOUT_S)
+        for _ in range(5):
+            assert slow.exists_prefix(keys, 0, namespace=NS) == 4
+        out = memoryview(bytearray(1024))
+        assert slow.get_into(keys[0], 0, out, LAYOUT, namespace=NS) is ReadResult.OK
+        assert slow.healthy
+        slow.close()
+    fast.close()
+
+
+def test_s3_a_slow_read_and_write_end_within_the_timeout(seaweed: tuple[ServerProcess, str]) -> None:
+    _, endpoint = seaweed
+    backend = s3_backend(endpoint)
+    fast = backend.open(None, 5.0)
+    key, payload = b"\x03" * 16, bytes(range(256)) * (VALUE_BYTES // 256)
+    assert fast.put(key, 0, payload, LAYOUT, namespace=NS)
+    port = int(endpoint.rsplit(":", 1)[1])
+    with SlowLink(port, bytes_per_s=64 << 10) as link:
+        slow = backend.open(None, TIMEOUT_S, f"http://127.0.0.1:{link.port}")
+        out = memoryview(bytearray(len(payload)))
+        started = time.monotonic()
+        assert slow.get_into(key, 0, out, LAYOUT, namespace=NS) is ReadResult.MISSING
+        assert time.monotonic() - started < TIMEOUT_S + SLACK_S
+        assert not slow.healthy
+        slow.close()
+    with SlowLink(port, bytes_per_s=64 << 10) as link:
+        slow = backend.open(None, TIMEOUT_S, f"http://127.0.0.1:{link.port}")
+        started = time.monotonic()
+        assert not slow.put(b"\x04" * 16, 0, payload, LAYOUT, namespace=NS)
+        assert time.monotonic() - started < TIMEOUT_S + SLACK_S
+        slow.close()
+    out = memoryview(bytearray(len(payload)))
+    assert fast.get_into(key, 0, out, LAYOUT, namespace=NS) is ReadResult.OK and bytes(out) == payload
+    fast.close()
