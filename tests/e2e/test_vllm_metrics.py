@@ -5,7 +5,8 @@ port): a prompt is sent twice (the second time vLLM's prefix cache is reset firs
 serves it), then both scrapes are parsed with prometheus_client's parser:
 - every kvtier counter and gauge is on vLLM's /metrics as vllm:kvtier_* with vLLM's model_name
   and engine labels, and the counts agree with kvtier's own port (which keeps working);
-- every series deploy/grafana/kvtier.json queries exists on that /metrics, with model_name.
+- every series deploy/grafana/kvtier.json queries exists on that /metrics, with model_name;
+- kvtier's INFO start-up line is in the server's log in vLLM's format.
 """
 
 from __future__ import annotations
@@ -83,6 +84,10 @@ def test_kvtier_series_on_vllms_metrics_and_the_dashboards_queries(tiny_model: s
                       unset_env=("VLLM_CPU_KVCACHE_SPACE",), log_path=str(tmp_path / "server.log"))
     with ServerProcess(spec, {k: v for k, v in os.environ.items() if not k.startswith("KVTIER_")}) as server:
         server.wait_ready(600, lambda line: None)
+        # 0. kvtier's start-up line is in the server's log, in vLLM's format (logs.py)
+        started = [line for line in Path(spec.log_path).read_text().splitlines()
+                   if f"kvtier: metrics on http://127.0.0.1:{metrics_port}/metrics" in line]
+        assert started and " INFO " in started[0] and "pid=" in started[0], started
         # 1. Before any request every family is there, labelled like vLLM's own series (values
         #    arrive with the engine's first step: vLLM sends stats after steps).
         before = scrape(port)
