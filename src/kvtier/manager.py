@@ -160,9 +160,10 @@ class KVManager:
         if not wanted:
             return NO_LOAD
         found = self.store.lookup(wanted)
-        num_remote = self._ask_remote(request, owner, wanted[found.num_chunks:])
-        if num_remote is None:
+        remote_ages = self._ask_remote(request, owner, wanted[found.num_chunks:])
+        if remote_ages is None:
             return None
+        num_remote = len(remote_ages)
         if self._awaiting_handoff(request, owner, request.first + found.num_chunks + num_remote):
             return None
         remote_run = wanted[found.num_chunks:found.num_chunks + num_remote]
@@ -170,7 +171,7 @@ class KVManager:
                                                    len(remote_run) * self._chunk_tokens):
             self.metrics.skipped_loads.labels(tier="remote").inc(len(remote_run))
             remote_run = []  # the engine recomputes these faster than the remote delivers them
-        planned = self._prepare(request, wanted[:found.num_chunks], set(found.disk_only), remote_run)
+        planned = self._prepare(request, wanted[:found.num_chunks], set(found.disk_only), remote_run, remote_ages)
         self._count(owner, len(wanted), planned)
         return planned
 
@@ -193,9 +194,9 @@ class KVManager:
         self._set_lease_gauge()
 
     def _prepare(self, request: LoadRequest, local: list[bytes], disk_only: set[int],
-                 remote_run: list[bytes]) -> PlannedLoad:
+                 remote_run: list[bytes], remote_ages: list[float]) -> PlannedLoad:
         """Lease the memory chunks, then plan the reads; the load ends before the first chunk
-        that got no slot."""
+        that got no slot. Chunks from the remote keep their age there (``remote_ages``)."""
         in_memory = [key for i, key in enumerate(local) if i not in disk_only]
         self.store.leases.acquire(request.owner, in_memory)  # before any read can evict them
         self.store.touch(local)
@@ -210,33 +211,34 @@ class KVManager:
                 disk += ops
             slots.append(self.store.slot_of(key))
             sources.append("disk" if i in disk_only else "memory")
-        remote = self.store.prepare_promote(request.owner, request.namespace, remote_run, from_remote=True)
+        remote = self.store.prepare_promote(request.owner, request.namespace, remote_run, from_remote=True,
+                                            ages_s=remote_ages)
         slots += [op.slot for op in remote]
         sources += ["remote"] * len(remote)
         return PlannedLoad(tuple(slots), tuple(sources), tuple(disk), tuple(remote))
 
-    def _ask_remote(self, request: LoadRequest, owner: _Owner, after_local: list[bytes]) -> int | None:
-        """How many of ``after_local`` (the chunks after the local prefix) the remote holds,
-        None while its answer is pending. A request waiting for a handoff asks at most every
-        ``HANDOFF_POLL_S``."""
+    def _ask_remote(self, request: LoadRequest, owner: _Owner, after_local: list[bytes]) -> list[float] | None:
+        """The ages on the remote of the run of ``after_local`` (the chunks after the local
+        prefix) it holds, None while its answer is pending. A request waiting for a handoff asks
+        at most every ``HANDOFF_POLL_S``."""
         if self.lookups is None or not after_local:
-            return 0
+            return []
         run: list[bytes] = []
         for key in after_local:
             if self.store.in_memory(key) or self.store.on_disk(key):
                 break  # another request is loading it: the next lookup finds it local
             run.append(key)
         if not run:
-            return 0
+            return []
         if owner.handoff_until > 0 and time.monotonic() - owner.remote_asked_at < HANDOFF_POLL_S:
             return None
-        held = self.lookups.ask(request.owner, run, request.namespace, self.store.ttl_of(request.namespace))
-        if held is None:
+        ages = self.lookups.ask(request.owner, run, request.namespace, self.store.ttl_of(request.namespace))
+        if ages is None:
             return None
-        owner.remote_asked_at, owner.remote_held = time.monotonic(), held
-        for key in run[:held]:
+        owner.remote_asked_at, owner.remote_held = time.monotonic(), len(ages)
+        for key in run[:len(ages)]:
             self.remote_known.remember(key)
-        return held
+        return ages
 
     def _awaiting_handoff(self, request: LoadRequest, owner: _Owner, num_available: int) -> bool:
         """True while a request that names a handoff finds fewer chunks than the prefill instance

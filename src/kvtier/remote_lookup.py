@@ -22,7 +22,7 @@ from kvtier.tiers.remote import RemoteTier
 @dataclass
 class _Question:
     keys: tuple[bytes, ...]
-    future: "concurrent.futures.Future[int]"
+    future: "concurrent.futures.Future[list[float]]"
     deadline: float
 
 
@@ -36,13 +36,14 @@ class RemoteLookups:
         self._questions: dict[str, _Question] = {}
         self.num_timeouts = 0
 
-    def ask(self, owner: str, keys: Sequence[bytes], namespace: str, max_age_s: int) -> int | None:
-        """How many consecutive ``keys`` of ``namespace`` from the start the remote holds (0 on
-        failure, while unhealthy, or past the deadline), or None while the answer is pending.
-        Each answer is given once: the next call for ``owner`` asks the remote again."""
+    def ask(self, owner: str, keys: Sequence[bytes], namespace: str, max_age_s: int) -> list[float] | None:
+        """The consecutive ``keys`` of ``namespace`` from the start the remote holds, as the age
+        in seconds of each (``RemoteTier.held_ages``; [] on failure, while unhealthy, or past
+        the deadline), or None while the answer is pending. Each answer is given once: the next
+        call for ``owner`` asks the remote again."""
         question = self._questions.get(owner)
         if question is None or question.keys != tuple(keys):
-            question = _Question(tuple(keys), self._thread.submit(self._remote.exists_prefix, list(keys), self._rank,
+            question = _Question(tuple(keys), self._thread.submit(self._remote.held_ages, list(keys), self._rank,
                                                                   namespace=namespace, max_age_s=max_age_s),
                                  time.monotonic() + self._timeout_s)
             self._questions[owner] = question
@@ -53,7 +54,7 @@ class RemoteLookups:
         if time.monotonic() >= question.deadline:
             del self._questions[owner]
             self.num_timeouts += 1
-            return 0
+            return []
         return None
 
     def forget(self, owner: str) -> None:

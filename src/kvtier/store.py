@@ -197,9 +197,11 @@ class TieredStore:
                 self._disk_policy.touch(key)
 
     def prepare_promote(self, owner: str, namespace: str, keys: Sequence[bytes],
-                        from_remote: bool = False) -> list[SlotOp]:
+                        from_remote: bool = False, ages_s: Sequence[float] = ()) -> list[SlotOp]:
         """Plan disk -> memory (or remote -> memory) reads of ``keys`` of ``namespace`` for
-        ``owner``: one memory slot each.
+        ``owner``: one memory slot each. A promoted entry keeps its write time (a read never
+        restarts its TTL): a disk entry's own, a remote one's ``ages_s`` (seconds since it was
+        written there, per key; missing ages count as written now).
 
         Returns the reads planned, for a prefix of ``keys`` (shorter when memory is full of
         leased entries or the namespace is at its quota). Their entries are pending and leased
@@ -208,13 +210,16 @@ class TieredStore:
         """
         planned: list[SlotOp] = []
         now = self._clock()
-        for key in keys:
+        for index, key in enumerate(keys):
             slot = self._allocate_slot(namespace)
             if slot is None:
                 self._metrics.dropped_stores.labels(tier="memory").inc()
                 break
             on_disk = self._disk.get(key)
-            created = now if from_remote or on_disk is None else on_disk.created
+            if from_remote or on_disk is None:
+                created = now - (ages_s[index] if index < len(ages_s) else 0.0)
+            else:
+                created = on_disk.created
             self._add_memory(key, MemoryEntry(slot, State.PENDING, namespace, created, on_disk=not from_remote))
             planned.append(SlotOp(key, slot, namespace))
         self.leases.acquire(owner, [op.key for op in planned])

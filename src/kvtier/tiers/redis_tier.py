@@ -126,14 +126,23 @@ class RedisTier(RemoteTier):
         return self._client
 
     def _count_prefix(self, names: Sequence[str], max_age_s: int) -> int:  # Redis expires entries itself
+        return len(self._prefix_ages(names, max_age_s))
+
+    def _prefix_ages(self, names: Sequence[str], max_age_s: int) -> list[float]:
+        """One pipelined PTTL per name (-2: absent). Redis keeps no write time: an entry's age is
+        the TTL it was written with (``put``: the shorter of the tier's and the namespace's,
+        ``max_age_s``) less what is left of it; 0.0 for one without expiry."""
         pipe = self.client.pipeline(transaction=False)
         for name in names:
-            pipe.exists(name)
-        found = pipe.execute()
-        count = 0
-        while count < len(found) and found[count]:
-            count += 1
-        return count
+            pipe.pttl(name)
+        written_ttls = [ttl for ttl in (self.ttl_s, max_age_s) if ttl]
+        written_ttl_s = min(written_ttls) if written_ttls else 0
+        ages: list[float] = []
+        for left_ms in pipe.execute():
+            if left_ms == -2:
+                break
+            ages.append(max(0.0, written_ttl_s - left_ms / 1000) if left_ms >= 0 and written_ttl_s else 0.0)
+        return ages
 
     def _fetch_many(self, items: Sequence[tuple[str, memoryview]]) -> list[Fetched | None]:
         """Per name, EXISTS and a bounded GETRANGE (at most one byte more than an entry can be, so

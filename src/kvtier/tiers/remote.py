@@ -195,10 +195,16 @@ class RemoteTier(abc.ABC):
         ``rank`` (one round trip where the backend allows). 0 on failure or while unhealthy.
         ``max_age_s`` (the namespace's TTL; 0: none): on backends without per-entry expiry (S3),
         an older entry counts as absent; the others expire entries themselves (``put``'s TTL)."""
+        return len(self.held_ages(keys, rank, namespace=namespace, max_age_s=max_age_s))
+
+    def held_ages(self, keys: Sequence[bytes], rank: int, *, namespace: str, max_age_s: int = 0) -> list[float]:
+        """``exists_prefix`` with, for each chunk held, the seconds since it was written, so that
+        a chunk fetched into memory keeps its age (a fetch must not restart a TTL). 0.0 where the
+        backend cannot tell. [] on failure or while unhealthy."""
         if not keys:
-            return 0
+            return []
         names = [self.name_for(key, rank, namespace) for key in keys]
-        return self._guarded(lambda: self._count_prefix(names, max_age_s), 0)
+        return self._guarded(lambda: self._prefix_ages(names, max_age_s), [])
 
     def get_into(self, key: bytes, rank: int, out: memoryview, layout_fingerprint: bytes, *,
                  namespace: str) -> ReadResult:
@@ -318,6 +324,11 @@ class RemoteTier(abc.ABC):
         """How many consecutive ``names`` from the start exist (non-empty ``names``); a backend
         that cannot expire single entries also treats those older than ``max_age_s`` (if not 0)
         as absent."""
+
+    def _prefix_ages(self, names: Sequence[str], max_age_s: int) -> list[float]:
+        """The age in seconds of each of the consecutive ``names`` from the start that exist;
+        backends that can tell the age override this (the default says 0.0 for each)."""
+        return [0.0] * self._count_prefix(names, max_age_s)
 
     @abc.abstractmethod
     def _fetch_many(self, items: Sequence[tuple[str, memoryview]]) -> list[Fetched | None]:

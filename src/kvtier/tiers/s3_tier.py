@@ -95,23 +95,29 @@ class S3Tier(RemoteTier):
         self.client.head_bucket(Bucket=self.bucket)
 
     def _count_prefix(self, names: Sequence[str], max_age_s: int) -> int:
-        count = 0
-        for start in range(0, len(names), _HEAD_WAVE):
-            found = self._run_all(lambda name: self._exists(name, max_age_s), names[start:start + _HEAD_WAVE])
-            for exists in found:
-                if not exists:
-                    return count
-                count += 1
-        return count
+        return len(self._prefix_ages(names, max_age_s))
 
-    def _exists(self, name: str, max_age_s: int = 0) -> bool:
+    def _prefix_ages(self, names: Sequence[str], max_age_s: int) -> list[float]:
+        ages: list[float] = []
+        for start in range(0, len(names), _HEAD_WAVE):
+            found = self._run_all(lambda name: self._age(name, max_age_s), names[start:start + _HEAD_WAVE])
+            for age in found:
+                if age is None:
+                    return ages
+                ages.append(age)
+        return ages
+
+    def _age(self, name: str, max_age_s: int = 0) -> float | None:
+        """Seconds since the object was written (server clock), None when absent or expired."""
         try:
             response = self.client.head_object(Bucket=self.bucket, Key=name)
         except ClientError as exc:
             if _error_code(exc) in _ABSENT_CODES:
-                return False
+                return None
             raise
-        return not self._expired(name, response, max_age_s)
+        if self._expired(name, response, max_age_s):
+            return None
+        return max(0.0, _age_s(response))
 
     def _fetch_many(self, items: Sequence[tuple[str, memoryview]]) -> list[Fetched | None]:
         return self._run_all(lambda item: self._fetch(*item), items)
@@ -178,12 +184,7 @@ class S3Tier(RemoteTier):
         limits = [limit for limit in (self.ttl_s, max_age_s) if limit]
         if not limits:
             return False
-        headers = response["ResponseMetadata"]["HTTPHeaders"]  # type: ignore[index]
-        now = email.utils.parsedate_to_datetime(headers["date"]) if "date" in headers \
-            else datetime.now(timezone.utc)
-        modified = response["LastModified"]
-        assert isinstance(modified, datetime)
-        if (now - modified).total_seconds() <= min(limits):
+        if _age_s(response) <= min(limits):
             return False
         self._delete_quietly([name])
         return True
@@ -287,6 +288,15 @@ def _use_one_tls_context(client: BaseClient, options: RemoteOptions) -> None:
     previous = endpoint.http_session
     endpoint.http_session = _OneContextSession(context, options.timeout_s)
     previous.close()
+
+
+def _age_s(response: dict[str, object]) -> float:
+    """An object's age by the server's clock: the response's Date less its Last-Modified."""
+    headers = response["ResponseMetadata"]["HTTPHeaders"]  # type: ignore[index]
+    now = email.utils.parsedate_to_datetime(headers["date"]) if "date" in headers else datetime.now(timezone.utc)
+    modified = response["LastModified"]
+    assert isinstance(modified, datetime)
+    return (now - modified).total_seconds()
 
 
 def _error_code(exc: ClientError) -> str:
