@@ -5,6 +5,7 @@ delegate by role and translates vLLM's calls; all logic lives in ``scheduler.py`
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -16,6 +17,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kvtier.integrations.vllm.compat import REQUIRED_KV_CACHE_LAYOUT, attention_backend, check_version
+from kvtier.integrations.vllm.events import events_enabled, int_block_hashes
 from kvtier.integrations.vllm.setup import build_setup
 from kvtier.integrations.vllm.stats import KVTierPromMetrics, KVTierStats, StatsSource, build_stats
 from kvtier.metrics import Metrics
@@ -23,6 +25,7 @@ from kvtier.plans import StepPlan, WorkerReport
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_events import KVCacheEvent
     from vllm.forward_context import ForwardContext
     from vllm.v1.attention.backend import AttentionMetadata
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -80,6 +83,8 @@ class KVTierConnector(KVConnectorBase_V1):
             self._scheduler = SchedulerSide(setup, scan_disk(setup, metrics, sealer), metrics,
                                             open_remote_tier(setup, sealer), open_signing_key(setup))
             self._admin = serve_admin(self._scheduler, setup)
+            if events_enabled(vllm_config):
+                self._scheduler.enable_events(int_block_hashes())
             self._stats = StatsSource(self._scheduler)
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
@@ -196,3 +201,7 @@ class KVTierConnector(KVConnectorBase_V1):
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self._scheduler is not None
         return self._scheduler.request_finished(request)
+
+    def take_events(self) -> Iterable["KVCacheEvent"]:
+        """kvtier's tiers as KV events (``integrations/vllm/events.py``); vLLM publishes them."""
+        return () if self._scheduler is None else self._scheduler.take_events()

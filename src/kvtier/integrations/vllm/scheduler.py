@@ -29,7 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
 
+from kvtier.events import EventLog
 from kvtier.integrations.vllm.compat import RequestBlocks
+from kvtier.integrations.vllm.events import EXTRA_CHUNKS, ChunkTokens, EventTranslator
 from kvtier.integrations.vllm.requests import RequestControls, Trust, content_binding, request_controls
 from kvtier.integrations.vllm.setup import EngineSetup
 from kvtier.keys import chunk_keys
@@ -41,6 +43,7 @@ from kvtier.store import DiskItem, TieredStore
 from kvtier.tiers.remote import RemoteTier
 
 if TYPE_CHECKING:
+    from vllm.distributed.kv_events import KVCacheEvent
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.request import Request
@@ -107,6 +110,7 @@ class SchedulerSide:
         self._no_cache = frozenset(filter(None, setup.config.no_cache_namespaces.split(",")))
         remote_deadline_s = setup.config.remote.timeout_ms / 1000
         self._async_deadline_s = DISK_LOAD_DEADLINE_S if remote is None else max(remote_deadline_s, 0.001)
+        self._events: tuple[EventLog, EventTranslator] | None = None  # vLLM KV events, when published
 
     @property
     def store(self) -> TieredStore:
@@ -244,6 +248,23 @@ class SchedulerSide:
             else:  # finished (aborted) while loading: vLLM kept its blocks until now
                 self.manager.release(req_id)
 
+    @_locked
+    def enable_events(self, int_hashes: bool) -> None:
+        """Record every tier's stored and removed chunks for vLLM's KV events (``take_events``);
+        ``int_hashes``: block hashes as vLLM publishes its own (64-bit integers, or bytes)."""
+        log = EventLog(("memory", "disk", "remote"))
+        chunks = ChunkTokens(self.setup.num_slots + EXTRA_CHUNKS)
+        self._events = log, EventTranslator(self.setup.chunk_tokens, chunks, int_hashes)
+        self.manager.record_events(log)
+
+    @_locked
+    def take_events(self) -> list["KVCacheEvent"]:
+        """The tiers' stored and removed chunks since the last call, as vLLM KV events."""
+        if self._events is None:
+            return []
+        log, translator = self._events
+        return translator.translate(log.take())
+
     def shutdown(self) -> None:
         self.manager.close()
 
@@ -324,6 +345,11 @@ class SchedulerSide:
             parent = state.keys[-1] if state.keys else None
             more = chunk_keys(self._digest(state.controls), tokens, self.setup.chunk_tokens,
                               start=len(state.keys), parent=parent)
+            if self._events is not None:  # the tokens of each key, for its stored events
+                chunk = self.setup.chunk_tokens
+                for index, key in enumerate(more, start=len(state.keys)):
+                    self._events[1].chunks.remember(key.digest, parent, tokens[index * chunk:(index + 1) * chunk])
+                    parent = key.digest
             state.keys.extend(key.digest for key in more)
         return state.keys
 

@@ -1,0 +1,127 @@
+"""kvtier's tier events as vLLM KV events (``BlockStored`` / ``BlockRemoved`` / ``AllBlocksCleared``).
+
+vLLM's scheduler calls the connector's ``take_events`` every step and publishes what it returns
+with its own events (``--kv-events-config``: ZMQ PUB, msgpack ``KVEventBatch``), so routers that
+read vLLM's events (llm-d's KV cache indexer, Dynamo's router) see kvtier's
+tiers as further media:
+
+- ``medium``: ``CPU`` (kvtier's host-memory tier), ``DISK``, ``REMOTE`` (shared by every instance
+  of the remote tier: the instance announces what its books say the remote holds);
+- one block per kvtier chunk: ``block_size`` is ``chunk_tokens`` (a multiple of vLLM's block
+  size), ``token_ids`` the chunk's tokens, ``parent_block_hash`` the previous chunk's hash (None
+  for a prompt's first chunk); consecutive chunks of one prompt share one ``BlockStored``;
+- block hashes are kvtier's chunk keys (128-bit xxh3 over the namespace digest, the parent key and
+  the tokens): as bytes, or, when vLLM publishes integer hashes
+  (``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES``, on by default), their low 64 bits as vLLM does with
+  its own. A router recomputes its own chain from ``token_ids`` and the parent (as llm-d and
+  Dynamo do) and uses the engine's hashes to match removals.
+Chunks whose tokens this process never saw (found on disk at start-up) are not announced.
+"""
+
+from __future__ import annotations
+
+import array
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVCacheEvent
+
+from kvtier.events import TierEvent
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+MEDIUM = {"memory": "CPU", "disk": "DISK", "remote": "REMOTE"}
+EXTRA_CHUNKS = 16_384  # chunks remembered beyond the memory tier's slots (disk, remote, in flight)
+_LOW_64 = (1 << 64) - 1
+
+
+def events_enabled(vllm_config: "VllmConfig") -> bool:
+    """Whether vLLM publishes KV events (then kvtier records its tiers' events for it)."""
+    events = vllm_config.kv_events_config
+    return events is not None and bool(events.enable_kv_cache_events)
+
+
+def int_block_hashes() -> bool:
+    import vllm.envs as envs
+
+    return bool(envs.VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES)
+
+
+class ChunkTokens:
+    """The parent key and tokens of recently keyed chunks, most recent last, bounded (tokens kept
+    as uint32: 4 bytes a token, far below the chunk's KV)."""
+
+    def __init__(self, capacity: int) -> None:
+        self._chunks: OrderedDict[bytes, tuple[bytes | None, array.array]] = OrderedDict()
+        self._capacity = capacity
+
+    def remember(self, key: bytes, parent: bytes | None, tokens: Sequence[int]) -> None:
+        if key in self._chunks:
+            self._chunks.move_to_end(key)
+            return
+        self._chunks[key] = (parent, array.array("I", tokens))
+        if len(self._chunks) > self._capacity:
+            self._chunks.popitem(last=False)
+
+    def get(self, key: bytes) -> tuple[bytes | None, list[int]] | None:
+        chunk = self._chunks.get(key)
+        if chunk is None:
+            return None
+        self._chunks.move_to_end(key)
+        return chunk[0], chunk[1].tolist()
+
+
+class EventTranslator:
+    """Turns ``TierEvent`` lists into vLLM KV events (see the module docstring)."""
+
+    def __init__(self, chunk_tokens: int, chunks: ChunkTokens, int_hashes: bool) -> None:
+        self.chunk_tokens = chunk_tokens
+        self.chunks = chunks
+        self.int_hashes = int_hashes
+        self.num_unannounced = 0  # stored chunks skipped: their tokens are unknown here
+
+    def block_hash(self, key: bytes) -> bytes | int:
+        return int.from_bytes(key, "big") & _LOW_64 if self.int_hashes else key
+
+    def translate(self, events: Sequence[TierEvent]) -> list[KVCacheEvent]:
+        out: list[KVCacheEvent] = []
+        for event in events:
+            if event.kind == "cleared":
+                out.append(AllBlocksCleared())
+            elif event.kind == "removed":
+                out.append(BlockRemoved(block_hashes=[self.block_hash(key) for key in event.keys],
+                                        medium=MEDIUM[event.tier]))
+            else:
+                out += self._stored(event)
+        return out
+
+    def _stored(self, event: TierEvent) -> list[KVCacheEvent]:
+        """One ``BlockStored`` per run of chunks that extend each other."""
+        out: list[KVCacheEvent] = []
+        run: list[bytes] = []
+        tokens: list[int] = []
+        first_parent: bytes | None = None
+        for key in event.keys:
+            chunk = self.chunks.get(key)
+            if chunk is None:
+                self.num_unannounced += 1
+                continue
+            parent, chunk_token_ids = chunk
+            if run and parent != run[-1]:
+                out.append(self._block_stored(run, first_parent, tokens, event.tier))
+                run, tokens = [], []
+            if not run:
+                first_parent = parent
+            run.append(key)
+            tokens += chunk_token_ids
+        if run:
+            out.append(self._block_stored(run, first_parent, tokens, event.tier))
+        return out
+
+    def _block_stored(self, keys: list[bytes], parent: bytes | None, tokens: list[int], tier: str) -> BlockStored:
+        return BlockStored(block_hashes=[self.block_hash(key) for key in keys],
+                           parent_block_hash=None if parent is None else self.block_hash(parent),
+                           token_ids=tokens, block_size=self.chunk_tokens, lora_id=None, medium=MEDIUM[tier],
+                           lora_name=None)
