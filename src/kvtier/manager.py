@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from kvtier.config import KVTierConfig
 from kvtier.costmodel import CostModel
+from kvtier.events import EventLog
 from kvtier.metrics import TIERS, Metrics
 from kvtier.plans import SlotOp, StepPlan, WorkerReport
 from kvtier.remote_lookup import RemoteLookups
@@ -95,26 +96,36 @@ class _Owner:
 
 class RemoteKnowledge:
     """Chunks known to be on the remote tier (found by lookups or uploaded), most recent last,
-    bounded: a store never uploads a chunk the remote is known to hold."""
+    bounded: a store never uploads a chunk the remote is known to hold. With ``events``, what it
+    learns and forgets is recorded as the ``remote`` tier's stored and removed events."""
 
     def __init__(self, capacity: int = REMOTE_KNOWN_KEYS) -> None:
         self._keys: OrderedDict[bytes, None] = OrderedDict()
         self._capacity = capacity
+        self.events: EventLog | None = None
 
     def __contains__(self, key: bytes) -> bool:
         return key in self._keys
 
     def remember(self, key: bytes) -> None:
+        if key in self._keys:
+            self._keys.move_to_end(key)
+            return
         self._keys[key] = None
-        self._keys.move_to_end(key)
+        if self.events is not None:
+            self.events.stored("remote", key)
         if len(self._keys) > self._capacity:
-            self._keys.popitem(last=False)
+            self.forget(next(iter(self._keys)))
 
     def forget(self, key: bytes) -> None:
-        self._keys.pop(key, None)
+        if key in self._keys:
+            del self._keys[key]
+            if self.events is not None:
+                self.events.removed("remote", key)
 
     def clear(self) -> None:
-        self._keys.clear()
+        for key in list(self._keys):
+            self.forget(key)
 
 
 class KVManager:
@@ -126,6 +137,7 @@ class KVManager:
         self.store = store
         self.metrics = metrics
         self.remote = remote
+        self.events: EventLog | None = None
         self.remote_known = RemoteKnowledge()
         self.lookups = None if remote is None else \
             RemoteLookups(remote, 0, config.remote.timeout_ms / 1000, LOOKUP_INLINE_WAIT_S)
@@ -316,6 +328,13 @@ class KVManager:
     def forget_remote(self) -> None:
         """Forget which chunks the remote holds (after an invalidation removed some)."""
         self.remote_known.clear()
+
+    def record_events(self, events: EventLog) -> None:
+        """From now on, record what every tier stores and removes in ``events`` (memory and disk
+        from the store's books, the remote from what this manager knows it holds)."""
+        self.events = events
+        self.store.events = events
+        self.remote_known.events = events
 
     def close(self) -> None:
         if self.lookups is not None:

@@ -26,6 +26,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from kvtier.config import NamespaceLimits
+from kvtier.events import EventLog
 from kvtier.leases import Leases
 from kvtier.metrics import Metrics
 from kvtier.plans import EntryRef, Invalidation, SlotOp, StepPlan, WorkerReport
@@ -136,6 +137,9 @@ class TieredStore:
         self._acks: Counter[tuple[str, bytes]] = Counter()
         self._ops = StepPlan()  # the store's part of the next plan: spills, writes, deletes
         self._metrics = metrics
+        # where entries becoming visible or invisible to lookups are recorded, per tier (memory,
+        # disk; entries found on disk at start-up are not announced); None: nowhere
+        self.events: EventLog | None = None
 
     # ----- queries -------------------------------------------------------------------------
     def lookup(self, keys: Sequence[bytes]) -> Lookup:
@@ -341,8 +345,10 @@ class TieredStore:
             self._drop_disk(key)
         for key in self._acked("disk", report.disk_written):
             entry = self._disk.get(key)
-            if entry is not None:
+            if entry is not None and entry.state is State.PENDING:
                 entry.state = State.READY
+                if self.events is not None:
+                    self.events.stored("disk", key)
         for key in set(report.disk_failed):
             self._drop_disk(key)
         for key in [*report.disk_written, *report.disk_failed]:
@@ -368,9 +374,14 @@ class TieredStore:
             return
         entry.state = State.READY
         self._memory_policy.insert(key)
+        if self.events is not None and not entry.doomed:
+            self.events.stored("memory", key)
 
     def _doom(self, key: bytes) -> None:
-        self._memory[key].doomed = True
+        entry = self._memory[key]
+        if self.events is not None and entry.state is State.READY and not entry.doomed:
+            self.events.removed("memory", key)
+        entry.doomed = True
         self._doomed.add(key)
 
     def _add_memory(self, key: bytes, entry: MemoryEntry) -> None:
@@ -380,6 +391,8 @@ class TieredStore:
     def _pop_memory(self, key: bytes) -> MemoryEntry:
         entry = self._memory.pop(key)
         _uncount(self._memory_usage, entry.namespace)
+        if self.events is not None and entry.state is State.READY and not entry.doomed:
+            self.events.removed("memory", key)
         return entry
 
     def _drop_memory(self, key: bytes) -> None:
@@ -420,6 +433,8 @@ class TieredStore:
         entry = self._disk.pop(key, None)
         if entry is None:
             return
+        if self.events is not None and entry.state is State.READY:
+            self.events.removed("disk", key)
         if self._disk_policy is not None:
             self._disk_policy.remove(key)
         _uncount(self._disk_usage, entry.namespace)
