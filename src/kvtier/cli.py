@@ -106,6 +106,10 @@ def _add_proxy(commands: Commands) -> None:
                        help="per request to an instance (default: 600)")
     proxy.add_argument("--max-concurrency", type=int, default=256, metavar="N",
                        help="requests relayed at once; up to 4x as many wait, more get 503 (default: 256)")
+    proxy.add_argument("--events", metavar="ENDPOINT", action="append", default=[],
+                       help="an instance's KV events, tcp://host:port (its --kv-events-config endpoint; one per "
+                            "--instance, same order): route each request to the instance holding its longest "
+                            "cached prefix on any tier, balanced by queue length (default: round-robin)")
 
 
 def _add_config(commands: Commands) -> None:
@@ -221,8 +225,15 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         raise ConfigError("--max-concurrency", "must be at least 1")
     settings = ProxySettings(timeout_s=args.timeout, max_concurrency=args.max_concurrency,
                              max_waiting=4 * args.max_concurrency)
+    router = None
+    if args.events:
+        from kvtier.proxy.cacheaware import CacheAwareRouter
+
+        if len(args.events) != len(decode):
+            raise ConfigError("--events", f"give one per --instance/--decode ({len(decode)}), got {len(args.events)}")
+        router = CacheAwareRouter(decode, args.events)
     try:
-        server = serve(Proxy(prefill, decode, settings=settings), args.host, args.port)
+        server = serve(Proxy(prefill, decode, settings=settings, router=router), args.host, args.port)
     except OSError as exc:
         raise ConfigError("--port", f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
     print(f"kvtier proxy on http://{args.host}:{server.server_address[1]} "

@@ -115,6 +115,17 @@ class Proxy:
         target = await self.router.route(path, body, headers)
         return await self.relay(target, "POST", path, json.dumps(decode_body(body, handoff)).encode(), headers)
 
+    async def relay(self, upstream: Upstream, method: str, path: str, body: bytes | None,
+                    headers: dict[str, str]) -> Response:
+        """``send`` the request on, telling the router when it ended (``Router.done``)."""
+        try:
+            response = await self.send(upstream, method, path, body, headers)
+        except ProxyError:
+            self.router.done(upstream)
+            raise
+        response.closers.append(lambda: self.router.done(upstream))
+        return response
+
     async def handoff(self, path: str, body: Mapping[str, object], headers: dict[str, str]) -> object:
         """Run the prefill step; the ``kv_transfer_params`` to merge (None when it failed)."""
         assert self._client is not None and self.prefill is not None
@@ -134,8 +145,8 @@ class Proxy:
         except (ValueError, AttributeError):
             return None
 
-    async def relay(self, upstream: Upstream, method: str, path: str, body: bytes | None,
-                    headers: dict[str, str]) -> Response:
+    async def send(self, upstream: Upstream, method: str, path: str, body: bytes | None,
+                   headers: dict[str, str]) -> _Relayed:
         """Send the request on and stream the answer back. ProxyError 503 (unreachable) or 502."""
         assert self._client is not None
         sent = dict(headers)
@@ -161,7 +172,7 @@ class _Relayed(StreamingResponse):
     def __init__(self, upstream: httpx.Response, headers: dict[str, str]) -> None:
         super().__init__(_pieces(upstream), status_code=upstream.status_code, headers=headers)
         self._upstream = upstream
-        self.on_close: Callable[[], None] | None = None  # called once the relay ended, however it ended
+        self.closers: list[Callable[[], None]] = []  # called once the relay ended, however it ended
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -170,8 +181,8 @@ class _Relayed(StreamingResponse):
             try:
                 await self._upstream.aclose()
             finally:
-                if self.on_close is not None:
-                    self.on_close()
+                for close in self.closers:
+                    close()
 
 
 async def _pieces(response: httpx.Response) -> AsyncIterator[bytes]:
@@ -223,7 +234,8 @@ def create_app(proxy: Proxy) -> FastAPI:
         try:
             response = await _dispatch(proxy, request)
             if isinstance(response, _Relayed):  # the slot is held until the relay ends
-                response.on_close, released = proxy.release, True
+                response.closers.append(proxy.release)
+                released = True
             return response
         except ProxyError as exc:
             return exc.response()

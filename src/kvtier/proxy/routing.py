@@ -30,6 +30,9 @@ class Router(Protocol):
         """The instance for one request; ``body``: the parsed JSON of a completion (None for other
         paths); ``headers``: what the proxy forwards (a router asking an instance sends them)."""
 
+    def done(self, upstream: Upstream) -> None:
+        """A request ``route`` sent to ``upstream`` ended (answered, failed or abandoned)."""
+
     def failed(self, upstream: Upstream) -> None:
         """``upstream`` could not be reached or broke off."""
 
@@ -87,6 +90,9 @@ class RoundRobin:
 
     async def route(self, path: str, body: Mapping[str, object] | None, headers: Mapping[str, str]) -> Upstream:
         return self.next()
+
+    def done(self, upstream: Upstream) -> None:
+        return None
 
     def failed(self, upstream: Upstream) -> None:
         self.down.mark(upstream)
