@@ -2,8 +2,8 @@
 
 vLLM's scheduler calls the connector's ``take_events`` every step and publishes what it returns
 with its own events (``--kv-events-config``: ZMQ PUB, msgpack ``KVEventBatch``), so routers that
-read vLLM's events (llm-d's KV cache indexer, Dynamo's router) see kvtier's
-tiers as further media:
+read vLLM's events (llm-d's KV cache indexer, Dynamo's router, ``kvtier proxy --events``) see
+kvtier's tiers as further media:
 
 - ``medium``: ``CPU`` (kvtier's host-memory tier), ``DISK``, ``REMOTE`` (shared by every instance
   of the remote tier: the instance announces what its books say the remote holds);
