@@ -335,22 +335,32 @@ class TieredStore:
 
     # ----- completion ----------------------------------------------------------------------
     def complete(self, report: WorkerReport) -> None:
-        """Apply what the workers reported: commit what every rank did, drop what failed."""
+        """Apply what the workers reported: commit what every rank did, drop what failed. With
+        tensor parallelism, a write or promote that fails on one rank fails for all: what the
+        other ranks acknowledged of it is forgotten (and their later acknowledgements ignored),
+        and a failed disk write plans the delete of every rank's file of the entry."""
         for key in self._acked("stored", report.stored):
             self._set_ready(key)
-        for key in self._acked("promoted", report.promoted):
+        for key in self._acked("promoted", [key for key in report.promoted if self.is_pending(key)]):
             self._set_ready(key)
         for key in set(report.promote_failed):
+            self._acks.pop(("promoted", key), None)
             self._drop_memory(key)
+            self._drop_disk(key)  # the files stay (an unreadable entry is left in place)
+        failed_writes = set(report.disk_failed)
+        for key in failed_writes:
+            self._acks.pop(("disk", key), None)
+            entry = self._disk.get(key)
+            if entry is not None and entry.state is State.PENDING and self._world_size > 1:
+                self._ops.deletes.append(EntryRef(key, entry.namespace))  # the ranks that wrote it
             self._drop_disk(key)
-        for key in self._acked("disk", report.disk_written):
+        written = [key for key in report.disk_written if key not in failed_writes and self._disk_pending(key)]
+        for key in self._acked("disk", written):
             entry = self._disk.get(key)
             if entry is not None and entry.state is State.PENDING:
                 entry.state = State.READY
                 if self.events is not None:
                     self.events.stored("disk", key)
-        for key in set(report.disk_failed):
-            self._drop_disk(key)
         for key in [*report.disk_written, *report.disk_failed]:
             self._slot_write_reported(key)
 
@@ -367,6 +377,10 @@ class TieredStore:
                 del self._acks[(kind, key)]
                 done.append(key)
         return done
+
+    def _disk_pending(self, key: bytes) -> bool:
+        entry = self._disk.get(key)
+        return entry is not None and entry.state is State.PENDING
 
     def _set_ready(self, key: bytes) -> None:
         entry = self._memory.get(key)

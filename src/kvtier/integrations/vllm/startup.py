@@ -29,7 +29,9 @@ def scan_disk(setup: EngineSetup, metrics: Metrics, sealer: Sealer | None) -> li
     """Entries whose files exist for every rank with the right size, oldest first.
 
     Entries of the wrong size (truncated by a crash or tampering) are removed and counted; the
-    payload checksum is verified later, when an entry is read.
+    payload checksum is verified later, when an entry is read. The files of an entry that some
+    rank lacks (a write or read that failed on one tensor-parallel rank, a crash between the
+    ranks' writes) are removed: they can never be loaded, and would hold disk space for ever.
     """
     if setup.disk_dir is None:
         return []
@@ -45,8 +47,13 @@ def scan_disk(setup: EngineSetup, metrics: Metrics, sealer: Sealer | None) -> li
         entry = (found.key, found.namespace)
         ranks[entry].add(found.rank)
         newest[entry] = max(newest.get(entry, 0.0), found.mtime)
+    every_rank = set(range(setup.world_size))
     complete = [DiskItem(key, namespace, newest[(key, namespace)])
-                for (key, namespace), seen in ranks.items() if len(seen) >= setup.world_size]
+                for (key, namespace), seen in ranks.items() if every_rank <= seen]
+    for (key, namespace), seen in ranks.items():
+        if not every_rank <= seen:
+            for rank in seen:
+                files.delete(key, rank, namespace)
     complete.sort(key=lambda item: item.created)
     logger.info("kvtier: disk tier %s holds %d entries", setup.disk_dir, len(complete))
     return complete
