@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import time
 
+from kvtier.plans import AsyncLoad, LoadOp, SlotOp, StepPlan
 from kvtier.tiers.disk import ReadResult
 from kvtier.tiers.remote import open_remote
 from tests.integration.test_remote_contract import s3_backend
 from tests.servers import ServerProcess, fresh_redis, port_of, seaweed  # noqa: F401  (fixtures)
 from tests.slow_link import SlowLink
+from tests.unit.test_worker_async import LAYOUT as WORKER_LAYOUT
+from tests.unit.test_worker_async import NS as WORKER_NS
+from tests.unit.test_worker_async import chunk_payload, wait_finished, worker
 
 LAYOUT = b"\x07" * 16
 NS = "tenant-a"
@@ -88,4 +92,25 @@ def test_s3_a_slow_read_and_write_end_within_the_timeout(seaweed: tuple[ServerPr
         slow.close()
     out = memoryview(bytearray(len(payload)))
     assert fast.get_into(key, 0, out, LAYOUT, namespace=NS) is ReadResult.OK and bytes(out) == payload
+    fast.close()
+
+
+def test_the_engine_thread_never_waits_for_a_slow_link(fresh_redis: ServerProcess) -> None:
+    # the worker's engine-thread calls (start_load, finished_loads) return at once while the read
+    # trickles in; the load settles as recomputed once its deadline passes
+    fast = open_remote(f"redis://127.0.0.1:{port_of(fresh_redis)}/0", ttl_s=None, timeout_s=5.0)
+    key = b"\x09" * 16
+    assert fast.put(key, 0, chunk_payload(9), WORKER_LAYOUT.fingerprint(), namespace=WORKER_NS)
+    with SlowLink(port_of(fresh_redis), bytes_per_s=2 << 10) as link:  # the 4 KiB chunk takes 2 s
+        slow = open_remote(f"redis://127.0.0.1:{link.port}/0", ttl_s=None, timeout_s=TIMEOUT_S)
+        side, _ = worker(slow)
+        started = time.monotonic()
+        side.start_load(StepPlan(async_loads=[AsyncLoad("r1", (), (SlotOp(key, 0, WORKER_NS),),
+                                                        (LoadOp(0, 0, (1, 2)),), TIMEOUT_S)]))
+        assert time.monotonic() - started < 0.1
+        assert wait_finished(side, timeout_s=TIMEOUT_S + SLACK_S + 0.5) == {"r1"}
+        assert time.monotonic() - started < TIMEOUT_S + SLACK_S + 0.5
+        assert side.take_load_errors() == {1, 2}  # recomputed
+        side.shutdown()
+        slow.close()
     fast.close()
