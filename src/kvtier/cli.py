@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(commands)
     _add_advise(commands)
     _add_proxy(commands)
+    _add_token(commands)
     return parser
 
 
@@ -129,6 +130,35 @@ def _add_stats(commands: Commands) -> None:
         description="Fetch kvtier's Prometheus metrics from a running engine (config key metrics.port) "
                     "and print the kvtier_* series per tier.")
     stats.add_argument("--url", default=DEFAULT_METRICS_URL, help=f"metrics URL (default: {DEFAULT_METRICS_URL})")
+
+
+def _add_token(commands: Commands) -> None:
+    token = commands.add_parser(
+        "token", help="issue a signed namespace token (signing.key_file / signing.key_env)",
+        description="Print a namespace token for a tenant: HMAC-SHA256 under the engines' signing key, "
+                    "valid for --ttl seconds. A request sends it as kv_transfer_params "
+                    '{"kvtier": {"namespace_token": TOKEN}}. See docs/security.md.')
+    token.add_argument("--namespace", required=True)
+    token.add_argument("--ttl", type=_positive_int, default=86400, metavar="SECONDS",
+                       help="how long the token is valid (default: 86400)")
+    source = token.add_mutually_exclusive_group(required=True)
+    source.add_argument("--key-file", metavar="FILE", help="file holding the signing key")
+    source.add_argument("--key-env", metavar="VAR", help="environment variable holding the signing key")
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    import time
+
+    from kvtier.signing import NamespaceClaim, load_signing_key, sign_namespace
+
+    key = load_signing_key(args.key_file, args.key_env, os.environ)
+    assert key is not None  # argparse requires one source
+    try:
+        print(sign_namespace(key, NamespaceClaim(args.namespace, int(time.time()) + args.ttl)))
+    except ValueError:
+        raise CommandError(f"{args.namespace!r} is not a namespace",
+                           "a namespace is 1 to 64 of A-Z a-z 0-9 _ . -, not starting with .") from None
+    return 0
 
 
 def _add_admin(commands: Commands) -> None:
@@ -420,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "config": cmd_config_check, "stats": cmd_stats, "admin": cmd_admin, "demo": cmd_demo, "bench": cmd_bench,
         "advise": cmd_advise,
-        "serve": lambda a: cmd_serve(a, extra), "proxy": cmd_proxy,
+        "serve": lambda a: cmd_serve(a, extra), "proxy": cmd_proxy, "token": cmd_token,
     }
     signal.signal(signal.SIGTERM, _raise_interrupt)  # so servers we started are stopped
     try:

@@ -213,3 +213,22 @@ def test_serve_set_refuses_secrets(assignment: str, key: str, capsys: pytest.Cap
 def test_serve_set_takes_urls_without_passwords() -> None:
     assert parse_inline(["remote.url=redis://cache:6379/0", "remote.username=kv"]) == {
         "remote.url": "redis://cache:6379/0", "remote.username": "kv"}
+
+
+def test_token_issues_a_namespace_token_the_engines_accept(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    import time
+
+    from kvtier.signing import load_signing_key, verify_namespace
+
+    key_file = tmp_path / "signing.key"
+    key_file.write_text("ab" * 32)
+    assert main(["token", "--namespace", "tenant-a", "--ttl", "60", "--key-file", str(key_file)]) == 0
+    token = capsys.readouterr().out.strip()
+    key = load_signing_key(str(key_file), None, {})
+    assert key is not None
+    claim = verify_namespace(key, token, time.time())
+    assert claim.namespace == "tenant-a" and claim.expires_at_s <= time.time() + 61
+    assert main(["token", "--namespace", "../x", "--key-file", str(key_file)]) == 2
+    assert main(["token", "--namespace", "a", "--key-env", "KVTIER_TEST_UNSET_VAR"]) == 2
+    err = capsys.readouterr().err
+    assert "signing.key_env" in err and "ab" * 32 not in err
