@@ -119,9 +119,17 @@ def _add_config(commands: Commands) -> None:
     actions = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     check = actions.add_parser(
         "check", help="validate a config file and show every key with its value and source",
-        description="Load FILE as the connector would (defaults < FILE < KVTIER_* environment variables) "
-                    "and print every key, its value and where it came from.")
+        description="Load FILE as the connector would (defaults < FILE < KVTIER_* environment variables), "
+                    "print every key, its value and where it came from, then check what start-up checks "
+                    "on this machine: the disk folder can be written, key and tokens files load, the "
+                    "audit log and TLS files can be used. Exits 2 naming each key that would fail.",
+        epilog="Run it as the user and on the machine the engine runs on: files and folders are checked "
+               "with this process's permissions.")
     check.add_argument("file", metavar="FILE", help="kvtier YAML config")
+    check.add_argument("--block-size", type=_positive_int, metavar="N",
+                       help="the engine's --block-size: chunk_tokens must be a multiple of it")
+    check.add_argument("--connect", action="store_true",
+                       help="also make one round trip to the remote tier (remote.url), as the engine would")
 
 
 def _add_stats(commands: Commands) -> None:
@@ -289,6 +297,18 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     print(format_table(["key", "value", "source"], [list(row) for row in describe(loaded)], num_left_columns=3))
     for warning in loaded.warnings:
         print(f"warning: {warning}")
+    from kvtier.preflight import check_block_size, check_files, check_remote
+
+    findings = check_files(loaded, os.environ)
+    if args.block_size is not None:
+        findings += check_block_size(loaded, args.block_size)
+    if args.connect:
+        findings += check_remote(loaded, os.environ)
+    for finding in findings:
+        print(f"error: {finding}", file=sys.stderr)
+    if findings:
+        raise CommandError(f"{args.file}: {len(findings)} problem(s), each naming its key above",
+                           "fix the keys named above; docs/configuration.md describes them")
     print(f"\n{args.file}: ok")
     return 0
 
