@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kv_engines import BACKEND, engine_layers, pages
+from kv_engines import BACKEND, engine_layers, layout_of, pages
 from kvtier.datapath import ChunkMover, HostPool, PagedKV
 from kvtier.layout import KNOWN_KINDS, KVLayout
 from kvtier.plans import LoadOp, StoreOp
@@ -27,7 +27,7 @@ PATHS = [("cpu", False), ("cpu", True)] + ([("cuda", True)] if torch.cuda.is_ava
 @pytest.mark.parametrize("kind", KNOWN_KINDS)
 def test_batched_store_then_load_moves_every_chunk_bit_exact(kind: str, device: str, staged: bool,
                                                              group_chunks: int) -> None:
-    layout = KVLayout(kind, 3, 2, 8, 16, "bfloat16")
+    layout = layout_of(kind, 3, 2, 8, 16, "bfloat16")
     layers = engine_layers(layout, NUM_BLOCKS, device)
     paged = PagedKV(layers, layout, BACKEND[kind])
     pool = HostPool(5, layout.chunk_bytes(64), pin_memory=device == "cuda")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kv_engines import BACKEND, engine_layers, pages
+from kv_engines import BACKEND, engine_layers, layout_of, pages
 from kvtier.datapath import HostPool, PagedKV
 from kvtier.errors import LayoutError
 from kvtier.layout import KNOWN_KINDS, KVLayout
@@ -15,7 +15,7 @@ NUM_BLOCKS = 12
 
 @pytest.mark.parametrize("kind", KNOWN_KINDS)
 def test_store_then_load_into_other_blocks_is_bit_exact(kind: str) -> None:
-    layout = KVLayout(kind, 3, 2, 8, 16, "bfloat16")
+    layout = layout_of(kind, 3, 2, 8, 16, "bfloat16")
     layers = engine_layers(layout, NUM_BLOCKS)
     paged = PagedKV(layers, layout, BACKEND[kind])
     pool = HostPool(2, layout.chunk_bytes(64), pin_memory=False)
