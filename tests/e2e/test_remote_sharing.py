@@ -197,3 +197,29 @@ def test_tampered_redis_entries_are_misses_with_correct_output(tiny_model: str, 
     assert metric(text, "kvtier_errors_total", "remote") == 4  # each bad value counted once
     # the corrupt values were deleted; the reader recomputed those chunks and uploaded them afresh
     assert client.get(p_names[2]) != bytes(flipped) and client.get(p_names[3]) != values[p_names[1]]
+
+
+def test_a_signed_handoff_reaches_the_decode_instance(tiny_model: str, fresh_redis: ServerProcess,
+                                                      tmp_path: Path) -> None:
+    """Issue 16 #1 with two engines sharing a signing key: the prefill engine signs its handoff for
+    the namespace and the prompt, the decode engine verifies it against its own chunk keys and
+    waits for the chunks (a plain expect_tokens would be ignored)."""
+    url = f"redis://127.0.0.1:{port_of(fresh_redis)}/0"
+    key_file = tmp_path / "signing.key"
+    key_file.write_text("5a" * 32)
+    key_file.chmod(0o600)
+    signing = {"signing.key_file": str(key_file), "signing.unsigned": "default"}
+    handoff = tmp_path / "handoff.json"
+    decode = Engine({"model": tiny_model, "kv_role": "kv_consumer", "kvtier": remote_config(url, signing), "actions": [
+        {"op": "generate", "prompts": [P + S2], "transfer_params_from": str(handoff)},
+        {"op": "metrics"},
+    ]}, tmp_path, "decode")
+    prefill = run_engine({"model": tiny_model, "kv_role": "kv_producer", "kvtier": remote_config(url, signing),
+                          "actions": [{"op": "generate", "prompts": [P + S2], "max_tokens": 1,
+                                       "save_transfer_params": str(handoff)}]}, tmp_path, "prefill")
+    decoded, text = decode.result()
+    params = json.loads(handoff.read_text())["kvtier"]
+    assert params["expect_tokens"] == 4 * CHUNK and params["handoff"].startswith(f"kvho1:default:{4 * CHUNK}:")
+    assert prefill[0][0]["num_cached_tokens"] == 0
+    assert decoded[0]["num_cached_tokens"] == 4 * CHUNK  # every chunk of the prompt came from the prefill
+    assert 'kvtier_handoffs_total{outcome="complete"} 1.0' in text.splitlines()
