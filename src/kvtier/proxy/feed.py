@@ -93,6 +93,11 @@ class EventFeed:
             apply_batch(self._index, instance, batch[1])
             self.num_batches += 1
 
+    def heard_from(self) -> set[str]:
+        """The instances whose events have arrived (ZMQ drops what is sent before a subscriber
+        joined: an instance not heard from yet is one whose cache the index knows nothing of)."""
+        return set(self._last_seq)
+
     def close(self) -> None:
         for socket in self._sockets.values():
             socket.close()
