@@ -124,3 +124,10 @@ def test_a_decode_engine_with_a_key_ignores_unsigned_or_foreign_handoffs() -> No
     assert ask(unsigned, request({"expect_tokens": 4 * CHUNK}), settle_s=0.1) == (None, False)
     arrive(unsigned.remote, unsigned, 0, 1, 2, 3)  # type: ignore[arg-type]
     assert ask(unsigned, request({"expect_tokens": 4 * CHUNK})) == (4 * CHUNK, True)
+
+
+def test_without_a_time_tokens_are_checked_against_the_clock() -> None:
+    expired = {"namespace_token": token("tenant-a", expires_at_s=int(time.time()) - 1)}
+    assert request_controls({"kvtier": expired}, None, "default", trust=REFUSE) == OFF
+    valid = {"namespace_token": token("tenant-a", expires_at_s=int(time.time()) + 60)}
+    assert request_controls({"kvtier": valid}, None, "default", trust=REFUSE).namespace == "tenant-a"

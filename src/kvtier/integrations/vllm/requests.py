@@ -30,6 +30,7 @@ A plain ``expect_tokens`` is ignored. Without a key, the fields are trusted as s
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -65,13 +66,15 @@ class Trust:
 
 def request_controls(params: Mapping[str, object] | None, cache_salt: str | None,
                      default_namespace: str, no_cache: frozenset[str] = frozenset(),
-                     binding: str | None = "", trust: Trust | None = None, now_s: float = 0.0) -> RequestControls:
+                     binding: str | None = "", trust: Trust | None = None,
+                     now_s: float | None = None) -> RequestControls:
     """The request's controls; a namespace in ``no_cache`` never loads or stores. ``binding``
     (``content_binding``) joins the salt; None: the request cannot be keyed, kvtier stays out.
-    ``trust``: namespace and handoff only from tokens valid at ``now_s`` (Unix seconds)."""
+    ``trust``: namespace and handoff only from tokens valid at ``now_s`` (Unix seconds; None: now)."""
     controls = _controls(params, cache_salt, default_namespace)
     if trust is not None and (controls.store or controls.load):
-        controls = _signed(controls, (params or {}).get("kvtier"), default_namespace, trust, now_s)
+        controls = _signed(controls, (params or {}).get("kvtier"), default_namespace, trust,
+                           time.time() if now_s is None else now_s)
     if binding:
         controls = replace(controls, salt=f"{controls.salt}\x1f{binding}")
     if controls.namespace in no_cache or binding is None:
