@@ -166,3 +166,11 @@ def test_a_concurrency_limit_keeps_first_come_first_served(server: FakeServer) -
                      for round_ in range(2) for user in range(3))
     outcome = dispatch(Target(server.url, "m"), requests, RequestOptions(), 1, 10.0, print)
     assert [r.index for r in sorted(outcome.results, key=lambda r: r.sent_s)] == [0, 1, 2, 3, 4, 5]
+
+
+def test_progress_line_has_an_eta_at_the_pace_so_far() -> None:
+    from kvtier.bench.dispatch import progress_line
+
+    assert progress_line(0, 10, 4.0) == "0/10 requests answered (4 s)"
+    assert progress_line(2, 10, 30.0) == "2/10 requests answered (30 s), ETA 120 s"
+    assert progress_line(10, 10, 50.0).endswith("ETA 0 s")

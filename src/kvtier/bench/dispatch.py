@@ -164,5 +164,13 @@ def _maybe_report(run: _Run, num_requests: int, next_report_s: float, progress: 
     elapsed_s = run.now_s()
     if elapsed_s < next_report_s:
         return next_report_s
-    progress(f"{len(run.results) + len(run.failures)}/{num_requests} requests answered ({elapsed_s:.0f} s)")
+    progress(progress_line(len(run.results) + len(run.failures), num_requests, elapsed_s))
     return elapsed_s + _PROGRESS_EVERY_S
+
+
+def progress_line(num_done: int, num_requests: int, elapsed_s: float) -> str:
+    """``done/total requests answered (elapsed), ETA`` at the pace so far (none before the first answer)."""
+    line = f"{num_done}/{num_requests} requests answered ({elapsed_s:.0f} s)"
+    if num_done:
+        line += f", ETA {elapsed_s * (num_requests - num_done) / num_done:.0f} s"
+    return line
