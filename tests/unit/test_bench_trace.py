@@ -89,3 +89,16 @@ def test_bad_records_name_the_line() -> None:
 def test_the_shipped_sample_is_what_the_script_writes() -> None:
     lines = [json.loads(line) for line in SAMPLE.read_text().splitlines()]
     assert lines == make_sample_trace(num_requests=20, seed=0)
+
+
+def test_prompts_beyond_the_context_are_refused_unless_cut_explicitly(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"timestamp": 0, "input_length": 3000, "output_length": 4, "hash_ids": [1] * 6}) + "\n"
+                    + json.dumps({"timestamp": 1, "input_length": 1000, "output_length": 4, "hash_ids": [1, 2]}) + "\n")
+    with pytest.raises(ConfigError, match=r"--max-input-tokens.*3,000 tokens.*keeps 76\.2%"):
+        trace_workload(TraceParams(str(path)), ID_RANGE, max_prompt_tokens=2100)
+    workload = trace_workload(TraceParams(str(path), max_input_tokens=2100), ID_RANGE, max_prompt_tokens=2100)
+    assert [len(r.prompt.token_ids) for r in workload.requests] == [2048, 1000]
+    assert dict(workload.parameters)["input_tokens_kept"] == "76.2%"
+    whole = trace_workload(TraceParams(str(path)), ID_RANGE, max_prompt_tokens=4000)
+    assert dict(whole.parameters)["input_tokens_kept"] == "100.0%"

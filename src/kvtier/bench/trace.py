@@ -7,8 +7,9 @@ own tokens, a pure function of the id (``block_token_ids``), so prompts share ex
 the trace says they share, on every machine and in every run.
 
 ``block_tokens`` may scale the trace down (e.g. 128 tokens per hash id on a CPU): input lengths
-scale by the same factor and the block structure is kept. ``max_input_tokens`` drops trailing
-blocks of longer prompts; output lengths are capped by ``max_tokens``; arrivals are the
+scale by the same factor and the block structure is kept. Prompts longer than the bench's context
+are refused unless ``max_input_tokens`` is given, which drops trailing blocks of longer prompts
+(the share of the trace's input tokens kept is a workload parameter, in the report); output lengths are capped by ``max_tokens``; arrivals are the
 timestamps, relative to the first, divided by ``speed``.
 """
 
@@ -78,12 +79,17 @@ def block_token_ids(hash_id: int, block_tokens: int, id_range: tuple[int, int]) 
     return random_token_ids(hash_id * 2_654_435_761 + 97, block_tokens, id_range)
 
 
+def scaled_input_tokens(record: TraceRecord, block_tokens: int) -> int:
+    """The record's input length at ``block_tokens`` tokens per hash id."""
+    return math.ceil(record.input_length * block_tokens / TRACE_BLOCK_TOKENS)
+
+
 def prompt_token_ids(record: TraceRecord, block_tokens: int, max_input_tokens: int,
                      id_range: tuple[int, int]) -> tuple[int, ...]:
     """The record's prompt: block i is the first tokens of ``block_token_ids(hash_ids[i])``; every
     block is whole except possibly the last (the input length, scaled to ``block_tokens`` per hash
     id, decides its size). Blocks beyond ``max_input_tokens`` are dropped, whole."""
-    num_tokens = math.ceil(record.input_length * block_tokens / TRACE_BLOCK_TOKENS)
+    num_tokens = scaled_input_tokens(record, block_tokens)
     num_blocks = math.ceil(num_tokens / block_tokens)
     if num_tokens > max_input_tokens:
         num_blocks = max(1, max_input_tokens // block_tokens)
@@ -104,13 +110,23 @@ def trace_workload(params: TraceParams, id_range: tuple[int, int], max_prompt_to
         raise ConfigError("--max-input-tokens", "must leave room for at least one token")
     records = read_trace(params.path, params.max_requests)
     start_ms = min(record.timestamp_ms for record in records)
+    prompts = [prompt_token_ids(record, params.block_tokens, limit, id_range) for record in records]
+    num_traced = sum(scaled_input_tokens(record, params.block_tokens) for record in records)
+    kept_share = sum(len(prompt) for prompt in prompts) / num_traced
+    if kept_share < 1 and params.max_input_tokens is None:
+        longest = max(scaled_input_tokens(record, params.block_tokens) for record in records)
+        raise ConfigError("--max-input-tokens", f"the trace's prompts reach {longest:,} tokens (at --block-tokens "
+                                                f"{params.block_tokens}), beyond the {limit:,} a prompt may have here; "
+                                                f"pass --max-input-tokens {limit} to cut them (keeps "
+                                                f"{kept_share * 100:.1f}% of the trace's input tokens) or a smaller "
+                                                f"--block-tokens (lengths scale with it)")
     requests = tuple(
-        BenchRequest(index, (record.timestamp_ms - start_ms) / 1000.0 / params.speed, None, 1,
-                     TokenPrompt(prompt_token_ids(record, params.block_tokens, limit, id_range)),
+        BenchRequest(index, (record.timestamp_ms - start_ms) / 1000.0 / params.speed, None, 1, TokenPrompt(prompt),
                      max(1, min(record.output_length, params.max_tokens)))
-        for index, record in enumerate(records))
+        for index, (record, prompt) in enumerate(zip(records, prompts)))
     parameters = {"path": params.path, "speed": params.speed, "block_tokens": params.block_tokens,
-                  "max_input_tokens": limit, "max_tokens": params.max_tokens, "num_requests": len(records)}
+                  "max_input_tokens": limit, "max_tokens": params.max_tokens, "num_requests": len(records),
+                  "input_tokens_kept": f"{kept_share * 100:.1f}%"}
     return Workload("trace", requests, parameter_items(parameters), has_rounds=False)
 
 
