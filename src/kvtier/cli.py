@@ -135,7 +135,8 @@ def _add_config(commands: Commands) -> None:
 def _add_stats(commands: Commands) -> None:
     stats = commands.add_parser(
         "stats", help="show kvtier's counters from a running engine",
-        description="Fetch kvtier's Prometheus metrics from a running engine (config key metrics.port) "
+        description="Fetch kvtier's Prometheus metrics from a running engine (kvtier's metrics.port, or "
+                    "vLLM's own /metrics: http://HOST:PORT/metrics, engines summed) "
                     "and print the kvtier_* series per tier.")
     stats.add_argument("--url", default=DEFAULT_METRICS_URL, help=f"metrics URL (default: {DEFAULT_METRICS_URL})")
 
@@ -412,13 +413,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def cmd_bench(args: argparse.Namespace, engine_extra_args: list[str]) -> int:
     from kvtier.bench.main import run_bench, say
     from kvtier.bench.options import bench_options
     from kvtier.models import SMOLLM2_MODEL, TINY_MODEL, make_tiny_model, prepare_smollm2
     from kvtier.serve import connector_config_json
 
-    options = bench_options(args)
+    options = bench_options(args, engine_extra_args)
     if args.model:
         model_dir = os.path.abspath(args.model)
     elif args.tiny:
@@ -465,10 +466,14 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    bench_engine_args: list[str] = []
+    if args.command == "bench" and extra[:1] == ["--"]:  # vLLM arguments passed through
+        bench_engine_args, extra = extra[1:], []
     if extra and args.command != "serve":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
-        "config": cmd_config_check, "stats": cmd_stats, "admin": cmd_admin, "demo": cmd_demo, "bench": cmd_bench,
+        "config": cmd_config_check, "stats": cmd_stats, "admin": cmd_admin, "demo": cmd_demo,
+        "bench": lambda a: cmd_bench(a, bench_engine_args),
         "advise": cmd_advise,
         "serve": lambda a: cmd_serve(a, extra), "proxy": cmd_proxy, "token": cmd_token,
     }

@@ -69,6 +69,15 @@ def test_prometheus_text_by_tier() -> None:
     assert hit_rate({}, "memory") is None  # the counters are absent
 
 
+def test_kvtier_series_from_vllms_metrics_summed_over_engines() -> None:
+    text = ('# HELP vllm:kvtier_hits_total Chunks served by a tier\n# TYPE vllm:kvtier_hits_total counter\n'
+            'vllm:kvtier_hits_total{engine="0",model_name="m",tier="memory"} 3.0\n'
+            'vllm:kvtier_hits_total{engine="1",model_name="m",tier="memory"} 4.0\n'
+            'vllm:kvtier_hits_created{engine="0",model_name="m",tier="memory"} 1.7e9\n'
+            '# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{engine="0",model_name="m"} 1.0\n')
+    assert by_tier(parse_samples(text)) == {"kvtier_hits_total": {"memory": 7.0}}
+
+
 def test_port_is_free_sees_a_listener() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

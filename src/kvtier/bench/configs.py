@@ -17,7 +17,7 @@ environment (credentials excepted) so nothing outside the bench changes a config
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from kvtier.bench.server import ServerSpec
@@ -91,6 +91,21 @@ def engine_args(engine_kv_bytes: int) -> list[str]:
             "--enable-prompt-tokens-details"]
 
 
+RESERVED_ENGINE_FLAGS = ("--model", "--host", "--port", "--kv-transfer-config")  # the bench sets these
+
+
+def check_extra_engine_args(args: Sequence[str]) -> tuple[str, ...]:
+    """vLLM arguments passed through after ``--`` (GPU settings, ``--gpu-memory-utilization``, ...):
+    they follow ``engine_args``, so they override its defaults. ``ConfigError`` for a flag the bench
+    sets itself."""
+    for arg in args:
+        flag = arg.split("=", 1)[0]
+        if flag in RESERVED_ENGINE_FLAGS:
+            raise ConfigError("--", f"{flag} is set by kvtier bench itself and cannot be passed through to vLLM"
+                                    f" (the model is --model before --; ports are picked free)")
+    return tuple(args)
+
+
 def kvtier_inline_keys(config: BenchConfig, metrics_port: int, disk_dir: str,
                        run_namespace: str) -> dict[str, object]:
     """The inline kvtier keys of one server: the configuration's own, plus the metrics port, a fresh
@@ -107,11 +122,13 @@ def kvtier_inline_keys(config: BenchConfig, metrics_port: int, disk_dir: str,
 
 
 def server_spec(config: BenchConfig, model_dir: str, port: int, engine_kv_bytes: int,
-                kv_transfer_json: str | None, log_path: str, environ: Mapping[str, str]) -> ServerSpec:
-    """The server of one configuration. ``VLLM_CPU_KVCACHE_SPACE`` would override
-    ``--kv-cache-memory-bytes`` and ``KVTIER_*`` would override the inline keys: both are removed
-    (remote credentials excepted)."""
-    args = engine_args(engine_kv_bytes)
+                kv_transfer_json: str | None, log_path: str, environ: Mapping[str, str],
+                extra_args: Sequence[str] = ()) -> ServerSpec:
+    """The server of one configuration: ``engine_args``, then ``extra_args`` (passed through after
+    ``--``; they win over the defaults), then kvtier's ``--kv-transfer-config``.
+    ``VLLM_CPU_KVCACHE_SPACE`` would override ``--kv-cache-memory-bytes`` and ``KVTIER_*`` would
+    override the inline keys: both are removed (remote credentials excepted)."""
+    args = [*engine_args(engine_kv_bytes), *check_extra_engine_args(extra_args)]
     if kv_transfer_json is not None:
         args += ["--kv-transfer-config", kv_transfer_json]
     unset = ("VLLM_CPU_KVCACHE_SPACE", *sorted(key for key in environ

@@ -19,8 +19,7 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from kvtier.bench.configs import (BLOCK_TOKENS, MAX_MODEL_LEN_TOKENS, KvTransferJson, all_configs,
-                                  select_configs)
+from kvtier.bench.configs import MAX_MODEL_LEN_TOKENS, KvTransferJson, all_configs, engine_args, select_configs
 from kvtier.bench.cost import Prices, load_prices
 from kvtier.bench.options import BenchOptions, WorkloadParams
 from kvtier.bench.plots import plot_ttft_cdf, plot_ttft_per_round
@@ -68,10 +67,11 @@ def _context(options: BenchOptions, model: ModelInfo, workload: Workload, prices
              elapsed_s: float) -> list[tuple[str, str]]:
     s = options.settings
     params = ", ".join(f"{key}={value}" for key, value in workload.parameters)
+    vllm_args = [*engine_args(s.engine_kv_tokens * model.kv_bytes_per_token), *s.engine_extra_args]
     target = options.external.base_url if options.external else (
-        f"one vLLM server per configuration: max-model-len {MAX_MODEL_LEN_TOKENS}, block {BLOCK_TOKENS}, "
-        f"engine KV cache {s.engine_kv_tokens:,} tokens, enforce-eager, bf16, VLLM_CPU_NUM_OF_RESERVED_CPU=0; "
-        f"kvtier memory tier {options.memory_capacity}")
+        f"one vLLM server per configuration: `vllm serve MODEL {shlex.join(vllm_args)}` (engine KV cache "
+        f"{s.engine_kv_tokens:,} tokens; extra arguments after `--` win over the defaults), "
+        f"VLLM_CPU_NUM_OF_RESERVED_CPU=0; kvtier memory tier {options.memory_capacity}")
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     return [("command", f"`kvtier {shlex.join(sys.argv[1:])}`"),
             ("workload", f"{describe_workload(workload)} ({params})"), ("model", model.path), ("servers", target),

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kvtier.bench.configs import DEFAULT_ENGINE_KV_TOKENS, RemoteOptions
+from kvtier.bench.configs import DEFAULT_ENGINE_KV_TOKENS, RemoteOptions, check_extra_engine_args
 from kvtier.bench.runner import ExternalServer, RunSettings
 from kvtier.bench.scenarios import ChatParams, DocQAParams, LowReuseParams, RagParams
 from kvtier.bench.trace import TRACE_BLOCK_TOKENS, TraceParams
@@ -139,8 +140,9 @@ def add_bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
         description="Start one vLLM server per configuration (same settings; or measure --url), run the "
                     "workload --repeats times on each, and report TTFT, ITL, throughput, kvtier hit rates "
                     "and bytes per tier, warm-up, engine CPU seconds and a cost view. Writes JSON, Markdown "
-                    "and PNG plots to --out-dir. Flags go after the workload name.",
-        epilog="example: kvtier bench chat --users 4 --rounds 3 --repeats 3")
+                    "and PNG plots to --out-dir. Flags go after the workload name; vLLM arguments after `--` "
+                    "go to every server started (they win over the bench's defaults).",
+        epilog="example: kvtier bench chat --users 4 --rounds 3 --repeats 3 -- --gpu-memory-utilization 0.85")
     workloads = bench.add_subparsers(dest="workload", metavar="WORKLOAD", required=True)
     _add_workloads(workloads, _common_flags())
 
@@ -161,12 +163,15 @@ def workload_params(args: argparse.Namespace) -> WorkloadParams:
     return LowReuseParams(args.requests, args.prompt_tokens, args.max_tokens, args.qps, args.seed)
 
 
-def bench_options(args: argparse.Namespace) -> BenchOptions:
+def bench_options(args: argparse.Namespace, engine_extra_args: Sequence[str] = ()) -> BenchOptions:
+    """The options of one ``kvtier bench`` run; ``engine_extra_args``: vLLM arguments given after
+    ``--`` (``ConfigError`` for one the bench sets itself)."""
     out_dir = args.out_dir or os.path.join("out", "bench", args.workload)
     settings = RunSettings(out_dir=out_dir, log_dir=args.log_dir or os.path.join(out_dir, "logs"),
                            repeats=args.repeats, order=args.order, max_concurrency=args.max_concurrency,
                            request_timeout_s=float(args.request_timeout), startup_timeout_s=float(args.startup_timeout),
-                           engine_kv_tokens=args.engine_kv_tokens, warmup_tokens=args.warmup_tokens)
+                           engine_kv_tokens=args.engine_kv_tokens, warmup_tokens=args.warmup_tokens,
+                           engine_extra_args=check_extra_engine_args(engine_extra_args))
     external = None if args.url is None else ExternalServer(args.name, args.url, args.metrics_url, args.server_pid)
     overrides = tuple((key, getattr(args, f"price_{key}")) for key in _PRICE_FLAGS
                       if getattr(args, f"price_{key}") is not None)

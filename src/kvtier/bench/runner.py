@@ -52,6 +52,7 @@ class RunSettings:
     engine_kv_tokens: int
     warmup_tokens: int
     settle_s: float = 1.0  # wait after a repeat before reading counters (disk writes finish late)
+    engine_extra_args: tuple[str, ...] = ()  # vLLM arguments passed through after ``--``
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ def _start(config: BenchConfig, model: ModelInfo, settings: RunSettings, kv_json
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     assert run.log_path is not None
     spec = server_spec(config, model.path, free_port(), settings.engine_kv_tokens * model.kv_bytes_per_token,
-                       transfer_json, run.log_path, os.environ)
+                       transfer_json, run.log_path, os.environ, settings.engine_extra_args)
     progress(f"[{config.name}] starting vLLM (log: {run.log_path})")
     server = stack.enter_context(ServerProcess(spec, os.environ))
     try:

@@ -1,14 +1,16 @@
-"""Read Prometheus text exposition: samples, and kvtier's counters grouped by metric and tier."""
+"""Read Prometheus text exposition (``prometheus_client``'s parser): samples, and kvtier's series
+grouped by metric and tier. kvtier's series are read from either place they are served: kvtier's
+own port (``kvtier_*``) or vLLM's ``/metrics`` (``vllm:kvtier_*``, per engine: summed here)."""
 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})?\s+(\S+)")
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+from prometheus_client.parser import text_string_to_metric_families
+
 NO_TIER = "-"
+VLLM_PREFIX = "vllm:"  # kvtier's series on vLLM's /metrics carry it (kvtier.integrations.vllm.stats)
 
 
 @dataclass(frozen=True)
@@ -22,30 +24,37 @@ class Sample:
 
 
 def parse_samples(text: str) -> list[Sample]:
-    """Every sample line of an exposition; comments and malformed lines are skipped."""
-    samples = []
-    for line in text.splitlines():
-        match = _SAMPLE.match(line)
-        if match is None or line.startswith("#"):
-            continue
-        try:
-            value = float(match.group(3))
-        except ValueError:
-            continue
-        labels = tuple(_LABEL.findall(match.group(2) or ""))
-        samples.append(Sample(match.group(1), labels, value))
-    return samples
+    """Every sample of an exposition. A malformed exposition is read line by line, and the lines
+    the parser refuses are skipped (a partial view of a server's counters beats none)."""
+    try:
+        return _samples(text)
+    except ValueError:
+        return [sample for line in text.splitlines() if line.strip() and not line.startswith("#")
+                for sample in _line_samples(line)]
+
+
+def _samples(text: str) -> list[Sample]:
+    return [Sample(sample.name, tuple(sorted(sample.labels.items())), float(sample.value))
+            for family in text_string_to_metric_families(text) for sample in family.samples]
+
+
+def _line_samples(line: str) -> list[Sample]:
+    try:
+        return _samples(line + "\n")
+    except ValueError:
+        return []
 
 
 def by_tier(samples: list[Sample], prefix: str = "kvtier_") -> dict[str, dict[str, float]]:
     """metric name -> tier label (``-`` when there is none) -> value, for the samples named
-    ``prefix*``. Histogram buckets and ``_created`` timestamps are left out; samples that differ in
-    other labels are summed."""
+    ``prefix*`` (or ``vllm:prefix*``, named without ``vllm:``). Histogram buckets and ``_created``
+    timestamps are left out; samples that differ in other labels (vLLM's ``engine``) are summed."""
     table: dict[str, dict[str, float]] = {}
     for sample in samples:
-        if not sample.name.startswith(prefix) or sample.name.endswith(("_bucket", "_created")):
+        name = sample.name.removeprefix(VLLM_PREFIX)
+        if not name.startswith(prefix) or name.endswith(("_bucket", "_created")):
             continue
-        row = table.setdefault(sample.name, {})
+        row = table.setdefault(name, {})
         tier = sample.label("tier") or NO_TIER
         row[tier] = row.get(tier, 0.0) + sample.value
     return table
