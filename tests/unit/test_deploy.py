@@ -86,3 +86,22 @@ def test_kubernetes_manifests() -> None:
     assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "kvtier-admin"}
     assert config.admin.host == "0.0.0.0"  # the kubelet probes the pod's address
+
+
+def test_production_stack_helm_values() -> None:
+    values = yaml.safe_load((DEPLOY / "helm" / "values-production-stack.yaml").read_text())
+    engine = values["servingEngineSpec"]
+    model = engine["modelSpec"][0]
+    assert model["lmcacheConfig"]["enabled"] is False  # the chart adds no connector of its own
+    args = model["vllmConfig"]["extraArgs"]
+    mounts = {mount["name"]: mount["mountPath"] for mount in model["extraVolumeMounts"]}
+    assert mounts["kvtier-config"] + "/kvtier.yaml" == CONFIG_MOUNT
+    assert {volume["name"] for volume in model["extraVolumes"]} == set(mounts)
+    loaded = load(transfer_config(args), {item["name"]: item["value"] for item in model["env"]})
+    config = loaded.config
+    assert config.chunk_tokens % int(args[args.index("--block-size") + 1]) == 0
+    assert config.memory.capacity_bytes == 32 << 30
+    assert config.disk.path == mounts["kvtier-disk"]
+    assert config.admin.tokens_file == f"{mounts['kvtier-admin-tokens']}/admin-tokens"
+    assert engine["livenessProbe"]["httpGet"] == {"path": "/livez", "port": config.admin.port}
+    assert engine["readinessProbe"]["httpGet"] == {"path": "/health", "port": engine["containerPort"]}
