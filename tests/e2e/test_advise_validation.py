@@ -103,6 +103,7 @@ def test_advisor_matches_a_live_replay(model_dir: str, tmp_path: Path) -> None:
     measured_ttft_s = statistics.mean(ttft for _, _, ttft in median_points(measured["kvtier-memory"]["requests"]))
     error = abs(predicted_ttft_s - measured_ttft_s) / measured_ttft_s
     print(f"\nadvise validation: hit ratio {predicted.hit_ratio_tokens:.4f} (vLLM alone "
-          f"{sum(engine) / workload.num_tokens:.4f}); kvtier-memory mean TTFT measured {measured_ttft_s * 1000:.1f} ms, "
+          f"{sum(engine) / workload.num_tokens:.4f}); kvtier-memory mean TTFT measured "
+          f"{measured_ttft_s * 1000:.1f} ms, "
           f"predicted {predicted_ttft_s * 1000:.1f} ms ({error * 100:.1f}% off); profile {profile}")
     assert error <= TTFT_TOLERANCE

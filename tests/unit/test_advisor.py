@@ -238,3 +238,27 @@ def test_calibration_recovers_the_prefill_speed_from_bench_requests(tmp_path: Pa
     path.write_text("{}")
     with pytest.raises(ConfigError, match="--calibration"):
         calibrate(PROFILES["cpu-smollm2"], str(path), None)
+
+
+def test_text_prompts_need_a_tokenizer_and_share_their_prefix(tmp_path: Path) -> None:
+    words = {"system": [11] * 64, "question": [12] * 10, "other": [13] * 10}
+
+    def encode(text: str) -> list[int]:
+        return [token for word in text.split() for token in words[word]]
+
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "system question"}) + "\n" + json.dumps({"prompt": "system other"}) + "\n")
+    with pytest.raises(ConfigError, match="--tokenizer"):
+        read_workload(str(path), BLOCK, 32, ENGINE_BLOCK, None)
+    workload = read_workload(str(path), BLOCK, 32, ENGINE_BLOCK, None, encode)
+    result = replay(workload, [0, 0], kvtier_settings(32), TierSizes(10**6, None))
+    assert [o.hit_tokens for o in result.outcomes] == [0, 64]
+
+
+def test_output_cap_and_missing_tokenizer_on_the_command_line(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["advise", str(SAMPLE), "--engine-cache-tokens", "0", "--max-output-tokens", "1", "--json",
+                 "--capacity-tokens", "4096"]) == 0
+    assert json.loads(capsys.readouterr().out)["capacities"][0]["capacity_tokens"] == 4096
+    assert main(["advise", str(SAMPLE), "--tokenizer", str(tmp_path)]) == 2
+    assert "--tokenizer: cannot load" in capsys.readouterr().err

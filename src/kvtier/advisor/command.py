@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
+from dataclasses import replace
 
 from kvtier.advisor.engine import engine_hits
-from kvtier.advisor.report import CapacityRow, advice, capacity_row, knee, plot, table
+from kvtier.advisor.report import CapacityRow, advice, capacity_row, format_size, knee, plot, table
 from kvtier.advisor.simulate import KvtierSettings, TierSizes, num_distinct_chunks, replay
 from kvtier.advisor.timing import PROFILES, calibrate, profile_named
-from kvtier.advisor.workload import read_workload
+from kvtier.advisor.workload import read_workload, tokenizer_encode
 from kvtier.bench.cost import load_prices
-from kvtier.bench.summary import format_bytes
 from kvtier.bench.trace import TRACE_BLOCK_TOKENS
 from kvtier.errors import ConfigError
 
@@ -79,6 +80,9 @@ def add_advise_parser(commands: argparse._SubParsersAction[argparse.ArgumentPars
     p.add_argument("--disk-write-policy", choices=("write_through", "spill"), default="write_through")
     p.add_argument("--gpu-hour", type=float, help="price of an engine-hour (default: bench's example price)")
     p.add_argument("--max-requests", type=_positive_int, help="only the first N requests")
+    p.add_argument("--max-output-tokens", type=_positive_int, help="cap output lengths (as `kvtier bench "
+                                                                   "--max-tokens` does); they take engine blocks")
+    p.add_argument("--tokenizer", metavar="DIR", help="a folder with tokenizer.json, for prompts given as text")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--plot", metavar="FILE.png", help="hit ratio and TTFT saved against capacity (matplotlib)")
 
@@ -100,7 +104,11 @@ def run_advise(args: argparse.Namespace) -> dict[str, object]:
     engine_tokens = profile.engine_cache_tokens if args.engine_cache_tokens is None else args.engine_cache_tokens
     if engine_tokens < 0:
         raise ConfigError("--engine-cache-tokens", f"expected 0 or more, got {engine_tokens}")
-    workload = read_workload(args.trace, args.block_tokens, args.chunk_tokens, block, args.max_requests)
+    encode = None if args.tokenizer is None else tokenizer_encode(args.tokenizer)
+    workload = read_workload(args.trace, args.block_tokens, args.chunk_tokens, block, args.max_requests, encode)
+    if args.max_output_tokens:
+        workload = replace(workload, requests=tuple(
+            replace(r, num_output_tokens=min(r.num_output_tokens, args.max_output_tokens)) for r in workload.requests))
     hits = engine_hits(workload.requests, engine_tokens, block, workload.segment_tokens)
     settings = KvtierSettings(args.chunk_tokens, block, kv_bytes, args.policy, args.disk_write_policy)
     num_chunks = num_distinct_chunks(workload)
@@ -113,11 +121,12 @@ def run_advise(args: argparse.Namespace) -> dict[str, object]:
         return TierSizes(capacity, None) if args.tier == "memory" else TierSizes(memory_tokens, capacity)
 
     engine_only = sum(hits) / max(workload.num_tokens, 1)
+    engine_only_per_request = sum(h / r.num_tokens for h, r in zip(hits, workload.requests)) / len(hits)
     rows = [capacity_row(replay(workload, hits, settings, sizes(c)), c, profile, prices) for c in capacities]
     infinite = capacity_row(replay(workload, hits, settings, sizes(unlimited)), None, profile, prices)
 
     def size(tokens: int) -> str:
-        return f"{format_bytes(tokens * kv_bytes)} ({tokens:,} tokens)"
+        return f"{format_size(tokens * kv_bytes)} ({tokens:,} tokens)"
 
     sentence = advice(args.tier, rows, infinite, engine_only, size)
     at_knee = knee(rows, infinite, engine_only)
@@ -125,9 +134,11 @@ def run_advise(args: argparse.Namespace) -> dict[str, object]:
                           infinite, kv_bytes, sentence, at_knee, started_s)
     result |= {"profile": {"name": profile.name, "source": profile.source, "engine_cache_tokens": engine_tokens,
                            "engine_block_tokens": block, "kv_bytes_per_token": kv_bytes},
-               "memory_tokens": memory_tokens if args.tier == "disk" else None}
+               "memory_tokens": memory_tokens if args.tier == "disk" else None,
+               "hit_ratio_engine_only_mean_per_request": engine_only_per_request}
     if args.plot:
-        plot(rows, infinite, engine_only, args.tier, f"kvtier advise: {args.trace}", kv_bytes, args.plot)
+        plot(rows, infinite, engine_only, args.tier, f"kvtier advise: {os.path.basename(args.trace)}, "
+             f"{profile.name}, engine cache {engine_tokens:,} tokens", kv_bytes, args.plot)
     if args.json:
         print(json.dumps(result, indent=1))
     else:

@@ -78,8 +78,8 @@ def advice(tier: str, rows: list[CapacityRow], infinite: CapacityRow, engine_onl
     if at_knee is None:
         largest = max(rows, key=lambda r: r.capacity_tokens or 0)
         return (f"None of the sizes tried is enough: {size(largest.capacity_tokens or 0)} of {tier} reaches "
-                f"{largest.hit_ratio_tokens * 100:.1f}% of the prompt tokens against {infinite.hit_ratio_tokens * 100:.1f}%"
-                f" with unlimited {tier}; try larger capacities.")
+                f"{largest.hit_ratio_tokens * 100:.1f}% of the prompt tokens against "
+                f"{infinite.hit_ratio_tokens * 100:.1f}% with unlimited {tier}; try larger capacities.")
     assert at_knee.capacity_tokens is not None
     share = (at_knee.hit_ratio_tokens - engine_only) / possible
     sentence = (f"{size(at_knee.capacity_tokens)} of {tier} gives {share * 100:.0f}% of the possible hit ratio "
@@ -92,6 +92,13 @@ def advice(tier: str, rows: list[CapacityRow], infinite: CapacityRow, engine_onl
     return sentence + "."
 
 
+def format_size(num_bytes: int) -> str:
+    """Bytes in binary units up to TiB (``format_bytes`` of the bench stops at GiB)."""
+    if num_bytes >= 1 << 40:
+        return f"{num_bytes / (1 << 40):.1f} TiB"
+    return format_bytes(num_bytes)
+
+
 def table(rows: list[CapacityRow], infinite: CapacityRow, size: Callable[[int], str]) -> str:
     header = ["capacity", "hit ratio (tokens)", "mean per request", "mean TTFT", "TTFT saved", "engine s saved/req",
               "saving /1M req", "read mem", "read disk", "written disk"]
@@ -101,8 +108,8 @@ def table(rows: list[CapacityRow], infinite: CapacityRow, size: Callable[[int], 
         body.append([name, f"{row.hit_ratio_tokens * 100:.2f}%", f"{row.hit_ratio_mean_per_request * 100:.2f}%",
                      f"{row.ttft_mean_s * 1000:.1f} ms", f"{row.ttft_saved_mean_s * 1000:.1f} ms",
                      f"{row.engine_s_saved_per_request * 1000:.2f} ms", f"{row.saving_per_million:,.2f}",
-                     format_bytes(row.read_bytes["memory"]), format_bytes(row.read_bytes["disk"]),
-                     format_bytes(row.written_bytes["disk"])])
+                     format_size(row.read_bytes["memory"]), format_size(row.read_bytes["disk"]),
+                     format_size(row.written_bytes["disk"])])
     return format_table(header, body)
 
 
@@ -114,6 +121,7 @@ def plot(rows: list[CapacityRow], infinite: CapacityRow, engine_only: float, tie
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     ordered = sorted(rows, key=lambda r: r.capacity_tokens or 0)
     gib = [(r.capacity_tokens or 0) * kv_bytes_per_token / 2**30 for r in ordered]
@@ -127,14 +135,16 @@ def plot(rows: list[CapacityRow], infinite: CapacityRow, engine_only: float, tie
     right = left.twinx()
     right.plot(gib, [r.ttft_saved_mean_s * 1000 for r in ordered], "s-", color="tab:orange", label="TTFT saved")
     right.set_ylabel("mean TTFT saved (ms)")
+    right.set_ylim(bottom=0)
+    left.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     at_knee = knee(ordered, infinite, engine_only)
     if at_knee is not None and at_knee.capacity_tokens:
         x = at_knee.capacity_tokens * kv_bytes_per_token / 2**30
         left.axvline(x, color="tab:red", alpha=0.6)
-        left.annotate(f"knee: {format_bytes(at_knee.capacity_tokens * kv_bytes_per_token)}", (x, 5),
-                      color="tab:red", rotation=90, ha="right", va="bottom")
+        left.annotate(f"knee: {format_size(at_knee.capacity_tokens * kv_bytes_per_token)}", (x, 0.5),
+                      xycoords=left.get_xaxis_transform(), color="tab:red", rotation=90, ha="right", va="center")
     handles = left.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
-    left.legend(handles, [h.get_label() for h in handles], loc="lower right", fontsize=8)
+    left.legend(handles, [h.get_label() for h in handles], loc="upper left", fontsize=8)
     left.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -3,7 +3,8 @@
 Two formats, told apart by the first record's fields:
 - Mooncake JSONL (``timestamp``, ``input_length``, ``output_length``, ``hash_ids``): each hash id
   names one block of ``block_tokens`` tokens (lengths scale as in ``kvtier bench trace``);
-- prompts JSONL (``token_ids``, optional ``timestamp`` in ms and ``output_length``).
+- prompts JSONL (``token_ids``, or ``prompt`` text with a tokenizer; optional ``timestamp`` in ms
+  and ``output_length``).
 
 A request's prompt is a list of *segments* of ``segment_tokens`` tokens (a trace block, or for
 token prompts an engine block). Segments are interned in a trie (parent, content) -> node id, so two
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 from kvtier.bench.trace import TRACE_BLOCK_TOKENS, parse_record
@@ -26,6 +27,7 @@ from kvtier.errors import ConfigError
 from kvtier.keys import Namespace, chunk_keys
 
 _NAMESPACE = Namespace("advisor", "trace", b"advisor").digest()
+Encode = Callable[[str], list[int]]  # text -> token ids
 _MASK_32 = 0xFFFFFFFF
 
 
@@ -94,9 +96,10 @@ def block_tokens_of(hash_id: int, block_tokens: int) -> list[int]:
 
 
 def read_workload(path: str, block_tokens: int, chunk_tokens: int, engine_block_tokens: int,
-                  max_requests: int | None) -> Workload:
-    """Read ``path`` (see the module docstring). Raises ConfigError naming the file and line for a
-    missing or garbled file, and the flag for sizes that do not fit together."""
+                  max_requests: int | None, encode: Encode | None = None) -> Workload:
+    """Read ``path`` (see the module docstring); ``encode`` tokenizes ``prompt`` texts. Raises
+    ConfigError naming the file and line for a missing or garbled file, and the flag for sizes that
+    do not fit together."""
     if chunk_tokens % engine_block_tokens:
         raise ConfigError("--chunk-tokens", f"{chunk_tokens} is not a multiple of --engine-block-tokens "
                                             f"{engine_block_tokens} (kvtier refuses this at start-up too)")
@@ -109,11 +112,13 @@ def read_workload(path: str, block_tokens: int, chunk_tokens: int, engine_block_
                                                 f"{engine_block_tokens}")
         requests = _mooncake(path, lines, block_tokens, trie)
         return Workload(path, "mooncake", block_tokens, chunk_tokens, requests)
-    if "token_ids" in first:
+    if "token_ids" in first or "prompt" in first:
+        if "token_ids" not in first and encode is None:
+            raise ConfigError("--tokenizer", f"{path} holds prompt texts: name a folder with tokenizer.json")
         return Workload(path, "prompts", engine_block_tokens, chunk_tokens,
-                        _prompts(path, lines, engine_block_tokens, trie))
+                        _prompts(path, lines, engine_block_tokens, trie, encode))
     raise ConfigError(f"{path}:{lines[0][0]}", "neither a Mooncake record (hash_ids, input_length, ...) nor a "
-                                                "prompt (token_ids)")
+                                                "prompt (token_ids or prompt)")
 
 
 def _read_lines(path: str, max_requests: int | None) -> list[tuple[int, str]]:
@@ -157,19 +162,20 @@ def _mooncake(path: str, lines: list[tuple[int, str]], block_tokens: int, trie: 
     return tuple(requests)
 
 
-def _prompts(path: str, lines: list[tuple[int, str]], segment_tokens: int, trie: _Trie) -> tuple[SimRequest, ...]:
+def _prompts(path: str, lines: list[tuple[int, str]], segment_tokens: int, trie: _Trie,
+             encode: Encode | None) -> tuple[SimRequest, ...]:
     requests = []
     start_ms: float | None = None
     for number, line in lines:
         where = f"{path}:{number}"
         raw = _json(line, where)
         try:
-            tokens = [int(t) for t in raw["token_ids"]]  # type: ignore[union-attr]
-            timestamp_ms = float(raw.get("timestamp", 0.0))  # type: ignore[arg-type]
-            num_output = int(raw.get("output_length", 1))  # type: ignore[call-overload]
+            tokens = _prompt_tokens(raw, encode)
+            timestamp_ms = float(str(raw.get("timestamp", 0.0)))
+            num_output = int(str(raw.get("output_length", 1)))
         except (KeyError, TypeError, ValueError) as exc:
-            raise ConfigError(where, f"not a prompt record (token_ids, optional timestamp, output_length): "
-                                     f"{exc}") from None
+            raise ConfigError(where, f"not a prompt record (token_ids or prompt, optional timestamp, "
+                                     f"output_length): {exc!r}") from None
         if not tokens or min(tokens) < 0 or max(tokens) > _MASK_32:
             raise ConfigError(where, "token_ids must be a non-empty list of ids in 0..2**32-1")
         start_ms = timestamp_ms if start_ms is None else start_ms
@@ -181,3 +187,27 @@ def _prompts(path: str, lines: list[tuple[int, str]], segment_tokens: int, trie:
         requests.append(SimRequest(max(0.0, (timestamp_ms - start_ms) / 1000.0), len(tokens), max(1, num_output),
                                    tuple(nodes), trie.keys_of(nodes, len(tokens))))
     return tuple(requests)
+
+
+def _prompt_tokens(raw: dict[str, object], encode: Encode | None) -> list[int]:
+    """The record's token ids: ``token_ids`` as given, else its ``prompt`` text tokenized."""
+    if "token_ids" in raw:
+        ids = raw["token_ids"]
+        if not isinstance(ids, list):
+            raise TypeError("token_ids is not a list")
+        return [int(token) for token in ids]
+    text = raw["prompt"]
+    if not isinstance(text, str) or encode is None:
+        raise TypeError("prompt is not a text (or no --tokenizer)")
+    return encode(text)
+
+
+def tokenizer_encode(folder: str) -> Encode:
+    """Token ids of a text with ``folder``/tokenizer.json (no special tokens added). Raises ConfigError."""
+    from tokenizers import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_file(f"{folder}/tokenizer.json")
+    except Exception as exc:  # tokenizers raises its own exception type for missing and garbled files
+        raise ConfigError("--tokenizer", f"cannot load {folder}/tokenizer.json: {exc}") from None
+    return lambda text: list(tokenizer.encode(text, add_special_tokens=False).ids)
