@@ -420,13 +420,17 @@ def cmd_bench(args: argparse.Namespace, engine_extra_args: list[str]) -> int:
     from kvtier.serve import connector_config_json
 
     options = bench_options(args, engine_extra_args)
+    engine_model = ""
     if args.model:
-        model_dir = os.path.abspath(args.model)
+        from kvtier.bench.hub import resolve_model
+
+        source = resolve_model(args.model)
+        model_dir, engine_model = source.files_dir, source.engine_model
     elif args.tiny:
         model_dir = make_tiny_model(os.path.join(args.models_dir, TINY_MODEL), say)
     else:
         model_dir = prepare_smollm2(os.path.join(args.models_dir, SMOLLM2_MODEL), say)
-    run_bench(options, model_dir, lambda keys: connector_config_json(None, keys), say)
+    run_bench(options, model_dir, lambda keys: connector_config_json(None, keys), say, engine_model)
     return 0
 
 

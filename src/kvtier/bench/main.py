@@ -74,7 +74,7 @@ def _context(options: BenchOptions, model: ModelInfo, workload: Workload, prices
         f"VLLM_CPU_NUM_OF_RESERVED_CPU=0; kvtier memory tier {options.memory_capacity}")
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     return [("command", f"`kvtier {shlex.join(sys.argv[1:])}`"),
-            ("workload", f"{describe_workload(workload)} ({params})"), ("model", model.path), ("servers", target),
+            ("workload", f"{describe_workload(workload)} ({params})"), ("model", model.served_name), ("servers", target),
             ("repeats", f"{s.repeats}, order {s.order}, max concurrency {s.max_concurrency}"),
             ("machine", f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
                         f"load average {load[0]:.1f} at the end (shared machines are noisy)"),
@@ -114,12 +114,15 @@ def _run(options: BenchOptions, workload: Workload, model: ModelInfo, kv_json: K
         return run_configs(configs, workload, model, options.settings, kv_json, scratch_dir, progress)
 
 
-def run_bench(options: BenchOptions, model_dir: str, kv_json: KvTransferJson, progress: Progress) -> dict[str, object]:
+def run_bench(options: BenchOptions, model_dir: str, kv_json: KvTransferJson, progress: Progress,
+              engine_model: str = "") -> dict[str, object]:
     """Run the benchmark and write its outputs; print the Markdown report to stdout. Returns the
-    results (as written to STEM.json). Raises ConfigError for bad flags or trace (before any server
-    starts) and ServerError, after writing everything, if a configuration failed."""
+    results (as written to STEM.json). ``model_dir`` holds the model's config.json and tokenizer.json;
+    ``engine_model`` is the servers' --model when it is not ``model_dir`` (a Hugging Face id).
+    Raises ConfigError for bad flags or trace (before any server starts) and ServerError, after
+    writing everything, if a configuration failed."""
     started_s = time.monotonic()
-    model = read_model_info(model_dir)
+    model = read_model_info(model_dir, engine_model)
     prices = load_prices(options.prices_path, dict(options.price_overrides))
     workload = build_workload(options.params, model)
     progress(describe_workload(workload))

@@ -60,8 +60,10 @@ def _common_flags() -> argparse.ArgumentParser:
     g.add_argument("--max-concurrency", type=_positive_int, default=4, help="requests in flight (default: 4)")
     g.add_argument("--seed", type=int, default=0, help="seed of prompts and arrivals (default: 0)")
     g = common.add_argument_group("engine and configurations")
-    g.add_argument("--model", metavar="DIR", help="model folder (default: SmolLM2-135M-Instruct, prepared in "
-                                                   "--models-dir)")
+    g.add_argument("--model", metavar="DIR|ID", help="model folder, or a Hugging Face model id such as "
+                                                      "Qwen/Qwen2.5-7B-Instruct (vLLM downloads it; the bench reads "
+                                                      "its config and tokenizer) (default: SmolLM2-135M-Instruct, "
+                                                      "prepared in --models-dir)")
     g.add_argument("--models-dir", default="models", metavar="DIR",
                    help="where models are prepared (default: ./models)")
     g.add_argument("--tiny", action="store_true", help="a tiny random model (for CI; answers are noise)")

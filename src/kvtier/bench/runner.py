@@ -109,13 +109,13 @@ def _start(config: BenchConfig, model: ModelInfo, settings: RunSettings, kv_json
         transfer_json = kv_json(keys)
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     assert run.log_path is not None
-    spec = server_spec(config, model.path, free_port(), settings.engine_kv_tokens * model.kv_bytes_per_token,
+    spec = server_spec(config, model.served_name, free_port(), settings.engine_kv_tokens * model.kv_bytes_per_token,
                        transfer_json, run.log_path, os.environ, settings.engine_extra_args)
     progress(f"[{config.name}] starting vLLM (log: {run.log_path})")
     server = stack.enter_context(ServerProcess(spec, os.environ))
     try:
         run.startup_s = server.wait_ready(settings.startup_timeout_s, lambda m: progress(f"[{config.name}] {m}"))
-        session = _Session(run, Target(spec.base_url, model.path), server.pid, metrics_url, server)
+        session = _Session(run, Target(spec.base_url, model.served_name), server.pid, metrics_url, server)
         _warm_up(session, model, settings, run_id, progress)
     except ServerError:
         server.stop()  # do not leave a broken server running beside the others

@@ -63,9 +63,15 @@ class Workload:
 class ModelInfo:
     """What the bench needs of a model folder: KV bytes per token and a range of ordinary token ids."""
 
-    path: str
+    path: str  # the local folder with config.json and tokenizer.json
     kv_bytes_per_token: int  # K and V, all layers, bf16
     vocab_size: int
+    engine_model: str = ""  # what the servers get as --model ("" = ``path``; a Hugging Face id)
+
+    @property
+    def served_name(self) -> str:
+        """vLLM's --model of every server, which requests name too."""
+        return self.engine_model or self.path
 
     @property
     def token_id_range(self) -> tuple[int, int]:
@@ -73,14 +79,15 @@ class ModelInfo:
         return self.vocab_size // 16, self.vocab_size
 
 
-def read_model_info(model_dir: str) -> ModelInfo:
-    """Read ``config.json`` of a Hugging Face model folder. Raises OSError or KeyError if it is not one."""
+def read_model_info(model_dir: str, engine_model: str = "") -> ModelInfo:
+    """Read ``config.json`` of a Hugging Face model folder (``engine_model``: the servers' --model
+    when it is not the folder). Raises OSError or KeyError if it is not one."""
     with open(os.path.join(model_dir, "config.json")) as file:
         config = json.load(file)
     num_kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     return ModelInfo(path=model_dir, kv_bytes_per_token=config["num_hidden_layers"] * num_kv_heads * head_dim * 2 * 2,
-                     vocab_size=int(config["vocab_size"]))
+                     vocab_size=int(config["vocab_size"]), engine_model=engine_model)
 
 
 def token_counter(model_dir: str) -> CountTokens:
