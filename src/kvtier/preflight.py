@@ -102,9 +102,9 @@ def check_remote(loaded: LoadedConfig, environ: Mapping[str, str]) -> list[Findi
     if healthy:
         return []
     return [Finding("remote.url", loaded.sources["remote.url"],
-                    f"no answer from {mask_url(remote.url)} within remote.timeout_ms ({remote.timeout_ms} ms; "
-                    f"the reason is logged above): the engine would start with the remote tier unhealthy, "
-                    f"every remote lookup a miss until it answers")]
+                    f"no answer from {mask_url(remote.url)}: unreachable, refused (credentials, TLS) or slower "
+                    f"than remote.timeout_ms ({remote.timeout_ms} ms); the reason is logged above. The engine "
+                    f"would start with the remote tier unhealthy, every remote lookup a miss until it answers")]
 
 
 def _folder_problem(path: str) -> str | None:

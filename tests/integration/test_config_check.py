@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from kvtier.cli import main
-from tests.servers import ServerProcess, free_ports, port_of, redis_server  # noqa: F401  (fixture)
+from tests.servers import S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, ServerProcess, free_ports, port_of, \
+    redis_server, seaweed  # noqa: F401  (fixtures)
 
 KEY_HEX = "11" * 32
 
@@ -92,3 +93,14 @@ def test_connect_reaches_the_remote_tier(capsys: pytest.CaptureFixture[str], tmp
     assert errors[0].startswith(f"remote.url (from file:{dead}): no answer from redis://:***@127.0.0.1:")
     assert "hunter2" not in errors[0]
     assert check(capsys, dead) == (0, [])  # without --connect nothing is opened
+
+
+def test_connect_reaches_an_s3_tier(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                    seaweed: tuple[ServerProcess, str]) -> None:
+    _, endpoint = seaweed
+    common = f"  s3_endpoint: {endpoint}\n  access_key: {S3_ACCESS_KEY}\n  timeout_ms: 1000\n"
+    config = write(tmp_path, f"remote:\n  url: s3://{S3_BUCKET}/check\n  secret_key: {S3_SECRET_KEY}\n{common}")
+    assert check(capsys, config, "--connect") == (0, [])
+    wrong = write(tmp_path, f"remote:\n  url: s3://{S3_BUCKET}/check\n  secret_key: not-the-secret\n{common}")
+    code, errors = check(capsys, wrong, "--connect")
+    assert code == 2 and len(errors) == 1 and errors[0].startswith(f"remote.url (from file:{wrong}): no answer")
