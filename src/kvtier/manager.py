@@ -145,6 +145,7 @@ class KVManager:
         self._chunk_tokens = chunk_tokens
         self._chunk_bytes = chunk_bytes
         self._world_size = world_size
+        self._settling: dict[str, list[tuple[int, int]]] = {}  # request -> (planned, loaded) of the ranks so far
         self._owners: dict[str, _Owner] = {}
         self._next_expire = time.monotonic() + EXPIRE_EVERY_S
 
@@ -320,10 +321,23 @@ class KVManager:
         self.cost.observe_fetch(report.remote_read_bytes, report.remote_fetch_seconds)
         self.cost.observe_step(step_tokens, report.forward_seconds)
         _record_report(self.metrics, report)
-        self.metrics.loaded_tokens.inc(report.loaded_tokens // self._world_size)
-        self.metrics.failed_load_tokens.inc(report.failed_load_tokens // self._world_size)
+        self.metrics.loaded_tokens.inc(report.copied_tokens // self._world_size)
+        self._count_settled_loads(report.settled_loads)
         self.metrics.entries.labels(tier="memory").set(self.store.num_memory_entries)
         self.metrics.entries.labels(tier="disk").set(self.store.num_disk_entries)
+
+    def _count_settled_loads(self, settled: list[tuple[str, int, int]]) -> None:
+        """Count an asynchronous load once every rank settled it: a chunk reached the engine only
+        if every rank loaded it (the first failure on any rank ends the loaded prefix)."""
+        for req_id, planned_tokens, loaded_tokens in settled:
+            ranks = self._settling.setdefault(req_id, [])
+            ranks.append((planned_tokens, loaded_tokens))
+            if len(ranks) < self._world_size:
+                continue
+            del self._settling[req_id]
+            loaded = min(tokens for _, tokens in ranks)
+            self.metrics.loaded_tokens.inc(loaded)
+            self.metrics.failed_load_tokens.inc(max(planned for planned, _ in ranks) - loaded)
 
     def forget_remote(self) -> None:
         """Forget which chunks the remote holds (after an invalidation removed some)."""

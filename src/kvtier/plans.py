@@ -148,8 +148,10 @@ class WorkerReport:
     # change in the length of the background queues since the last report (summed over ranks)
     disk_queue_delta: int = 0
     upload_queue_delta: int = 0
-    loaded_tokens: int = 0  # tokens copied into the engine's blocks (sum over ranks)
-    failed_load_tokens: int = 0  # tokens planned to load whose chunk failed or was late (recomputed)
+    copied_tokens: int = 0  # tokens copied from memory before the forward (sum over ranks, each the same)
+    # one per rank and settled asynchronous load: (request id, tokens planned, tokens loaded). A
+    # chunk reaches the engine only if every rank loaded it (vLLM recomputes what failed on any)
+    settled_loads: list[tuple[str, int, int]] = field(default_factory=list)
     load_seconds: list[float] = field(default_factory=list)
     store_seconds: list[float] = field(default_factory=list)
 

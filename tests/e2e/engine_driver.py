@@ -4,6 +4,7 @@ Used by the end-to-end tests: each engine lives in its own subprocess, so a rest
 process, exactly as in production. Input (argv[1], a JSON file):
   {"model": DIR, "kvtier": {extra config} | null, "prefix_caching": bool, "kv_cache_gib": float,
    "kv_role": "kv_both" | "kv_producer" | "kv_consumer", "max_lora_rank": N (LoRA on),
+   "tensor_parallel_size": N (ranks are worker processes, one core each),
    "actions": [{"op": "generate", "prompts": [[ids...], ...], "max_tokens": N, "kvtier": {per-request},
                 "lora": {"name": S, "id": N, "path": DIR},
                 "save_transfer_params": FILE (the first output's kv_transfer_params, as JSON),
@@ -37,7 +38,8 @@ def run(spec: dict) -> list:
     llm = LLM(model=spec["model"], max_model_len=spec.get("max_model_len", 4096), enforce_eager=True, block_size=128,
               enable_prefix_caching=spec.get("prefix_caching", True), kv_transfer_config=transfer,
               max_num_batched_tokens=spec.get("max_num_batched_tokens", 4096), seed=0,
-              num_gpu_blocks_override=spec.get("num_blocks"), **_lora_options(spec))
+              num_gpu_blocks_override=spec.get("num_blocks"), tensor_parallel_size=spec.get("tensor_parallel_size", 1),
+              **_lora_options(spec))
     results = []
     for action in spec["actions"]:
         if action["op"] == "generate":
@@ -95,4 +97,7 @@ if __name__ == "__main__":
     with open(sys.argv[1]) as f:
         spec = json.load(f)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.get("kv_cache_gib", 1)))
+    ranks = spec.get("tensor_parallel_size", 1)
+    if ranks > 1:  # vLLM-CPU binds each rank to a NUMA node unless told which cores to use
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(r % os.cpu_count()) for r in range(ranks)))
     print("\nRESULT " + json.dumps(run(spec)), flush=True)

@@ -126,16 +126,17 @@ class WorkerSide:
             self.fills.submit(load.req_id, load.disk, load.remote, load.deadline_s)
             self._async_loads[load.req_id] = load
         if plan.loads:
-            self._load(plan.loads)
+            self.report.copied_tokens += self._load(plan.loads)
 
-    def _load(self, loads: list[LoadOp]) -> None:
+    def _load(self, loads: list[LoadOp]) -> int:
+        """Copy ``loads`` into the engine's blocks; the number of tokens copied."""
         assert self.mover is not None
         started = time.perf_counter()
         self.mover.scatter_chunks(loads)  # ordered before the forward on the engine's stream
         num_blocks = sum(len(op.block_ids) for op in loads)
         self.report.memory_read_bytes += num_blocks * self.setup.chunk_bytes // self.setup.blocks_per_chunk
-        self.report.loaded_tokens += num_blocks * self.setup.layout.block_size
         self.report.load_seconds.append(time.perf_counter() - started)
+        return num_blocks * self.setup.layout.block_size
 
     def finished_loads(self) -> set[str]:
         """Requests whose asynchronous loads settled since the last call: what was verified is
@@ -153,12 +154,13 @@ class WorkerSide:
                 if op.slot in filled and op.slot not in settled.ok_slots:
                     good = index
                     break
-            copied = None
+            copied, loaded_tokens = None, 0
             if good:
-                self._load(list(load.loads[:good]))
+                loaded_tokens = self._load(list(load.loads[:good]))
                 copied = self.mover.last_load_event()
             errors = {block for op in load.loads[good:] for block in op.block_ids}
-            self.report.failed_load_tokens += len(errors) * self.setup.layout.block_size
+            planned_tokens = loaded_tokens + len(errors) * self.setup.layout.block_size
+            self.report.settled_loads.append((load.req_id, planned_tokens, loaded_tokens))
             if settled.timed_out:
                 logger.warning("kvtier: the load of request %s passed its deadline (%.1f s); the engine "
                                "recomputes %d of its chunks", load.req_id, load.deadline_s, len(load.loads) - good)
