@@ -20,7 +20,7 @@ from kvtier.proxy.cacheaware import Candidate, CacheAwareRouter, choose, parse_w
 from kvtier.proxy.feed import EventFeed, apply_batch
 from kvtier.proxy.index import PrefixIndex
 from tests.conftest import free_port
-from tests.unit.test_proxy import Instance, post
+from tests.unit.test_proxy import Instance, _Handler, post
 
 BLOCK = 4
 DOC = list(range(100, 116))  # four blocks of four tokens
@@ -132,3 +132,41 @@ def test_the_cli_wants_one_events_endpoint_per_instance(capsys: pytest.CaptureFi
 
     assert main(["proxy", "--instance", "http://127.0.0.1:1", "--events", "tcp://a:1", "--events", "tcp://b:2"]) == 2
     assert "--events" in capsys.readouterr().err
+
+
+class TokenizingInstance(Instance):
+    """A fake instance whose ``/tokenize`` answers as vLLM's does (``{"tokens": [...], ...}``):
+    every prompt and chat is ``DOC``."""
+
+    def __init__(self) -> None:
+        super().__init__("decode")
+        self.RequestHandlerClass = _TokenizingHandler
+
+
+class _TokenizingHandler(_Handler):
+    def do_POST(self) -> None:
+        if self.path != "/tokenize":
+            super().do_POST()
+            return
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.paths.append(self.path)
+        self.server.bodies.append(request)
+        self._send(200, json.dumps({"count": len(DOC), "max_model_len": 4096, "tokens": DOC}).encode())
+
+
+def test_text_prompts_and_chats_are_tokenized_by_an_instance() -> None:
+    instances = [TokenizingInstance(), TokenizingInstance()]
+    router = CacheAwareRouter([i.upstream for i in instances], ["tcp://127.0.0.1:1", "tcp://127.0.0.1:2"],
+                              poll_s=60)
+    router.index.stored(instances[1].upstream.url, "CPU", [1, 2], None, DOC[:8], BLOCK)  # as if from its events
+    server = serve(Proxy([], [i.upstream for i in instances], 10.0, router=router), "127.0.0.1", 0)
+    try:
+        for path, body in (("/v1/completions", {"model": "m", "prompt": "hello"}),
+                           ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}]})):
+            assert post(server.server_address[1], path, json.dumps(body).encode())[0] == 200
+    finally:
+        server.shutdown()
+    answered = [[p for p in i.paths if p.startswith("/v1/")] for i in instances]
+    assert answered == [[], ["/v1/completions", "/v1/chat/completions"]]
+    tokenized = [b for i in instances for b in i.bodies if "messages" in b and "add_generation_prompt" in b]
+    assert tokenized == [{"model": "m", "messages": [{"role": "user", "content": "hi"}], "add_generation_prompt": True}]
