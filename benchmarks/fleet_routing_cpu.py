@@ -11,7 +11,8 @@ Usage: python benchmarks/fleet_routing_cpu.py [--model DIR] [--trace FILE | --sa
            [--requests 60] [--block-tokens 64] [--max-input-tokens 2048] [--engine-kv-mib 256]
            [--memory-mib 256]
 Writes benchmarks/results/fleet_<date>.json (``routing``: ``round_robin`` and ``cache_aware``, each
-with ``hit_rate``, ``ttft_mean_s``, ``ttft_p95_s``; ``p2p``: not built yet, nulls).
+with ``hit_rate``, ``ttft_mean_s``, ``ttft_p95_s``; ``p2p``: not built yet, nulls) and a plot beside
+it (with matplotlib). ``--plot FILE`` only redraws the plot of a results file.
 """
 
 from __future__ import annotations
@@ -100,6 +101,31 @@ def wait_for_events(router: CacheAwareRouter, upstreams: list[Upstream]) -> None
         time.sleep(0.5)
 
 
+def plot(results_path: Path) -> None:
+    """Hit rate and TTFT (mean, p95) per routing policy, beside the results file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(results_path.read_text())
+    policies = ["round_robin", "cache_aware"]
+    figure, (hits, ttft) = plt.subplots(1, 2, figsize=(9, 3.5))
+    hits.bar(policies, [data["routing"][p]["hit_rate"] for p in policies], color=["#999999", "#2a7ab0"])
+    hits.set_ylabel("prefix hit rate (cached / prompt tokens)")
+    hits.set_ylim(0, 1)
+    positions = range(len(policies))
+    for offset, key, label in ((-0.2, "ttft_mean_s", "mean"), (0.2, "ttft_p95_s", "p95")):
+        ttft.bar([x + offset for x in positions], [data["routing"][p][key] for p in policies], width=0.4, label=label)
+    ttft.set_xticks(list(positions), policies)
+    ttft.set_ylabel("TTFT (s)")
+    ttft.legend()
+    figure.suptitle(f"{data['instances']} vLLM-CPU instances, {data['requests']} requests, {data['model'].split('/')[-1]}")
+    figure.tight_layout()
+    figure.savefig(results_path.with_suffix(".png"), dpi=100)
+    plt.close(figure)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="models/smollm2-135m-instruct")
@@ -114,7 +140,11 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--engine-kv-mib", type=int, default=256, help="vLLM's own KV cache per instance")
     parser.add_argument("--memory-mib", type=int, default=256, help="kvtier's memory tier per instance")
+    parser.add_argument("--plot", metavar="FILE", help="only redraw the plot of this results file")
     args = parser.parse_args()
+    if args.plot:
+        plot(Path(args.plot))
+        return 0
     logs = Path(tempfile.mkdtemp(prefix="fleet-"))
     if args.trace is None:
         args.trace = str(logs / "sample_trace.jsonl")
@@ -151,7 +181,8 @@ def main() -> int:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"fleet_{date}.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {path}")
+    plot(path)
+    print(f"wrote {path} and {path.with_suffix('.png')}")
     return 0
 
 
