@@ -137,6 +137,7 @@ def plot(rows: list[CapacityRow], infinite: CapacityRow, engine_only: float, tie
     right.set_ylabel("mean TTFT saved (ms)")
     right.set_ylim(bottom=0)
     left.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    left.set_xticks(gib, [f"{g:,.0f}" if g >= 10 else f"{g:.3g}" for g in gib], rotation=45, fontsize=8)
     at_knee = knee(ordered, infinite, engine_only)
     if at_knee is not None and at_knee.capacity_tokens:
         x = at_knee.capacity_tokens * kv_bytes_per_token / 2**30
