@@ -102,3 +102,18 @@ def test_prompts_beyond_the_context_are_refused_unless_cut_explicitly(tmp_path: 
     assert dict(workload.parameters)["input_tokens_kept"] == "76.2%"
     whole = trace_workload(TraceParams(str(path)), ID_RANGE, max_prompt_tokens=4000)
     assert dict(whole.parameters)["input_tokens_kept"] == "100.0%"
+
+
+@pytest.mark.parametrize("flag", ["--qps", "--seed"])
+def test_flags_a_trace_ignores_are_refused(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from kvtier.bench.options import workload_params
+    from kvtier.cli import build_parser, main
+
+    args = build_parser().parse_args(["bench", "trace", str(SAMPLE), flag, "2"])
+    with pytest.raises(ConfigError, match=f"{flag}: a trace replays its own timestamps"):
+        workload_params(args)
+    assert main(["bench", "trace", str(SAMPLE), flag, "2", "--model", "/nonexistent"]) == 2
+    assert f"{flag}: a trace replays" in capsys.readouterr().err
+    chat = workload_params(build_parser().parse_args(["bench", "chat"]))
+    assert (chat.qps, chat.seed) == (1.0, 0)  # the other workloads keep their defaults
+    assert workload_params(build_parser().parse_args(["bench", "chat", flag, "2"])) != chat

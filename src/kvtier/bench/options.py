@@ -16,9 +16,12 @@ from kvtier.bench.configs import DEFAULT_ENGINE_KV_TOKENS, RemoteOptions, check_
 from kvtier.bench.runner import ExternalServer, RunSettings
 from kvtier.bench.scenarios import ChatParams, DocQAParams, LowReuseParams, RagParams
 from kvtier.bench.trace import TRACE_BLOCK_TOKENS, TraceParams
+from kvtier.errors import ConfigError
 
 WorkloadParams = ChatParams | DocQAParams | RagParams | LowReuseParams | TraceParams
 WORKLOADS = ("chat", "docqa", "lowreuse", "rag", "trace")
+DEFAULT_QPS = 1.0
+DEFAULT_SEED = 0
 _PRICE_FLAGS = ("gpu_hour", "storage_gb_month", "transfer_gb", "retention_hours")
 
 
@@ -55,10 +58,10 @@ def _common_flags() -> argparse.ArgumentParser:
     g = common.add_argument_group("requests")
     g.add_argument("--max-tokens", type=_positive_int, default=32, help="answer tokens per request, exact "
                    "(ignore_eos) so every configuration decodes the same volume (default: 32)")
-    g.add_argument("--qps", type=_non_negative_float, default=1.0,
-                   help="mean arrival rate, Poisson (default: 1.0; 0 = all at once)")
+    g.add_argument("--qps", type=_non_negative_float,
+                   help=f"mean arrival rate, Poisson (default: {DEFAULT_QPS}; 0 = all at once; not for trace)")
     g.add_argument("--max-concurrency", type=_positive_int, default=4, help="requests in flight (default: 4)")
-    g.add_argument("--seed", type=int, default=0, help="seed of prompts and arrivals (default: 0)")
+    g.add_argument("--seed", type=int, help=f"seed of prompts and arrivals (default: {DEFAULT_SEED}; not for trace)")
     g = common.add_argument_group("engine and configurations")
     g.add_argument("--model", metavar="DIR|ID", help="model folder, or a Hugging Face model id such as "
                                                       "Qwen/Qwen2.5-7B-Instruct (vLLM downloads it; the bench reads "
@@ -150,19 +153,25 @@ def add_bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
 
 
 def workload_params(args: argparse.Namespace) -> WorkloadParams:
+    """The workload's parameters. Raises ConfigError for a flag the workload would ignore (a trace
+    has its own arrivals and prompts: --qps and --seed)."""
     if args.workload == "trace":
+        for flag, value in (("--qps", args.qps), ("--seed", args.seed)):
+            if value is not None:
+                raise ConfigError(flag, "a trace replays its own timestamps and prompts, so it does not apply "
+                                        "(--speed scales the timestamps)")
         return TraceParams(args.trace, args.speed, args.block_tokens, args.max_input_tokens, args.max_tokens,
                            args.max_requests)
+    qps = DEFAULT_QPS if args.qps is None else args.qps
+    seed = DEFAULT_SEED if args.seed is None else args.seed
     if args.workload == "chat":
-        return ChatParams(args.users, args.rounds, args.system_tokens, args.context_tokens, args.max_tokens,
-                          args.qps, args.seed)
+        return ChatParams(args.users, args.rounds, args.system_tokens, args.context_tokens, args.max_tokens, qps, seed)
     if args.workload == "docqa":
-        return DocQAParams(args.documents, args.document_tokens, args.questions, args.max_tokens, args.qps,
-                           args.seed)
+        return DocQAParams(args.documents, args.document_tokens, args.questions, args.max_tokens, qps, seed)
     if args.workload == "rag":
         return RagParams(args.requests, args.pool, args.passage_tokens, args.passages, args.zipf, args.max_tokens,
-                         args.qps, args.seed)
-    return LowReuseParams(args.requests, args.prompt_tokens, args.max_tokens, args.qps, args.seed)
+                         qps, seed)
+    return LowReuseParams(args.requests, args.prompt_tokens, args.max_tokens, qps, seed)
 
 
 def bench_options(args: argparse.Namespace, engine_extra_args: Sequence[str] = ()) -> BenchOptions:
