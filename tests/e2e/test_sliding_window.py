@@ -6,13 +6,13 @@ prefix cache at the same cached length."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.engines import run_engine
 from tests.e2e.test_vllm_connector import CHUNK, P, S2
+from tests.e2e.tiny_models import save_random_model
 
 pytestmark = pytest.mark.e2e
 
@@ -28,10 +28,7 @@ def tiny_gemma3(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> st
         num_key_value_heads=1, head_dim=64, sliding_window=256, max_position_embeddings=4096,
         layer_types=["sliding_attention"] * 3 + ["full_attention"], bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
-    Gemma3ForCausalLM(config).to(torch.bfloat16).save_pretrained(str(out))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(Path(tiny_model) / name, out / name)
-    return str(out)
+    return save_random_model(Gemma3ForCausalLM(config), out, tiny_model)
 
 
 def test_sliding_window_model_hits_equal_vllms_prefix_cache(tiny_gemma3: str, tmp_path: Path) -> None:

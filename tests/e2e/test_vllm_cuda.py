@@ -24,6 +24,8 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 vllm = pytest.importorskip("vllm")
 
+from tests.e2e.tiny_models import RANK, make_adapter  # noqa: E402
+
 pytestmark = pytest.mark.e2e
 
 TINY_LLAMA = {
@@ -82,30 +84,10 @@ def write_model(path: Path, config: dict) -> str:
     return str(path)
 
 
-def make_adapter(path: Path, config: dict, seed: int, rank: int = 8) -> str:
-    """A random LoRA adapter on every layer's K and V projections."""
-    from safetensors.torch import save_file
-
-    generator = torch.Generator().manual_seed(seed)
-    hidden, kv_width = config["hidden_size"], config["num_key_value_heads"] * config["head_dim"]
-    tensors = {}
-    for layer in range(config["num_hidden_layers"]):
-        for name in ("k_proj", "v_proj"):
-            prefix = f"base_model.model.model.layers.{layer}.self_attn.{name}"
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, hidden, generator=generator) * 0.05
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(kv_width, rank, generator=generator) * 0.05
-    path.mkdir()
-    save_file(tensors, str(path / "adapter_model.safetensors"))
-    (path / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": rank, "lora_alpha": 16, "target_modules": ["k_proj", "v_proj"], "bias": "none",
-        "task_type": "CAUSAL_LM", "lora_dropout": 0.0}))
-    return str(path)
-
-
 def kvtier_engine(model: str, port: int, enforce_eager: bool, enable_lora: bool = False):
     from vllm import LLM
 
-    lora = {"enable_lora": True, "max_lora_rank": 8, "max_loras": 2} if enable_lora else {}
+    lora = {"enable_lora": True, "max_lora_rank": RANK, "max_loras": 2} if enable_lora else {}
     return LLM(model=model, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", max_model_len=4096,
                gpu_memory_utilization=0.2, enable_prefix_caching=True, seed=0, enforce_eager=enforce_eager,
                kv_transfer_config={"kv_connector": "KVTierConnector", "kv_role": "kv_both",
@@ -157,9 +139,10 @@ def test_another_lora_adapter_never_gets_kvtiers_kv_in_cuda_vllm(tmp_path: Path,
 
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     port = free_port()
-    llm = kvtier_engine(write_model(tmp_path / "tiny-llama", TINY_LLAMA), port, enforce_eager=True, enable_lora=True)
-    sql = LoRARequest("sql", 1, make_adapter(tmp_path / "sql", TINY_LLAMA, seed=1))
-    chat = LoRARequest("chat", 2, make_adapter(tmp_path / "chat", TINY_LLAMA, seed=2))
+    model = write_model(tmp_path / "tiny-llama", TINY_LLAMA)
+    llm = kvtier_engine(model, port, enforce_eager=True, enable_lora=True)
+    sql = LoRARequest("sql", 1, make_adapter(model, tmp_path / "sql", seed=1))
+    chat = LoRARequest("chat", 2, make_adapter(model, tmp_path / "chat", seed=2))
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, detokenize=False)
     prompt = [random.Random(7).randrange(100, 31000) for _ in range(4 * 256 + 1)]
 
