@@ -16,95 +16,27 @@ some of its keys, unreachable at once. An entry that a request has leased (its l
 or whose data is still in flight cannot give its slot back at once: it is *doomed* (never found
 again) and its slot is freed when the lease ends (``reap``), so a slot is never reused under a
 planned load.
+
+Its parts: the entries and answers (``kvtier.store_types``, re-exported here), limits and entry
+counts per namespace (``kvtier.tenant_books``), and what the ranks reported (``kvtier.acks``).
 """
 
 from __future__ import annotations
 
-import enum
-from collections import Counter, deque
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
 
+from kvtier.acks import RankAcks, SlotWrites
 from kvtier.config import NamespaceLimits
 from kvtier.events import EventLog
 from kvtier.leases import Leases
 from kvtier.metrics import Metrics
 from kvtier.plans import EntryRef, Invalidation, SlotOp, StepPlan, WorkerReport
 from kvtier.policy import EvictionPolicy, make_policy
+from kvtier.store_types import DiskEntry, DiskItem, DiskSettings, Invalidated, Lookup, MemoryEntry, State
+from kvtier.tenant_books import TenantBooks, Usage, uncount
 
-_NO_LIMITS = NamespaceLimits()
-
-
-class State(enum.Enum):
-    PENDING = "pending"  # planned, the worker has not reported the data in place yet
-    READY = "ready"
-
-
-@dataclass
-class MemoryEntry:
-    slot: int
-    state: State
-    namespace: str
-    created: float  # when the data was first computed (a promoted entry keeps its disk time)
-    on_disk: bool = False
-    doomed: bool = False  # invalidated or expired: never found again, dropped once unleased
-
-
-@dataclass
-class DiskEntry:
-    state: State
-    namespace: str
-    created: float
-
-
-@dataclass(frozen=True)
-class DiskItem:
-    """A disk entry found at start-up."""
-
-    key: bytes
-    namespace: str
-    created: float  # the file's modification time
-
-
-@dataclass(frozen=True)
-class Lookup:
-    """The longest prefix of looked-up keys held by any tier."""
-
-    num_chunks: int
-    disk_only: tuple[int, ...]  # indices (within the prefix) held on disk but not in memory
-
-
-@dataclass(frozen=True)
-class DiskSettings:
-    capacity_entries: int
-    write_through: bool
-    initial: Sequence[DiskItem] = ()  # oldest first, from the scan of the directory
-
-
-@dataclass
-class _SlotWrite:
-    """A write-through in flight: the disk writer reads the chunk straight from ``slot``, so the
-    slot is not reused until every rank reported the write (written or failed)."""
-
-    slot: int
-    reports_left: int
-    released: bool = False  # the memory entry is gone: free the slot when the write is done
-
-
-@dataclass(frozen=True)
-class Invalidated:
-    """How many entries an invalidation removed from the books, per tier."""
-
-    memory: int
-    disk: int
-
-
-@dataclass(frozen=True)
-class Usage:
-    """Entries one namespace holds."""
-
-    memory: int
-    disk: int
+__all__ = ["DiskEntry", "DiskItem", "DiskSettings", "Invalidated", "Lookup", "MemoryEntry", "State",
+           "TieredStore", "Usage"]
 
 
 class TieredStore:
@@ -121,12 +53,9 @@ class TieredStore:
         self._disk_settings = disk
         self._disk: dict[bytes, DiskEntry] = {}
         self._disk_policy: EvictionPolicy | None = None
-        self._memory_usage: Counter[str] = Counter()
-        self._disk_usage: Counter[str] = Counter()
         self._doomed: set[bytes] = set()
-        self._slot_writes: dict[bytes, deque[_SlotWrite]] = {}  # by key, oldest first
-        self._chunk_bytes = chunk_bytes
-        self._limits = dict(limits)
+        self._slot_writes = SlotWrites(world_size)  # write-throughs in flight, reading their slots
+        self._tenants = TenantBooks(limits, chunk_bytes)  # limits and entries per namespace
         self._clock = clock
         if disk is not None:
             self._disk_policy = make_policy("lru", max(disk.capacity_entries, 1))
@@ -134,7 +63,7 @@ class TieredStore:
                 self._add_disk(item.key, DiskEntry(State.READY, item.namespace, item.created))
         self.leases = Leases()
         self._world_size = world_size
-        self._acks: Counter[tuple[str, bytes]] = Counter()
+        self._acks = RankAcks(world_size)  # what some ranks, not yet all, reported done
         self._ops = StepPlan()  # the store's part of the next plan: spills, writes, deletes
         self._metrics = metrics
         # where entries becoming visible or invisible to lookups are recorded, per tier (memory,
@@ -186,11 +115,10 @@ class TieredStore:
 
     def usage(self) -> dict[str, Usage]:
         """Entries per namespace (those holding any)."""
-        names = set(self._memory_usage) | set(self._disk_usage)
-        return {name: Usage(self._memory_usage[name], self._disk_usage[name]) for name in sorted(names)}
+        return self._tenants.usage()
 
     def limits(self) -> dict[str, NamespaceLimits]:
-        return dict(self._limits)
+        return self._tenants.limits()
 
     # ----- planning ------------------------------------------------------------------------
     def touch(self, keys: Sequence[bytes]) -> None:
@@ -253,7 +181,7 @@ class TieredStore:
         if self._disk_settings is not None and self._disk_settings.write_through and not on_disk:
             if self._reserve_disk(key, namespace, entry.created):
                 self._ops.write_through.append(SlotOp(key, slot, namespace))
-                self._slot_writes.setdefault(key, deque()).append(_SlotWrite(slot, self._world_size))
+                self._slot_writes.begin(key, slot)
                 entry.on_disk = True
         return slot
 
@@ -266,15 +194,15 @@ class TieredStore:
 
     # ----- tenants ---------------------------------------------------------------------------
     def ttl_of(self, namespace: str) -> int:
-        return self._limits.get(namespace, _NO_LIMITS).ttl_s
+        return self._tenants.ttl_of(namespace)
 
     def set_limits(self, namespace: str, limits: NamespaceLimits) -> Invalidated:
         """Replace ``namespace``'s limits; entries now over its quotas or expired are removed
         (those in use are doomed). Returns how many were removed per tier."""
-        self._limits[namespace] = limits
+        self._tenants.set_limits(namespace, limits)
         memory, disk = self._trim(namespace), 0
-        quota = self._disk_quota(namespace)
-        while quota is not None and self._disk_usage[namespace] > quota:
+        quota = self._tenants.disk_quota(namespace)
+        while quota is not None and self._tenants.on_disk[namespace] > quota:
             victim = self._disk_victim(namespace)
             if victim is None:
                 break
@@ -306,7 +234,7 @@ class TieredStore:
 
     def expire(self) -> Invalidated:
         """Remove every entry older than its namespace's TTL (memory: doomed; disk: deleted)."""
-        if not any(limits.ttl_s for limits in self._limits.values()):
+        if not self._tenants.any_ttl():
             return Invalidated(0, 0)
         now = self._clock()
         memory = [key for key, entry in self._memory.items() if not entry.doomed and self._expired(entry, now)]
@@ -339,44 +267,36 @@ class TieredStore:
         tensor parallelism, a write or promote that fails on one rank fails for all: what the
         other ranks acknowledged of it is forgotten (and their later acknowledgements ignored),
         and a failed disk write plans the delete of every rank's file of the entry."""
-        for key in self._acked("stored", report.stored):
+        for key in self._acks.count("stored", report.stored):
             self._set_ready(key)
-        for key in self._acked("promoted", [key for key in report.promoted if self.is_pending(key)]):
+        for key in self._acks.count("promoted", [key for key in report.promoted if self.is_pending(key)]):
             self._set_ready(key)
         for key in set(report.promote_failed):
-            self._acks.pop(("promoted", key), None)
+            self._acks.forget("promoted", key)
             self._drop_memory(key)
             self._drop_disk(key)  # the files stay (an unreadable entry is left in place)
         failed_writes = set(report.disk_failed)
         for key in failed_writes:
-            self._acks.pop(("disk", key), None)
+            self._acks.forget("disk", key)
             entry = self._disk.get(key)
             if entry is not None and entry.state is State.PENDING and self._world_size > 1:
                 self._ops.deletes.append(EntryRef(key, entry.namespace))  # the ranks that wrote it
             self._drop_disk(key)
         written = [key for key in report.disk_written if key not in failed_writes and self._disk_pending(key)]
-        for key in self._acked("disk", written):
+        for key in self._acks.count("disk", written):
             entry = self._disk.get(key)
             if entry is not None and entry.state is State.PENDING:
                 entry.state = State.READY
                 if self.events is not None:
                     self.events.stored("disk", key)
         for key in [*report.disk_written, *report.disk_failed]:
-            self._slot_write_reported(key)
+            slot = self._slot_writes.reported(key)  # the slot of a write-through whose entry is gone
+            if slot is not None:
+                self._free_slots.append(slot)
 
     # ----- internals -----------------------------------------------------------------------
     def _expired(self, entry: MemoryEntry | DiskEntry, now: float) -> bool:
-        ttl = self.ttl_of(entry.namespace)
-        return ttl > 0 and now - entry.created > ttl
-
-    def _acked(self, kind: str, keys: Sequence[bytes]) -> list[bytes]:
-        done: list[bytes] = []
-        for key in keys:
-            self._acks[(kind, key)] += 1
-            if self._acks[(kind, key)] >= self._world_size:
-                del self._acks[(kind, key)]
-                done.append(key)
-        return done
+        return self._tenants.expired(entry.namespace, entry.created, now)
 
     def _disk_pending(self, key: bytes) -> bool:
         entry = self._disk.get(key)
@@ -400,11 +320,11 @@ class TieredStore:
 
     def _add_memory(self, key: bytes, entry: MemoryEntry) -> None:
         self._memory[key] = entry
-        self._memory_usage[entry.namespace] += 1
+        self._tenants.in_memory[entry.namespace] += 1
 
     def _pop_memory(self, key: bytes) -> MemoryEntry:
         entry = self._memory.pop(key)
-        _uncount(self._memory_usage, entry.namespace)
+        uncount(self._tenants.in_memory, entry.namespace)
         if self.events is not None and entry.state is State.READY and not entry.doomed:
             self.events.removed("memory", key)
         return entry
@@ -413,35 +333,14 @@ class TieredStore:
         if key in self._memory:
             entry = self._pop_memory(key)
             self._memory_policy.remove(key)
-            if not self._hold_for_write(key, entry.slot):
+            if not self._slot_writes.hold(key, entry.slot):
                 self._free_slots.append(entry.slot)
-
-    def _hold_for_write(self, key: bytes, slot: int) -> bool:
-        """Whether a write-through still reads ``slot``; if so it frees the slot when done."""
-        for write in self._slot_writes.get(key, ()):
-            if write.slot == slot and not write.released:
-                write.released = True
-                return True
-        return False
-
-    def _slot_write_reported(self, key: bytes) -> None:
-        """One rank reported the oldest write-through of ``key`` done (written or failed)."""
-        writes = self._slot_writes.get(key)
-        if not writes:
-            return  # a spill: it wrote a copy, not the slot
-        writes[0].reports_left -= 1
-        if writes[0].reports_left <= 0:
-            done = writes.popleft()
-            if done.released:
-                self._free_slots.append(done.slot)
-            if not writes:
-                del self._slot_writes[key]
 
     def _add_disk(self, key: bytes, entry: DiskEntry) -> None:
         assert self._disk_policy is not None
         self._disk[key] = entry
         self._disk_policy.insert(key)
-        self._disk_usage[entry.namespace] += 1
+        self._tenants.on_disk[entry.namespace] += 1
 
     def _drop_disk(self, key: bytes) -> None:
         entry = self._disk.pop(key, None)
@@ -451,7 +350,7 @@ class TieredStore:
             self.events.removed("disk", key)
         if self._disk_policy is not None:
             self._disk_policy.remove(key)
-        _uncount(self._disk_usage, entry.namespace)
+        uncount(self._tenants.on_disk, entry.namespace)
         memory_entry = self._memory.get(key)
         if memory_entry is not None:
             memory_entry.on_disk = False
@@ -460,17 +359,9 @@ class TieredStore:
         entry = self._memory[key]
         return entry.state is State.READY and not self.leases.is_leased(key) and key not in self._slot_writes
 
-    def _memory_quota(self, namespace: str) -> int | None:
-        quota = self._limits.get(namespace, _NO_LIMITS).memory_bytes
-        return quota // self._chunk_bytes if quota else None
-
-    def _disk_quota(self, namespace: str) -> int | None:
-        quota = self._limits.get(namespace, _NO_LIMITS).disk_bytes
-        return quota // self._chunk_bytes if quota else None
-
     def _allocate_slot(self, namespace: str) -> int | None:
-        quota = self._memory_quota(namespace)
-        if quota is not None and self._memory_usage[namespace] >= quota:
+        quota = self._tenants.memory_quota(namespace)
+        if quota is not None and self._tenants.in_memory[namespace] >= quota:
             return self._evict_memory(namespace)
         if self._free_slots:
             return self._free_slots.pop()
@@ -496,9 +387,9 @@ class TieredStore:
 
     def _trim(self, namespace: str) -> int:
         """Evict ``namespace``'s memory entries down to its quota; returns how many went."""
-        quota = self._memory_quota(namespace)
+        quota = self._tenants.memory_quota(namespace)
         num_evicted = 0
-        while quota is not None and self._memory_usage[namespace] > quota:
+        while quota is not None and self._tenants.in_memory[namespace] > quota:
             slot = self._evict_memory(namespace)
             if slot is None:
                 break
@@ -528,8 +419,8 @@ class TieredStore:
         assert self._disk_settings is not None and self._disk_policy is not None
         if key in self._disk:
             return False
-        quota = self._disk_quota(namespace)
-        while quota is not None and self._disk_usage[namespace] >= quota:
+        quota = self._tenants.disk_quota(namespace)
+        while quota is not None and self._tenants.on_disk[namespace] >= quota:
             if not self._make_disk_room(namespace):
                 return False
         while len(self._disk) >= self._disk_settings.capacity_entries:
@@ -545,10 +436,3 @@ class TieredStore:
             return False
         self._evict_disk(victim)
         return True
-
-
-def _uncount(usage: Counter[str], namespace: str) -> None:
-    """One entry of ``namespace`` fewer; namespaces holding none are not listed."""
-    usage[namespace] -= 1
-    if not usage[namespace]:
-        del usage[namespace]
