@@ -43,7 +43,7 @@ try:
 except ImportError:
     sys.exit("xxhash is missing: pip install xxhash (or install the wheel carried with this run)")
 
-from kvtier.datapath import ChunkMover, HostPool, PagedKV  # noqa: E402
+from kvtier.datapath import DEFAULT_GROUP_BYTES, ChunkMover, HostPool, PagedKV  # noqa: E402
 from kvtier.layout import KVLayout  # noqa: E402
 from kvtier.plans import LoadOp, StoreOp  # noqa: E402
 
@@ -94,7 +94,7 @@ def gbps(num_bytes: int, seconds: float) -> float:
 
 
 # ----- data path ---------------------------------------------------------------------------
-def bench_datapath(shape: Shape, device: torch.device, repeats: int) -> dict:
+def bench_datapath(shape: Shape, device: torch.device, repeats: int, group_bytes: int) -> dict:
     layout = KVLayout("packed_hnd", shape.num_layers, shape.num_kv_heads, shape.head_dim, shape.block_size, "bfloat16")
     blocks_per_chunk = layout.blocks_per_chunk(CHUNK_TOKENS)
     max_tokens = max(shape.request_tokens)
@@ -104,7 +104,7 @@ def bench_datapath(shape: Shape, device: torch.device, repeats: int) -> dict:
                           device=device, dtype=torch.bfloat16) for _ in range(shape.num_layers)]
     paged = PagedKV(layers, layout, "FLASH_ATTN")
     pool = HostPool(max_tokens // CHUNK_TOKENS, layout.chunk_bytes(CHUNK_TOKENS), pin_memory=device.type == "cuda")
-    mover = ChunkMover(paged, pool, blocks_per_chunk)
+    mover = ChunkMover(paged, pool, blocks_per_chunk, group_bytes=group_bytes)
     pages = [t.view(torch.int16).view(num_blocks, -1) for t in layers]
     device_buffer = torch.empty(pool.num_slots * pool.slot_bytes, dtype=torch.uint8, device=device)
     host_bytes = pool.data.view(-1)
@@ -357,6 +357,9 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="small shapes (runs on CPU in seconds)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--group-mib", type=int, default=DEFAULT_GROUP_BYTES >> 20,
+                        help="ChunkMover's transfer group size (default: the worker's)")
+    parser.add_argument("--datapath-only", action="store_true", help="skip the transformers TTFT (no report files)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.smoke:
@@ -366,7 +369,12 @@ def main() -> int:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"kvtier gpu_datapath on {gpu}, torch {torch.__version__}, smoke={args.smoke}", flush=True)
     print("data path (store = engine blocks -> pinned host slots, load = slots -> blocks):", flush=True)
-    datapath = bench_datapath(shape, device, args.repeats)
+    datapath = bench_datapath(shape, device, args.repeats, args.group_mib << 20)
+    if args.datapath_only:
+        print(json.dumps({"group_mib": args.group_mib,
+                          "store_ratio": {t: e["store_ratio"] for t, e in datapath["sizes"].items()},
+                          "load_ratio": {t: e["load_ratio"] for t, e in datapath["sizes"].items()}}))
+        return 0
     if device.type == "cuda":
         torch.cuda.empty_cache()
     print("transformers TTFT:", flush=True)

@@ -27,6 +27,11 @@ from kvtier.layout import KVLayout, derive_kind
 from kvtier.plans import LoadOp, StoreOp
 
 _BIT_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+# ChunkMover's transfer groups on CUDA. Smaller groups overlap more kernels with copies, larger
+# ones cost less CPU (one kernel per layer and group). On an H200 (benchmarks/gpu_datapath.py
+# --group-mib, 2026-12-03): load/raw at 8K tokens 0.86 (1 GiB), 0.91 (512 MiB), 0.94 (128 MiB);
+# CPU to queue a 32K load 3-4 ms, 5-7 ms, 11-21 ms.
+DEFAULT_GROUP_BYTES = 512 << 20
 
 
 def bit_dtype(num_bytes: int) -> torch.dtype:
@@ -255,14 +260,14 @@ class ChunkMover:
     """
 
     def __init__(self, paged: PagedKV, pool: HostPool, blocks_per_chunk: int, num_staging: int = 2,
-                 group_bytes: int = 1 << 30, staged: bool | None = None) -> None:
+                 group_bytes: int = DEFAULT_GROUP_BYTES, staged: bool | None = None) -> None:
         """``staged``: move through staging buffers (default: on CUDA only; tests turn it on for
         CPU tensors to check the grouping on machines without a GPU)."""
         self.paged = paged
         self.pool = pool
         self.blocks_per_chunk = blocks_per_chunk
         # the CPU cost of a batch is one copy per chunk plus one kernel per layer and group, so
-        # larger groups cost less (a 32K-token load of an 8B model: 4 groups of 1 GiB)
+        # larger groups cost less CPU, smaller ones overlap more (DEFAULT_GROUP_BYTES)
         self.group_chunks = max(1, min(group_bytes // pool.slot_bytes, pool.num_slots))
         self._ring: StagingRing | None = None
         self._loads_done: torch.cuda.Event | None = None
