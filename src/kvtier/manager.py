@@ -92,6 +92,7 @@ class _Owner:
     remote_asked_at: float = 0.0  # when the remote last answered for it
     remote_held: int = 0  # chunks the remote held at that answer
     counted: bool = False  # its hits and misses are in the metrics
+    load_failed: bool = False  # a load of it failed on some rank: the engine recomputes, never asks again
 
 
 class RemoteKnowledge:
@@ -234,7 +235,7 @@ class KVManager:
         """The ages on the remote of the run of ``after_local`` (the chunks after the local
         prefix) it holds, None while its answer is pending. A request waiting for a handoff asks
         at most every ``HANDOFF_POLL_S``."""
-        if self.lookups is None or not after_local:
+        if self.lookups is None or not after_local or owner.load_failed:
             return []
         run: list[bytes] = []
         for key in after_local:
@@ -336,8 +337,11 @@ class KVManager:
                 continue
             del self._settling[req_id]
             loaded = min(tokens for _, tokens in ranks)
+            failed = max(planned for planned, _ in ranks) - loaded
             self.metrics.loaded_tokens.inc(loaded)
-            self.metrics.failed_load_tokens.inc(max(planned for planned, _ in ranks) - loaded)
+            self.metrics.failed_load_tokens.inc(failed)
+            if failed and req_id in self._owners:  # vLLM reschedules it: it must not plan the same reads again
+                self._owners[req_id].load_failed = True
 
     def forget_remote(self) -> None:
         """Forget which chunks the remote holds (after an invalidation removed some)."""

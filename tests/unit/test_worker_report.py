@@ -43,3 +43,39 @@ def test_ranks_that_agree_count_once_and_memory_copies_count_once() -> None:
     copies = WorkerReport(copied_tokens=CHUNK).aggregate(WorkerReport(copied_tokens=CHUNK))
     kv.complete(copies, 0)
     assert counted(metrics) == (3 * CHUNK, 0)
+
+
+def test_a_request_whose_remote_load_failed_is_not_planned_from_the_remote_again() -> None:
+    """vLLM reschedules a request whose load failed and asks the connector again. Asking the
+    remote again planned the same reads, which failed at once while the worker's remote tier
+    backed off: the request looped through failed loads, one per step, for 24 s (a 3 s
+    deadline on a slow link). Now it is recomputed."""
+    from kvtier.manager import LoadRequest
+    from tests.dict_tier import DictTier
+    from tests.unit.test_store import NS, key
+
+    config = load_config({"chunk_tokens": CHUNK, "remote.cost_gate": False}, {}).config
+    metrics = Metrics()
+    store = TieredStore(4, "lru", None, 1, metrics, CHUNK_BYTES, {}, time.time)
+    remote = DictTier()
+    kv = KVManager(config, store, metrics, remote, CHUNK, CHUNK_BYTES, 1)
+    for i in (1, 2):
+        assert remote.put(key(i), 0, bytes(CHUNK_BYTES), b"\x01" * 16, namespace=NS)
+
+    def plan(owner: str):
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # the remote answers on a background thread
+            planned = kv.plan_load(LoadRequest(owner, NS, [key(1), key(2), key(3)], 0, 0))
+            if planned is not None:
+                return planned
+            time.sleep(0.005)
+        raise AssertionError("no answer from the remote")
+
+    first = plan("r1")
+    assert len(first.remote) == 2
+    kv.complete(WorkerReport(promote_failed=[key(1), key(2)], remote_failed=[key(1), key(2)],
+                             settled_loads=[("r1", 2 * CHUNK, 0)]), 0)
+    kv.load_finished("r1")
+    assert plan("r1").remote == ()  # rescheduled after the failure: recomputed
+    assert len(plan("r2").remote) == 2  # another request still may
+    kv.close()
