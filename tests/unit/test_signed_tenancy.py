@@ -20,6 +20,7 @@ from kvtier.metrics import Metrics
 from kvtier.signing import (HandoffClaim, NamespaceClaim, SigningKey, prompt_id_of, sign_handoff, sign_namespace,
                             verify_handoff)
 from tests.dict_tier import DictTier
+from kvtier.layout import KVLayout
 from tests.unit.test_handoff import CHUNK, LAYOUT, PROMPT, arrive, ask
 
 KEY = SigningKey(bytes(range(32)))
@@ -76,11 +77,11 @@ def test_only_a_signed_handoff_of_the_same_namespace_counts() -> None:
     assert controls({**signed, "handoff": handoff.replace(":512:", ":1024:")}).expect_tokens == 0
 
 
-def side(signing: bool, producer: bool = False, unsigned: str = "refuse") -> SchedulerSide:
+def side(signing: bool, producer: bool = False, unsigned: str = "refuse", layout: KVLayout = LAYOUT) -> SchedulerSide:
     config = load_config({"chunk_tokens": CHUNK, "remote.handoff_wait_ms": 5000, "signing.unsigned": unsigned},
                          {}).config
-    setup = EngineSetup(config, LAYOUT, Namespace("default", "m", LAYOUT.fingerprint(), 1), ("l0", "l1"), 1,
-                        LAYOUT.chunk_bytes(CHUNK), 16, None, 0, producer)
+    setup = EngineSetup(config, layout, Namespace("default", "m", layout.fingerprint(), 1), ("l0", "l1"), 1,
+                        layout.chunk_bytes(CHUNK), 16, None, 0, producer)
     return SchedulerSide(setup, [], Metrics(), DictTier(), KEY if signing else None)
 
 
@@ -131,3 +132,25 @@ def test_without_a_time_tokens_are_checked_against_the_clock() -> None:
     assert request_controls({"kvtier": expired}, None, "default", trust=REFUSE) == OFF
     valid = {"namespace_token": token("tenant-a", expires_at_s=int(time.time()) + 60)}
     assert request_controls({"kvtier": valid}, None, "default", trust=REFUSE).namespace == "tenant-a"
+
+
+def test_a_signed_handoff_of_a_whole_number_of_chunks_is_honoured_when_blocks_are_chunks() -> None:
+    """Block size = chunk size and a prompt of exactly 4 chunks: the prefill engine announces 4,
+    but the decode engine can load only 3 (its last token is always computed). The handoff was
+    checked against those 3 keys and dropped, silently; now against the prompt's 4."""
+    layout = KVLayout("cpu_lbhnc", 2, 1, 8, CHUNK, "bfloat16")
+    prompt = PROMPT[:4 * CHUNK]
+    producer = side(True, producer=True, layout=layout)
+    req = request({"namespace_token": token("tenant-a", expires_at_s=int(time.time()) + 60)}, prompt=prompt)
+    ask(producer, req)
+    _, params = producer.request_finished(req)  # type: ignore[arg-type]
+    assert params is not None and params["kvtier"]["expect_tokens"] == 4 * CHUNK
+    consumer = side(True, layout=layout)
+    decode = request({**req.kv_transfer_params["kvtier"], "handoff": params["kvtier"]["handoff"]}, prompt=prompt)
+    assert ask(consumer, decode) == (None, False)  # waits for the announced chunks
+    remote = consumer.remote
+    assert isinstance(remote, DictTier)
+    for chunk in range(4):
+        key = consumer.requests["r1"].keys[chunk]
+        assert remote.put(key, 0, bytes(layout.chunk_bytes(CHUNK)), layout.fingerprint(), namespace="tenant-a")
+    assert ask(consumer, decode) == (3 * CHUNK, True)

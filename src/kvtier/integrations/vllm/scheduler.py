@@ -140,11 +140,17 @@ class SchedulerSide:
         prompt = state.request.prompt_token_ids or []
         block, chunk = self.setup.layout.block_size, self.setup.chunk_tokens
         max_hit = (len(prompt) - 1) // block * block
-        keys = self._keys(state, prompt)[: -(-max_hit // chunk)]
+        all_keys = self._keys(state, prompt)
+        keys = all_keys[: -(-max_hit // chunk)]
         first = num_local // chunk  # chunks before this one are in vLLM's own cache
         expect = state.controls.expect_tokens // chunk
-        if state.controls.handoff_prompt_id and not _names_prompt(state.controls.handoff_prompt_id, keys, expect):
-            expect = 0  # a handoff signed for another prompt
+        # checked against every whole chunk of the prompt: the last one may lie beyond what can hit
+        # (the last token is always computed), and the manager clamps the wait to ``keys``
+        if state.controls.handoff_prompt_id and not _names_prompt(state.controls.handoff_prompt_id, all_keys,
+                                                                  expect):
+            logger.warning("kvtier: request %s carries a handoff signed for another prompt; it is ignored",
+                           state.request.request_id)
+            expect = 0
         planned = self.manager.plan_load(LoadRequest(state.request.request_id, state.controls.namespace, keys, first,
                                                      expect))
         if planned is None:
