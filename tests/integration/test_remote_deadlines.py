@@ -114,3 +114,29 @@ def test_the_engine_thread_never_waits_for_a_slow_link(fresh_redis: ServerProces
         side.shutdown()
         slow.close()
     fast.close()
+
+
+def test_a_batched_read_in_several_groups_shares_one_deadline(fresh_redis: ServerProcess, monkeypatch) -> None:
+    """Sealed values are fetched in groups; each group used to start its own deadline, so a read
+    of N groups could take N timeouts (review finding). Two groups of 4 x 64 KiB at 320 KiB/s:
+    each group alone fits a 1.2 s timeout, both do not."""
+    from kvtier.crypto import Sealer
+    from kvtier.tiers import remote as remote_module
+
+    monkeypatch.setattr(remote_module, "SEALED_GROUP_BYTES", 64 << 10)  # groups of the minimum 4 items
+    sealer, value_bytes, timeout_s = Sealer(bytes(range(32))), 64 << 10, 1.2
+    keys = [bytes([i]) * 16 for i in range(1, 9)]
+    fast = open_remote(f"redis://127.0.0.1:{port_of(fresh_redis)}/0", ttl_s=None, timeout_s=5.0, sealer=sealer)
+    for key in keys:
+        assert fast.put(key, 0, bytes(value_bytes), LAYOUT, namespace=NS)
+    with SlowLink(port_of(fresh_redis), bytes_per_s=320 << 10) as link:
+        slow = open_remote(f"redis://127.0.0.1:{link.port}/0", ttl_s=None, timeout_s=timeout_s, sealer=sealer)
+        items = [(key, memoryview(bytearray(value_bytes))) for key in keys]
+        started = time.monotonic()
+        results = slow.get_many_into(items, 0, LAYOUT, namespace=NS)
+        elapsed = time.monotonic() - started
+        assert results == [ReadResult.MISSING] * len(keys) and elapsed < timeout_s + SLACK_S, elapsed
+        slow.close()
+    assert fast.get_many_into([(keys[0], memoryview(bytearray(value_bytes)))], 0, LAYOUT,
+                              namespace=NS) == [ReadResult.OK]
+    fast.close()

@@ -25,12 +25,12 @@ Failure model: no method raises on I/O failure. A failed call returns a miss (``
 ``False``, ``0``), increments ``num_errors`` and marks the tier unhealthy. While unhealthy,
 calls return misses at once, without touching the network, until ``retry_after_s`` has passed
 (exponential backoff from 1 s, doubling up to 30 s); the next call then probes the server, and
-a success marks the tier healthy again. Each call has one wall-clock deadline, ``timeout_s``
-(given at construction) after it starts, for the whole call: connecting, every send and every
-receive (``CallDeadline``; backends bound each blocking operation by what is left of it). No
-client-side retries are made, so a call against a dead, stalled or slow server (a large value
-trickling in) returns a miss within about ``timeout_s``. A server unreachable at start does not raise: the
-tier starts unhealthy and logs a warning. Bad configuration raises ``ConfigError``.
+a success marks the tier healthy again. Each public call has one wall-clock deadline,
+``timeout_s`` after it starts, for all of it (every group of a batched read, connecting, every
+send and receive: ``CallDeadline``, by which backends bound each blocking operation). No retries,
+so a call against a dead, stalled or slow server returns a miss within about ``timeout_s``. A
+server unreachable at start leaves the tier unhealthy, with a warning; bad configuration raises
+``ConfigError``.
 
 Threading: every method may be called from any thread, by one thread at a time per instance.
 
@@ -133,18 +133,20 @@ def namespace_prefix(namespace: str) -> str:
 
 
 class CallDeadline:
-    """The wall-clock deadline of the call in progress on one tier (set by ``RemoteTier`` around
-    every call; none between calls). Backends read it before each blocking operation: a socket
-    gets at most ``remaining_s()`` for its next send or receive, and ``check`` raises
-    ``TimeoutError`` (an ``OSError``: an I/O failure) once it has passed."""
+    """The wall-clock deadline of the public call in progress on one tier (none between calls).
+    Backends read it before each blocking operation: a socket gets at most ``remaining_s()``, and
+    ``check`` raises ``TimeoutError`` (an ``OSError``: an I/O failure) once it has passed."""
 
     def __init__(self) -> None:
-        self._at = math.inf
+        self._at = math.inf  # no call in progress
 
-    def start(self, timeout_s: float) -> None:
-        self._at = time.monotonic() + timeout_s
+    def start(self, timeout_s: float) -> bool:
+        """Start a deadline ``timeout_s`` from now; False, keeping it, when one runs (nested calls share it)."""
+        if started := self._at == math.inf:
+            self._at = time.monotonic() + timeout_s
+        return started
 
-    def clear(self) -> None:
+    def clear(self) -> None:  # the call is over
         self._at = math.inf
 
     def remaining_s(self) -> float:
@@ -153,10 +155,9 @@ class CallDeadline:
 
     def check(self) -> float:
         """Seconds left; ``TimeoutError`` when none are."""
-        remaining = self.remaining_s()
-        if remaining <= 0:
-            raise TimeoutError("the remote call passed its deadline (remote.timeout_ms)")
-        return remaining
+        if (remaining := self.remaining_s()) > 0:
+            return remaining
+        raise TimeoutError("the remote call passed its deadline (remote.timeout_ms)")
 
 
 class RemoteTier(abc.ABC):
@@ -182,7 +183,7 @@ class RemoteTier(abc.ABC):
         self.value_bytes_read = 0
         self.value_bytes_written = 0
         self._decoders: concurrent.futures.ThreadPoolExecutor | None = None  # made on first use
-        self.deadline = CallDeadline()  # of the call in progress: ``timeout_s`` for the whole call
+        self.deadline = CallDeadline()  # of the public call in progress
         self._healthy = True
         self._connected = False
         self._backoff_s = 0.0
@@ -222,14 +223,32 @@ class RemoteTier(abc.ABC):
             return []
         outs = [memoryview(out).cast("B") for _, out in items]
         names = [self.name_for(key, rank, namespace) for key, _ in items]
-        results: list[ReadResult] = []
+        started = self.deadline.start(self.timeout_s)  # one deadline for every group of the batch
+        try:
+            results = self._get_groups(items, outs, names, rank, layout_fingerprint, namespace)
+        finally:
+            if started:
+                self.deadline.clear()
+        if results is None:
+            return [ReadResult.MISSING] * len(items)
+        self.num_unreadable += sum(result is ReadResult.UNREADABLE for result in results)
+        corrupt = [name for name, result in zip(names, results) if result is ReadResult.CORRUPT]
+        if corrupt:
+            self.num_corrupt += len(corrupt)
+            self._delete_quietly(corrupt)
+        return results
+
+    def _get_groups(self, items: Sequence[tuple[bytes, memoryview]], outs: list[memoryview], names: list[str],
+                    rank: int, layout_fingerprint: bytes, namespace: str) -> list[ReadResult] | None:
+        """Fetch and verify ``items`` group by group (``_read_groups``); None when a group failed."""
+        results = []
         for start, stop in self._read_groups(outs):
             stores = outs[start:stop] if not self._buffered else \
                 [memoryview(bytearray(stored_bytes(out.nbytes, self.sealer))) for out in outs[start:stop]]
             group = list(zip(names[start:stop], stores))
             fetched = self._guarded(functools.partial(self._fetch_many, group), None)
             if fetched is None:
-                return [ReadResult.MISSING] * len(items)
+                return None
             checks = [functools.partial(self._verify, found, key, rank, layout_fingerprint, stored, out, name, namespace)
                       for found, (key, _), stored, out, name
                       in zip(fetched, items[start:stop], stores, outs[start:stop], names[start:stop])]
@@ -237,11 +256,6 @@ class RemoteTier(abc.ABC):
             self.value_bytes_read += sum(found.value_bytes for found, result in zip(fetched, group_results)
                                          if found is not None and result is ReadResult.OK)
             results += group_results
-        self.num_unreadable += sum(result is ReadResult.UNREADABLE for result in results)
-        corrupt = [name for name, result in zip(names, results) if result is ReadResult.CORRUPT]
-        if corrupt:
-            self.num_corrupt += len(corrupt)
-            self._delete_quietly(corrupt)
         return results
 
     def put(self, key: bytes, rank: int, payload: bytes | memoryview, layout_fingerprint: bytes, *,
@@ -363,7 +377,7 @@ class RemoteTier(abc.ABC):
         """Run ``call`` unless backing off; an I/O failure returns ``on_failure``."""
         if not self._healthy and time.monotonic() < self._retry_at:
             return on_failure
-        self.deadline.start(self.timeout_s)
+        started = self.deadline.start(self.timeout_s)
         try:
             if not self._connected:
                 self._connect()
@@ -373,7 +387,8 @@ class RemoteTier(abc.ABC):
             self._record_failure(exc)
             return on_failure
         finally:
-            self.deadline.clear()
+            if started:
+                self.deadline.clear()
         self._record_success()
         return result
 
