@@ -125,3 +125,17 @@ def test_an_overflowing_log_clears_every_tier() -> None:
     assert log.take() == [TierEvent("cleared", tier) for tier in TIERS]
     log.removed("disk", key(0))
     assert log.take() == [TierEvent("removed", "disk", (key(0),))]
+
+
+def test_an_overflow_is_one_all_blocks_cleared_for_the_instance() -> None:
+    """vLLM's AllBlocksCleared names no medium: a consumer forgets the whole instance on each.
+    One per overflow, not one per tier (review finding: three in a row)."""
+    from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved
+
+    from kvtier.integrations.vllm.events import ChunkTokens, EventTranslator
+
+    translator = EventTranslator(256, ChunkTokens(8), int_hashes=False)
+    cleared = [TierEvent("cleared", tier) for tier in TIERS]
+    assert translator.translate(cleared) == [AllBlocksCleared()]
+    out = translator.translate([*cleared, TierEvent("removed", "disk", (b"\x01" * 16,)), *cleared])
+    assert [type(event) for event in out] == [AllBlocksCleared, BlockRemoved, AllBlocksCleared]

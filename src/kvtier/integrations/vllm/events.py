@@ -88,8 +88,9 @@ class EventTranslator:
     def translate(self, events: Sequence[TierEvent]) -> list[KVCacheEvent]:
         out: list[KVCacheEvent] = []
         for event in events:
-            if event.kind == "cleared":
-                out.append(AllBlocksCleared())
+            if event.kind == "cleared":  # vLLM's event names no medium: one clears the instance
+                if not out or not isinstance(out[-1], AllBlocksCleared):
+                    out.append(AllBlocksCleared())
             elif event.kind == "removed":
                 out.append(BlockRemoved(block_hashes=[self.block_hash(key) for key in event.keys],
                                         medium=MEDIUM[event.tier]))
