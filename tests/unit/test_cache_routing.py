@@ -77,6 +77,20 @@ def test_waiting_requests_are_read_from_vllm_metrics() -> None:
     text = ('# HELP vllm:num_requests_waiting x\nvllm:num_requests_waiting{engine="0",model_name="m"} 3.0\n'
             'vllm:num_requests_waiting{engine="1",model_name="m"} 2.0\nvllm:num_requests_waiting_by_reason 9\n')
     assert parse_waiting(text) == 5
+    with pytest.raises(ValueError):  # the poll keeps the last length and goes on
+        parse_waiting("not {{ prometheus")
+
+
+def test_only_real_token_ids_are_routed_by_their_prefix() -> None:
+    """Negative, too large or boolean "token ids" crashed the route (a bare 500) in the prefix
+    hashes; they are left to the instance, which refuses them with its own 400."""
+    import asyncio
+
+    up = Upstream("127.0.0.1", 1)
+    router = CacheAwareRouter([up], ["tcp://127.0.0.1:1"], poll_s=60)
+    for prompt in ([-1, 5], [2**32], [True, 1]):
+        assert asyncio.run(router._tokens("/v1/completions", {"prompt": prompt}, {}, [])) is None
+    assert asyncio.run(router._tokens("/v1/completions", {"prompt": [1, 2]}, {}, [])) == [1, 2]
 
 
 def test_a_gap_in_sequence_numbers_forgets_the_instance() -> None:

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from kvtier.proxy.bodies import Upstream
 from kvtier.proxy.feed import EventFeed
@@ -57,11 +58,11 @@ def choose(candidates: Sequence[Candidate], num_prompt_tokens: int,
 
 
 def parse_waiting(metrics_text: str) -> int:
-    """The sum of ``vllm:num_requests_waiting`` samples in a Prometheus text exposition."""
+    """The sum of ``vllm:num_requests_waiting`` samples in a Prometheus text exposition;
+    ``ValueError`` for text that is not one."""
     total = 0.0
-    for line in metrics_text.splitlines():
-        if line.startswith(WAITING_METRIC) and line[len(WAITING_METRIC)] in " {":
-            total += float(line.rsplit(" ", 1)[-1])
+    for family in text_string_to_metric_families(metrics_text):
+        total += sum(sample.value for sample in family.samples if sample.name == WAITING_METRIC)
     return int(total)
 
 
@@ -119,8 +120,8 @@ class CacheAwareRouter:
     async def _tokens(self, path: str, body: Mapping[str, object], headers: Mapping[str, str],
                       alive: Sequence[Upstream]) -> list[int] | None:
         prompt = body.get("prompt")
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-            return [int(t) for t in prompt]
+        if isinstance(prompt, list) and prompt and all(type(t) is int and 0 <= t < 2**32 for t in prompt):
+            return list(prompt)  # token ids (anything else is left to the instance to refuse)
         request: dict[str, object] = {"model": body.get("model")}
         if path.endswith("/chat/completions") and isinstance(body.get("messages"), list):
             request.update(messages=body["messages"], add_generation_prompt=True)
@@ -153,4 +154,7 @@ class CacheAwareRouter:
         except httpx.HTTPError:
             self.down.mark(upstream)
             return
-        self.waiting[upstream] = parse_waiting(response.text)
+        try:
+            self.waiting[upstream] = parse_waiting(response.text)
+        except ValueError:  # not a Prometheus text: keep the last length; the poll goes on
+            logger.warning("kvtier proxy: %s/metrics is not Prometheus text", upstream.url)
