@@ -15,35 +15,11 @@ from collections.abc import Callable
 from types import FrameType
 from typing import TypeAlias
 
+from kvtier.argtypes import CommandError, port, positive_int
 from kvtier.errors import ConfigError, KVTierError, ModelError
 
 DEFAULT_METRICS_URL = "http://127.0.0.1:9464/metrics"
 DEFAULT_ADMIN_URL = "http://127.0.0.1:9401"
-
-
-class CommandError(Exception):
-    """Raised by a command handler for a user mistake argparse cannot catch; exit 2."""
-
-    def __init__(self, message: str, hint: str) -> None:
-        super().__init__(message)
-        self.hint = hint
-
-
-def _positive_int(text: str) -> int:
-    try:
-        number = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {number}")
-    return number
-
-
-def _port(text: str) -> int:
-    number = _positive_int(text)
-    if number > 65535:
-        raise argparse.ArgumentTypeError(f"a port is 1..65535, got {number}")
-    return number
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +57,7 @@ def _add_serve(commands: Commands) -> None:
     serve.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="inline",
                        help="one kvtier config key, e.g. --set memory.capacity=4GiB (repeatable; "
                             "overrides the file)")
-    serve.add_argument("--port", type=_port, help="the server's HTTP port (vLLM's default: 8000)")
+    serve.add_argument("--port", type=port, help="the server's HTTP port (vLLM's default: 8000)")
     serve.add_argument("--role", choices=("both", "producer", "consumer"), default="both",
                        help="disaggregated prefill: producer = a prefill instance, consumer = a decode "
                             "instance (see kvtier proxy); default: both")
@@ -102,7 +78,7 @@ def _add_proxy(commands: Commands) -> None:
     proxy.add_argument("--decode", "--instance", metavar="URL", action="append", required=True, dest="decode",
                        help="an instance that answers, http://host:port (repeatable)")
     proxy.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    proxy.add_argument("--port", type=_port, default=8000, help="port to listen on (default: 8000)")
+    proxy.add_argument("--port", type=port, default=8000, help="port to listen on (default: 8000)")
     proxy.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
                        help="per request to an instance (default: 600)")
     proxy.add_argument("--max-concurrency", type=int, default=256, metavar="N",
@@ -126,7 +102,7 @@ def _add_config(commands: Commands) -> None:
         epilog="Run it as the user and on the machine the engine runs on: files and folders are checked "
                "with this process's permissions.")
     check.add_argument("file", metavar="FILE", help="kvtier YAML config")
-    check.add_argument("--block-size", type=_positive_int, metavar="N",
+    check.add_argument("--block-size", type=positive_int, metavar="N",
                        help="the engine's --block-size: chunk_tokens must be a multiple of it")
     check.add_argument("--connect", action="store_true",
                        help="also make one round trip to the remote tier (remote.url), as the engine would")
@@ -148,7 +124,7 @@ def _add_token(commands: Commands) -> None:
                     "valid for --ttl seconds. A request sends it as kv_transfer_params "
                     '{"kvtier": {"namespace_token": TOKEN}}. See docs/security.md.')
     token.add_argument("--namespace", required=True)
-    token.add_argument("--ttl", type=_positive_int, default=86400, metavar="SECONDS",
+    token.add_argument("--ttl", type=positive_int, default=86400, metavar="SECONDS",
                        help="how long the token is valid (default: 86400)")
     source = token.add_mutually_exclusive_group(required=True)
     source.add_argument("--key-file", metavar="FILE", help="file holding the signing key")
@@ -214,13 +190,13 @@ def _add_demo(commands: Commands) -> None:
                       help="where models are prepared and kept (default: ./models)")
     demo.add_argument("--out-dir", default=os.path.join("out", "demo"), metavar="DIR",
                       help="where results, plot and server logs go (default: ./out/demo)")
-    demo.add_argument("--users", type=_positive_int, help="concurrent chat users (default: 4; --quick: 3)")
-    demo.add_argument("--rounds", type=_positive_int, help="questions per user (default: 3; --quick: 2)")
+    demo.add_argument("--users", type=positive_int, help="concurrent chat users (default: 4; --quick: 3)")
+    demo.add_argument("--rounds", type=positive_int, help="questions per user (default: 3; --quick: 2)")
     demo.add_argument("--quick", action="store_true", help="fewer users and rounds (for CI)")
     demo.add_argument("--tiny", action="store_true",
                       help="use a tiny random model instead of SmolLM2-135M (for CI; answers are noise)")
-    demo.add_argument("--port", type=_port, help="the vLLM server's port (default: any free port)")
-    demo.add_argument("--startup-timeout", type=_positive_int, default=300, metavar="SECONDS",
+    demo.add_argument("--port", type=port, help="the vLLM server's port (default: any free port)")
+    demo.add_argument("--startup-timeout", type=positive_int, default=300, metavar="SECONDS",
                       help="how long to wait for each server to become healthy (default: 300)")
 
 

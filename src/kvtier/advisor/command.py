@@ -20,6 +20,7 @@ from kvtier.advisor.engine import engine_hits
 from kvtier.advisor.report import CapacityRow, advice, capacity_row, format_size, knee, plot, table
 from kvtier.advisor.simulate import KvtierSettings, TierSizes, num_distinct_chunks, replay
 from kvtier.advisor.timing import PROFILES, calibrate, profile_named
+from kvtier.argtypes import positive_int
 from kvtier.advisor.workload import read_workload, tokenizer_encode
 from kvtier.bench.cost import load_prices
 from kvtier.bench.trace import TRACE_BLOCK_TOKENS
@@ -27,16 +28,6 @@ from kvtier.errors import ConfigError
 
 DEFAULT_CHUNK_TOKENS = 256
 NUM_DEFAULT_CAPACITIES = 8
-
-
-def _positive_int(text: str) -> int:
-    try:
-        number = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {number}")
-    return number
 
 
 def _capacities(text: str) -> list[int]:
@@ -57,30 +48,30 @@ def add_advise_parser(commands: argparse._SubParsersAction[argparse.ArgumentPars
                     "bytes per tier, TTFT and engine time saved, the knee of the curve and one sentence of advice.",
         epilog="example: kvtier advise trace.jsonl --capacity-tokens 100000,1000000,10000000 --plot advise.png")
     p.add_argument("trace", metavar="TRACE", help="Mooncake JSONL (hash_ids) or prompts JSONL (token_ids)")
-    p.add_argument("--block-tokens", type=_positive_int, default=TRACE_BLOCK_TOKENS,
+    p.add_argument("--block-tokens", type=positive_int, default=TRACE_BLOCK_TOKENS,
                    help=f"tokens per hash id; lengths scale with it (default: {TRACE_BLOCK_TOKENS})")
     p.add_argument("--capacity-tokens", type=_capacities, metavar="A,B,...",
                    help=f"capacities of the swept tier, in tokens (default: {NUM_DEFAULT_CAPACITIES} sizes up to "
                         "what the whole trace needs)")
     p.add_argument("--tier", choices=("memory", "disk"), default="memory",
                    help="the tier swept; memory: no disk tier; disk: memory fixed at --memory-tokens")
-    p.add_argument("--memory-tokens", type=_positive_int, help="memory tier when sweeping disk (default: 2 GiB "
+    p.add_argument("--memory-tokens", type=positive_int, help="memory tier when sweeping disk (default: 2 GiB "
                                                                 "of KV, kvtier's default memory.capacity)")
     p.add_argument("--profile", choices=tuple(PROFILES), default="h200-llama8b",
                    help="device and model timing defaults (default: h200-llama8b)")
     p.add_argument("--calibration", metavar="BENCH.json", help="a `kvtier bench` results file: fit overhead and "
                                                                "prefill speed to its vllm requests")
-    p.add_argument("--kv-bytes-per-token", type=_positive_int, help="K and V of all layers (default: the profile's)")
+    p.add_argument("--kv-bytes-per-token", type=positive_int, help="K and V of all layers (default: the profile's)")
     p.add_argument("--engine-cache-tokens", type=int, help="the engine's own prefix cache, usable tokens; 0: none "
                                                            "(default: the profile's)")
-    p.add_argument("--engine-block-tokens", type=_positive_int, help="the engine's block size (default: the profile's)")
-    p.add_argument("--chunk-tokens", type=_positive_int, default=DEFAULT_CHUNK_TOKENS,
+    p.add_argument("--engine-block-tokens", type=positive_int, help="the engine's block size (default: the profile's)")
+    p.add_argument("--chunk-tokens", type=positive_int, default=DEFAULT_CHUNK_TOKENS,
                    help=f"kvtier's chunk_tokens (default: {DEFAULT_CHUNK_TOKENS})")
     p.add_argument("--policy", choices=("s3fifo", "lru"), default="s3fifo", help="memory.policy (default: s3fifo)")
     p.add_argument("--disk-write-policy", choices=("write_through", "spill"), default="write_through")
     p.add_argument("--gpu-hour", type=float, help="price of an engine-hour (default: bench's example price)")
-    p.add_argument("--max-requests", type=_positive_int, help="only the first N requests")
-    p.add_argument("--max-output-tokens", type=_positive_int, help="cap output lengths (as `kvtier bench "
+    p.add_argument("--max-requests", type=positive_int, help="only the first N requests")
+    p.add_argument("--max-output-tokens", type=positive_int, help="cap output lengths (as `kvtier bench "
                                                                    "--max-tokens` does); they take engine blocks")
     p.add_argument("--tokenizer", metavar="DIR", help="a folder with tokenizer.json, for prompts given as text")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
