@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from kvtier.config import EncryptionConfig
-from kvtier.errors import ConfigError
+from kvtier.configparts.sources import load_secret
 
 MASTER_KEY_BYTES = 32
 SALT_BYTES = 16
@@ -143,25 +143,7 @@ def load_sealer(config: EncryptionConfig, environ: Mapping[str, str]) -> Sealer 
     does not hold a key, and ``encryption.key_env`` when the variable is unset, empty or does not
     hold a key. Messages never include key material. Call once per process, at start-up.
     """
-    if config.key_file is not None:
-        try:
-            with open(config.key_file, "rb") as file:
-                text = file.read(4096)
-        except OSError as exc:
-            raise ConfigError("encryption.key_file", f"cannot read {config.key_file}: "
-                                                     f"{exc.strerror or exc}") from None
-        return Sealer(_parsed("encryption.key_file", f"file {config.key_file}", text))
-    if config.key_env is not None:
-        value = environ.get(config.key_env)
-        if not value:
-            raise ConfigError("encryption.key_env", f"environment variable {config.key_env} is not set or empty")
-        return Sealer(_parsed("encryption.key_env", f"variable {config.key_env}",
-                              value.encode("utf-8", errors="replace")))
-    return None
+    key = load_secret("encryption", config.key_file, config.key_env, environ, parse_master_key)
+    return None if key is None else Sealer(key)
 
 
-def _parsed(key: str, where: str, text: bytes) -> bytes:
-    try:
-        return parse_master_key(text)
-    except ValueError as exc:
-        raise ConfigError(key, f"{where} {exc}") from None

@@ -49,7 +49,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from kvtier.errors import BadSignatureError, ConfigError, ExpiredTokenError, MalformedTokenError
+from kvtier.configparts.sources import load_secret
+from kvtier.errors import BadSignatureError, ExpiredTokenError, MalformedTokenError
 
 MIN_KEY_BYTES = 32
 MAX_TOKEN_CHARS = 512
@@ -176,26 +177,8 @@ def load_signing_key(key_file: str | None, key_env: str | None, environ: Mapping
     ``signing.key_file`` / ``signing.key_env``); None when neither is set (signing off).
     Raises ``ConfigError`` naming the config key when the source is missing, unreadable or does
     not hold a key. Messages never include key material."""
-    if key_file is not None:
-        try:
-            with open(key_file, "rb") as file:
-                text = file.read(4096)
-        except OSError as exc:
-            raise ConfigError("signing.key_file", f"cannot read {key_file}: {exc.strerror or exc}") from None
-        return _parsed("signing.key_file", f"file {key_file}", text)
-    if key_env is not None:
-        value = environ.get(key_env)
-        if not value:
-            raise ConfigError("signing.key_env", f"environment variable {key_env} is not set or empty")
-        return _parsed("signing.key_env", f"variable {key_env}", value.encode("utf-8", errors="replace"))
-    return None
+    return load_secret("signing", key_file, key_env, environ, parse_signing_key)
 
-
-def _parsed(config_key: str, where: str, text: bytes) -> SigningKey:
-    try:
-        return parse_signing_key(text)
-    except ValueError as exc:
-        raise ConfigError(config_key, f"{where} {exc}") from None
 
 
 def _text(token: object, kind: str) -> str:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import yaml
 
@@ -114,3 +115,34 @@ def _key_name(name: object, source: str) -> str:
 def _did_you_mean(name: str, candidates: list[str]) -> str:
     close = difflib.get_close_matches(name, candidates, n=1)
     return f"; did you mean {close[0]!r}?" if close else ""
+
+
+_Key = TypeVar("_Key")
+
+
+def load_secret(section: str, key_file: str | None, key_env: str | None, environ: Mapping[str, str],
+                parse: Callable[[bytes], _Key]) -> _Key | None:
+    """The key ``parse`` makes of the file ``key_file`` or of the environment variable named
+    ``key_env`` (config ``{section}.key_file`` / ``{section}.key_env``); None when neither is set.
+    Raises ``ConfigError`` naming that config key when the source is missing, unreadable or does
+    not hold a key (``parse`` raises ``ValueError``). Messages never include key material."""
+    if key_file is not None:
+        try:
+            with open(key_file, "rb") as file:
+                text = file.read(4096)
+        except OSError as exc:
+            raise ConfigError(f"{section}.key_file", f"cannot read {key_file}: {exc.strerror or exc}") from None
+        return _parsed(f"{section}.key_file", f"file {key_file}", text, parse)
+    if key_env is not None:
+        value = environ.get(key_env)
+        if not value:
+            raise ConfigError(f"{section}.key_env", f"environment variable {key_env} is not set or empty")
+        return _parsed(f"{section}.key_env", f"variable {key_env}", value.encode("utf-8", errors="replace"), parse)
+    return None
+
+
+def _parsed(config_key: str, where: str, text: bytes, parse: Callable[[bytes], _Key]) -> _Key:
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise ConfigError(config_key, f"{where} {exc}") from None
