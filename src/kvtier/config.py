@@ -129,6 +129,17 @@ class SigningConfig:
 
 
 @dataclass(frozen=True)
+class AdmissionConfig:
+    """Which computed chunks are stored (``kvtier.admission``): ``adaptive`` stores every chunk
+    while at least ``min_reuse_percent`` of the last ``window`` chunks looked up were seen before,
+    else only chunks seen in an earlier request; ``always``; ``second_sight``."""
+
+    policy: str = "adaptive"
+    min_reuse_percent: int = 10
+    window: int = 256
+
+
+@dataclass(frozen=True)
 class AdminConfig:
     """The admin HTTP API (``kvtier.admin``); off when ``port`` is 0. ``tokens_file`` is required
     when it is on: there is no unauthenticated mode."""
@@ -157,6 +168,7 @@ class KVTierConfig:
     admin: AdminConfig
     namespace_limits: dict[str, NamespaceLimits]  # from ``namespace_limits``
     signing: SigningConfig = SigningConfig(None, None)
+    admission: AdmissionConfig = AdmissionConfig()
 
 
 @dataclass(frozen=True)
@@ -250,6 +262,9 @@ def _build(values: Mapping[str, Value]) -> KVTierConfig:
         namespace_limits=parse_namespace_limits(text("namespace_limits")),
         signing=SigningConfig(key_file=optional("signing.key_file"), key_env=optional("signing.key_env"),
                               unsigned=text("signing.unsigned")),
+        admission=AdmissionConfig(policy=text("admission.policy"),
+                                  min_reuse_percent=num("admission.min_reuse_percent"),
+                                  window=num("admission.window")),
     )
 
 
@@ -278,4 +293,7 @@ def _values_of(config: KVTierConfig) -> dict[str, Value]:
         "admin.tokens_file": config.admin.tokens_file, "admin.audit_log": config.admin.audit_log,
         "signing.key_file": config.signing.key_file, "signing.key_env": config.signing.key_env,
         "signing.unsigned": config.signing.unsigned,
+        "admission.policy": config.admission.policy,
+        "admission.min_reuse_percent": config.admission.min_reuse_percent,
+        "admission.window": config.admission.window,
     }

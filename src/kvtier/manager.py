@@ -31,6 +31,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from kvtier.admission import Admission
 from kvtier.config import KVTierConfig
 from kvtier.costmodel import CostModel
 from kvtier.events import EventLog
@@ -43,6 +44,7 @@ from kvtier.tiers.remote import RemoteTier
 logger = logging.getLogger("kvtier")
 
 REMOTE_KNOWN_KEYS = 200_000
+ADMISSION_REMEMBERED_KEYS = 200_000  # chunk keys whose sightings the admission rule remembers (~30 MB)
 EXPIRE_EVERY_S = 5.0  # how often entries past their namespace's TTL are removed (lookups never see them)
 HANDOFF_POLL_S = 0.01  # a request waiting for a handoff asks the remote at most this often
 LOOKUP_INLINE_WAIT_S = 0.002  # how long a lookup waits for the remote's answer before "ask again"
@@ -92,6 +94,7 @@ class _Owner:
     remote_asked_at: float = 0.0  # when the remote last answered for it
     remote_held: int = 0  # chunks the remote held at that answer
     counted: bool = False  # its hits and misses are in the metrics
+    observed: bool = False  # its keys were shown to the admission rule
     load_failed: bool = False  # a load of it failed on some rank: the engine recomputes, never asks again
 
 
@@ -143,6 +146,8 @@ class KVManager:
         self.lookups = None if remote is None else \
             RemoteLookups(remote, 0, config.remote.timeout_ms / 1000, LOOKUP_INLINE_WAIT_S)
         self.cost = CostModel(min_step_tokens=chunk_tokens)
+        self.admission = Admission(config.admission.policy, config.admission.min_reuse_percent / 100,
+                                   config.admission.window, ADMISSION_REMEMBERED_KEYS)
         self._chunk_tokens = chunk_tokens
         self._chunk_bytes = chunk_bytes
         self._world_size = world_size
@@ -170,6 +175,10 @@ class KVManager:
         """Plan the load of the longest run of ``request.keys`` from ``request.first`` that the
         tiers hold; None: ask again later (a remote answer or a handoff is pending)."""
         owner = self._owners.setdefault(request.owner, _Owner())
+        if not owner.observed:
+            owner.observed = True
+            self.admission.observe(request.keys)
+            self.metrics.reuse_ratio.set(self.admission.reuse_ratio or 0.0)
         wanted = list(request.keys[request.first:])
         if not wanted:
             return NO_LOAD
@@ -293,8 +302,12 @@ class KVManager:
     # ----- stores ----------------------------------------------------------------------------
     def plan_store(self, key: bytes, namespace: str) -> tuple[int, SlotOp | None] | None:
         """Plan a store of chunk ``key`` of ``namespace`` from the engine: its memory slot, and the
-        upload to the remote tier (None when the remote holds it or there is none). None when
-        memory holds it already or has no room (the store is dropped and counted)."""
+        upload to the remote tier (None when the remote holds it or there is none). None when the
+        admission rule declines it (counted), or memory holds it already or has no room (the
+        store is dropped and counted)."""
+        if not self.store.in_memory(key) and not self.admission.admit(key):
+            self.metrics.unadmitted_stores.inc()
+            return None
         slot = self.store.prepare_store(key, namespace)
         if slot is None:
             return None

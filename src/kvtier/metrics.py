@@ -60,6 +60,8 @@ FAMILIES = (
     _counter_family("kvtier_invalidated", "Entries removed by an admin invalidation", "tier", TIERS[:2]),
     _counter_family("kvtier_errors", "I/O errors and corrupt entries (each one a miss)", "tier", TIERS),
     _counter_family("kvtier_dropped_stores", "Stores dropped (queue full or no room)", "tier", TIERS),
+    _counter_family("kvtier_unadmitted_stores", "Chunks computed by the engine and not stored because "
+                    "measured reuse was low and the chunk had not been seen before (admission)"),
     _counter_family("kvtier_skipped_loads", "Chunks held by a tier but not loaded because loading was "
                     "expected to be slower than recomputing", "tier", ("remote",)),
     _counter_family("kvtier_handoffs", "Requests handed off by a prefill instance (expect_tokens): complete "
@@ -81,6 +83,8 @@ FAMILIES = (
     _gauge_family("kvtier_remote_unhealthy", "1 while the remote tier is marked unhealthy (its calls are "
                   "misses until a probe succeeds), else 0 (also without a remote tier)"),
     _gauge_family("kvtier_lease_owners", "Requests holding leases on entries"),
+    _gauge_family("kvtier_reuse_ratio", "Share of the last admission.window chunks looked up that an earlier "
+                  "request had looked up too (0 before any lookup)"),
 )
 _FAMILIES_BY_NAME = {family.name: family for family in FAMILIES}
 
@@ -109,6 +113,7 @@ class Metrics:
         self.errors = self._counter("kvtier_errors")
         self.dropped_stores = self._counter("kvtier_dropped_stores")
         self.skipped_loads = self._counter("kvtier_skipped_loads")
+        self.unadmitted_stores = self._counter("kvtier_unadmitted_stores")
         self.handoffs = self._counter("kvtier_handoffs")
         self.loaded_tokens = self._counter("kvtier_loaded_tokens")
         self.failed_load_tokens = self._counter("kvtier_failed_load_tokens")
@@ -120,6 +125,7 @@ class Metrics:
         self.queue_capacity = self._gauge("kvtier_queue_capacity")
         self.remote_unhealthy = self._gauge("kvtier_remote_unhealthy")
         self.lease_owners = self._gauge("kvtier_lease_owners")
+        self.reuse_ratio = self._gauge("kvtier_reuse_ratio")
         reg = self.registry
         self.lookup_seconds = Histogram("kvtier_lookup_seconds", "Scheduler-side lookup latency",
                                         buckets=_LATENCY_BUCKETS_S, registry=reg)

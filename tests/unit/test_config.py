@@ -32,7 +32,9 @@ DEFAULT_ENCRYPTION = EncryptionConfig(key_file=None, key_env=None)
 ADMIN_KEYS = ["admin.port", "admin.host", "admin.tokens_file", "admin.audit_log"]
 DEFAULT_ADMIN = AdminConfig(port=0, host="127.0.0.1", tokens_file=None, audit_log=None)
 SIGNING_KEYS = ["signing.key_file", "signing.key_env", "signing.unsigned"]
-UNSET_KEYS = ["no_cache_namespaces", "namespace_limits"] + REMOTE_KEYS + ENCRYPTION_KEYS + ADMIN_KEYS + SIGNING_KEYS  # the keys the "every key" tests below leave at their defaults
+ADMISSION_KEYS = ["admission.policy", "admission.min_reuse_percent", "admission.window"]
+UNSET_KEYS = ["no_cache_namespaces", "namespace_limits"] + REMOTE_KEYS + ENCRYPTION_KEYS + ADMIN_KEYS + SIGNING_KEYS \
+    + ADMISSION_KEYS  # the keys the "every key" tests below leave at their defaults
 
 
 def load(inline: Mapping[str, object] | None = None, env: Mapping[str, str] | None = None) -> LoadedConfig:
@@ -519,6 +521,8 @@ def test_describe_rows(tmp_path: Path) -> None:
         ("no_cache_namespaces", '""', "default"),
         ("model_id", '""', "default"),
         ("store_decode_tokens", "true", "env:KVTIER_STORE_DECODE_TOKENS"),
+        ("admission.policy", '"adaptive"', "default"), ("admission.min_reuse_percent", "10", "default"),
+        ("admission.window", "256", "default"),
         ("memory.capacity", "2GiB", "default"),
         ("memory.policy", '"lru"', file_source),
         ("disk.path", '"/kv"', "extra_config"),

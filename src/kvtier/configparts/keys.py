@@ -36,6 +36,9 @@ KEYS = (
                                                 "a comma-separated list of namespaces, no spaces")),
     Key("model_id", "", check_str),
     Key("store_decode_tokens", False, check_bool, bool_from_text),
+    Key("admission.policy", "adaptive", one_of("adaptive", "always", "second_sight")),
+    Key("admission.min_reuse_percent", 10, int_in(0, 100, "0..100 percent"), int_from_text),
+    Key("admission.window", 256, int_in(1, None, "> 0 chunks"), int_from_text),
     Key("memory.capacity", 2 * 2**30, positive_size, render=render_size),
     Key("memory.policy", "s3fifo", one_of("lru", "s3fifo")),
     Key("disk.path", None, optional_str),
@@ -74,4 +77,4 @@ KEYS = (
 )
 KEYS_BY_NAME = {key.dotted: key for key in KEYS}
 KEYS_BY_ENV = {key.env_var: key for key in KEYS}
-SECTIONS = ("memory", "disk", "metrics", "remote", "encryption", "admin", "signing")
+SECTIONS = ("admission", "memory", "disk", "metrics", "remote", "encryption", "admin", "signing")
