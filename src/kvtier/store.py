@@ -88,6 +88,17 @@ class TieredStore:
             return Lookup(i, tuple(disk_only))
         return Lookup(len(keys), tuple(disk_only))
 
+    def memory_prefix(self, keys: Sequence[bytes], namespace: str) -> int:
+        """How many consecutive ``keys`` from the start memory holds ready for ``namespace``,
+        unexpired (the memory tier's prefix lookup; ``lookup`` also counts disk)."""
+        now = self._clock()
+        for i, key in enumerate(keys):
+            entry = self._memory.get(key)
+            if entry is None or entry.state is not State.READY or entry.doomed or entry.namespace != namespace \
+                    or self._expired(entry, now):
+                return i
+        return len(keys)
+
     def slot_of(self, key: bytes) -> int:
         return self._memory[key].slot
 

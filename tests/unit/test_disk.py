@@ -15,7 +15,8 @@ from kvtier.crypto import SEAL_OVERHEAD_BYTES, Sealer
 from kvtier.entry import CODEC_AES256_GCM, CODEC_RAW, HEADER_BYTES, EntryHeader, decode_header, encode_header, \
     payload_checksum
 from kvtier.errors import ConfigError
-from kvtier.tiers.disk import DiskFiles, DiskWriter, ReadResult
+from kvtier.tiers.contract import ReadResult
+from kvtier.tiers.disk import DiskFiles, DiskWriter
 
 LAYOUT = bytes(range(16))
 TENANT = "tenant-a"
@@ -54,8 +55,8 @@ def test_an_entry_is_never_replaced_and_delete_is_idempotent(files: DiskFiles) -
     files.write(key, 0, PAYLOAD[::-1], namespace=TENANT)
     assert read(files, key) == (ReadResult.OK, PAYLOAD)
     assert not [name for name in os.listdir(os.path.dirname(files.path_for(key, 0, TENANT))) if ".tmp" in name]
-    files.delete(key, 0, TENANT)
-    files.delete(key, 0, TENANT)
+    assert files.delete([key], 0, namespace=TENANT) == 1
+    assert files.delete([key], 0, namespace=TENANT) == 0
     assert read(files, key)[0] is ReadResult.MISSING
 
 

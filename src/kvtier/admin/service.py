@@ -155,7 +155,7 @@ class AdminService:
         assert self._disk is not None
         if keys is None:
             return self._disk.delete_namespace(namespace)
-        return sum(self._disk.delete(key, rank, namespace) for key in keys for rank in range(self.shape.world_size))
+        return sum(self._disk.delete(keys, rank, namespace=namespace) for rank in range(self.shape.world_size))
 
     def _delete_remote(self, namespace: str, keys: Sequence[bytes] | None) -> int | None:
         assert self._remote is not None

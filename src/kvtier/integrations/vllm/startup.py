@@ -41,7 +41,7 @@ def scan_disk(setup: EngineSetup, metrics: Metrics, sealer: Sealer | None) -> li
     newest: dict[tuple[bytes, str], float] = {}
     for found in files.scan():
         if found.file_bytes != expected:
-            files.delete(found.key, found.rank, found.namespace)
+            files.delete([found.key], found.rank, namespace=found.namespace)
             metrics.errors.labels(tier="disk").inc()
             continue
         entry = (found.key, found.namespace)
@@ -53,7 +53,7 @@ def scan_disk(setup: EngineSetup, metrics: Metrics, sealer: Sealer | None) -> li
     for (key, namespace), seen in ranks.items():
         if not every_rank <= seen:
             for rank in seen:
-                files.delete(key, rank, namespace)
+                files.delete([key], rank, namespace=namespace)
     complete.sort(key=lambda item: item.created)
     logger.info("kvtier: disk tier %s holds %d entries", setup.disk_dir, len(complete))
     return complete
