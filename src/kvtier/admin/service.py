@@ -4,9 +4,10 @@ No HTTP here (``http.py`` does that) and no engine: the service works on the eng
 through its ``KVManager`` (the engine-neutral core every integration uses: vLLM's scheduler side,
 the transformers integration), under the lock the engine integration holds for every one of its
 own calls, so a book change is atomic with respect to the engine's lookups and plans. It keeps no
-books of its own; its tier handles (``kvtier.tiers.contract``) only ask the remote and delete bytes. Byte deletions (disk
-files, remote entries) run after the books changed, outside the lock: from the moment the books
-change no lookup finds the entries, and the engine never waits on a remote delete.
+books of its own; its tier handles (``kvtier.tiers.contract``) only ask the remote and delete
+bytes. Byte deletions (disk files, remote entries) run after the books changed, outside the lock:
+from the moment the books change no lookup finds the entries, and the engine never waits on a
+remote delete.
 
 Invalidation reaches the tiers in this order and reports the time each took:
 1. memory and disk books (``KVManager.invalidate``): the entries are unreachable (leased or

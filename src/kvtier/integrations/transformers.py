@@ -113,7 +113,7 @@ class PrefixKVCache:
         config = load_config({"memory.policy": policy}, {}).config
         self.manager = KVManager.open(config, self.num_slots, chunk_tokens, self.slot_bytes, 1, None, (), Metrics(),
                                       None)
-        self._num_loads = 0
+        self._num_owners = 0
         self.lock = threading.RLock()
 
     @classmethod
@@ -152,8 +152,8 @@ class PrefixKVCache:
         return [key.digest for key in self.keys(token_ids[:max(usable, 0)])]
 
     def _owner(self) -> str:
-        self._num_loads += 1
-        return f"hf-{self._num_loads}"
+        self._num_owners += 1
+        return f"hf-{self._num_owners}"
 
     # ----- store ---------------------------------------------------------------------------
     def store(self, token_ids: Sequence[int], cache: DynamicCache) -> int:
