@@ -86,10 +86,11 @@ class MemoryTier:
 
     def put_many(self, items: Sequence[tuple[bytes, bytes | memoryview]], rank: int, layout_fingerprint: bytes,
                  *, namespace: str, ttl_s: int = 0) -> list[bool]:
-        """Copy each payload into a slot the books give it, then make the entries visible (one
-        report). False where memory has no room for it (every entry leased or at the namespace's
-        quota), another namespace holds the key, or ``rank`` is not this tier's. ``ttl_s``: the
-        books keep the namespace's TTL."""
+        """Copy each payload into a slot the books give it, then make the batch's entries visible
+        together (one report), so a batch never evicts its own entries. False where memory has no
+        room for it (every other entry leased or pending, or the namespace at its quota), another
+        namespace holds the key, or ``rank`` is not this tier's. ``ttl_s``: the books keep the
+        namespace's TTL."""
         self._check(layout_fingerprint, [payload for _, payload in items])
         _check_namespace(namespace)
         done, stored = [], []
