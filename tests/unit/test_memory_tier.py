@@ -36,7 +36,7 @@ def test_a_full_memory_evicts_the_least_recently_used_entry() -> None:
     assert tier.get_many_into([(key_of(0), memoryview(out))], 0, LAYOUT, namespace=NS) == [ReadResult.OK]
     assert tier.put_many([(key_of(2), bytes([2]) * SLOT_BYTES)], 0, LAYOUT, namespace=NS) == [True]
     held = [tier.exists_prefix([key_of(i)], 0, namespace=NS) for i in range(3)]
-    assert held == [0, 1, 1]  # key 0 was the oldest: reads do not refresh it, only plans do
+    assert held == [1, 0, 1]  # key 0 was read since: key 1 was the least recently used
 
 
 def test_a_namespace_at_its_quota_evicts_its_own_entries_only() -> None:

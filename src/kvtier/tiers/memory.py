@@ -37,6 +37,8 @@ class MemoryBooks(Protocol):
 
     def slot_of(self, key: bytes) -> int: ...
 
+    def touch(self, keys: Sequence[bytes]) -> None: ...
+
     def prepare_store(self, key: bytes, namespace: str) -> int | None: ...
 
     def complete(self, report: WorkerReport) -> None: ...
@@ -71,8 +73,9 @@ class MemoryTier:
 
     def get_many_into(self, items: Sequence[tuple[bytes, memoryview]], rank: int, layout_fingerprint: bytes,
                       *, namespace: str) -> list[ReadResult]:
-        """Copy each held entry's slot into its ``out``; MISSING for the others. ValueError for
-        another layout or an ``out`` of another size than a slot."""
+        """Copy each held entry's slot into its ``out`` (a use: the eviction policy hears of it);
+        MISSING for the others. ValueError for another layout or an ``out`` of another size than
+        a slot."""
         self._check(layout_fingerprint, [out for _, out in items])
         _check_namespace(namespace)
         results = []
@@ -81,6 +84,7 @@ class MemoryTier:
                 results.append(ReadResult.MISSING)
                 continue
             memoryview(out).cast("B")[:] = self.slots.memoryview(self.books.slot_of(key))
+            self.books.touch([key])
             results.append(ReadResult.OK)
         return results
 
