@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from kvtier.admission import Admission
@@ -38,7 +38,7 @@ from kvtier.events import EventLog
 from kvtier.metrics import TIERS, Metrics
 from kvtier.plans import SlotOp, StepPlan, WorkerReport
 from kvtier.remote_lookup import RemoteLookups
-from kvtier.store import DiskItem, DiskSettings, TieredStore
+from kvtier.store import DiskItem, DiskSettings, Invalidated, TieredStore
 from kvtier.tiers.remote import RemoteTier
 
 logger = logging.getLogger("kvtier")
@@ -356,9 +356,14 @@ class KVManager:
             if failed and req_id in self._owners:  # vLLM reschedules it: it must not plan the same reads again
                 self._owners[req_id].load_failed = True
 
-    def forget_remote(self) -> None:
-        """Forget which chunks the remote holds (after an invalidation removed some)."""
+    def invalidate(self, namespace: str, keys: Collection[bytes] | None = None) -> Invalidated:
+        """Make ``namespace``'s entries (all, or those among ``keys``) unreachable in memory and on
+        disk now (``TieredStore.invalidate``: the next plan carries the deletes to the workers),
+        and forget which chunks the remote holds, so invalidated chunks are uploaded again when
+        recomputed. The caller removes the remote's copies (``kvtier.admin.service``)."""
+        removed = self.store.invalidate(namespace, keys)
         self.remote_known.clear()
+        return removed
 
     def record_events(self, events: EventLog) -> None:
         """From now on, record what every tier stores and removes in ``events`` (memory and disk

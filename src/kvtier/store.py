@@ -17,8 +17,9 @@ or whose data is still in flight cannot give its slot back at once: it is *doome
 again) and its slot is freed when the lease ends (``reap``), so a slot is never reused under a
 planned load.
 
-Its parts: the entries and answers (``kvtier.store_types``, re-exported here), limits and entry
-counts per namespace (``kvtier.tenant_books``), and what the ranks reported (``kvtier.acks``).
+Its parts: the entries and answers (``kvtier.store_types``, re-exported here), the disk tier's
+books (``kvtier.disk_books``), limits and entry counts per namespace (``kvtier.tenant_books``),
+and what the ranks reported (``kvtier.acks``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 
 from kvtier.acks import RankAcks, SlotWrites
 from kvtier.config import NamespaceLimits
+from kvtier.disk_books import DiskBooks
 from kvtier.events import EventLog
 from kvtier.leases import Leases
 from kvtier.metrics import Metrics
@@ -50,25 +52,29 @@ class TieredStore:
         self._free_slots = list(range(num_slots - 1, -1, -1))
         self._memory: dict[bytes, MemoryEntry] = {}
         self._memory_policy: EvictionPolicy = make_policy(memory_policy, num_slots)
-        self._disk_settings = disk
-        self._disk: dict[bytes, DiskEntry] = {}
-        self._disk_policy: EvictionPolicy | None = None
         self._doomed: set[bytes] = set()
         self._slot_writes = SlotWrites(world_size)  # write-throughs in flight, reading their slots
         self._tenants = TenantBooks(limits, chunk_bytes)  # limits and entries per namespace
         self._clock = clock
-        if disk is not None:
-            self._disk_policy = make_policy("lru", max(disk.capacity_entries, 1))
-            for item in disk.initial[-disk.capacity_entries:] if disk.capacity_entries else ():
-                self._add_disk(item.key, DiskEntry(State.READY, item.namespace, item.created))
         self.leases = Leases()
+        self._disk = DiskBooks(disk, self._tenants, self.leases, metrics, lambda entry: self._ops.deletes.append(entry),
+                               self._off_disk)
         self._world_size = world_size
         self._acks = RankAcks(world_size)  # what some ranks, not yet all, reported done
         self._ops = StepPlan()  # the store's part of the next plan: spills, writes, deletes
         self._metrics = metrics
-        # where entries becoming visible or invisible to lookups are recorded, per tier (memory,
-        # disk; entries found on disk at start-up are not announced); None: nowhere
-        self.events: EventLog | None = None
+        self._events: EventLog | None = None
+
+    @property
+    def events(self) -> EventLog | None:
+        """Where entries becoming visible or invisible to lookups are recorded, per tier (memory,
+        disk; entries found on disk at start-up are not announced); None: nowhere."""
+        return self._events
+
+    @events.setter
+    def events(self, events: EventLog | None) -> None:
+        self._events = events
+        self._disk.events = events
 
     # ----- queries -------------------------------------------------------------------------
     def lookup(self, keys: Sequence[bytes]) -> Lookup:
@@ -88,6 +94,17 @@ class TieredStore:
             return Lookup(i, tuple(disk_only))
         return Lookup(len(keys), tuple(disk_only))
 
+    def memory_prefix(self, keys: Sequence[bytes], namespace: str) -> int:
+        """How many consecutive ``keys`` from the start memory holds ready for ``namespace``,
+        unexpired (the memory tier's prefix lookup; ``lookup`` also counts disk)."""
+        now = self._clock()
+        for i, key in enumerate(keys):
+            entry = self._memory.get(key)
+            if entry is None or entry.state is not State.READY or entry.doomed or entry.namespace != namespace \
+                    or self._expired(entry, now):
+                return i
+        return len(keys)
+
     def slot_of(self, key: bytes) -> int:
         return self._memory[key].slot
 
@@ -103,7 +120,7 @@ class TieredStore:
 
     @property
     def has_disk(self) -> bool:
-        return self._disk_settings is not None
+        return self._disk.settings is not None
 
     @property
     def num_memory_entries(self) -> int:
@@ -125,8 +142,7 @@ class TieredStore:
         for key in keys:
             if key in self._memory:
                 self._memory_policy.touch(key)
-            if self._disk_policy is not None and key in self._disk:
-                self._disk_policy.touch(key)
+            self._disk.touch(key)
 
     def prepare_promote(self, owner: str, namespace: str, keys: Sequence[bytes],
                         from_remote: bool = False, ages_s: Sequence[float] = ()) -> list[SlotOp]:
@@ -178,8 +194,8 @@ class TieredStore:
         on_disk = key in self._disk
         entry = MemoryEntry(slot, State.PENDING, namespace, self._clock(), on_disk=on_disk)
         self._add_memory(key, entry)
-        if self._disk_settings is not None and self._disk_settings.write_through and not on_disk:
-            if self._reserve_disk(key, namespace, entry.created):
+        if self._disk.settings is not None and self._disk.settings.write_through and not on_disk:
+            if self._disk.reserve(key, namespace, entry.created):
                 self._ops.write_through.append(SlotOp(key, slot, namespace))
                 self._slot_writes.begin(key, slot)
                 entry.on_disk = True
@@ -200,14 +216,7 @@ class TieredStore:
         """Replace ``namespace``'s limits; entries now over its quotas or expired are removed
         (those in use are doomed). Returns how many were removed per tier."""
         self._tenants.set_limits(namespace, limits)
-        memory, disk = self._trim(namespace), 0
-        quota = self._tenants.disk_quota(namespace)
-        while quota is not None and self._tenants.on_disk[namespace] > quota:
-            victim = self._disk_victim(namespace)
-            if victim is None:
-                break
-            self._evict_disk(victim)
-            disk += 1
+        memory, disk = self._trim(namespace), self._disk.trim(namespace)
         expired = self.expire()
         return Invalidated(memory + expired.memory, disk + expired.disk)
 
@@ -222,9 +231,8 @@ class TieredStore:
             self._doom(key)
         disk = [key for key, entry in self._disk.items() if selected(key, entry.namespace)]
         for key in disk:
-            self._drop_disk(key)
-            self._ops.deletes.append(EntryRef(key, namespace))
-        if keys is None and self._disk_settings is not None:
+            self._disk.remove(key)
+        if keys is None and self._disk.settings is not None:
             self._ops.purges.append(namespace)
         self._ops.invalidations.append(Invalidation(namespace, None if keys is None else tuple(sorted(keys))))
         self.reap()
@@ -243,9 +251,7 @@ class TieredStore:
         disk = [key for key, entry in self._disk.items()
                 if entry.state is State.READY and self._expired(entry, now) and not self.leases.is_leased(key)]
         for key in disk:
-            namespace = self._disk[key].namespace
-            self._drop_disk(key)
-            self._ops.deletes.append(EntryRef(key, namespace))
+            self._disk.remove(key)
         self.reap()
         self._metrics.expired.labels(tier="memory").inc(len(memory))
         self._metrics.expired.labels(tier="disk").inc(len(disk))
@@ -274,21 +280,17 @@ class TieredStore:
         for key in set(report.promote_failed):
             self._acks.forget("promoted", key)
             self._drop_memory(key)
-            self._drop_disk(key)  # the files stay (an unreadable entry is left in place)
+            self._disk.drop(key)  # the files stay (an unreadable entry is left in place)
         failed_writes = set(report.disk_failed)
         for key in failed_writes:
             self._acks.forget("disk", key)
             entry = self._disk.get(key)
             if entry is not None and entry.state is State.PENDING and self._world_size > 1:
                 self._ops.deletes.append(EntryRef(key, entry.namespace))  # the ranks that wrote it
-            self._drop_disk(key)
-        written = [key for key in report.disk_written if key not in failed_writes and self._disk_pending(key)]
+            self._disk.drop(key)
+        written = [key for key in report.disk_written if key not in failed_writes and self._disk.is_pending(key)]
         for key in self._acks.count("disk", written):
-            entry = self._disk.get(key)
-            if entry is not None and entry.state is State.PENDING:
-                entry.state = State.READY
-                if self.events is not None:
-                    self.events.stored("disk", key)
+            self._disk.set_ready(key)
         for key in [*report.disk_written, *report.disk_failed]:
             slot = self._slot_writes.reported(key)  # the slot of a write-through whose entry is gone
             if slot is not None:
@@ -298,9 +300,11 @@ class TieredStore:
     def _expired(self, entry: MemoryEntry | DiskEntry, now: float) -> bool:
         return self._tenants.expired(entry.namespace, entry.created, now)
 
-    def _disk_pending(self, key: bytes) -> bool:
-        entry = self._disk.get(key)
-        return entry is not None and entry.state is State.PENDING
+    def _off_disk(self, key: bytes) -> None:
+        """The disk books dropped ``key``: its memory entry, if any, is no longer on disk."""
+        memory_entry = self._memory.get(key)
+        if memory_entry is not None:
+            memory_entry.on_disk = False
 
     def _set_ready(self, key: bytes) -> None:
         entry = self._memory.get(key)
@@ -336,25 +340,6 @@ class TieredStore:
             if not self._slot_writes.hold(key, entry.slot):
                 self._free_slots.append(entry.slot)
 
-    def _add_disk(self, key: bytes, entry: DiskEntry) -> None:
-        assert self._disk_policy is not None
-        self._disk[key] = entry
-        self._disk_policy.insert(key)
-        self._tenants.on_disk[entry.namespace] += 1
-
-    def _drop_disk(self, key: bytes) -> None:
-        entry = self._disk.pop(key, None)
-        if entry is None:
-            return
-        if self.events is not None and entry.state is State.READY:
-            self.events.removed("disk", key)
-        if self._disk_policy is not None:
-            self._disk_policy.remove(key)
-        uncount(self._tenants.on_disk, entry.namespace)
-        memory_entry = self._memory.get(key)
-        if memory_entry is not None:
-            memory_entry.on_disk = False
-
     def _memory_evictable(self, key: bytes) -> bool:
         entry = self._memory[key]
         return entry.state is State.READY and not self.leases.is_leased(key) and key not in self._slot_writes
@@ -379,9 +364,9 @@ class TieredStore:
             return None
         entry = self._pop_memory(victim)
         self._metrics.evictions.labels(tier="memory").inc()
-        settings = self._disk_settings
+        settings = self._disk.settings
         if settings is not None and not settings.write_through and not entry.on_disk and not entry.doomed:
-            if self._reserve_disk(victim, entry.namespace, entry.created):
+            if self._disk.reserve(victim, entry.namespace, entry.created):
                 self._ops.spills.append(SlotOp(victim, entry.slot, entry.namespace))
         return entry.slot
 
@@ -396,43 +381,3 @@ class TieredStore:
             self._free_slots.append(slot)
             num_evicted += 1
         return num_evicted
-
-    def _disk_evictable(self, key: bytes) -> bool:
-        return self._disk[key].state is State.READY and not self.leases.is_leased(key)
-
-    def _disk_victim(self, namespace: str | None) -> bytes | None:
-        assert self._disk_policy is not None
-        if namespace is None:
-            return self._disk_policy.choose_victim(self._disk_evictable)
-        return self._disk_policy.choose_victim(lambda key: self._disk_evictable(key)
-                                               and self._disk[key].namespace == namespace)
-
-    def _evict_disk(self, victim: bytes) -> None:
-        """Remove a victim the disk policy already gave up, and plan its file's delete."""
-        namespace = self._disk[victim].namespace
-        self._drop_disk(victim)
-        self._ops.deletes.append(EntryRef(victim, namespace))
-        self._metrics.evictions.labels(tier="disk").inc()
-
-    def _reserve_disk(self, key: bytes, namespace: str, created: float) -> bool:
-        """Make room for and add a pending disk entry; False when the disk tier cannot take it."""
-        assert self._disk_settings is not None and self._disk_policy is not None
-        if key in self._disk:
-            return False
-        quota = self._tenants.disk_quota(namespace)
-        while quota is not None and self._tenants.on_disk[namespace] >= quota:
-            if not self._make_disk_room(namespace):
-                return False
-        while len(self._disk) >= self._disk_settings.capacity_entries:
-            if not self._make_disk_room(None):
-                return False
-        self._add_disk(key, DiskEntry(State.PENDING, namespace, created))
-        return True
-
-    def _make_disk_room(self, namespace: str | None) -> bool:
-        victim = self._disk_victim(namespace)
-        if victim is None:
-            self._metrics.dropped_stores.labels(tier="disk").inc()
-            return False
-        self._evict_disk(victim)
-        return True

@@ -30,7 +30,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from kvtier.plans import SlotOp
-from kvtier.tiers.disk import DiskFiles, ReadResult
+from kvtier.tiers.contract import ReadResult
+from kvtier.tiers.disk import DiskFiles
 from kvtier.tiers.remote import RemoteTier
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 
 from kvtier.tiers.remote import open_remote
-from tests.integration.test_remote_contract import s3_backend
+from tests.remote_backends import s3_backend
 from tests.servers import ServerProcess, fresh_redis, port_of, seaweed  # noqa: F401  (fixtures)
 
 LAYOUT = b"\x07" * 16

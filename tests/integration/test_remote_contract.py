@@ -1,9 +1,11 @@
-"""One contract suite for every remote tier, on real servers (tests/servers.py starts them).
+"""What every remote tier does beyond the tier contract, on real servers (tests/servers.py).
 
-Backends: Redis, Redis Cluster (3 masters), Valkey, Redis over TLS with an ACL user, and S3
-(SeaweedFS) over http and https; both TLS servers use a CA made in the test and require client
-certificates. Each supplies only a way to open the tier and a raw client for server-side checks
-and tampering; the tests are the same for all.
+Backends (tests/remote_backends.py): Redis, Redis Cluster (3 masters), Valkey, Redis over TLS with
+an ACL user, and S3 (SeaweedFS) over http and https; both TLS servers use a CA made in the test and
+require client certificates. Each supplies only a way to open the tier and a raw client for
+server-side checks and tampering; the tests are the same for all. The contract every tier shares
+(prefix counts, round trips, deletes, namespaces) is tests/contract/test_tier_contract.py, which
+runs on these backends too.
 """
 
 from __future__ import annotations
@@ -11,17 +13,12 @@ from __future__ import annotations
 import os
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import pytest
 import redis
-from botocore.exceptions import ClientError
-from redis.cluster import RedisCluster
 
 from kvtier.compression import KVCodec
 from kvtier.crypto import SEAL_OVERHEAD_BYTES, Sealer
@@ -29,113 +26,18 @@ from kvtier.entry import CODEC_AES256_GCM, CODEC_CACHEGEN, HEADER_BYTES, EntryHe
 from kvtier.errors import ConfigError
 from kvtier.layout import KVLayout
 from kvtier.tiers import remote
-from kvtier.tiers.disk import ReadResult
+from kvtier.tiers.contract import ReadResult
 from kvtier.tiers.remote import RemoteTier, object_name, open_remote
-from tests.servers import S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, TLS_PASSWORD, TLS_USER, ServerProcess, \
-    TLSFiles, fresh_redis, fresh_seaweed, free_ports, port_of, redis_cluster_nodes, redis_server, \
-    redis_tls_server, s3_client, seaweed, seaweed_tls, valkey_server  # noqa: F401  (fixtures)
+from tests.remote_backends import BACKENDS, NATIVE_TTL_BACKENDS, Backend, make_backend, s3_backend, tls_options
+from tests.servers import S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, TLS_PASSWORD, TLS_USER, ServerProcess, fresh_redis, \
+    fresh_seaweed, free_ports, port_of, redis_cluster_nodes, redis_server, redis_tls_server, s3_client, seaweed, \
+    seaweed_tls, valkey_server  # noqa: F401  (fixtures)
 
 TENANT = "tenant-a"
 LAYOUT = bytes(range(16))
 OTHER_LAYOUT = bytes(range(1, 17))
 PAYLOAD_BYTES = 256 << 10
 TIMEOUT_S = 2.0
-
-
-class Opener(Protocol):
-    def __call__(self, ttl_s: int | None, timeout_s: float, *, sealer: Sealer | None = None,
-                 codec: KVCodec | None = None) -> RemoteTier: ...
-
-
-@dataclass
-class Backend:
-    """How a test reaches one server: open a tier, and a raw client to look at or tamper with values."""
-
-    name: str
-    open: Opener  # (ttl_s, timeout_s, sealer=None) -> tier
-    open_unreachable: Callable[[float], RemoteTier]  # timeout_s -> tier aimed at a closed port
-    raw_get: Callable[[str], bytes | None]
-    raw_set: Callable[[str, bytes], None]
-    write_marker: Callable[[str], object]  # changes whenever the server (re)writes the value
-    remaining_ttl_s: Callable[[str], float | None]  # None: the store has no per-object TTL
-
-
-def redis_backend(name: str, url: str, raw: redis.Redis | RedisCluster, unreachable_url: str,
-                  tls: TLSFiles | None = None, username: str | None = None,
-                  password: str | None = None) -> Backend:
-    def open_tier(ttl_s: int | None, timeout_s: float, target: str = url, *, sealer: Sealer | None = None,
-                  codec: KVCodec | None = None) -> RemoteTier:
-        return open_remote(target, ttl_s=ttl_s, timeout_s=timeout_s, username=username, password=password,
-                           sealer=sealer, codec=codec, **tls_options(tls))
-
-    def remaining(name: str) -> float | None:
-        return int(raw.pttl(name)) / 1000
-
-    return Backend(name, open_tier, lambda timeout_s: open_tier(None, timeout_s, unreachable_url), raw.get,
-                   lambda name, value: raw.set(name, value), lambda name: raw.pexpiretime(name), remaining)
-
-
-def tls_options(tls: TLSFiles | None) -> dict[str, str | None]:
-    """The CA and client certificate options of a TLS test server (none without TLS)."""
-    if tls is None:
-        return {}
-    return {"tls_ca": tls.ca, "tls_cert": tls.client_cert, "tls_key": tls.client_key}
-
-
-def s3_backend(endpoint: str, tls: TLSFiles | None = None) -> Backend:
-    client = s3_client(endpoint, tls=tls)
-    prefix = f"test-{uuid.uuid4().hex[:8]}"
-
-    def open_tier(ttl_s: int | None, timeout_s: float, target: str = endpoint, *,
-                  sealer: Sealer | None = None, codec: KVCodec | None = None) -> RemoteTier:
-        return open_remote(f"s3://{S3_BUCKET}/{prefix}", ttl_s=ttl_s, timeout_s=timeout_s, s3_endpoint=target,
-                           s3_region="us-east-1", access_key=S3_ACCESS_KEY, secret_key=S3_SECRET_KEY, sealer=sealer,
-                           codec=codec, **tls_options(tls))
-
-    def raw_get(name: str) -> bytes | None:
-        try:
-            return client.get_object(Bucket=S3_BUCKET, Key=name)["Body"].read()
-        except ClientError as exc:
-            if exc.response["Error"]["Code"] in ("NoSuchKey", "404"):
-                return None
-            raise
-
-    def marker(name: str) -> object:
-        head = client.head_object(Bucket=S3_BUCKET, Key=name)
-        return head["ETag"], head["LastModified"]
-
-    closed = f"{'https' if tls else 'http'}://127.0.0.1:{free_ports(1)[0]}"
-    return Backend("s3" if tls is None else "s3-tls", open_tier, lambda timeout_s: open_tier(None, timeout_s, closed), raw_get,
-                   lambda name, value: client.put_object(Bucket=S3_BUCKET, Key=name, Body=value), marker,
-                   lambda name: None)
-
-
-BACKENDS = ["redis", "redis-cluster", "valkey", "redis-tls", "s3", "s3-tls"]
-NATIVE_TTL_BACKENDS = ["redis", "redis-cluster", "valkey", "redis-tls"]
-
-
-def make_backend(request: pytest.FixtureRequest, name: str) -> Backend:
-    closed = free_ports(1)[0]
-    if name in ("redis", "valkey"):
-        port = port_of(request.getfixturevalue(f"{name}_server"))
-        return redis_backend(name, f"redis://127.0.0.1:{port}", redis.Redis(port=port),
-                             f"redis://127.0.0.1:{closed}")
-    if name == "redis-cluster":
-        ports = [port_of(node) for node in request.getfixturevalue("redis_cluster_nodes")]
-        return redis_backend(name, "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports),
-                             RedisCluster(host="127.0.0.1", port=ports[0]),
-                             f"redis+cluster://127.0.0.1:{closed}")
-    if name == "redis-tls":
-        _, tls, tls_port = request.getfixturevalue("redis_tls_server")
-        raw = redis.Redis(port=tls_port, ssl=True, ssl_ca_certs=tls.ca, ssl_certfile=tls.client_cert,
-                          ssl_keyfile=tls.client_key, username=TLS_USER, password=TLS_PASSWORD)
-        return redis_backend(name, f"rediss://127.0.0.1:{tls_port}", raw, f"rediss://127.0.0.1:{closed}",
-                             tls=tls, username=TLS_USER, password=TLS_PASSWORD)
-    if name == "s3-tls":
-        _, endpoint, tls = request.getfixturevalue("seaweed_tls")
-        return s3_backend(endpoint, tls)
-    assert name == "s3"
-    return s3_backend(request.getfixturevalue("seaweed")[1])
 
 
 @pytest.fixture(params=BACKENDS)
@@ -171,36 +73,11 @@ def read(tier: RemoteTier, key: bytes, num_bytes: int = PAYLOAD_BYTES, rank: int
 
 # --------------------------------------------------------------------------------------- contract
 
-def test_round_trip(tier: RemoteTier) -> None:
-    keys = [new_key() for _ in range(3)]
-    payloads = [payload_of() for _ in keys]
-    big_key, big_payload = new_key(), payload_of(5_900_000)  # one SmolLM2-sized chunk
-    assert all(tier.put(key, 0, payload, LAYOUT, namespace=TENANT) for key, payload in zip(keys, payloads))
-    assert tier.put(big_key, 0, memoryview(big_payload), LAYOUT, namespace=TENANT)
-    outs = [bytearray(PAYLOAD_BYTES) for _ in range(4)]
-    missing = new_key()
-    results = tier.get_many_into([(key, memoryview(out)) for key, out in zip([*keys, missing], outs)], 0, LAYOUT, namespace=TENANT)
-    assert results == [ReadResult.OK] * 3 + [ReadResult.MISSING]
-    assert [bytes(out) for out in outs[:3]] == payloads
-    assert read(tier, big_key, len(big_payload)) == (ReadResult.OK, big_payload)
-    assert read(tier, keys[0], rank=1)[0] is ReadResult.MISSING  # another rank's shard
-    assert tier.get_many_into([], 0, LAYOUT, namespace=TENANT) == []
+def test_a_chunk_sized_value_round_trips(tier: RemoteTier) -> None:
+    key, payload = new_key(), payload_of(5_900_000)  # one SmolLM2-sized chunk
+    assert tier.put(key, 0, memoryview(payload), LAYOUT, namespace=TENANT)
+    assert read(tier, key, len(payload)) == (ReadResult.OK, payload)
     assert tier.healthy and tier.num_errors == 0 and tier.num_corrupt == 0
-
-
-def test_exists_prefix_counts_consecutive(tier: RemoteTier) -> None:
-    keys = [new_key() for _ in range(20)]
-    for index in [0, 1, 2, 4]:
-        assert tier.put(keys[index], 0, payload_of(1024), LAYOUT, namespace=TENANT)
-    assert tier.exists_prefix(keys[:6], 0, namespace=TENANT) == 3
-    assert tier.exists_prefix(keys[3:6], 0, namespace=TENANT) == 0
-    assert tier.exists_prefix([], 0, namespace=TENANT) == 0
-    assert tier.exists_prefix(keys[:3], 1, namespace=TENANT) == 0
-    for key in keys:
-        tier.put(key, 0, payload_of(1024), LAYOUT, namespace=TENANT)
-    assert tier.exists_prefix(keys, 0, namespace=TENANT) == 20  # more than one wave of S3 HEADs
-    assert tier.delete(keys[10:], 0, namespace=TENANT) == 10
-    assert tier.exists_prefix(keys, 0, namespace=TENANT) == 10
 
 
 def test_put_of_an_existing_entry_does_not_rewrite_it(backend: Backend) -> None:
@@ -253,24 +130,6 @@ def test_s3_hides_entries_older_than_the_namespace_ttl_at_lookup(request: pytest
     time.sleep(2.1)  # Last-Modified has one-second resolution
     assert tier.exists_prefix([key], 0, namespace=TENANT) == 1  # no TTL anywhere: still there
     assert tier.exists_prefix([key], 0, namespace=TENANT, max_age_s=1) == 0
-    tier.close()
-
-
-def test_delete_namespace_removes_every_entry_of_it_and_nothing_else(backend: Backend) -> None:
-    tier = backend.open(100, TIMEOUT_S)
-    mine, theirs = [new_key() for _ in range(30)], new_key()
-    for index, key in enumerate(mine):
-        assert tier.put(key, index % 2, payload_of(1024), LAYOUT, namespace="doomed")
-    assert tier.put(theirs, 0, payload_of(1024), LAYOUT, namespace=TENANT)
-    assert tier.put(mine[0], 0, payload_of(1024), LAYOUT, namespace="doomed-2")  # a namespace that shares the prefix
-    assert tier.delete_namespace("doomed") == 30
-    assert tier.exists_prefix(mine[:1], 0, namespace="doomed") == 0
-    assert tier.exists_prefix(mine[1:2], 1, namespace="doomed") == 0
-    assert tier.exists_prefix([theirs], 0, namespace=TENANT) == 1
-    assert tier.exists_prefix(mine[:1], 0, namespace="doomed-2") == 1
-    assert tier.delete_namespace("doomed") == 0
-    with pytest.raises(ValueError):
-        tier.delete_namespace("..")
     tier.close()
 
 

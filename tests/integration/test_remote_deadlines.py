@@ -8,9 +8,9 @@ from __future__ import annotations
 import time
 
 from kvtier.plans import AsyncLoad, LoadOp, SlotOp, StepPlan
-from kvtier.tiers.disk import ReadResult
+from kvtier.tiers.contract import ReadResult
 from kvtier.tiers.remote import open_remote
-from tests.integration.test_remote_contract import s3_backend
+from tests.remote_backends import s3_backend
 from tests.servers import ServerProcess, fresh_redis, port_of, seaweed  # noqa: F401  (fixtures)
 from tests.slow_link import SlowLink
 from tests.unit.test_worker_async import LAYOUT as WORKER_LAYOUT

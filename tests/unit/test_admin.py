@@ -19,8 +19,10 @@ from kvtier.admin.audit import AuditLog
 from kvtier.admin.auth import Role, Tokens, load_tokens
 from kvtier.admin.http import AdminAPI, AdminServer
 from kvtier.admin.service import AdminService, StoreShape
+from kvtier.config import load_config
 from kvtier.errors import ConfigError
 from kvtier.keys import Namespace
+from kvtier.manager import KVManager
 from kvtier.metrics import Metrics
 from kvtier.plans import WorkerReport
 from kvtier.store import DiskSettings, TieredStore
@@ -39,10 +41,10 @@ NAMESPACE = Namespace("default", "model", LAYOUT)
 class Admin:
     url: str
     store: TieredStore
+    manager: KVManager
     service: AdminService
     disk: DiskFiles
     audit_path: Path
-    forgotten: list[int]
 
     def call(self, method: str, path: str, body: object = None, token: str | None = ADMIN_TOKEN,
              raw: bytes | None = None) -> tuple[int, dict]:
@@ -66,13 +68,13 @@ class Admin:
 def admin(tmp_path: Path) -> Iterator[Admin]:
     store = TieredStore(16, "lru", DiskSettings(32, write_through=True), 1, Metrics(), CHUNK_BYTES, {}, time.time)
     disk = DiskFiles(str(tmp_path / "disk"), LAYOUT)
-    forgotten: list[int] = []
-    service = AdminService(threading.RLock(), store, NAMESPACE, StoreShape(CHUNK_TOKENS, CHUNK_BYTES, 16, 32, 1),
-                           disk, None, lambda: forgotten.append(1))
+    manager = KVManager(load_config({}, {}).config, store, Metrics(), None, CHUNK_TOKENS, CHUNK_BYTES, 1)
+    service = AdminService(threading.RLock(), manager, NAMESPACE, StoreShape(CHUNK_TOKENS, CHUNK_BYTES, 16, 32, 1),
+                           disk, None)
     audit_path = tmp_path / "audit.jsonl"
     api = AdminAPI(service, Tokens({READ_TOKEN: Role.READ, ADMIN_TOKEN: Role.ADMIN}), AuditLog(str(audit_path)))
     server = AdminServer(api, "127.0.0.1", 0)
-    yield Admin(f"http://127.0.0.1:{server.port}", store, service, disk, audit_path, forgotten)
+    yield Admin(f"http://127.0.0.1:{server.port}", store, manager, service, disk, audit_path)
     server.close()
 
 
@@ -114,13 +116,14 @@ def test_reads_with_a_read_token_work_and_are_not_audited(admin: Admin) -> None:
 def test_invalidating_a_namespace_removes_it_from_memory_and_disk_and_is_audited(admin: Admin) -> None:
     mine = admin.store_prompt("tenant-a", list(range(12)))
     theirs = admin.store_prompt("tenant-b", list(range(12)))
+    admin.manager.remote_known.remember(mine[0])  # uploaded by the engine
     status, report = admin.call("POST", "/v1/invalidate", {"namespace": "tenant-a"})
     assert status == 200
     assert report["memory"]["entries"] == 3 and report["disk"] == {**report["disk"], "entries": 3, "files": 3}
     assert 0 <= report["memory"]["seconds"] <= report["disk"]["seconds"] <= report["seconds"]
     assert admin.store.lookup(mine).num_chunks == 0 and admin.store.lookup(theirs).num_chunks == 3
     assert sorted(e.namespace for e in admin.disk.scan()) == ["tenant-b"] * 3
-    assert admin.forgotten  # the engine re-uploads what it recomputes
+    assert mine[0] not in admin.manager.remote_known  # the engine re-uploads what it recomputes
     [event] = admin.audit()
     assert event["status"] == 200 and event["role"] == "admin" and event["detail"]["namespace"] == "tenant-a"
 

@@ -15,7 +15,8 @@ from kvtier.crypto import SEAL_OVERHEAD_BYTES, Sealer
 from kvtier.entry import CODEC_AES256_GCM, CODEC_RAW, HEADER_BYTES, EntryHeader, decode_header, encode_header, \
     payload_checksum
 from kvtier.errors import ConfigError
-from kvtier.tiers.disk import DiskFiles, DiskWriter, ReadResult
+from kvtier.tiers.contract import ReadResult
+from kvtier.tiers.disk import DiskFiles, DiskWriter
 
 LAYOUT = bytes(range(16))
 TENANT = "tenant-a"
@@ -54,9 +55,27 @@ def test_an_entry_is_never_replaced_and_delete_is_idempotent(files: DiskFiles) -
     files.write(key, 0, PAYLOAD[::-1], namespace=TENANT)
     assert read(files, key) == (ReadResult.OK, PAYLOAD)
     assert not [name for name in os.listdir(os.path.dirname(files.path_for(key, 0, TENANT))) if ".tmp" in name]
-    files.delete(key, 0, TENANT)
-    files.delete(key, 0, TENANT)
+    assert files.delete([key], 0, namespace=TENANT) == 1
+    assert files.delete([key], 0, namespace=TENANT) == 0
     assert read(files, key)[0] is ReadResult.MISSING
+
+
+def test_a_prefix_lookup_with_a_max_age_ignores_older_files(files: DiskFiles) -> None:
+    keys = [key_of(i) for i in range(3)]
+    assert files.put_many([(key, PAYLOAD) for key in keys], 0, LAYOUT, namespace=TENANT) == [True] * 3
+    an_hour_ago = os.stat(files.path_for(keys[1], 0, TENANT)).st_mtime - 3600
+    os.utime(files.path_for(keys[1], 0, TENANT), (an_hour_ago, an_hour_ago))
+    assert files.exists_prefix(keys, 0, namespace=TENANT) == 3  # no TTL: every file counts
+    assert files.exists_prefix(keys, 0, namespace=TENANT, max_age_s=600) == 1  # the old one ends the prefix
+
+
+def test_calls_naming_another_layout_are_refused(files: DiskFiles) -> None:
+    other = bytes(range(1, 17))
+    with pytest.raises(ValueError, match="layout"):
+        files.put_many([(key_of(1), PAYLOAD)], 0, other, namespace=TENANT)
+    with pytest.raises(ValueError, match="layout"):
+        files.get_many_into([(key_of(1), memoryview(bytearray(len(PAYLOAD))))], 0, other, namespace=TENANT)
+    assert files.exists_prefix([key_of(1)], 0, namespace=TENANT) == 0  # nothing was written
 
 
 def test_restart_scans_entries_and_cleans_crash_leftovers(tmp_path) -> None:

@@ -9,7 +9,8 @@ import pytest
 
 from kvtier.plans import SlotOp
 from kvtier.remote_lookup import RemoteLookups
-from kvtier.tiers.disk import DiskFiles, ReadResult
+from kvtier.tiers.contract import ReadResult
+from kvtier.tiers.disk import DiskFiles
 from kvtier.transfers import FillExecutor
 from tests.dict_tier import DictTier
 

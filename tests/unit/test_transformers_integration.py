@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
+from kvtier.admin.service import AdminService, StoreShape
 from kvtier.errors import ConfigError, LayoutError
 from kvtier.integrations.transformers import PrefixKVCache, generate_with_prefix_cache
 
@@ -116,3 +117,21 @@ def test_namespaces_keep_models_apart() -> None:
     b = PrefixKVCache("model-b", 2, 2, 8, torch.float32, chunk_tokens=CHUNK, capacity_bytes=1 << 20)
     tokens = list(range(40))
     assert a.keys(tokens) != b.keys(tokens)
+
+
+@torch.no_grad()
+def test_the_admin_api_sees_and_invalidates_what_the_cache_stores() -> None:
+    """One set of books: the transformers integration and the admin service share its KVManager."""
+    model = tiny_model(torch.float32)
+    cache = PrefixKVCache.for_model(model, "tiny", chunk_tokens=CHUNK, capacity_bytes=1 << 20)
+    admin = AdminService(cache.lock, cache.manager, cache.namespace,
+                         StoreShape(CHUNK, cache.slot_bytes, cache.num_slots, 0, 1), None, None)
+    ids = prompt(49, seed=9)
+    assert store_prompt(model, cache, ids) == 3
+    found = admin.lookup("default", "", ids[0].tolist())
+    assert found["cached_chunks"] == 3 and found["by_tier"] == {"memory": 3, "disk": 0, "remote": 0}
+    assert admin.stats()["namespaces"]["default"]["memory_entries"] == 3
+    assert admin.invalidate("default", None)["memory"]["entries"] == 3
+    assert cache.lookup(ids[0].tolist()) == 0 and len(cache) == 0
+    assert generate_with_prefix_cache(model, ids, cache).num_cached_tokens == 0  # recomputed, then stored again
+    assert cache.lookup(ids[0].tolist()) == 48 and admin.lookup("default", "", ids[0].tolist())["cached_chunks"] == 3

@@ -20,7 +20,8 @@ from kvtier.crypto import SEAL_OVERHEAD_BYTES, Sealer, parse_master_key
 from kvtier.entry import CODEC_AES256_GCM, HEADER_BYTES, check_entry, decode_header, sealed_aad
 from kvtier.errors import EntryError
 from kvtier.layout import KVLayout
-from kvtier.tiers.disk import DiskFiles, ReadResult
+from kvtier.tiers.contract import ReadResult
+from kvtier.tiers.disk import DiskFiles
 from kvtier.tiers.framing import frame, unframe_into
 from kvtier.tiers.remote import Fetched
 from tests.dict_tier import DictTier
@@ -196,7 +197,7 @@ def test_disk_read_of_any_file_is_corrupt(disk_root: str, sealer: Sealer | None,
 def test_disk_read_of_the_valid_entry_is_ok(disk_root: str, sealer: Sealer | None) -> None:
     # The other side of the fuzz test above: the unchanged bytes do load.
     files = DiskFiles(disk_root, LAYOUT, sealer=sealer)
-    files.delete(KEY, 0, NAMESPACE)  # what the fuzz test left there (an entry is never replaced)
+    files.delete([KEY], 0, namespace=NAMESPACE)  # what the fuzz test left there (an entry is never replaced)
     files.write(KEY, 0, PAYLOAD, namespace=NAMESPACE)
     pool, out = guarded_out(PAYLOAD_BYTES)
     assert files.read_into(KEY, 0, out, namespace=NAMESPACE) is ReadResult.OK

@@ -1,14 +1,18 @@
 """The admin operations on one engine's books and tiers: stats, lookup, invalidation, limits.
 
-No HTTP here (``http.py`` does that) and no engine: the service works on the scheduler side's
-``TieredStore`` under the lock the engine integration holds for every one of its own calls, so
-a book change is atomic with respect to the engine's lookups and plans. Byte deletions (disk
-files, remote entries) run after the books changed, outside the lock: from the moment the books
-change no lookup finds the entries, and the engine never waits on a remote delete.
+No HTTP here (``http.py`` does that) and no engine: the service works on the engine's own books
+through its ``KVManager`` (the engine-neutral core every integration uses: vLLM's scheduler side,
+the transformers integration), under the lock the engine integration holds for every one of its
+own calls, so a book change is atomic with respect to the engine's lookups and plans. It keeps no
+books of its own; its tier handles (``kvtier.tiers.contract``) only ask the remote and delete
+bytes. Byte deletions (disk files, remote entries) run after the books changed, outside the lock:
+from the moment the books change no lookup finds the entries, and the engine never waits on a
+remote delete.
 
 Invalidation reaches the tiers in this order and reports the time each took:
-1. memory and disk books: the entries are unreachable (leased or in-flight ones are doomed and
-   their slots freed when the lease ends; see ``kvtier.store``);
+1. memory and disk books (``KVManager.invalidate``): the entries are unreachable (leased or
+   in-flight ones are doomed and their slots freed when the lease ends; see ``kvtier.store``), and
+   the engine forgets which chunks the remote holds, so it uploads them again when recomputed;
 2. disk files: removed now from this process; the engine's disk writer also gets the deletes
    in its next step plan, queued behind any write in flight, so no file outlives them;
 3. remote: removed by name (keys) or by listing the namespace's prefix (whole namespace).
@@ -20,12 +24,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from kvtier.config import NamespaceLimits
 from kvtier.keys import Namespace, chunk_keys
-from kvtier.store import TieredStore
+from kvtier.manager import KVManager
 from kvtier.tiers.disk import DiskFiles
 from kvtier.tiers.remote import RemoteTier
 
@@ -44,20 +48,19 @@ class StoreShape:
 class AdminService:
     """Admin operations of one engine. Thread-safe: every book access holds ``lock``."""
 
-    def __init__(self, lock: threading.RLock, store: TieredStore, namespace: Namespace, shape: StoreShape,
-                 disk: DiskFiles | None, remote: RemoteTier | None, forget_remote: Callable[[], None]) -> None:
-        """``namespace``: the engine's key namespace (tenant and salt are replaced per call);
-        ``disk`` / ``remote``: handles owned by the service (not the engine's, which other
-        threads use); ``forget_remote``: drops the engine's memory of which chunks the remote
-        holds, so invalidated chunks are uploaded again when recomputed."""
+    def __init__(self, lock: threading.RLock, manager: KVManager, namespace: Namespace, shape: StoreShape,
+                 disk: DiskFiles | None, remote: RemoteTier | None) -> None:
+        """``manager``: the engine's core, used under ``lock``; ``namespace``: the engine's key
+        namespace (tenant and salt are replaced per call); ``disk`` / ``remote``: handles owned
+        by the service (not the engine's, which other threads use)."""
         self._lock = lock
-        self._store = store
+        self._manager = manager
+        self._store = manager.store
         self._namespace = namespace
         self.shape = shape
         self._disk = disk
         self._remote = remote
         self._remote_lock = threading.Lock()  # one thread at a time per RemoteTier
-        self._forget_remote = forget_remote
 
     def keys_of(self, namespace: str, salt: str, token_ids: Sequence[int]) -> list[bytes]:
         """Chunk keys of the full chunks of ``token_ids`` in ``namespace`` (with vLLM's
@@ -109,8 +112,7 @@ class AdminService:
         counts and the seconds each tier took (cumulative from the start)."""
         started = time.perf_counter()
         with self._lock:
-            removed = self._store.invalidate(namespace, None if keys is None else set(keys))
-            self._forget_remote()
+            removed = self._manager.invalidate(namespace, None if keys is None else set(keys))
         books_s = time.perf_counter() - started
         report: dict[str, object] = {
             "namespace": namespace, "scope": "namespace" if keys is None else "keys",
@@ -155,7 +157,7 @@ class AdminService:
         assert self._disk is not None
         if keys is None:
             return self._disk.delete_namespace(namespace)
-        return sum(self._disk.delete(key, rank, namespace) for key in keys for rank in range(self.shape.world_size))
+        return sum(self._disk.delete(keys, rank, namespace=namespace) for rank in range(self.shape.world_size))
 
     def _delete_remote(self, namespace: str, keys: Sequence[bytes] | None) -> int | None:
         assert self._remote is not None

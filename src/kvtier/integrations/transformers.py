@@ -3,9 +3,16 @@
 ``PrefixKVCache`` keeps the KV of whole chunks of ``chunk_tokens`` tokens in a host memory pool
 (pinned on CUDA, allocated once), keyed by kvtier's chained chunk keys (``kvtier.keys``): a key names
 the whole prefix up to the end of its chunk, and the namespace (tenant, model id, KV shape, dtype,
-chunk size) is in every key, so a different model or shape misses instead of colliding. Eviction uses
-``kvtier.policy`` (LRU or S3-FIFO) over whole chunks. ``generate_with_prefix_cache`` runs a prefill
-that loads the longest cached prefix and computes only the rest.
+chunk size) is in every key, so a different model or shape misses instead of colliding.
+``generate_with_prefix_cache`` runs a prefill that loads the longest cached prefix and computes only
+the rest.
+
+The books are kvtier's engine-neutral core, as for vLLM: a ``KVManager`` (``manager``) says which
+chunk is in which slot and evicts (LRU or S3-FIFO over whole chunks, never a leased or pending one).
+A store is ``plan_store`` per chunk (a slot each), the copies, then ``complete`` with what was
+copied; a load is ``plan_load`` (the chunks held, leased to the load), the copies, then
+``load_finished`` and ``release``. So the admin service (``kvtier.admin.service.AdminService``
+over ``manager``) sees and invalidates what this cache holds.
 
 Supported caches: ``transformers.DynamicCache`` (transformers 5) with full-attention layers whose keys
 and values are [batch=1, kv_heads, seq, head_dim]. Sliding-window layers are refused (LayoutError).
@@ -18,13 +25,16 @@ kernel per layer and K/V between the staging buffer and the layer's tensor. Load
 layer group with an event per group, so a forward can start on the first layers while later layers
 are still crossing PCIe (``generate_with_prefix_cache`` waits per decoder layer).
 
-Threading: one thread uses a ``PrefixKVCache`` (the one that runs the model).
+Threading: one thread runs the model and uses a ``PrefixKVCache``; every public call holds
+``lock``, which an admin service over ``manager`` takes too (``AdminService(cache.lock,
+cache.manager, ...)``), so the books change atomically with respect to stores and loads.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -33,10 +43,13 @@ import xxhash
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from kvtier.config import load_config
 from kvtier.datapath import HostPool, StagingRing
 from kvtier.errors import ConfigError, LayoutError
 from kvtier.keys import ChunkKey, Namespace, chunk_keys
-from kvtier.policy import make_policy
+from kvtier.manager import KVManager, LoadRequest
+from kvtier.metrics import Metrics
+from kvtier.plans import WorkerReport
 
 GiB = 1 << 30
 
@@ -89,16 +102,19 @@ class PrefixKVCache:
         if self.num_slots < 1:
             raise ConfigError("capacity_bytes", f"{capacity_bytes} holds no chunk of {self.slot_bytes} bytes")
         shape = f"hf_bhsd|{num_layers}|{num_kv_heads}|{head_dim}|{chunk_tokens}|{dtype}"
-        self._namespace = Namespace(tenant, model_id, xxhash.xxh3_128_digest(shape.encode())).digest()
+        self.namespace = Namespace(tenant, model_id, xxhash.xxh3_128_digest(shape.encode()))
+        self._digest = self.namespace.digest()
         self._groups = [(first, min(first + load_group_layers, num_layers))
                         for first in range(0, num_layers, load_group_layers)]
         self._staging_chunks = staging_chunks
         self.pool = HostPool(self.num_slots, self.slot_bytes, pin_memory=self.device.type == "cuda")
         unit_bytes = min(staging_chunks, self.num_slots) * min(load_group_layers, num_layers) * self.layer_chunk_bytes
         self._ring = StagingRing(self.device, unit_bytes, 2)
-        self._slots: dict[bytes, int] = {}
-        self._free_slots = list(range(self.num_slots - 1, -1, -1))
-        self._policy = make_policy(policy, self.num_slots)
+        config = load_config({"memory.policy": policy}, {}).config
+        self.manager = KVManager.open(config, self.num_slots, chunk_tokens, self.slot_bytes, 1, None, (), Metrics(),
+                                      None)
+        self._num_owners = 0
+        self.lock = threading.RLock()
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, model_id: str, chunk_tokens: int = 256,
@@ -112,33 +128,32 @@ class PrefixKVCache:
 
     def __len__(self) -> int:
         """Number of chunks held."""
-        return len(self._slots)
+        with self.lock:
+            return self.manager.store.num_memory_entries
 
     # ----- books ---------------------------------------------------------------------------
     def keys(self, token_ids: Sequence[int]) -> list[ChunkKey]:
         """Keys of the full chunks of ``token_ids``."""
-        return chunk_keys(self._namespace, token_ids, self.chunk_tokens)
+        return chunk_keys(self._digest, token_ids, self.chunk_tokens)
 
     def lookup(self, token_ids: Sequence[int]) -> int:
         """Prompt tokens of ``token_ids`` a load would give: the longest held prefix of whole
         chunks that leaves at least one token to compute. Changes nothing."""
-        return len(self._held_prefix(token_ids)) * self.chunk_tokens
+        with self.lock:
+            return len(self._held_prefix(token_ids)) * self.chunk_tokens
 
     def _held_prefix(self, token_ids: Sequence[int]) -> list[bytes]:
-        usable = (len(token_ids) - 1) // self.chunk_tokens * self.chunk_tokens
-        held: list[bytes] = []
-        for key in self.keys(token_ids[:max(usable, 0)]):
-            if key.digest not in self._slots:
-                break
-            held.append(key.digest)
-        return held
+        keys = self._usable_keys(token_ids)
+        return keys[:self.manager.store.lookup(keys).num_chunks]
 
-    def _allocate(self, protected: set[bytes]) -> int | None:
-        """A free slot, evicting an unprotected chunk if needed; None if every chunk is protected."""
-        if self._free_slots:
-            return self._free_slots.pop()
-        victim = self._policy.choose_victim(lambda key: key not in protected)
-        return None if victim is None else self._slots.pop(victim)
+    def _usable_keys(self, token_ids: Sequence[int]) -> list[bytes]:
+        """Keys of the whole chunks of ``token_ids`` that leave at least one token to compute."""
+        usable = (len(token_ids) - 1) // self.chunk_tokens * self.chunk_tokens
+        return [key.digest for key in self.keys(token_ids[:max(usable, 0)])]
+
+    def _owner(self) -> str:
+        self._num_owners += 1
+        return f"hf-{self._num_owners}"
 
     # ----- store ---------------------------------------------------------------------------
     def store(self, token_ids: Sequence[int], cache: DynamicCache) -> int:
@@ -150,28 +165,43 @@ class PrefixKVCache:
         of the missing chunks, when every held chunk belongs to this prompt and memory is full.
         """
         tensors = self._cache_tensors(cache)
+        with self.lock:
+            return self._store(token_ids, tensors)
+
+    def _store(self, token_ids: Sequence[int], tensors: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
         num_cached = tensors[0][0].shape[2]
         keys = [key.digest for key in self.keys(token_ids[:num_cached])]
-        protected = set(keys)
+        owner = self._owner()
+        store = self.manager.store
+        store.leases.acquire(owner, [key for key in keys if store.in_memory(key)])  # never evict its own chunks
         planned: list[tuple[int, int]] = []  # (chunk index, slot)
-        for index, key in enumerate(keys):
-            if key in self._slots:
-                self._policy.touch(key)
-                continue
-            slot = self._allocate(protected)
-            if slot is None:
-                break
-            planned.append((index, slot))
+        try:
+            for index, key in enumerate(keys):
+                if store.in_memory(key):
+                    store.touch([key])
+                    continue
+                plan = self.manager.plan_store(key, self.namespace.tenant)
+                if plan is None:  # memory is full of this prompt's chunks
+                    break
+                planned.append((index, plan[0]))
+            self._copy_in(tensors, planned)
+        except BaseException:
+            store.abandon([keys[index] for index, _ in planned])
+            raise
+        finally:
+            self.manager.release(owner)
+        self.manager.complete(WorkerReport(stored=[keys[index] for index, _ in planned]), 0)
+        self.manager.take_ops()  # no workers here: the plan's disk and remote ops are nobody's
+        return len(planned)
+
+    def _copy_in(self, tensors: list[tuple[torch.Tensor, torch.Tensor]], planned: list[tuple[int, int]]) -> None:
+        """Copy the planned chunks into their slots; returns once they are in host memory."""
         self._ring.begin()
         for first, last in self._groups:
             for run in _runs(planned, self._staging_chunks):
                 self._ring.to_host(functools.partial(self._pack, tensors, first, last, run[0][0], len(run)),
                                    functools.partial(self._copy_to_slots, [slot for _, slot in run], first, last))
         self._ring.wait()
-        for index, slot in planned:
-            self._slots[keys[index]] = slot
-            self._policy.insert(keys[index])
-        return len(planned)
 
     def _pack(self, tensors: list[tuple[torch.Tensor, torch.Tensor]], first: int, last: int, first_chunk: int,
               num_chunks: int, buffer: torch.Tensor) -> None:
@@ -202,13 +232,23 @@ class PrefixKVCache:
 
     def load_async(self, token_ids: Sequence[int]) -> PendingLoad:
         """Queue the load of ``load``, layer group by layer group; see ``PendingLoad``."""
-        keys = self._held_prefix(token_ids)
-        if not keys:
+        with self.lock:
+            return self._load_async(token_ids)
+
+    def _load_async(self, token_ids: Sequence[int]) -> PendingLoad:
+        owner = self._owner()
+        planned = self.manager.plan_load(LoadRequest(owner, self.namespace.tenant, self._usable_keys(token_ids), 0))
+        assert planned is not None and not planned.is_async  # memory only: nothing to wait for
+        try:
+            return self._queue_load(list(planned.slots))
+        finally:
+            self.manager.load_finished(owner)
+            self.manager.release(owner)
+
+    def _queue_load(self, slots: list[int]) -> PendingLoad:
+        if not slots:
             return PendingLoad(0, None, self.device, ())
-        for key in keys:
-            self._policy.touch(key)
-        slots = [self._slots[key] for key in keys]
-        num_tokens = len(keys) * self.chunk_tokens
+        num_tokens = len(slots) * self.chunk_tokens
         shape = (1, self.num_kv_heads, num_tokens, self.head_dim)
         tensors = [(torch.empty(shape, dtype=self.dtype, device=self.device),
                     torch.empty(shape, dtype=self.dtype, device=self.device)) for _ in range(self.num_layers)]

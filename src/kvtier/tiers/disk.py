@@ -15,19 +15,21 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import enum
 import errno
 import logging
 import os
 import re
 import secrets
 import threading
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvtier.config import NAMESPACE_RULE, is_namespace
 from kvtier.crypto import Sealer
 from kvtier.entry import HEADER_BYTES
 from kvtier.errors import ConfigError, EntryError, UnreadableEntryError
+from kvtier.tiers.contract import ReadResult
 from kvtier.tiers.framing import check_readable, frame, stored_bytes, unframe_into
 
 logger = logging.getLogger(__name__)
@@ -36,15 +38,6 @@ _ENTRY_NAME = re.compile(r"([0-9a-f]{32})\.(\d+)\.kvt")
 _TEMP_NAME = re.compile(r"[0-9a-f]{32}\.\d+\.kvt\.[0-9a-f.]+\.tmp")  # (older versions: pid.thread)
 _SUBDIR_NAME = re.compile(r"[0-9a-f]{2}")
 _KEY_BYTES = 16
-
-
-class ReadResult(enum.Enum):
-    OK = "ok"
-    MISSING = "missing"  # no file: the entry was never written, or was deleted
-    CORRUPT = "corrupt"  # unreadable, truncated, mismatching or bad checksum; the file was removed
-    # the file could not be opened (e.g. out of file descriptors), or is a valid entry this kvtier
-    # cannot open (another master key or encryption/compression setting): a miss, the file is kept
-    UNREADABLE = "unreadable"
 
 
 class DiskFiles:
@@ -202,9 +195,55 @@ class DiskFiles:
             raise EntryError(f"entry file truncated while reading: {num_read} of {expected_bytes} bytes")
         unframe_into(header_buf, stored, key, rank, self.layout_fingerprint, out, self.sealer, namespace, None)
 
-    def delete(self, key: bytes, rank: int, namespace: str) -> bool:
-        """Remove the entry of ``(key, rank)``; True when there was one (a missing file is fine)."""
-        return _unlink_quietly(self.path_for(key, rank, namespace))
+    # ----- the tier contract (``kvtier.tiers.contract``) ------------------------------------
+    def exists_prefix(self, keys: Sequence[bytes], rank: int, *, namespace: str, max_age_s: int = 0) -> int:
+        """How many consecutive ``keys`` from the start have an entry file for ``rank`` (one
+        ``stat`` each, no payload read; with ``max_age_s``, a file older than that counts as
+        absent). The engine's books answer its own lookups (``TieredStore``): this is for callers
+        without them (the admin service, tools)."""
+        oldest = time.time() - max_age_s if max_age_s else None
+        for count, key in enumerate(keys):
+            try:
+                found = os.stat(self.path_for(key, rank, namespace), follow_symlinks=False)
+            except FileNotFoundError:
+                return count
+            if oldest is not None and found.st_mtime < oldest:
+                return count
+        return len(keys)
+
+    def get_many_into(self, items: Sequence[tuple[bytes, memoryview]], rank: int, layout_fingerprint: bytes,
+                      *, namespace: str) -> list[ReadResult]:
+        """``read_into`` for each ``(key, out)``, in order. ValueError for another layout's
+        fingerprint (these files hold one layout)."""
+        self._check_layout(layout_fingerprint)
+        return [self.read_into(key, rank, out, namespace=namespace) for key, out in items]
+
+    def put_many(self, items: Sequence[tuple[bytes, bytes | memoryview]], rank: int, layout_fingerprint: bytes,
+                 *, namespace: str, ttl_s: int = 0) -> list[bool]:
+        """``write`` for each ``(key, payload)`` on the calling thread; False where the write
+        failed (``OSError``, e.g. ENOSPC: logged). ``ttl_s`` is not kept by files: the store's
+        books expire disk entries by their namespace's TTL. The engine writes through
+        ``DiskWriter`` instead (off its thread, bounded)."""
+        self._check_layout(layout_fingerprint)
+        done = []
+        for key, payload in items:
+            try:
+                self.write(key, rank, payload, namespace=namespace)
+                done.append(True)
+            except OSError as exc:
+                logger.warning("kvtier: disk write of %s failed: %s", key.hex(), exc)
+                done.append(False)
+        return done
+
+    def delete(self, keys: Sequence[bytes], rank: int, *, namespace: str) -> int:
+        """Remove the entry files of ``keys`` for ``rank``; how many there were (a missing file
+        is fine)."""
+        return sum(_unlink_quietly(self.path_for(key, rank, namespace)) for key in keys)
+
+    def _check_layout(self, layout_fingerprint: bytes) -> None:
+        if layout_fingerprint != self.layout_fingerprint:
+            raise ValueError(f"these disk files hold layout {self.layout_fingerprint.hex()}, "
+                             f"not {layout_fingerprint.hex()}")
 
     def delete_namespace(self, namespace: str) -> int:
         """Remove every entry file (and temp file) of ``namespace``; returns how many entries
@@ -348,7 +387,7 @@ class DiskWriter:
             if op.key is None:
                 self._files.delete_namespace(op.namespace)
             elif op.payload is None:
-                self._files.delete(op.key, op.rank, op.namespace)
+                self._files.delete([op.key], op.rank, namespace=op.namespace)
             else:
                 self._files.write(op.key, op.rank, op.payload, namespace=op.namespace)
             return True

@@ -35,7 +35,8 @@ server unreachable at start leaves the tier unhealthy, with a warning; bad confi
 Threading: every method may be called from any thread, by one thread at a time per instance.
 
 Backends subclass ``RemoteTier`` and implement the underscore primitives below; the public
-methods (health, naming, entry framing and verification) live here once. Backends are loaded
+methods (the tier contract of ``kvtier.tiers.contract``, health, naming, entry framing and
+verification) live here once. Backends are loaded
 lazily by URL scheme (``open_remote``), so redis-py and boto3 are imported only when used.
 """
 
@@ -46,7 +47,6 @@ import concurrent.futures
 import functools
 import importlib
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -58,7 +58,8 @@ from kvtier.config import NAMESPACE_RULE, REMOTE_SCHEMES, check_client_certifica
 from kvtier.crypto import Sealer
 from kvtier.entry import HEADER_BYTES
 from kvtier.errors import ConfigError, EntryError, UnreadableEntryError
-from kvtier.tiers.disk import ReadResult
+from kvtier.tiers.contract import ReadResult
+from kvtier.tiers.deadline import CallDeadline
 from kvtier.tiers.framing import check_readable, frame, stored_bytes, unframe_into
 
 logger = logging.getLogger(__name__)
@@ -130,34 +131,6 @@ def namespace_prefix(namespace: str) -> str:
     if not is_namespace(namespace):
         raise ValueError(f"namespace {namespace!r} is not {NAMESPACE_RULE}")
     return f"{OBJECT_PREFIX}{namespace}/"
-
-
-class CallDeadline:
-    """The wall-clock deadline of the public call in progress on one tier (none between calls).
-    Backends read it before each blocking operation: a socket gets at most ``remaining_s()``, and
-    ``check`` raises ``TimeoutError`` (an ``OSError``: an I/O failure) once it has passed."""
-
-    def __init__(self) -> None:
-        self._at = math.inf  # no call in progress
-
-    def start(self, timeout_s: float) -> bool:
-        """Start a deadline ``timeout_s`` from now; False, keeping it, when one runs (nested calls share it)."""
-        if started := self._at == math.inf:
-            self._at = time.monotonic() + timeout_s
-        return started
-
-    def clear(self) -> None:  # the call is over
-        self._at = math.inf
-
-    def remaining_s(self) -> float:
-        """Seconds left (``math.inf`` when no call is in progress; <= 0 once passed)."""
-        return self._at - time.monotonic()
-
-    def check(self) -> float:
-        """Seconds left; ``TimeoutError`` when none are."""
-        if (remaining := self.remaining_s()) > 0:
-            return remaining
-        raise TimeoutError("the remote call passed its deadline (remote.timeout_ms)")
 
 
 class RemoteTier(abc.ABC):
@@ -273,6 +246,18 @@ class RemoteTier(abc.ABC):
         if done:
             self.value_bytes_written += len(header) + stored.nbytes
         return done
+
+    def put_many(self, items: Sequence[tuple[bytes, bytes | memoryview]], rank: int, layout_fingerprint: bytes,
+                 *, namespace: str, ttl_s: int = 0) -> list[bool]:
+        """``put`` for each ``(key, payload)``, under one deadline for the whole batch (after a
+        failure the rest return False at once: the tier is backing off)."""
+        started = self.deadline.start(self.timeout_s)
+        try:
+            return [self.put(key, rank, payload, layout_fingerprint, namespace=namespace, ttl_s=ttl_s)
+                    for key, payload in items]
+        finally:
+            if started:
+                self.deadline.clear()
 
     def delete(self, keys: Sequence[bytes], rank: int, *, namespace: str) -> int:
         """Remove the entries of ``keys`` of ``namespace`` for ``rank``; returns how many the

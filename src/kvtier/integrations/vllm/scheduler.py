@@ -275,11 +275,6 @@ class SchedulerSide:
         self.manager.close()
 
     @_locked
-    def forget_remote(self) -> None:
-        """Forget which chunks the remote holds (after an invalidation removed some)."""
-        self.manager.forget_remote()
-
-    @_locked
     def request_finished(self, request: "Request") -> tuple[bool, dict[str, object] | None]:
         """Forget the request. Returns whether vLLM must keep its blocks until the worker reports
         its in-flight stores done (stores copy asynchronously and must not read reused blocks),

@@ -41,7 +41,7 @@ def scan_disk(setup: EngineSetup, metrics: Metrics, sealer: Sealer | None) -> li
     newest: dict[tuple[bytes, str], float] = {}
     for found in files.scan():
         if found.file_bytes != expected:
-            files.delete(found.key, found.rank, found.namespace)
+            files.delete([found.key], found.rank, namespace=found.namespace)
             metrics.errors.labels(tier="disk").inc()
             continue
         entry = (found.key, found.namespace)
@@ -53,7 +53,7 @@ def scan_disk(setup: EngineSetup, metrics: Metrics, sealer: Sealer | None) -> li
     for (key, namespace), seen in ranks.items():
         if not every_rank <= seen:
             for rank in seen:
-                files.delete(key, rank, namespace)
+                files.delete([key], rank, namespace=namespace)
     complete.sort(key=lambda item: item.created)
     logger.info("kvtier: disk tier %s holds %d entries", setup.disk_dir, len(complete))
     return complete
@@ -127,9 +127,10 @@ def serve_admin(scheduler: SchedulerSide, setup: EngineSetup) -> AdminServer | N
     disk = DiskFiles(setup.disk_dir, setup.layout.fingerprint()) if setup.disk_dir is not None else None
     shape = StoreShape(setup.chunk_tokens, setup.chunk_bytes, setup.num_slots, setup.disk_capacity_entries,
                        setup.world_size)
-    # its own remote handle (a tier is used by one thread at a time); deletes need no key
-    service = AdminService(scheduler.lock, scheduler.store, setup.namespace, shape, disk,
-                           open_remote_tier(setup, None), scheduler.forget_remote)
+    # the engine's books through its KVManager; its own tier handles (a remote tier is used by one
+    # thread at a time; deletes need no key)
+    service = AdminService(scheduler.lock, scheduler.manager, setup.namespace, shape, disk,
+                           open_remote_tier(setup, None))
     server = AdminServer(AdminAPI(service, tokens, audit), config.host, config.port)
     if config.host not in ("127.0.0.1", "::1", "localhost"):
         logger.warning("kvtier: the admin API listens on %s, not on loopback: put TLS in front of it", config.host)

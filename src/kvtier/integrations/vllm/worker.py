@@ -23,7 +23,8 @@ from kvtier.crypto import Sealer
 from kvtier.datapath import ChunkMover, HostPool, PagedKV, ordered_layers
 from kvtier.integrations.vllm.setup import EngineSetup
 from kvtier.plans import AsyncLoad, EntryRef, Invalidation, LoadOp, SlotOp, StepPlan, StoreOp, WorkerReport
-from kvtier.tiers.disk import DiskFiles, DiskWriter, ReadResult
+from kvtier.tiers.contract import ReadResult
+from kvtier.tiers.disk import DiskFiles, DiskWriter
 from kvtier.tiers.remote import RemoteTier
 from kvtier.tiers.uploader import RemoteUploader
 from kvtier.transfers import FillExecutor
