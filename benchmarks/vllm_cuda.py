@@ -1,6 +1,6 @@
 """kvtier inside CUDA vLLM against vLLM's own prefix cache and its OffloadingConnector (issue 13).
 
-One device call, three engines, each in its own subprocess (so GPU memory is freed between them),
+One device call, four engines, each in its own subprocess (so GPU memory is freed between them),
 scheduler and worker in one process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), CUDA graphs on:
 - ``vllm``: vLLM alone with its prefix cache: TTFT cold and on a GPU prefix-cache hit at each
   length, greedy outputs of the hits (the oracle), decode time while a 32K prompt prefills, and
