@@ -1,6 +1,6 @@
 """kvtier inside CUDA vLLM against vLLM's own prefix cache and its OffloadingConnector (issue 13).
 
-One device call, three engines, each in its own subprocess (so GPU memory is freed between them),
+One device call, four engines, each in its own subprocess (so GPU memory is freed between them),
 scheduler and worker in one process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), CUDA graphs on:
 - ``vllm``: vLLM alone with its prefix cache: TTFT cold and on a GPU prefix-cache hit at each
   length, greedy outputs of the hits (the oracle), decode time while a 32K prompt prefills, and
@@ -10,6 +10,11 @@ scheduler and worker in one process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), CUDA
 - ``kvtier``: kvtier with host memory and disk: TTFT of a memory hit and of a disk hit (the memory
   tier emptied by filler prompts first), engine-thread time per load (kvtier's load histogram), hit
   counts per tier, outputs against the oracle, the same decode and no-reuse runs as ``vllm``.
+- ``kvtier_int8``: kvtier with host memory only, ``memory.kv_format: int8`` (slots quantised on the
+  GPU, half the bytes over PCIe): TTFT of a memory hit (``kvtier_memory_int8_hit``) and, against the
+  ``kvtier`` run, how far its outputs move: 16 greedy tokens after a memory hit (equal?, share of
+  positions that differ) and the top-5 logprobs of the first token (largest difference). Lean: no
+  disk, no decode or no-reuse runs; ``--skip-int8`` leaves it out.
 The model is the Llama-3.1-8B shape with dummy weights (``load_format="dummy"``, the same weights
 in every engine), prompts are token ids. TTFT is the wall time of ``generate`` with
 ``max_tokens=1``; medians of ``--repeats``.
@@ -61,7 +66,13 @@ CONNECTORS: dict[str, dict[str, Any] | None] = {
                "kv_connector_extra_config": {"memory": {"capacity": MEMORY_CAPACITY},
                                              "disk": {"path": str(DISK_DIR), "capacity": "40GiB"},
                                              "metrics": {"port": METRICS_PORT}}},
+    "kvtier_int8": {"kv_connector": "KVTierConnector", "kv_role": "kv_both",
+                    "kv_connector_module_path": "kvtier.integrations.vllm.connector",
+                    "kv_connector_extra_config": {"memory": {"capacity": MEMORY_CAPACITY, "kv_format": "int8"},
+                                                  "admission": {"policy": "always"},  # store at first sight
+                                                  "metrics": {"port": METRICS_PORT}}},
 }
+TOP_LOGPROBS = 5
 
 
 def tokens(n: int, seed: int) -> list[int]:
@@ -96,6 +107,18 @@ class Engine:
     def ttft(self, prompt: list[int], max_tokens: int = 1) -> tuple[float, int, list[int]]:
         seconds, outs = self.run([prompt], max_tokens)
         return seconds, outs[0].num_cached_tokens or 0, list(outs[0].outputs[0].token_ids)
+
+    def first_token(self, prompt: list[int]) -> dict[str, Any]:
+        """The first greedy token and its top-``TOP_LOGPROBS`` logprobs (token id -> logprob)."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, detokenize=False,
+                                logprobs=TOP_LOGPROBS)
+        out = self.llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
+        completion = out.outputs[0]
+        top = completion.logprobs[0] if completion.logprobs else {}
+        return {"token": completion.token_ids[0], "cached_tokens": out.num_cached_tokens or 0,
+                "top_logprobs": {str(t): round(float(lp.logprob), 6) for t, lp in top.items()}}
 
     def drop_gpu_cache(self) -> bool:
         """Empty vLLM's own prefix cache (retried while stores still hold blocks)."""
@@ -178,7 +201,7 @@ def phase_offload(engine: Engine, lengths: list[int], repeats: int) -> dict[str,
 
 
 def phase_kvtier(engine: Engine, lengths: list[int], repeats: int) -> dict[str, Any]:
-    result: dict[str, Any] = {"ttft_s": {}, "outputs": {}, "load_engine_ms": {}, "hits": {}}
+    result: dict[str, Any] = {"ttft_s": {}, "outputs": {}, "load_engine_ms": {}, "hits": {}, "first_token": {}}
     for n in lengths:
         prompt = tokens(n, 7 * n)
         engine.ttft(prompt)  # cold: kvtier stores it
@@ -210,6 +233,7 @@ def phase_kvtier(engine: Engine, lengths: list[int], repeats: int) -> dict[str, 
         result["outputs"][str(n)] = {"cached_tokens": cached, "tokens": out}
         result["hits"][str(n)] = {"memory_chunks": memory_hits, "disk_chunks": disk_hits,
                                   "chunks_per_hit": -(-((n - 1) // 16 * 16) // 256)}
+        result["first_token"][str(n)] = first_token_after_load(engine, prompt)
         print(f"kvtier {n}: {result['ttft_s'][str(n)]} load {result['load_engine_ms'][str(n)]} ms "
               f"hits {result['hits'][str(n)]}", flush=True)
     result["decode_while_prefilling"] = decode_while_prefilling(engine, repeats)
@@ -218,7 +242,76 @@ def phase_kvtier(engine: Engine, lengths: list[int], repeats: int) -> dict[str, 
     return result
 
 
-PHASES = {"vllm": phase_vllm, "offload": phase_offload, "kvtier": phase_kvtier}
+def first_token_after_load(engine: Engine, prompt: list[int]) -> dict[str, Any]:
+    """``Engine.first_token`` of ``prompt`` loaded from kvtier (vLLM's own cache emptied first);
+    an error is recorded, not raised, so that the rest of the run still reports."""
+    try:
+        engine.drop_gpu_cache()
+        return engine.first_token(prompt)
+    except Exception as exc:  # noqa: BLE001 - one measurement of many; the lead gets one run
+        return {"error": repr(exc)}
+
+
+def phase_kvtier_int8(engine: Engine, lengths: list[int], repeats: int) -> dict[str, Any]:
+    """Memory hits from int8 slots, and the outputs to compare with the ``kvtier`` phase's."""
+    result: dict[str, Any] = {"ttft_s": {}, "outputs": {}, "load_engine_ms": {}, "hits": {}, "first_token": {}}
+    for n in lengths:
+        prompt = tokens(n, 7 * n)
+        engine.ttft(prompt)  # cold: kvtier stores it, quantised
+        memory, load_ms = [], []
+        before_all = scrape()
+        for _ in range(repeats):
+            engine.drop_gpu_cache()
+            before = scrape()
+            memory.append(engine.ttft(prompt)[0])
+            after = scrape()
+            steps = delta(before, after, "kvtier_load_seconds_count")
+            load_ms.append(1000 * delta(before, after, "kvtier_load_seconds_sum") / max(steps, 1))
+        engine.drop_gpu_cache()
+        _, cached, out = engine.ttft(prompt, max_tokens=16)
+        result["hits"][str(n)] = {"memory_chunks": delta(before_all, scrape(), 'kvtier_hits_total{tier="memory"}')}
+        result["ttft_s"][str(n)] = {"kvtier_memory_int8_hit": median(memory),
+                                    "memory_int8_all": [round(t, 4) for t in memory]}
+        result["load_engine_ms"][str(n)] = round(statistics.median(load_ms), 3)
+        result["outputs"][str(n)] = {"cached_tokens": cached, "tokens": out}
+        result["first_token"][str(n)] = first_token_after_load(engine, prompt)
+        print(f"kvtier_int8 {n}: {result['ttft_s'][str(n)]} load {result['load_engine_ms'][str(n)]} ms "
+              f"hits {result['hits'][str(n)]}", flush=True)
+    result["metrics_at_end"] = {k: v for k, v in scrape().items() if "_bucket" not in k}
+    return result
+
+
+def compare_int8(exact: dict[str, Any], int8: dict[str, Any], lengths: list[int]) -> dict[str, Any]:
+    """Per length: the int8 run's 16 greedy tokens against the exact kvtier run's (both after a
+    memory hit), and the first token's top logprobs (largest difference over the tokens both list)."""
+    report: dict[str, Any] = {}
+    for n in map(str, lengths):
+        a = (exact.get("outputs") or {}).get(n, {}).get("tokens")
+        b = (int8.get("outputs") or {}).get(n, {}).get("tokens")
+        if a is None or b is None:
+            continue
+        differ = sum(x != y for x, y in zip(a, b)) + abs(len(a) - len(b))
+        first_diff = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        row: dict[str, Any] = {"outputs_equal": a == b, "token_mismatch_share": round(differ / max(len(a), 1), 4),
+                               "first_differing_position": first_diff,
+                               "cached_tokens": {"int8": int8["outputs"][n]["cached_tokens"],
+                                                 "exact": exact["outputs"][n]["cached_tokens"]}}
+        fa = (exact.get("first_token") or {}).get(n, {})
+        fb = (int8.get("first_token") or {}).get(n, {})
+        la, lb = fa.get("top_logprobs") or {}, fb.get("top_logprobs") or {}
+        common = sorted(set(la) & set(lb))
+        if la and lb:
+            row["first_token_equal"] = fa.get("token") == fb.get("token")
+            row["first_token_logprob_max_abs_diff"] = (round(max(abs(la[t] - lb[t]) for t in common), 6)
+                                                       if common else None)
+            row["top_logprobs_shared"] = f"{len(common)}/{len(la)}"
+        else:
+            row["first_token_error"] = fa.get("error") or fb.get("error")
+        report[n] = row
+    return report
+
+
+PHASES = {"vllm": phase_vllm, "offload": phase_offload, "kvtier": phase_kvtier, "kvtier_int8": phase_kvtier_int8}
 
 
 def run_phase(name: str, lengths: list[int], repeats: int, out: Path) -> None:
@@ -237,6 +330,7 @@ def summarize(phases: dict[str, Any], lengths: list[int]) -> dict[str, Any]:
     import torch
 
     plain, offload, kv = phases.get("vllm") or {}, phases.get("offload") or {}, phases.get("kvtier") or {}
+    int8 = phases.get("kvtier_int8") or {}
     summary: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0), "vllm_version": plain.get("vllm_version"),
                                "cuda_graphs": "NONE" not in str(kv.get("cudagraph_mode", "NONE")),
                                "cudagraph_mode": kv.get("cudagraph_mode"),
@@ -246,13 +340,19 @@ def summarize(phases: dict[str, Any], lengths: list[int]) -> dict[str, Any]:
     for n in map(str, lengths):
         row = {**plain.get("ttft_s", {}).get(n, {}), **{k: v for k, v in offload.get("ttft_s", {}).get(n, {}).items()
                                                         if k == "vllm_offload_hit"},
-               **{k: v for k, v in kv.get("ttft_s", {}).get(n, {}).items() if not k.endswith("_all")}}
+               **{k: v for k, v in kv.get("ttft_s", {}).get(n, {}).items() if not k.endswith("_all")},
+               **{k: v for k, v in int8.get("ttft_s", {}).get(n, {}).items() if not k.endswith("_all")}}
         if row.get("cold") and row.get("kvtier_memory_hit"):
             row["kvtier_memory_speedup_vs_cold"] = round(row["cold"] / row["kvtier_memory_hit"], 1)
         summary["ttft_s"][n] = row
         oracle, ours = plain.get("outputs", {}).get(n), kv.get("outputs", {}).get(n)
         equal = equal and oracle is not None and ours is not None and oracle == ours
     summary["outputs_equal_vllm_prefix_cache"] = equal
+    if int8:
+        summary["load_engine_cpu_ms_int8"] = int8.get("load_engine_ms")
+        summary["int8"] = compare_int8(kv, int8, lengths)
+        rows = summary["int8"].values()
+        summary["int8_outputs_equal"] = bool(rows) and all(row["outputs_equal"] for row in rows)
     if plain.get("decode_while_prefilling") and kv.get("decode_while_prefilling"):
         summary["decode_slowdown_while_storing"] = round(
             kv["decode_while_prefilling"]["median_s"] / plain["decode_while_prefilling"]["median_s"] - 1, 4)
@@ -271,11 +371,12 @@ def markdown(summary: dict[str, Any]) -> str:
              f"{summary.get('model')}; CUDA graphs {summary.get('cudagraph_mode')}; TTFT = wall time of one "
              "`generate` with `max_tokens=1`, median of 3 (disk: of 2).", "",
              "| tokens | cold | vLLM prefix-cache hit | vLLM OffloadingConnector (CPU) | kvtier memory | kvtier disk "
-             "| kvtier memory vs cold | kvtier load, engine-thread ms |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| kvtier memory, int8 slots | kvtier memory vs cold | kvtier load, engine-thread ms |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for n, row in summary["ttft_s"].items():
         ms = [f"{1000 * row[k]:.1f} ms" if k in row else "-" for k in
-              ("cold", "vllm_hit", "vllm_offload_hit", "kvtier_memory_hit", "kvtier_disk_hit")]
+              ("cold", "vllm_hit", "vllm_offload_hit", "kvtier_memory_hit", "kvtier_disk_hit",
+               "kvtier_memory_int8_hit")]
         load = (summary.get("load_engine_cpu_ms") or {}).get(n, "-")
         lines.append(f"| {n} | {' | '.join(ms)} | {row.get('kvtier_memory_speedup_vs_cold', '-')}x | {load} |")
     overhead = summary.get("zero_reuse_overhead") or {}
@@ -287,13 +388,18 @@ def markdown(summary: dict[str, Any]) -> str:
               f"{-100 * overhead.get('throughput', 0):+.2f}% against vLLM alone.",
               f"- Chunks served per tier: {json.dumps(summary.get('hits'))} (a disk hit that finds some chunks "
               "still in memory takes those from memory)."]
+    if "int8" in summary:
+        lines += [f"- int8 slots (`memory.kv_format: int8`) against exact slots, after a memory hit: outputs equal "
+                  f"{summary.get('int8_outputs_equal')}; per length {json.dumps(summary['int8'])}; engine-thread "
+                  f"ms per load {json.dumps(summary.get('load_engine_cpu_ms_int8'))}."]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
-    parser.add_argument("--phases", default="vllm,offload,kvtier")
+    parser.add_argument("--phases", default="vllm,offload,kvtier,kvtier_int8")
+    parser.add_argument("--skip-int8", action="store_true", help="leave out the kvtier_int8 phase")
     parser.add_argument("--lengths", default="2048,8192,32768")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
@@ -315,7 +421,11 @@ def main() -> None:
     phases: dict[str, Any] = {}
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in args.phases.split(","):
+    names = [name for name in args.phases.split(",") if not (args.skip_int8 and name == "kvtier_int8")]
+    unknown = sorted(set(names) - set(PHASES))
+    if unknown:
+        parser.error(f"unknown phases {unknown}; choose from {sorted(PHASES)}")
+    for name in names:
         started = time.perf_counter()
         code = subprocess.call([sys.executable, __file__, "--phase", name, "--lengths", args.lengths,
                                 "--repeats", str(args.repeats)], env=env)

@@ -68,10 +68,13 @@ class KVCodec:
     """Compresses and restores whole chunks of one layout (``chunk_tokens`` tokens each)."""
 
     def __init__(self, layout: KVLayout, chunk_tokens: int, bits: int = DEFAULT_BITS) -> None:
-        """``LayoutError`` for a dtype the codec cannot quantise (fp8, uint8); ``ValueError``
+        """``LayoutError`` for a dtype the codec cannot quantise (fp8, uint8) or slots that are not
+        ``exact`` (``memory.kv_format``); ``ValueError``
         for ``bits`` outside 2..8."""
         if layout.dtype not in SUPPORTED_DTYPES:
             raise LayoutError(f"KV compression supports {', '.join(SUPPORTED_DTYPES)} KV, not {layout.dtype}")
+        if layout.kv_format != "exact":
+            raise LayoutError(f"KV compression works on exact slots, not memory.kv_format {layout.kv_format}")
         if not MIN_BITS <= bits <= MAX_BITS:
             raise ValueError(f"compression bits must be {MIN_BITS}..{MAX_BITS}, got {bits}")
         self.layout = layout

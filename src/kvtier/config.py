@@ -43,6 +43,7 @@ class MemoryConfig:
 
     capacity_bytes: int
     policy: str  # "lru" | "s3fifo"
+    kv_format: str  # how a slot holds a chunk: "exact" | "int8" (lossy, ~half the bytes; kvtier.layout)
 
 
 @dataclass(frozen=True)
@@ -241,7 +242,8 @@ def _build(values: Mapping[str, Value]) -> KVTierConfig:
         chunk_tokens=num("chunk_tokens"), namespace=text("namespace"), model_id=text("model_id"),
         no_cache_namespaces=text("no_cache_namespaces"),
         store_decode_tokens=check_bool(values["store_decode_tokens"]),
-        memory=MemoryConfig(capacity_bytes=num("memory.capacity"), policy=text("memory.policy")),
+        memory=MemoryConfig(capacity_bytes=num("memory.capacity"), policy=text("memory.policy"),
+                            kv_format=text("memory.kv_format")),
         disk=DiskConfig(path=None if disk_path is None else check_str(disk_path),
                         capacity_bytes=num("disk.capacity"), write_policy=text("disk.write_policy"),
                         queue_depth=num("disk.queue_depth")),
@@ -275,6 +277,7 @@ def _values_of(config: KVTierConfig) -> dict[str, Value]:
         "no_cache_namespaces": config.no_cache_namespaces,
         "store_decode_tokens": config.store_decode_tokens,
         "memory.capacity": config.memory.capacity_bytes, "memory.policy": config.memory.policy,
+        "memory.kv_format": config.memory.kv_format,
         "disk.path": config.disk.path, "disk.capacity": config.disk.capacity_bytes,
         "disk.write_policy": config.disk.write_policy, "disk.queue_depth": config.disk.queue_depth,
         "metrics.port": config.metrics.port, "metrics.host": config.metrics.host,

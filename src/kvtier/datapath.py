@@ -6,25 +6,30 @@ a preallocated array of fixed-size slots, one chunk each (pinned on CUDA machine
 (``kvtier.layout.derive_kind``: backend, shape, strides) and copies blocks with vectorised
 ``index_select`` / ``index_copy_`` / ``index_put_`` (one call per layer, never a loop per block).
 ``ChunkMover`` executes a step's store and load ops in batches: on CUDA, groups of chunks cross
-PCIe as one copy per chunk through device staging buffers on dedicated streams (``StagingRing``),
+PCIe as one copy per chunk through device staging buffers on dedicated streams
+(``kvtier.staging.StagingRing``),
 with one kernel per layer and group on the GPU; on CPU it copies straight between the engine's
 blocks and the slots.
 
 Slot layout (bytes of one chunk), for every kind: [layers, blocks, page]; ``page`` is one block of
-one layer, in the engine's own byte order.
+one layer, in the engine's own byte order. With ``kv_format`` int8 (``memory.kv_format``) a slot
+holds the pages quantised (``kvtier.slotcodec``): ``ChunkMover`` quantises on the engine's device
+after the gather and dequantises there after the copy in, so the host<->device copies move int8.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from kvtier.errors import LayoutError
 from kvtier.layout import KVLayout, derive_kind
 from kvtier.plans import LoadOp, StoreOp
+from kvtier.slotcodec import Int8SlotCodec
+from kvtier.staging import StagingRing
 
 _BIT_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 # ChunkMover's transfer groups on CUDA. Smaller groups overlap more kernels with copies, larger
@@ -32,6 +37,9 @@ _BIT_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 # --group-mib, 2026-12-03): load/raw at 8K tokens 0.86 (1 GiB), 0.91 (512 MiB), 0.94 (128 MiB);
 # CPU to queue a 32K load 3-4 ms, 5-7 ms, 11-21 ms.
 DEFAULT_GROUP_BYTES = 512 << 20
+# int8 slots: elements quantised per call (its float32 temporaries: 4 bytes each), so a store group
+# of a large model costs a few calls, not one per layer, and no more than 256 MiB of device memory.
+ENCODE_SLICE_ELEMS = 64 << 20
 
 
 def bit_dtype(num_bytes: int) -> torch.dtype:
@@ -137,108 +145,6 @@ def _as_pages(tensor: torch.Tensor) -> torch.Tensor:
     return torch.as_strided(tensor, (num_blocks, page), (tensor.stride(0), 1), tensor.storage_offset())
 
 
-class StagingRing:
-    """Device staging buffers passed between a work stream and a copy stream, for one device.
-
-    Every transfer takes the next buffer of the ring and runs in two stages: on the way to the host,
-    ``produce(buffer)`` (kernels: gathers) on the work stream, then ``transfer(buffer)`` (the DMA
-    copy) on the copy stream; on the way in, ``transfer`` on the copy stream, then ``consume`` on
-    the work stream. CUDA events order the two stages of one buffer and its reuse, so with two or
-    more buffers the copy of one transfer overlaps the kernels of the next. Nothing here blocks the
-    CPU except ``wait``.
-
-    Single-threaded: one thread (the one that owns the engine's stream) calls every method. The
-    callables run immediately, under the stream they are given; they must only queue work on the
-    current stream. On a CPU device there are no streams: both stages run at once, in order.
-    """
-
-    def __init__(self, device: torch.device, buffer_bytes: int, num_buffers: int) -> None:
-        if num_buffers < 1 or buffer_bytes < 1:
-            raise ValueError(f"a staging ring needs buffers, got {num_buffers} of {buffer_bytes} bytes")
-        self.device = device
-        self.buffer_bytes = buffer_bytes
-        self._buffers = [torch.empty(buffer_bytes, dtype=torch.uint8, device=device) for _ in range(num_buffers)]
-        self._next = 0
-        self._is_cuda = device.type == "cuda"
-        if self._is_cuda:
-            self.work_stream = torch.cuda.Stream(device)
-            self.copy_stream = torch.cuda.Stream(device)
-            self._ready = [torch.cuda.Event() for _ in range(num_buffers)]
-            self._free = [torch.cuda.Event() for _ in range(num_buffers)]
-
-    def begin(self) -> None:
-        """Order both streams after the work queued so far on the caller's current stream (the
-        engine's forward), so that transfers see the KV it wrote. Call before a batch."""
-        if self._is_cuda:
-            current = torch.cuda.current_stream(self.device)
-            self.work_stream.wait_stream(current)
-            self.copy_stream.wait_stream(current)
-
-    def to_host(self, produce: Callable[[torch.Tensor], None], transfer: Callable[[torch.Tensor], None]) -> None:
-        """Queue ``produce`` (work stream) then ``transfer`` (copy stream) on the next buffer."""
-        index, buffer = self._take()
-        if not self._is_cuda:
-            produce(buffer)
-            transfer(buffer)
-            return
-        self._stage(self.work_stream, self._free[index], produce, buffer, self._ready[index])
-        self._stage(self.copy_stream, self._ready[index], transfer, buffer, self._free[index])
-
-    def from_host(self, transfer: Callable[[torch.Tensor], None], consume: Callable[[torch.Tensor], None]) -> None:
-        """Queue ``transfer`` (copy stream) then ``consume`` (work stream) on the next buffer."""
-        index, buffer = self._take()
-        if not self._is_cuda:
-            transfer(buffer)
-            consume(buffer)
-            return
-        self._stage(self.copy_stream, self._free[index], transfer, buffer, self._ready[index])
-        self._stage(self.work_stream, self._ready[index], consume, buffer, self._free[index])
-
-    def mark(self) -> torch.cuda.Event | None:
-        """An event recorded on the work stream after everything queued so far (None on CPU,
-        where everything queued is already done)."""
-        if not self._is_cuda:
-            return None
-        event = torch.cuda.Event()
-        event.record(self.work_stream)
-        return event
-
-    def mark_copies(self) -> torch.cuda.Event | None:
-        """An event recorded on the copy stream after everything queued so far: once it completes,
-        every ``transfer`` queued so far (device->host copies included) is done. None on CPU."""
-        if not self._is_cuda:
-            return None
-        event = torch.cuda.Event()
-        event.record(self.copy_stream)
-        return event
-
-    def fence(self) -> None:
-        """Make the caller's current stream wait (on the device, not the CPU) for the work stream:
-        work queued after this call sees the result of every ``consume`` (and ``produce``) queued
-        so far. Copies to the host still in flight are not waited for."""
-        if self._is_cuda:
-            torch.cuda.current_stream(self.device).wait_stream(self.work_stream)
-
-    def wait(self) -> None:
-        """Block the CPU until everything queued so far is done."""
-        if self._is_cuda:
-            self.work_stream.synchronize()
-            self.copy_stream.synchronize()
-
-    def _take(self) -> tuple[int, torch.Tensor]:
-        index = self._next
-        self._next = (index + 1) % len(self._buffers)
-        return index, self._buffers[index]
-
-    @staticmethod
-    def _stage(stream: torch.cuda.Stream, after: torch.cuda.Event, work: Callable[[torch.Tensor], None],
-               buffer: torch.Tensor, done: torch.cuda.Event) -> None:
-        with torch.cuda.stream(stream):
-            stream.wait_event(after)  # a no-op for an event never recorded
-            work(buffer)
-            done.record(stream)
-
-
 class ChunkMover:
     """Executes a step's store ops (engine blocks -> host slots) and load ops (slots -> blocks).
 
@@ -251,6 +157,10 @@ class ChunkMover:
     - a load group runs one host->device copy per chunk (the staging buffer is chunk-major, laid
       out like the slots), then one ``index_put_`` per layer (two for a group with a partial chunk).
     Copies run on a dedicated stream and overlap the kernels of the next group.
+    With int8 slots (``layout.kv_format``) each staging buffer holds a group twice: in the engine's
+    dtype, then quantised, laid out like the slots; a store group quantises after its gathers
+    (a few calls), a load group dequantises (one call) before its ``index_put_``s, so only the int8
+    bytes cross PCIe. On CPU the chunk is quantised on its way between the blocks and the slot.
 
     ``gather_chunks`` and ``scatter_chunks`` return once the work is queued. Loads are ordered
     before any work queued afterwards on the engine's stream (no CPU wait); ``wait_loads`` blocks
@@ -266,9 +176,20 @@ class ChunkMover:
         self.paged = paged
         self.pool = pool
         self.blocks_per_chunk = blocks_per_chunk
+        layout = paged.layout
+        self._codec = Int8SlotCodec(layout, blocks_per_chunk) if layout.kv_format == "int8" else None
+        self._raw_chunk_bytes = blocks_per_chunk * layout.block_bytes_per_layer * layout.num_layers
+        slot_bytes = self._raw_chunk_bytes if self._codec is None else self._codec.slot_bytes
+        if pool.slot_bytes < slot_bytes:
+            raise LayoutError(f"host slots of {pool.slot_bytes} bytes cannot hold a chunk of {slot_bytes} bytes "
+                              f"(kv_format {layout.kv_format})")
+        # staging bytes of one chunk: the slot's bytes, and with a codec the chunk in the dtype too
+        stage_chunk_bytes = pool.slot_bytes + (0 if self._codec is None else self._raw_chunk_bytes)
         # the CPU cost of a batch is one copy per chunk plus one kernel per layer and group, so
         # larger groups cost less CPU, smaller ones overlap more (DEFAULT_GROUP_BYTES)
-        self.group_chunks = max(1, min(group_bytes // pool.slot_bytes, pool.num_slots))
+        self.group_chunks = max(1, min(group_bytes // stage_chunk_bytes, pool.num_slots))
+        # with a codec, a staging buffer is [group in the dtype | group of slots]: where the slots start
+        self._slots_offset = 0 if self._codec is None else self.group_chunks * self._raw_chunk_bytes
         self._ring: StagingRing | None = None
         self._loads_done: torch.cuda.Event | None = None
         # pinned index buffers, reused in turn (a fresh pinned tensor per call costs a host allocation)
@@ -276,7 +197,7 @@ class ChunkMover:
         self._index_used: list[torch.cuda.Event | None] = []
         self._index_next = 0
         if staged if staged is not None else paged.device.type == "cuda":
-            self._ring = StagingRing(paged.device, self.group_chunks * pool.slot_bytes, num_staging)
+            self._ring = StagingRing(paged.device, self.group_chunks * stage_chunk_bytes, num_staging)
         if paged.device.type == "cuda":
             size = 2 * pool.num_slots * blocks_per_chunk
             self._index_host = [torch.empty(size, dtype=torch.long, pin_memory=True) for _ in range(2)]
@@ -287,6 +208,9 @@ class ChunkMover:
         if not ops:
             return
         if self._ring is None:
+            if self._codec is not None:
+                self._gather_encoded(ops)
+                return
             for op in ops:
                 self.paged.gather(op.block_ids, self._slot_view(self.pool.slot(op.slot)))
             return
@@ -302,6 +226,9 @@ class ChunkMover:
         if not ops:
             return
         if self._ring is None:
+            if self._codec is not None:
+                self._scatter_decoded(ops)
+                return
             for op in ops:
                 self.paged.scatter(self._slot_view(self.pool.slot(op.slot)), op.first_block, op.block_ids)
             return
@@ -348,6 +275,45 @@ class ChunkMover:
     def _slot_view(self, data: torch.Tensor) -> torch.Tensor:
         return self.paged.slot_view(data[:self.pool.slot_bytes], self.blocks_per_chunk)
 
+    def _chunk_buffer(self) -> torch.Tensor:
+        """One chunk in the dtype, [layers, blocks, page] KV-sized words on the engine's device."""
+        layout = self.paged.layout
+        return torch.empty((layout.num_layers, self.blocks_per_chunk, self._page_words), dtype=self.paged.word_dtype,
+                           device=self.paged.device)
+
+    def _gather_encoded(self, ops: Sequence[StoreOp]) -> None:
+        """Unstaged stores into int8 slots: each chunk gathered, then quantised into its slot."""
+        assert self._codec is not None
+        chunk = self._chunk_buffer()
+        for op in ops:
+            self.paged.gather(op.block_ids, chunk)
+            self._encode(chunk.view(self._codec.dtype).unsqueeze(0), self.pool.data[op.slot:op.slot + 1])
+
+    def _scatter_decoded(self, ops: Sequence[LoadOp]) -> None:
+        """Unstaged loads from int8 slots: each slot dequantised, then its blocks scattered."""
+        assert self._codec is not None
+        chunk = self._chunk_buffer()
+        for op in ops:
+            values, scales = self._codec.split(self.pool.data[op.slot:op.slot + 1])
+            self._codec.decode(values, scales, chunk.view(self._codec.dtype).unsqueeze(0))
+            self.paged.scatter(chunk, op.first_block, op.block_ids)
+
+    def _encode(self, src: torch.Tensor, slots: torch.Tensor) -> None:
+        """Quantise ``src`` ([chunks, layers, blocks, page] in the dtype, any strides) into ``slots``
+        (uint8 [chunks, slot bytes]), a slice of layers per call (``ENCODE_SLICE_ELEMS``)."""
+        assert self._codec is not None
+        values, scales = self._codec.split(slots)
+        num_layers = self.paged.layout.num_layers
+        step = max(1, ENCODE_SLICE_ELEMS // max(1, src[:, :1].numel()))
+        for first in range(0, num_layers, step):
+            last = min(num_layers, first + step)
+            self._codec.encode(src[:, first:last], values[:, first:last], scales[:, first:last])
+
+    def _slots_staged(self, buffer: torch.Tensor, num_chunks: int) -> torch.Tensor:
+        """The part of a staging buffer laid out like ``num_chunks`` slots: uint8 [chunks, slot bytes]."""
+        size = self.pool.slot_bytes
+        return buffer[self._slots_offset:self._slots_offset + num_chunks * size].view(num_chunks, size)
+
     def _groups(self, ops: Sequence[StoreOp] | Sequence[LoadOp]) -> list:
         return [ops[i:i + self.group_chunks] for i in range(0, len(ops), self.group_chunks)]
 
@@ -382,9 +348,18 @@ class ChunkMover:
         staged = self._staged(buffer, self.paged.layout.num_layers, ids.numel(), self._page_words)
         for layer in range(self.paged.layout.num_layers):
             self.paged.gather_layer(layer, ids, staged[layer])
+        if self._codec is not None:  # quantise into the slot-like part, chunk-major
+            num_chunks = ids.numel() // self.blocks_per_chunk
+            src = staged.view(self._codec.dtype).unflatten(1, (num_chunks, self.blocks_per_chunk)).transpose(0, 1)
+            self._encode(src, self._slots_staged(buffer, num_chunks))
 
     def _copy_out(self, slots: Sequence[int], buffer: torch.Tensor) -> None:
         """Layer-major staging into the slots: one device->host copy per run of adjacent slots."""
+        if self._codec is not None:  # the quantised chunks are laid out like the slots already
+            encoded = self._slots_staged(buffer, len(slots))
+            for first, slot, count in _runs(slots):
+                self.pool.data[slot:slot + count].copy_(encoded[first:first + count], non_blocking=True)
+            return
         per, layers = self.blocks_per_chunk, self.paged.layout.num_layers
         staged = self._staged(buffer, layers, len(slots), per, self._page_words)
         for first, slot, count in _runs(slots):
@@ -394,15 +369,18 @@ class ChunkMover:
     def _copy_in(self, slots: Sequence[int], buffer: torch.Tensor) -> None:
         """The group's slots, chunk-major: staging chunk ``i`` is byte for byte slot ``slots[i]``;
         one host->device copy per run of adjacent slots."""
-        size = self.pool.slot_bytes
+        size, base = self.pool.slot_bytes, self._slots_offset
         for first, slot, count in _runs(slots):
-            buffer[first * size:(first + count) * size].copy_(self.pool.data[slot:slot + count].view(-1),
-                                                                non_blocking=True)
+            buffer[base + first * size:base + (first + count) * size].copy_(
+                self.pool.data[slot:slot + count].view(-1), non_blocking=True)
 
     def _scatter_group(self, num_chunks: int, dst: torch.Tensor, rows: torch.Tensor | None,
                        buffer: torch.Tensor) -> None:
         per, layers = self.blocks_per_chunk, self.paged.layout.num_layers
         staged = self._staged(buffer, num_chunks, layers, per, self._page_words)
+        if self._codec is not None:  # dequantise the slot-like part into the dtype part, one call
+            values, scales = self._codec.split(self._slots_staged(buffer, num_chunks))
+            self._codec.decode(values, scales, staged.view(self._codec.dtype))
         for layer in range(layers):
             src = staged[:, layer]  # [chunks, blocks, page], strided
             if rows is None:

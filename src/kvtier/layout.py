@@ -20,6 +20,14 @@ the kinds differ in what the page holds:
 ``derive_kind`` names the kind from what the engine registers (backend, shape, strides) and refuses
 anything else with a ``LayoutError`` naming the backend, shape and strides: never guessed, never
 silent zero hits. Entries of different kinds never meet: the kind is in every key's fingerprint.
+
+Slot formats (``kv_format``, config key ``memory.kv_format``): how a chunk is held in a host slot,
+and so on disk and in the remote tier.
+- ``exact``: the engine's pages as they are, [layers, blocks, page] in the engine's dtype.
+- ``int8``: the pages quantised (``kvtier.slotcodec``): int8 [layers, blocks, page], then one float32
+  scale per ``INT8_GROUP_ELEMS`` contiguous elements of a page, [layers, blocks, page / group].
+  About half the bytes of bf16/fp16 (a quarter of fp32); lossy. Only for bf16, fp16 and fp32 KV.
+The format is in the fingerprint (when not ``exact``), so entries of different formats never meet.
 """
 
 from __future__ import annotations
@@ -43,6 +51,11 @@ _KIND_ORDER = {"cpu_lbhnc": (0, 1, 2, 3), "packed_nhd": (0, 2, 1, 3), "packed_hn
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8_e4m3fn": 1, "float8_e5m2": 1, "uint8": 1}
 
+KV_FORMATS = ("exact", "int8")
+INT8_DTYPES = ("bfloat16", "float16", "float32")  # KV dtypes the int8 slot format can quantise
+INT8_GROUP_ELEMS = 64  # elements of a page that share one scale in the int8 slot format
+INT8_SCALE_BYTES = 4  # float32 scales
+
 
 @dataclass(frozen=True)
 class KVLayout:
@@ -54,6 +67,7 @@ class KVLayout:
     head_size: int
     block_size: int
     dtype: str
+    kv_format: str = "exact"  # how a slot holds a chunk: "exact" | "int8" (module docstring)
 
     def __post_init__(self) -> None:
         if self.kind not in KNOWN_KINDS:
@@ -65,6 +79,14 @@ class KVLayout:
                 raise LayoutError(f"{name} must be positive, got {getattr(self, name)}")
         if self.kind == "mla" and self.num_kv_heads != 1:
             raise LayoutError(f"an MLA layout has one latent head, got num_kv_heads={self.num_kv_heads}")
+        if self.kv_format not in KV_FORMATS:
+            raise LayoutError(f"unknown KV slot format {self.kv_format!r}; kvtier supports {', '.join(KV_FORMATS)}")
+        if self.kv_format == "int8" and self.dtype not in INT8_DTYPES:
+            raise LayoutError(f"memory.kv_format int8 quantises {', '.join(INT8_DTYPES)} KV, the engine's is "
+                              f"{self.dtype}; set memory.kv_format: exact")
+        if self.kv_format == "int8" and self.block_elems_per_layer % INT8_GROUP_ELEMS:
+            raise LayoutError(f"memory.kv_format int8 needs pages of a multiple of {INT8_GROUP_ELEMS} elements, "
+                              f"this engine's are {self.block_elems_per_layer}; set memory.kv_format: exact")
 
     @property
     def dtype_bytes(self) -> int:
@@ -86,11 +108,24 @@ class KVLayout:
 
     @property
     def bytes_per_token(self) -> int:
+        """The engine's KV bytes per token (exact format, whatever ``kv_format``)."""
         return self.block_bytes_per_layer * self.num_layers // self.block_size
 
-    def chunk_bytes(self, chunk_tokens: int) -> int:
-        """Bytes of one chunk of ``chunk_tokens`` tokens over all layers."""
+    @property
+    def slot_page_bytes(self) -> int:
+        """Bytes of one block of one layer in a slot, in ``kv_format``."""
+        if self.kv_format == "int8":
+            return self.block_elems_per_layer + self.block_elems_per_layer // INT8_GROUP_ELEMS * INT8_SCALE_BYTES
+        return self.block_bytes_per_layer
+
+    def raw_chunk_bytes(self, chunk_tokens: int) -> int:
+        """Bytes of one chunk in the engine's own dtype (what a chunk is on the device)."""
         return self.blocks_per_chunk(chunk_tokens) * self.block_bytes_per_layer * self.num_layers
+
+    def chunk_bytes(self, chunk_tokens: int) -> int:
+        """Bytes of one chunk of ``chunk_tokens`` tokens over all layers, as a slot holds it
+        (``kv_format``): the size of a host slot, of a disk entry's payload, of a remote value."""
+        return self.blocks_per_chunk(chunk_tokens) * self.slot_page_bytes * self.num_layers
 
     def blocks_per_chunk(self, chunk_tokens: int) -> int:
         if chunk_tokens <= 0 or chunk_tokens % self.block_size:
@@ -102,6 +137,8 @@ class KVLayout:
     def fingerprint(self) -> bytes:
         """16 bytes naming this layout; part of every key and every entry header."""
         text = f"{self.kind}|{self.num_layers}|{self.num_kv_heads}|{self.head_size}|{self.block_size}|{self.dtype}"
+        if self.kv_format != "exact":  # exact keeps the fingerprint it had before formats existed
+            text += f"|{self.kv_format}:{INT8_GROUP_ELEMS}:f32"
         return xxhash.xxh3_128_digest(text.encode())
 
 

@@ -31,7 +31,7 @@ def engine_layers(layout: KVLayout, num_blocks: int, device: str = "cpu", seed: 
             tensor = torch.randn(num_blocks, block, heads, 2 * head, generator=gen).permute(0, 2, 1, 3)
         else:
             tensor = torch.randn(num_blocks, heads, block, 2 * head, generator=gen)
-        layers.append(tensor.to(torch.bfloat16).to(device))
+        layers.append(tensor.to(getattr(torch, layout.dtype)).to(device))
     return layers
 
 

@@ -41,6 +41,7 @@ KEYS = (
     Key("admission.window", 256, int_in(1, None, "> 0 chunks"), int_from_text),
     Key("memory.capacity", 2 * 2**30, positive_size, render=render_size),
     Key("memory.policy", "s3fifo", one_of("lru", "s3fifo")),
+    Key("memory.kv_format", "exact", one_of("exact", "int8")),
     Key("disk.path", None, optional_str),
     Key("disk.capacity", 16 * 2**30, positive_size, render=render_size),
     Key("disk.write_policy", "write_through", one_of("spill", "write_through")),

@@ -19,7 +19,7 @@ and values are [batch=1, kv_heads, seq, head_dim]. Sliding-window layers are ref
 
 Host layout of one chunk (one slot): [layers, 2 (K, V), kv_heads, chunk_tokens, head_dim] in the
 model's dtype, so the chunk's slice for a group of consecutive layers is one contiguous byte range.
-Data moves through a ``kvtier.datapath.StagingRing`` in units of up to ``staging_chunks`` consecutive
+Data moves through a ``kvtier.staging.StagingRing`` in units of up to ``staging_chunks`` consecutive
 chunks times ``load_group_layers`` layers: one host<->device copy per chunk and unit, and one copy
 kernel per layer and K/V between the staging buffer and the layer's tensor. Loads go layer group by
 layer group with an event per group, so a forward can start on the first layers while later layers
@@ -44,7 +44,8 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from kvtier.config import load_config
-from kvtier.datapath import HostPool, StagingRing
+from kvtier.datapath import HostPool
+from kvtier.staging import StagingRing
 from kvtier.errors import ConfigError, LayoutError
 from kvtier.keys import ChunkKey, Namespace, chunk_keys
 from kvtier.manager import KVManager, LoadRequest

@@ -63,7 +63,7 @@ def build_setup(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> Engi
     transfer = vllm_config.kv_transfer_config
     extra = dict(transfer.kv_connector_extra_config or {}) if transfer is not None else {}
     config = load_config(extra, os.environ).config
-    layout, layer_names = _layout_of(kv_cache_config)
+    layout, layer_names = _layout_of(kv_cache_config, config.memory.kv_format)
     if config.chunk_tokens % layout.block_size:
         raise ConfigError("chunk_tokens", f"{config.chunk_tokens} is not a multiple of the engine's block "
                           f"size {layout.block_size}; use e.g. {layout.block_size * 2}")
@@ -102,7 +102,9 @@ def model_identity(vllm_config: VllmConfig, model_id: str | None) -> str:
     return f"{model_id or model_config.model}#{fingerprint}"
 
 
-def _layout_of(kv_cache_config: KVCacheConfig) -> tuple[KVLayout, tuple[str, ...]]:
+def _layout_of(kv_cache_config: KVCacheConfig, kv_format: str) -> tuple[KVLayout, tuple[str, ...]]:
+    """The engine's KV layout with kvtier's slot format ``kv_format`` (``LayoutError`` where the
+    format cannot hold this engine's KV, e.g. int8 slots of an fp8 cache), and its layers."""
     groups = kv_cache_config.kv_cache_groups
     if len(groups) != 1:
         kinds = ", ".join(type(g.kv_cache_spec).__name__ for g in groups)
@@ -111,10 +113,10 @@ def _layout_of(kv_cache_config: KVCacheConfig) -> tuple[KVLayout, tuple[str, ...
     spec = groups[0].kv_cache_spec
     if isinstance(spec, MLAAttentionSpec):  # one latent vector per token, whatever the platform
         layout = KVLayout("mla", len(groups[0].layer_names), 1, spec.head_size, spec.block_size,
-                          dtype_name(spec.dtype))
+                          dtype_name(spec.dtype), kv_format)
         return layout, tuple(groups[0].layer_names)
     if not isinstance(spec, FullAttentionSpec):
         raise LayoutError(f"kvtier does not support KV cache spec {type(spec).__name__} yet")
     layout = KVLayout(platform_layout_kind(), len(groups[0].layer_names), spec.num_kv_heads, spec.head_size,
-                      spec.block_size, dtype_name(spec.dtype))
+                      spec.block_size, dtype_name(spec.dtype), kv_format)
     return layout, tuple(groups[0].layer_names)
