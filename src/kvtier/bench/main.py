@@ -29,7 +29,7 @@ from kvtier.bench.scenarios import (ChatParams, DocQAParams, LowReuseParams, Rag
                                     docqa_workload, lowreuse_workload, rag_workload)
 from kvtier.bench.specs import ChatPrompt, ModelInfo, Workload, read_model_info, token_counter
 from kvtier.bench.stats import summarize_run
-from kvtier.bench.trace import TraceParams, trace_workload
+from kvtier.bench.trace import TraceParams, kvtier_chunk_tokens, trace_workload
 from kvtier.errors import ServerError
 
 Progress = Callable[[str], None]
@@ -106,7 +106,9 @@ def _run(options: BenchOptions, workload: Workload, model: ModelInfo, kv_json: K
          progress: Progress) -> list[ConfigRun]:
     if options.external is not None:
         return run_external(options.external, workload, model, options.settings, progress)
-    configs = select_configs(all_configs(options.memory_capacity, options.remote),
+    params = options.params
+    chunk_tokens = kvtier_chunk_tokens(params.block_tokens) if isinstance(params, TraceParams) else None
+    configs = select_configs(all_configs(options.memory_capacity, options.remote, chunk_tokens),
                              None if options.config_names is None else list(options.config_names))
     progress(f"configurations: {', '.join(c.name for c in configs)}; {options.settings.repeats} repeats each, "
              f"{options.settings.order}")
