@@ -52,6 +52,9 @@ def test_verdict_needs_ranges_apart() -> None:
     assert verdict(base, Spread(1.5, 1.4, 1.6, 3)) == "did not help"
     assert verdict(base, Spread(0.95, 0.85, 1.0, 3)) == "no clear difference"
     assert verdict(None, base) == "not measured"
+    # one repeat on either side: no range, so no verdict however large the difference
+    assert verdict(Spread(1.0, 1.0, 1.0, 1), Spread(0.1, 0.1, 0.1, 1)) == "no clear difference"
+    assert verdict(base, Spread(0.1, 0.1, 0.1, 1)) == "no clear difference"
 
 
 def test_repeat_metrics() -> None:
@@ -105,8 +108,8 @@ def test_compare_and_honest_statements() -> None:
     assert "**kvtier-memory** helped: mean TTFT -80%" in lines[0]
     assert "found nothing to reuse" in lines[1] and "mean TTFT +10%" in lines[1] and "did NOT help" in lines[1]
     assert any("kvtier-memory+disk** COSTS" in line for line in lines)  # 10% more compute: a loss
-    assert ("**kvtier-memory** by round: round 1 (nothing stored yet) mean TTFT -80%; rounds 2 and later -80% vs "
-            "`vllm`.") in lines
+    assert ("**kvtier-memory** by round: round 1 (nothing stored yet) mean TTFT -80% (helped); rounds 2 and later "
+            "-80% (helped) vs `vllm`.") in lines
     text = markdown(report)
     for name in ("vllm", "kvtier-memory", "kvtier-memory+disk", "Mean TTFT per round", "Cost view"):
         assert name in text
@@ -118,7 +121,24 @@ def test_a_saving_within_noise_is_called_so() -> None:
     other = run("kvtier-memory", [[1.0]] * 3, cpu_s=9.5, kvtier=True)
     report = build_report("t", [], [summarize_run(base), summarize_run(other)], load_prices(None, {}), False)
     assert report.comparisons[0].cpu_verdict == "no clear difference"
-    assert any("saves" in line and "within the noise" in line for line in statements(report))
+    lines = statements(report)
+    # no saving per million is claimed: the cost view is withheld, in the statements, the table and the JSON
+    assert not report.costs and report.uncosted == ("kvtier-memory",)
+    assert not any("saves" in line or "COSTS" in line for line in lines)
+    assert any(line.startswith("No cost view for **kvtier-memory**") for line in lines)
+    text = markdown(report)
+    assert "net saving /1M req" not in text and "No cost view for **kvtier-memory**" in text
+    data = results_json(report, [base, other], {})
+    assert data["cost_per_million_requests"] == {} and data["cost_withheld_within_noise"] == ["kvtier-memory"]
+
+
+def test_overlapping_rounds_get_no_verdict() -> None:
+    base = summarize_run(run("vllm", [[1.0, 1.0], [2.0, 2.0], [1.5, 1.5]]))
+    other = summarize_run(run("kvtier-memory", [[0.9, 1.4], [1.8, 1.2], [1.3, 1.9]], kvtier=True,
+                              metrics=KVTIER_COUNTERS))
+    lines = statements(build_report("t", [], [base, other], load_prices(None, {}), has_rounds=True))
+    by_round = next(line for line in lines if "by round" in line)
+    assert "(no clear difference)" in by_round and "helped" not in by_round and "did not" not in by_round
 
 
 def test_failures_are_reported_and_json_is_finite() -> None:
@@ -145,5 +165,9 @@ def test_no_baseline_says_so() -> None:
 
 def test_one_repeat_is_flagged() -> None:
     summaries = [summarize_run(run("vllm", [[1.0]])), summarize_run(run("kvtier-memory", [[0.5]], kvtier=True))]
-    lines = statements(build_report("t", [], summaries, load_prices(None, {}), has_rounds=False))
-    assert lines[0].startswith("Only one repeat") and "helped" in lines[1]
+    report = build_report("t", [], summaries, load_prices(None, {}), has_rounds=False)
+    lines = statements(report)
+    # the case: one repeat with a TTFT twice as fast, yet no verdict and no saving is claimed
+    assert lines[0].startswith("Only one repeat") and "no verdict and no cost" in lines[0]
+    assert "made no clear difference" in lines[1] and "helped" not in lines[1]
+    assert not report.costs and not any("per million requests of this traffic" in line for line in lines)

@@ -5,7 +5,8 @@ inter-token latency (ITL, the gaps between streamed chunks) mean/p50/p95/p99, re
 throughput over the repeat's wall time, the share of prompt tokens the server reported as cached,
 the engine's CPU seconds, and per kvtier tier the hit rate (hits / (hits + misses) of the chunks
 that reached that tier) and bytes read and written. ``compare`` sets a configuration against the
-baseline and says, in words, whether it helped; overlapping ranges are called no clear difference.
+baseline and says, in words, whether it helped; overlapping ranges, or a single repeat (no range),
+are called no clear difference.
 """
 
 from __future__ import annotations
@@ -154,9 +155,12 @@ def change(base: float | None, other: float | None) -> float | None:
 def verdict(base: Spread | None, other: Spread | None) -> str:
     """On a lower-is-better measure: "helped" when the ranges over repeats do not overlap and the
     configuration is lower, "did not help" when they do not overlap and it is higher, else
-    "no clear difference". With one repeat the ranges are points, so any difference counts."""
+    "no clear difference". A side measured by fewer than two repeats has no known range (its noise
+    is unknown), so it never gets a verdict: "no clear difference"."""
     if base is None or other is None:
         return "not measured"
+    if base.count < 2 or other.count < 2:
+        return "no clear difference"
     if other.high < base.low:
         return "helped"
     if other.low > base.high:
