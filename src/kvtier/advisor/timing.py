@@ -87,11 +87,13 @@ def calibrate(profile: TimingProfile, bench_json_path: str, kv_bytes_per_token: 
 
 def median_points(rows: list[dict[str, float]]) -> list[tuple[float, float, float]]:
     """(prompt tokens, cached tokens, TTFT) per request of a bench results file, the TTFT the
-    median over its repeats (a shared machine's stray slow requests do not steer the fit)."""
+    median over its repeats (a shared machine's stray slow requests do not steer the fit). The TTFT
+    is the server's, from sending: the lag behind the arrival (``lag_s``, absent in older files) is
+    taken out, since the advisor models no queue in front of the engine."""
     by_request: dict[tuple[float, float, float], list[float]] = {}
     for row in rows:
         request = (float(row["index"]), float(row["num_prompt_tokens"]), float(row["num_cached_tokens"] or 0))
-        by_request.setdefault(request, []).append(float(row["ttft_s"]))
+        by_request.setdefault(request, []).append(float(row["ttft_s"]) - float(row.get("lag_s", 0.0)))
     return [(num, cached, statistics.median(ttfts)) for (_, num, cached), ttfts in sorted(by_request.items())]
 
 

@@ -151,7 +151,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 _MAIN_COLUMNS = (("TTFT mean", "ttft_mean_s", "s"), ("TTFT p50", "ttft_p50_s", "s"), ("TTFT p95", "ttft_p95_s", "s"),
-                 ("TTFT p99", "ttft_p99_s", "s"), ("ITL p50", "itl_p50_s", "s"), ("ITL p95", "itl_p95_s", "s"),
+                 ("TTFT p99", "ttft_p99_s", "s"), ("lag mean", "lag_mean_s", "s"), ("lag max", "lag_max_s", "s"),
+                 ("ITL p50", "itl_p50_s", "s"), ("ITL p95", "itl_p95_s", "s"),
                  ("req/s", "request_throughput_per_s", "rate"), ("out tok/s", "output_tokens_per_s", "rate"),
                  ("tok/s (in+out)", "total_tokens_per_s", "rate"), ("prompt cached", "prompt_cached_fraction", "ratio"),
                  ("engine CPU s/req", "cpu_s_per_request", "cpu"))
@@ -217,8 +218,10 @@ def markdown(report: Report) -> str:
     if report.has_rounds:
         lines += ["## Mean TTFT per round", "", *round_table(report), ""]
     lines += ["## Cost view (per million requests)", "", *cost_table(report), "", "## How this was measured", "",
-              f"- {_CPU_NOTE}", "- TTFT: from sending a streamed request to its first content chunk; ITL: gaps "
-              "between streamed chunks; throughput over each repeat's wall time.",
+              f"- {_CPU_NOTE}", "- TTFT: from a request's arrival (a trace's timestamp; for a later turn, the end of "
+              "the turn before, if later) to its first content chunk; lag: how long after its arrival a request "
+              "was sent (waiting for a free slot, or the bench falling behind the arrivals), mean and max per "
+              "repeat; ITL: gaps between streamed chunks; throughput over each repeat's wall time.",
               "- Every configuration: same engine settings, own server, the same warm-up; each repeat uses "
               "its own `cache_salt`, so vLLM's and kvtier's caches start cold for it.",
               "- Hit rate of a tier: hits / (hits + misses) of the chunks that reached it; `all`: share of "

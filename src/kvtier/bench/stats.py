@@ -1,7 +1,8 @@
 """Numbers of a benchmark: per repeat, then the median over repeats with the spread (min-max).
 
-Per repeat (``repeat_metrics``), every value is a float or None (not measured): TTFT and
-inter-token latency (ITL, the gaps between streamed chunks) mean/p50/p95/p99, request and token
+Per repeat (``repeat_metrics``), every value is a float or None (not measured): TTFT (from each
+request's arrival, see ``dispatch``), the lag behind the arrivals (mean and max of how late each
+request was sent), inter-token latency (ITL, the gaps between streamed chunks) mean/p50/p95/p99, request and token
 throughput over the repeat's wall time, the share of prompt tokens the server reported as cached,
 the engine's CPU seconds, and per kvtier tier the hit rate (hits / (hits + misses) of the chunks
 that reached that tier) and bytes read and written. ``compare`` sets a configuration against the
@@ -86,6 +87,8 @@ def request_metrics(measure: RepeatMeasure) -> Metrics:
     metrics: Metrics = {"num_requests": float(len(results)), "num_failed": float(len(measure.outcome.failures))}
     metrics |= _distribution("ttft", [r.ttft_s for r in results])
     metrics |= _distribution("itl", [gap for r in results for gap in r.itl_s])
+    lags = [r.lag_s for r in results]
+    metrics |= {"lag_mean_s": sum(lags) / len(lags) if lags else None, "lag_max_s": max(lags, default=None)}
     metrics |= {"request_throughput_per_s": _ratio(len(results), wall_s),
                 "output_tokens_per_s": _ratio(num_out, wall_s),
                 "total_tokens_per_s": _ratio(num_out + num_prompt, wall_s),
