@@ -66,6 +66,9 @@ FAMILIES = (
                     "(every chunk found, after waiting if needed) or timeout", "outcome",
                     ("complete", "timeout")),
     _counter_family("kvtier_loaded_tokens", "Tokens copied into the engine instead of computed"),
+    _counter_family("kvtier_loaded_tier_tokens", "Tokens copied into the engine, by the tier their chunk was "
+                    "planned from (what reached the engine: counted once every rank settled the load)", "tier",
+                    TIERS),
     _counter_family("kvtier_failed_load_tokens", "Tokens planned to load that the engine recomputed: their "
                     "chunk failed to read, was corrupt or came too late"),
     _gauge_family("kvtier_entries", "Entries a tier holds now", "tier", TIERS[:2]),
@@ -111,6 +114,7 @@ class Metrics:
         self.skipped_loads = self._counter("kvtier_skipped_loads")
         self.handoffs = self._counter("kvtier_handoffs")
         self.loaded_tokens = self._counter("kvtier_loaded_tokens")
+        self.loaded_tier_tokens = self._counter("kvtier_loaded_tier_tokens")
         self.failed_load_tokens = self._counter("kvtier_failed_load_tokens")
         self.entries = self._gauge("kvtier_entries")
         self.capacity_entries = self._gauge("kvtier_capacity_entries")

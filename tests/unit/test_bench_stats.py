@@ -36,7 +36,8 @@ KVTIER_COUNTERS = {"kvtier_hits_total": {"memory": 6.0, "disk": 2.0, "remote": 0
                    "kvtier_misses_total": {"memory": 4.0, "disk": 2.0, "remote": 0.0},
                    "kvtier_read_bytes_total": {"memory": 6e6, "disk": 2e6},
                    "kvtier_written_bytes_total": {"memory": 1e7, "disk": 1e7},
-                   "kvtier_lookup_chunks_total": {"-": 10.0}, "kvtier_loaded_tokens_total": {"-": 2048.0}}
+                   "kvtier_lookup_chunks_total": {"-": 10.0}, "kvtier_loaded_tokens_total": {"-": 2048.0},
+                   "kvtier_loaded_tier_tokens_total": {"memory": 1536.0, "disk": 512.0, "remote": 0.0}}
 
 
 def test_spread_and_change() -> None:
@@ -71,6 +72,9 @@ def test_repeat_metrics() -> None:
     assert metrics["hit_rate_remote"] is None  # nothing reached it
     assert metrics["hit_rate_all"] == 0.8
     assert metrics["read_bytes_disk"] == 2e6
+    # what reached the engine, per tier, and as a share of the repeat's 4 x 1000 prompt tokens
+    assert (metrics["loaded_tokens_memory"], metrics["loaded_tokens_disk"]) == (1536.0, 512.0)
+    assert metrics["loaded_share_disk"] == 512 / 4000 and metrics["loaded_share_remote"] == 0.0
 
 
 def test_tier_metrics_without_counters() -> None:
@@ -111,6 +115,7 @@ def test_compare_and_honest_statements() -> None:
     assert ("**kvtier-memory** by round: round 1 (nothing stored yet) mean TTFT -80% (helped); rounds 2 and later "
             "-80% (helped) vs `vllm`.") in lines
     text = markdown(report)
+    assert "| kvtier-memory | disk | 512 | 26% |" in text  # reached the engine: 512 of 2 x 1000 prompt tokens
     for name in ("vllm", "kvtier-memory", "kvtier-memory+disk", "Mean TTFT per round", "Cost view"):
         assert name in text
 
@@ -171,3 +176,18 @@ def test_one_repeat_is_flagged() -> None:
     assert lines[0].startswith("Only one repeat") and "no verdict and no cost" in lines[0]
     assert "made no clear difference" in lines[1] and "helped" not in lines[1]
     assert not report.costs and not any("per million requests of this traffic" in line for line in lines)
+
+
+def test_hit_ratio_per_tier_plot(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    from kvtier.bench.plots import plot_tier_hits, tier_shares
+
+    base = summarize_run(run("vllm", [[1.0, 1.0]] * 3))
+    memory = summarize_run(run("kvtier-memory", [[0.2, 0.2]] * 3, kvtier=True, metrics=KVTIER_COUNTERS))
+    assert tier_shares(base) == {}
+    assert tier_shares(memory) == {"memory": 1536 / 2000, "disk": 512 / 2000, "remote": 0.0}
+    path = tmp_path / "tiers.png"
+    assert plot_tier_hits([base, memory], "t", str(path), print)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not plot_tier_hits([base], "t", str(tmp_path / "none.png"), print)  # no kvtier counters: no plot
+    assert not (tmp_path / "none.png").exists()

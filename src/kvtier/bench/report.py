@@ -140,7 +140,7 @@ def _cell(spread: Spread | None, kind: str) -> str:
     if spread is None:
         return "n/a"
     fmt = {"s": format_seconds, "bytes": format_bytes, "ratio": format_ratio,
-           "rate": lambda v: f"{v:.2f}", "cpu": lambda v: f"{v:.2f} s"}[kind]
+           "rate": lambda v: f"{v:.2f}", "count": lambda v: f"{v:,.0f}", "cpu": lambda v: f"{v:.2f} s"}[kind]
     if spread.count < 2 or math.isclose(spread.low, spread.high):
         return fmt(spread.median)
     return f"{fmt(spread.median)} ({fmt(spread.low)}-{fmt(spread.high)})"
@@ -178,12 +178,15 @@ def tier_table(report: Report) -> list[str]:
             cells = [s.metrics.get(f"{name}_{tier}") for name in ("hit_rate", "read_bytes", "written_bytes")]
             if cells[0] is not None or any(c is not None and c.median > 0 for c in cells[1:]):
                 wire = [s.metrics.get(f"wire_{name}_{tier}") for name in ("read_bytes", "written_bytes")]
-                rows.append([s.name, tier, _cell(cells[0], "ratio"), _cell(cells[1], "bytes"),
-                             _cell(cells[2], "bytes"),
+                loaded = s.metrics.get(f"loaded_tokens_{tier}")
+                rows.append([s.name, tier, _cell(loaded, "count"),
+                             _cell(s.metrics.get(f"loaded_share_{tier}"), "ratio"), _cell(cells[0], "ratio"),
+                             _cell(cells[1], "bytes"), _cell(cells[2], "bytes"),
                              "-" if wire[0] is None else f"{_cell(wire[0], 'bytes')} / {_cell(wire[1], 'bytes')}"])
     if not rows:
         return ["No kvtier counters were read."]
-    return _table(["configuration", "tier", "hit rate", "read", "written", "as stored: read / written"], rows)
+    return _table(["configuration", "tier", "tokens that reached the engine", "share of prompt tokens",
+                   "hit rate (lookups)", "read", "written", "as stored: read / written"], rows)
 
 
 def round_table(report: Report) -> list[str]:
@@ -224,8 +227,11 @@ def markdown(report: Report) -> str:
               "repeat; ITL: gaps between streamed chunks; throughput over each repeat's wall time.",
               "- Every configuration: same engine settings, own server, the same warm-up; each repeat uses "
               "its own `cache_salt`, so vLLM's and kvtier's caches start cold for it.",
-              "- Hit rate of a tier: hits / (hits + misses) of the chunks that reached it; `all`: share of "
-              "the chunks vLLM's own cache lacked that kvtier served."]
+              "- Tokens that reached the engine: what each tier delivered into vLLM's blocks, counted once "
+              "every rank settled the load (a load that failed or was cut short counts only its loaded prefix); "
+              "share of prompt tokens: those over all prompt tokens of the repeat.",
+              "- Hit rate of a tier: hits / (hits + misses) of the chunks looked up in it (planned loads, before "
+              "they reach the engine); `all`: share of the chunks vLLM's own cache lacked that kvtier planned."]
     failures = [s for s in report.summaries if s.error is not None]
     if failures:
         lines += ["", "## Failures", "", *(f"- **{s.name}**: {s.error}" for s in failures)]

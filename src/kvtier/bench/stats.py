@@ -5,7 +5,9 @@ request's arrival, see ``dispatch``), the lag behind the arrivals (mean and max 
 request was sent), inter-token latency (ITL, the gaps between streamed chunks) mean/p50/p95/p99, request and token
 throughput over the repeat's wall time, the share of prompt tokens the server reported as cached,
 the engine's CPU seconds, and per kvtier tier the hit rate (hits / (hits + misses) of the chunks
-that reached that tier) and bytes read and written. ``compare`` sets a configuration against the
+looked up in that tier), bytes read and written, and the tokens it delivered that reached the
+engine (``kvtier_loaded_tier_tokens``: a load that failed or was cut short counts only its loaded
+prefix), also as a share of all prompt tokens. ``compare`` sets a configuration against the
 baseline and says, in words, whether it helped; overlapping ranges, or a single repeat (no range),
 are called no clear difference.
 """
@@ -108,6 +110,7 @@ def tier_metrics(table: MetricTable | None) -> Metrics:
         metrics[f"hit_rate_{tier}"] = hit_rate(table, tier)
         metrics[f"read_bytes_{tier}"] = value(table, "kvtier_read_bytes_total", tier)
         metrics[f"written_bytes_{tier}"] = value(table, "kvtier_written_bytes_total", tier)
+        metrics[f"loaded_tokens_{tier}"] = value(table, "kvtier_loaded_tier_tokens_total", tier)
     metrics["wire_read_bytes_remote"] = value(table, "kvtier_wire_read_bytes_total", "remote")
     metrics["wire_written_bytes_remote"] = value(table, "kvtier_wire_written_bytes_total", "remote")
     lookups = value(table, "kvtier_lookup_chunks_total", "-")
@@ -118,7 +121,14 @@ def tier_metrics(table: MetricTable | None) -> Metrics:
 
 
 def repeat_metrics(measure: RepeatMeasure) -> Metrics:
-    return request_metrics(measure) | tier_metrics(measure.metrics)
+    """``request_metrics`` and ``tier_metrics``, and per tier the share of all prompt tokens that
+    tier delivered to the engine (``loaded_share_*``, from the tokens that reached the engine)."""
+    metrics = request_metrics(measure) | tier_metrics(measure.metrics)
+    num_prompt = sum(r.num_prompt_tokens for r in measure.outcome.results)
+    for tier in TIERS:
+        loaded = metrics.get(f"loaded_tokens_{tier}")
+        metrics[f"loaded_share_{tier}"] = None if loaded is None or not num_prompt else loaded / num_prompt
+    return metrics
 
 
 def spread(values: list[float | None]) -> Spread | None:
