@@ -3,7 +3,8 @@
 ``run_bench`` is the whole command once the model folder is known; the CLI resolves the model (it
 may build one) and passes the function that turns inline kvtier keys into vLLM's
 ``--kv-transfer-config`` value, so this package needs neither ``kvtier.models`` nor
-``kvtier.serve``. Outputs, in ``--out-dir``: ``STEM.json``, ``STEM.md``, ``STEM_ttft_cdf.png`` and,
+``kvtier.serve``. Outputs, in ``--out-dir``: ``STEM.json``, ``STEM.md``, ``STEM_ttft_cdf.png``, ``STEM_tier_hits.png`` (share of prompt
+tokens each kvtier tier delivered to the engine) and,
 for workloads with rounds, ``STEM_ttft_per_round.png``.
 """
 
@@ -22,7 +23,7 @@ from collections.abc import Callable
 from kvtier.bench.configs import MAX_MODEL_LEN_TOKENS, KvTransferJson, all_configs, engine_args, select_configs
 from kvtier.bench.cost import Prices, load_prices
 from kvtier.bench.options import BenchOptions, WorkloadParams
-from kvtier.bench.plots import plot_ttft_cdf, plot_ttft_per_round
+from kvtier.bench.plots import plot_tier_hits, plot_ttft_cdf, plot_ttft_per_round
 from kvtier.bench.report import Report, build_report, markdown, results_json
 from kvtier.bench.runner import ConfigRun, run_configs, run_external
 from kvtier.bench.scenarios import (ChatParams, DocQAParams, LowReuseParams, RagParams, chat_workload,
@@ -95,6 +96,9 @@ def _write_outputs(options: BenchOptions, report: Report, runs: list[ConfigRun],
     cdf = os.path.join(out_dir, f"{stem}_ttft_cdf.png")
     if plot_ttft_cdf(summaries, f"TTFT CDF, {options.workload}", cdf, progress):
         paths.append(cdf)
+    tiers = os.path.join(out_dir, f"{stem}_tier_hits.png")
+    if plot_tier_hits(summaries, f"Hit ratio per tier, {options.workload}", tiers, progress):
+        paths.append(tiers)
     per_round = os.path.join(out_dir, f"{stem}_ttft_per_round.png")
     if report.has_rounds and plot_ttft_per_round(summaries, f"Mean TTFT per round, {options.workload}",
                                                  per_round, progress):
