@@ -18,7 +18,8 @@ from dataclasses import replace
 
 from kvtier.advisor.engine import engine_hits
 from kvtier.advisor.report import CapacityRow, advice, capacity_row, format_size, knee, plot, table
-from kvtier.advisor.simulate import KvtierSettings, TierSizes, num_distinct_chunks, replay
+from kvtier.advisor.simulate import KvtierSettings, TierSizes, num_distinct_chunks
+from kvtier.advisor.sweep import default_jobs, replay_sizes
 from kvtier.advisor.timing import PROFILES, calibrate, profile_named
 from kvtier.argtypes import positive_int
 from kvtier.advisor.workload import read_workload, tokenizer_encode
@@ -74,6 +75,8 @@ def add_advise_parser(commands: argparse._SubParsersAction[argparse.ArgumentPars
     p.add_argument("--max-output-tokens", type=positive_int, help="cap output lengths (as `kvtier bench "
                                                                    "--max-tokens` does); they take engine blocks")
     p.add_argument("--tokenizer", metavar="DIR", help="a folder with tokenizer.json, for prompts given as text")
+    p.add_argument("--jobs", type=positive_int, help="replays run at once, one process each (default: the CPUs "
+                                                    "this process may use; the results do not depend on it)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--plot", metavar="FILE.png", help="hit ratio and TTFT saved against capacity (matplotlib)")
 
@@ -113,8 +116,10 @@ def run_advise(args: argparse.Namespace) -> dict[str, object]:
 
     engine_only = sum(hits) / max(workload.num_tokens, 1)
     engine_only_per_request = sum(h / r.num_tokens for h, r in zip(hits, workload.requests)) / len(hits)
-    rows = [capacity_row(replay(workload, hits, settings, sizes(c)), c, profile, prices) for c in capacities]
-    infinite = capacity_row(replay(workload, hits, settings, sizes(unlimited)), None, profile, prices)
+    results = replay_sizes(workload, hits, settings, [sizes(c) for c in [*capacities, unlimited]],
+                           args.jobs or default_jobs())
+    rows = [capacity_row(result, c, profile, prices) for result, c in zip(results, capacities)]
+    infinite = capacity_row(results[-1], None, profile, prices)
 
     def size(tokens: int) -> str:
         return f"{format_size(tokens * kv_bytes)} ({tokens:,} tokens)"
