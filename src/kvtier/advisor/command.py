@@ -18,7 +18,7 @@ from dataclasses import replace
 
 from kvtier.advisor.engine import engine_hits
 from kvtier.advisor.report import CapacityRow, advice, capacity_row, format_size, knee, plot, table
-from kvtier.advisor.simulate import KvtierSettings, TierSizes, num_distinct_chunks
+from kvtier.advisor.simulate import UNBOUNDED, KvtierSettings, TierSizes, num_distinct_chunks
 from kvtier.advisor.sweep import default_jobs, replay_sizes
 from kvtier.advisor.timing import PROFILES, calibrate, profile_named
 from kvtier.argtypes import positive_int
@@ -41,6 +41,10 @@ def _capacities(text: str) -> list[int]:
     return sorted(set(numbers))
 
 
+def _remote_tokens(text: str) -> int:
+    return UNBOUNDED if text == "unbounded" else positive_int(text)
+
+
 def add_advise_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = commands.add_parser(
         "advise", help="offline: kvtier's hit ratio, TTFT and GPU time saved on a trace, per capacity",
@@ -54,10 +58,15 @@ def add_advise_parser(commands: argparse._SubParsersAction[argparse.ArgumentPars
     p.add_argument("--capacity-tokens", type=_capacities, metavar="A,B,...",
                    help=f"capacities of the swept tier, in tokens (default: {NUM_DEFAULT_CAPACITIES} sizes up to "
                         "what the whole trace needs)")
-    p.add_argument("--tier", choices=("memory", "disk"), default="memory",
-                   help="the tier swept; memory: no disk tier; disk: memory fixed at --memory-tokens")
-    p.add_argument("--memory-tokens", type=positive_int, help="memory tier when sweeping disk (default: 2 GiB "
-                                                                "of KV, kvtier's default memory.capacity)")
+    p.add_argument("--tier", choices=("memory", "disk", "remote"), default="memory",
+                   help="the tier swept; the others are fixed by --memory-tokens, --disk-tokens, --remote-tokens")
+    p.add_argument("--memory-tokens", type=positive_int, help="memory tier when sweeping disk or remote (default: "
+                                                                "2 GiB of KV, kvtier's default memory.capacity)")
+    p.add_argument("--disk-tokens", type=positive_int, help="disk tier when sweeping memory or remote (default: "
+                                                              "no disk tier)")
+    p.add_argument("--remote-tokens", type=_remote_tokens, metavar="N|unbounded",
+                   help="remote tier (Redis with allkeys-lru: least recently used evicted; 'unbounded': S3 within "
+                        "its TTL) when sweeping memory or disk (default: no remote tier)")
     p.add_argument("--profile", choices=tuple(PROFILES), default="h200-llama8b",
                    help="device and model timing defaults (default: h200-llama8b)")
     p.add_argument("--calibration", metavar="BENCH.json", help="a `kvtier bench` results file: fit overhead and "
@@ -112,7 +121,11 @@ def run_advise(args: argparse.Namespace) -> dict[str, object]:
     unlimited = (num_chunks + 1) * args.chunk_tokens
 
     def sizes(capacity: int) -> TierSizes:
-        return TierSizes(capacity, None) if args.tier == "memory" else TierSizes(memory_tokens, capacity)
+        if args.tier == "memory":
+            return TierSizes(capacity, args.disk_tokens, args.remote_tokens)
+        if args.tier == "disk":
+            return TierSizes(memory_tokens, capacity, args.remote_tokens)
+        return TierSizes(memory_tokens, args.disk_tokens, capacity)
 
     engine_only = sum(hits) / max(workload.num_tokens, 1)
     engine_only_per_request = sum(h / r.num_tokens for h, r in zip(hits, workload.requests)) / len(hits)
@@ -130,7 +143,10 @@ def run_advise(args: argparse.Namespace) -> dict[str, object]:
                           infinite, kv_bytes, sentence, at_knee, started_s)
     result |= {"profile": {"name": profile.name, "source": profile.source, "engine_cache_tokens": engine_tokens,
                            "engine_block_tokens": block, "kv_bytes_per_token": kv_bytes},
-               "memory_tokens": memory_tokens if args.tier == "disk" else None,
+               "memory_tokens": memory_tokens if args.tier != "memory" else None,
+               "disk_tokens": args.disk_tokens if args.tier != "disk" else None,
+               "remote_tokens": None if args.tier == "remote" or args.remote_tokens is None
+               else "unbounded" if args.remote_tokens == UNBOUNDED else args.remote_tokens,
                "hit_ratio_engine_only_mean_per_request": engine_only_per_request}
     if args.plot:
         plot(rows, infinite, engine_only, args.tier, f"kvtier advise: {os.path.basename(args.trace)}, "

@@ -47,7 +47,8 @@ def capacity_row(result: ReplayResult, capacity_tokens: int | None, profile: Tim
                  prices: Prices) -> CapacityRow:
     """Price one replay with ``profile`` (see ``timing``)."""
     outcomes = result.outcomes
-    ttft = [profile.ttft_s(o.num_tokens, o.hit_tokens, o.memory_tokens, o.disk_tokens) for o in outcomes]
+    ttft = [profile.ttft_s(o.num_tokens, o.hit_tokens, o.memory_tokens, o.disk_tokens, o.remote_tokens)
+            for o in outcomes]
     baseline = [profile.ttft_s(o.num_tokens, o.engine_hit_tokens, 0, 0) for o in outcomes]
     saved_s = [profile.prefill_s(o.engine_hit_tokens, o.num_tokens) - profile.prefill_s(o.hit_tokens, o.num_tokens)
                for o in outcomes]
@@ -100,16 +101,19 @@ def format_size(num_bytes: int) -> str:
 
 
 def table(rows: list[CapacityRow], infinite: CapacityRow, size: Callable[[int], str]) -> str:
+    with_remote = any(row.read_bytes["remote"] or row.written_bytes["remote"] for row in [*rows, infinite])
     header = ["capacity", "hit ratio (tokens)", "mean per request", "mean TTFT", "TTFT saved", "engine s saved/req",
-              "saving /1M req", "read mem", "read disk", "written disk"]
+              "saving /1M req", "read mem", "read disk", "written disk",
+              *(["read remote", "written remote"] if with_remote else [])]
     body = []
     for row in [*rows, infinite]:
         name = "infinite" if row.capacity_tokens is None else size(row.capacity_tokens)
+        remote = [format_size(row.read_bytes["remote"]), format_size(row.written_bytes["remote"])]
         body.append([name, f"{row.hit_ratio_tokens * 100:.2f}%", f"{row.hit_ratio_mean_per_request * 100:.2f}%",
                      f"{row.ttft_mean_s * 1000:.1f} ms", f"{row.ttft_saved_mean_s * 1000:.1f} ms",
                      f"{row.engine_s_saved_per_request * 1000:.2f} ms", f"{row.saving_per_million:,.2f}",
                      format_size(row.read_bytes["memory"]), format_size(row.read_bytes["disk"]),
-                     format_size(row.written_bytes["disk"])])
+                     format_size(row.written_bytes["disk"]), *(remote if with_remote else [])])
     return format_table(header, body)
 
 
