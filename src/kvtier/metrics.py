@@ -92,6 +92,32 @@ _FAMILIES_BY_NAME = {family.name: family for family in FAMILIES}
 Snapshot = dict[str, dict[str, float]]
 
 
+class _Counter(Counter):
+    """A Counter whose labelled children are looked up once: the store asks for one on every store
+    and eviction, and prometheus_client's ``labels`` checks and locks on every call. kvtier never
+    removes a labelled series, so a child, once made, stays valid."""
+
+    def labels(self, *labelvalues: object, **labelkwargs: object) -> "_Counter":
+        key = (labelvalues, tuple(labelkwargs.items()))
+        children: dict[object, _Counter] = self.__dict__.setdefault("_kvtier_children", {})
+        child = children.get(key)
+        if child is None:
+            child = children[key] = super().labels(*labelvalues, **labelkwargs)
+        return child
+
+
+class _Gauge(Gauge):
+    """A Gauge whose labelled children are looked up once (see ``_Counter``)."""
+
+    def labels(self, *labelvalues: object, **labelkwargs: object) -> "_Gauge":
+        key = (labelvalues, tuple(labelkwargs.items()))
+        children: dict[object, _Gauge] = self.__dict__.setdefault("_kvtier_children", {})
+        child = children.get(key)
+        if child is None:
+            child = children[key] = super().labels(*labelvalues, **labelkwargs)
+        return child
+
+
 class Metrics:
     """Counters, gauges and histograms of one kvtier instance (``FAMILIES`` describes the counters
     and gauges)."""
@@ -135,8 +161,8 @@ class Metrics:
     def _counter(self, name: str) -> Counter:
         family = _FAMILIES_BY_NAME[name]
         assert family.kind == "counter"
-        counter = Counter(name, family.documentation, [family.label] if family.label else [],
-                          registry=self.registry)
+        counter = _Counter(name, family.documentation, [family.label] if family.label else [],
+                           registry=self.registry)
         for value in family.values:  # make these series visible from the start
             counter.labels(value)
         self._families[name] = counter
@@ -145,7 +171,7 @@ class Metrics:
     def _gauge(self, name: str) -> Gauge:
         family = _FAMILIES_BY_NAME[name]
         assert family.kind == "gauge"
-        gauge = Gauge(name, family.documentation, [family.label] if family.label else [], registry=self.registry)
+        gauge = _Gauge(name, family.documentation, [family.label] if family.label else [], registry=self.registry)
         for value in family.values:
             gauge.labels(value)
         self._families[name] = gauge
