@@ -86,3 +86,15 @@ def test_sweeping_the_remote_on_the_command_line(tmp_path: Path, capsys: pytest.
           "--remote-tokens", "unbounded", "--disk-tokens", "4096", "--engine-cache-tokens", "0"])
     table = capsys.readouterr().out
     assert "read remote" in table and "written remote" in table
+
+
+def test_advice_says_when_loads_cost_more_than_they_save() -> None:
+    from kvtier.advisor.report import CapacityRow, advice
+
+    def row(capacity: int | None, hit: float, saved_s: float) -> CapacityRow:
+        return CapacityRow(capacity, hit, hit, 1.0, saved_s, 0.0, 0.0, {}, {}, {})
+
+    slow = advice("remote", [row(100, 0.36, -0.054)], row(None, 0.37, -0.055), 0.05, str)
+    assert "ADDS 54 ms of mean TTFT" in slow and "cost_gate" in slow and "saves" not in slow
+    fast = advice("memory", [row(100, 0.36, 0.126)], row(None, 0.37, 0.13), 0.05, str)
+    assert "saves 126 ms of mean TTFT" in fast

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import time
 from dataclasses import replace
 
@@ -129,8 +130,8 @@ def run_advise(args: argparse.Namespace) -> dict[str, object]:
 
     engine_only = sum(hits) / max(workload.num_tokens, 1)
     engine_only_per_request = sum(h / r.num_tokens for h, r in zip(hits, workload.requests)) / len(hits)
-    results = replay_sizes(workload, hits, settings, [sizes(c) for c in [*capacities, unlimited]],
-                           args.jobs or default_jobs())
+    jobs = args.jobs or default_jobs()
+    results = replay_sizes(workload, hits, settings, [sizes(c) for c in [*capacities, unlimited]], jobs)
     rows = [capacity_row(result, c, profile, prices) for result, c in zip(results, capacities)]
     infinite = capacity_row(results[-1], None, profile, prices)
 
@@ -147,7 +148,8 @@ def run_advise(args: argparse.Namespace) -> dict[str, object]:
                "disk_tokens": args.disk_tokens if args.tier != "disk" else None,
                "remote_tokens": None if args.tier == "remote" or args.remote_tokens is None
                else "unbounded" if args.remote_tokens == UNBOUNDED else args.remote_tokens,
-               "hit_ratio_engine_only_mean_per_request": engine_only_per_request}
+               "hit_ratio_engine_only_mean_per_request": engine_only_per_request, "jobs": jobs,
+               "cpu_s": _cpu_s(), "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     if args.plot:
         plot(rows, infinite, engine_only, args.tier, f"kvtier advise: {os.path.basename(args.trace)}, "
              f"{profile.name}, engine cache {engine_tokens:,} tokens", kv_bytes, args.plot)
@@ -160,6 +162,12 @@ def run_advise(args: argparse.Namespace) -> dict[str, object]:
         print(table(rows, infinite, size))
         print(f"\n{sentence}")
     return result
+
+
+def _cpu_s() -> float:
+    """CPU seconds (user + system) of this process and its finished worker processes so far."""
+    own, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + workers.ru_utime + workers.ru_stime
 
 
 def _result_json(args: argparse.Namespace, trace_format: str, num_requests: int, num_tokens: int,

@@ -85,8 +85,10 @@ def advice(tier: str, rows: list[CapacityRow], infinite: CapacityRow, engine_onl
     share = (at_knee.hit_ratio_tokens - engine_only) / possible
     sentence = (f"{size(at_knee.capacity_tokens)} of {tier} gives {share * 100:.0f}% of the possible hit ratio "
                 f"({at_knee.hit_ratio_tokens * 100:.1f}% of prompt tokens, unlimited: "
-                f"{infinite.hit_ratio_tokens * 100:.1f}%, engine cache alone: {engine_only * 100:.1f}%) and saves "
-                f"{at_knee.ttft_saved_mean_s * 1000:.0f} ms of mean TTFT")
+                f"{infinite.hit_ratio_tokens * 100:.1f}%, engine cache alone: {engine_only * 100:.1f}%) and "
+                + (f"saves {at_knee.ttft_saved_mean_s * 1000:.0f} ms of mean TTFT" if at_knee.ttft_saved_mean_s >= 0
+                   else f"ADDS {-at_knee.ttft_saved_mean_s * 1000:.0f} ms of mean TTFT: its loads are slower than "
+                        f"recomputing at the profile's bandwidth (kvtier's remote.cost_gate would skip them)"))
     gain = infinite.hit_ratio_tokens - at_knee.hit_ratio_tokens
     if gain < FLAT_POINTS:
         sentence += f"; {tier} beyond {size(at_knee.capacity_tokens)} adds less than 1%"
