@@ -141,7 +141,8 @@ def plot(rows: list[CapacityRow], infinite: CapacityRow, engine_only: float, tie
     right = left.twinx()
     right.plot(gib, [r.ttft_saved_mean_s * 1000 for r in ordered], "s-", color="tab:orange", label="TTFT saved")
     right.set_ylabel("mean TTFT saved (ms)")
-    right.set_ylim(bottom=0)
+    saved_ms = [r.ttft_saved_mean_s * 1000 for r in ordered]
+    right.set_ylim(min(0.0, *saved_ms) * 1.1, max(0.0, *saved_ms) * 1.1 or 1.0)  # from zero; a loss shows below it
     left.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     left.set_xticks(gib, [f"{g:,.0f}" if g >= 10 else f"{g:.3g}" for g in gib], rotation=45, fontsize=8)
     at_knee = knee(ordered, infinite, engine_only)
