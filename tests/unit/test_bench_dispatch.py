@@ -185,7 +185,7 @@ def test_ttft_is_timed_from_the_arrival_and_the_lag_is_reported(server: FakeServ
     first, waited, late, follower = (by_index[i] for i in range(4))
     assert waited.sent_s >= first.finished_s and waited.ready_s == pytest.approx(0.0, abs=1e-9)
     assert waited.lag_s == pytest.approx(waited.sent_s) and waited.lag_s >= 4 * CHUNK_DELAY_S
-    assert waited.ttft_s >= waited.lag_s + 0.001  # the wait for a slot counts in TTFT
+    assert waited.ttft_s > waited.lag_s  # the wait for a slot counts in TTFT (the fake server answers at once)
     assert late.ready_s == pytest.approx(0.6, abs=1e-9) and late.lag_s < 0.05 and late.sent_s >= 0.6
     assert follower.ready_s >= late.finished_s - 0.05 and follower.lag_s < 0.05
     assert all(r.ttft_s > r.lag_s for r in outcome.results)

@@ -108,10 +108,13 @@ def _write_outputs(options: BenchOptions, report: Report, runs: list[ConfigRun],
 
 def _run(options: BenchOptions, workload: Workload, model: ModelInfo, kv_json: KvTransferJson,
          progress: Progress) -> list[ConfigRun]:
-    if options.external is not None:
-        return run_external(options.external, workload, model, options.settings, progress)
     params = options.params
     chunk_tokens = kvtier_chunk_tokens(params.block_tokens) if isinstance(params, TraceParams) else None
+    if options.external is not None:
+        if chunk_tokens is not None:
+            progress(f"--block-tokens {chunk_tokens}: the server's kvtier needs chunk_tokens {chunk_tokens} for a "
+                     f"shared one-block prefix to hit (the bench cannot set it on a server given by --url)")
+        return run_external(options.external, workload, model, options.settings, progress)
     configs = select_configs(all_configs(options.memory_capacity, options.remote, chunk_tokens),
                              None if options.config_names is None else list(options.config_names))
     progress(f"configurations: {', '.join(c.name for c in configs)}; {options.settings.repeats} repeats each, "
