@@ -140,7 +140,11 @@ def test_blocks_below_kvtiers_chunk_run_kvtier_with_chunks_of_one_block(tmp_path
     a, b = (chunk_keys(digest, r.prompt.token_ids, KVTIER_CHUNK_TOKENS) for r in workload.requests)
     assert a[0] != b[0]
     configs = all_configs("1GiB", RemoteOptions(None, None, None), chunk)
-    assert all(dict(c.kvtier_keys)["chunk_tokens"] == "128" for c in configs if c.kvtier_keys is not None)
+    assert all(dict(c.kvtier_keys)["chunk_tokens"] == 128 for c in configs if c.kvtier_keys is not None)
+    # ... as kvtier's inline config takes it (a text "128" failed the server's start-up)
+    from kvtier.bench.configs import kvtier_inline_keys
+    keys = kvtier_inline_keys(configs[1], 9000, "/tmp/d", "ns")
+    assert load_config(keys, {}).config.chunk_tokens == 128
     assert all("chunk_tokens" not in dict(c.kvtier_keys or ()) for c in all_configs("1GiB", RemoteOptions(None, None,
                                                                                                           None)))
     assert kvtier_chunk_tokens(256) is None and kvtier_chunk_tokens(512) is None

@@ -38,7 +38,7 @@ KvTransferJson = Callable[[dict[str, object]], str]  # inline kvtier keys -> --k
 @dataclass(frozen=True)
 class BenchConfig:
     name: str
-    kvtier_keys: tuple[tuple[str, str], ...] | None  # inline kvtier keys; None = no kvtier
+    kvtier_keys: tuple[tuple[str, str | int], ...] | None  # inline kvtier keys (JSON values); None = no kvtier
     uses_disk: bool = False
     by_default: bool = True  # False: runs only when named in --configs
 
@@ -57,9 +57,9 @@ class RemoteOptions:
 def all_configs(memory_capacity: str, remote: RemoteOptions, chunk_tokens: int | None = None) -> list[BenchConfig]:
     """Every configuration this run can compare, the baseline first; ``chunk_tokens`` (None: kvtier's
     default) goes to every kvtier configuration."""
-    memory: tuple[tuple[str, str], ...] = (("memory.capacity", memory_capacity),)
+    memory: tuple[tuple[str, str | int], ...] = (("memory.capacity", memory_capacity),)
     if chunk_tokens is not None:
-        memory += (("chunk_tokens", str(chunk_tokens)),)
+        memory += (("chunk_tokens", chunk_tokens),)  # an integer: kvtier's inline config takes no text for it
     configs = [BenchConfig(BASELINE, None), BenchConfig("kvtier-memory", memory),
                BenchConfig("kvtier-memory+disk", memory, uses_disk=True)]
     if remote.redis_url:
