@@ -12,7 +12,8 @@ Engine seconds saved are that prefill difference (loads run on copy engines, not
 Profiles: ``h200-llama8b`` is fitted to the measured cold TTFTs of
 ``benchmarks/results/vllm_cuda_2026-12-03_nvidia-h200.md`` (2K/8K/32K tokens, Llama-3.1-8B shape;
 memory loads at the 50 GB/s measured in ``gpu_2026-11-28_nvidia-h200.md``; disk assumed 5 GB/s,
-an NVMe drive; remote assumed 2.5 GB/s, a 25 Gb/s link to Redis or S3); ``cpu-smollm2`` is the 2-core vLLM-CPU machine of the repository's CPU benchmarks.
+an NVMe drive; remote assumed 2.5 GB/s, a 25 Gb/s link to Redis or S3); ``cpu-smollm2`` is the
+2-core vLLM-CPU machine of the repository's CPU benchmarks.
 ``calibrate`` refits overhead and prefill speed from a ``kvtier bench`` results JSON (its ``vllm``
 configuration's requests, each at its median TTFT over the repeats), so the prediction is for the
 machine that ran the bench.

@@ -3,9 +3,9 @@
 ``run_bench`` is the whole command once the model folder is known; the CLI resolves the model (it
 may build one) and passes the function that turns inline kvtier keys into vLLM's
 ``--kv-transfer-config`` value, so this package needs neither ``kvtier.models`` nor
-``kvtier.serve``. Outputs, in ``--out-dir``: ``STEM.json``, ``STEM.md``, ``STEM_ttft_cdf.png``, ``STEM_tier_hits.png`` (share of prompt
-tokens each kvtier tier delivered to the engine) and,
-for workloads with rounds, ``STEM_ttft_per_round.png``.
+``kvtier.serve``. Outputs, in ``--out-dir``: ``STEM.json``, ``STEM.md``, ``STEM_ttft_cdf.png``,
+``STEM_tier_hits.png`` (share of prompt tokens each kvtier tier delivered to the engine) and, for
+workloads with rounds, ``STEM_ttft_per_round.png``.
 """
 
 from __future__ import annotations
