@@ -152,6 +152,7 @@ class KVManager:
         self._chunk_bytes = chunk_bytes
         self._world_size = world_size
         self._settling: dict[str, list[tuple[int, int]]] = {}  # request -> (planned, loaded) of the ranks so far
+        self._load_tiers: dict[str, tuple[tuple[str, int], ...]] = {}  # request -> (tier, tokens) per chunk loaded
         self._owners: dict[str, _Owner] = {}
         self._next_expire = time.monotonic() + EXPIRE_EVERY_S
 
@@ -336,6 +337,9 @@ class KVManager:
         self.cost.observe_step(step_tokens, report.forward_seconds)
         _record_report(self.metrics, report)
         self.metrics.loaded_tokens.inc(report.copied_tokens // self._world_size)
+        self.metrics.loaded_tier_tokens.labels(tier="memory").inc(report.copied_tokens // self._world_size)
+        for req_id, tiers in report.settled_tiers:  # every rank's plan is the same: the first one tells
+            self._load_tiers.setdefault(req_id, tiers)
         self._count_settled_loads(report.settled_loads)
         self.metrics.entries.labels(tier="memory").set(self.store.num_memory_entries)
         self.metrics.entries.labels(tier="disk").set(self.store.num_disk_entries)
@@ -353,8 +357,18 @@ class KVManager:
             failed = max(planned for planned, _ in ranks) - loaded
             self.metrics.loaded_tokens.inc(loaded)
             self.metrics.failed_load_tokens.inc(failed)
+            self._count_tier_tokens(self._load_tiers.pop(req_id, ()), loaded)
             if failed and req_id in self._owners:  # vLLM reschedules it: it must not plan the same reads again
                 self._owners[req_id].load_failed = True
+
+    def _count_tier_tokens(self, tiers: tuple[tuple[str, int], ...], loaded: int) -> None:
+        """Credit the first ``loaded`` tokens of a settled load to the tiers its chunks came from."""
+        for tier, tokens in tiers:
+            credited = min(tokens, loaded)
+            if credited <= 0:
+                break
+            self.metrics.loaded_tier_tokens.labels(tier=tier).inc(credited)
+            loaded -= credited
 
     def invalidate(self, namespace: str, keys: Collection[bytes] | None = None) -> Invalidated:
         """Make ``namespace``'s entries (all, or those among ``keys``) unreachable in memory and on

@@ -68,6 +68,9 @@ FAMILIES = (
                     "(every chunk found, after waiting if needed) or timeout", "outcome",
                     ("complete", "timeout")),
     _counter_family("kvtier_loaded_tokens", "Tokens copied into the engine instead of computed"),
+    _counter_family("kvtier_loaded_tier_tokens", "Tokens copied into the engine, by the tier their chunk was "
+                    "planned from (what reached the engine: counted once every rank settled the load)", "tier",
+                    TIERS),
     _counter_family("kvtier_failed_load_tokens", "Tokens planned to load that the engine recomputed: their "
                     "chunk failed to read, was corrupt or came too late"),
     _gauge_family("kvtier_entries", "Entries a tier holds now", "tier", TIERS[:2]),
@@ -93,6 +96,32 @@ _FAMILIES_BY_NAME = {family.name: family for family in FAMILIES}
 Snapshot = dict[str, dict[str, float]]
 
 
+class _Counter(Counter):
+    """A Counter whose labelled children are looked up once: the store asks for one on every store
+    and eviction, and prometheus_client's ``labels`` checks and locks on every call. kvtier never
+    removes a labelled series, so a child, once made, stays valid."""
+
+    def labels(self, *labelvalues: object, **labelkwargs: object) -> "_Counter":
+        key = (labelvalues, tuple(labelkwargs.items()))
+        children: dict[object, _Counter] = self.__dict__.setdefault("_kvtier_children", {})
+        child = children.get(key)
+        if child is None:
+            child = children[key] = super().labels(*labelvalues, **labelkwargs)
+        return child
+
+
+class _Gauge(Gauge):
+    """A Gauge whose labelled children are looked up once (see ``_Counter``)."""
+
+    def labels(self, *labelvalues: object, **labelkwargs: object) -> "_Gauge":
+        key = (labelvalues, tuple(labelkwargs.items()))
+        children: dict[object, _Gauge] = self.__dict__.setdefault("_kvtier_children", {})
+        child = children.get(key)
+        if child is None:
+            child = children[key] = super().labels(*labelvalues, **labelkwargs)
+        return child
+
+
 class Metrics:
     """Counters, gauges and histograms of one kvtier instance (``FAMILIES`` describes the counters
     and gauges)."""
@@ -116,6 +145,7 @@ class Metrics:
         self.unadmitted_stores = self._counter("kvtier_unadmitted_stores")
         self.handoffs = self._counter("kvtier_handoffs")
         self.loaded_tokens = self._counter("kvtier_loaded_tokens")
+        self.loaded_tier_tokens = self._counter("kvtier_loaded_tier_tokens")
         self.failed_load_tokens = self._counter("kvtier_failed_load_tokens")
         self.entries = self._gauge("kvtier_entries")
         self.capacity_entries = self._gauge("kvtier_capacity_entries")
@@ -137,8 +167,8 @@ class Metrics:
     def _counter(self, name: str) -> Counter:
         family = _FAMILIES_BY_NAME[name]
         assert family.kind == "counter"
-        counter = Counter(name, family.documentation, [family.label] if family.label else [],
-                          registry=self.registry)
+        counter = _Counter(name, family.documentation, [family.label] if family.label else [],
+                           registry=self.registry)
         for value in family.values:  # make these series visible from the start
             counter.labels(value)
         self._families[name] = counter
@@ -147,7 +177,7 @@ class Metrics:
     def _gauge(self, name: str) -> Gauge:
         family = _FAMILIES_BY_NAME[name]
         assert family.kind == "gauge"
-        gauge = Gauge(name, family.documentation, [family.label] if family.label else [], registry=self.registry)
+        gauge = _Gauge(name, family.documentation, [family.label] if family.label else [], registry=self.registry)
         for value in family.values:
             gauge.labels(value)
         self._families[name] = gauge

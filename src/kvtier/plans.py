@@ -152,6 +152,9 @@ class WorkerReport:
     # one per rank and settled asynchronous load: (request id, tokens planned, tokens loaded). A
     # chunk reaches the engine only if every rank loaded it (vLLM recomputes what failed on any)
     settled_loads: list[tuple[str, int, int]] = field(default_factory=list)
+    # one per rank and settled asynchronous load: (request id, (tier, tokens) of each chunk of the
+    # load in order); the manager credits the loaded prefix of ``settled_loads`` to these tiers
+    settled_tiers: list[tuple[str, tuple[tuple[str, int], ...]]] = field(default_factory=list)
     load_seconds: list[float] = field(default_factory=list)
     store_seconds: list[float] = field(default_factory=list)
 

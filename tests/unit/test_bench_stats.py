@@ -36,7 +36,8 @@ KVTIER_COUNTERS = {"kvtier_hits_total": {"memory": 6.0, "disk": 2.0, "remote": 0
                    "kvtier_misses_total": {"memory": 4.0, "disk": 2.0, "remote": 0.0},
                    "kvtier_read_bytes_total": {"memory": 6e6, "disk": 2e6},
                    "kvtier_written_bytes_total": {"memory": 1e7, "disk": 1e7},
-                   "kvtier_lookup_chunks_total": {"-": 10.0}, "kvtier_loaded_tokens_total": {"-": 2048.0}}
+                   "kvtier_lookup_chunks_total": {"-": 10.0}, "kvtier_loaded_tokens_total": {"-": 2048.0},
+                   "kvtier_loaded_tier_tokens_total": {"memory": 1536.0, "disk": 512.0, "remote": 0.0}}
 
 
 def test_spread_and_change() -> None:
@@ -52,6 +53,9 @@ def test_verdict_needs_ranges_apart() -> None:
     assert verdict(base, Spread(1.5, 1.4, 1.6, 3)) == "did not help"
     assert verdict(base, Spread(0.95, 0.85, 1.0, 3)) == "no clear difference"
     assert verdict(None, base) == "not measured"
+    # one repeat on either side: no range, so no verdict however large the difference
+    assert verdict(Spread(1.0, 1.0, 1.0, 1), Spread(0.1, 0.1, 0.1, 1)) == "no clear difference"
+    assert verdict(base, Spread(0.1, 0.1, 0.1, 1)) == "no clear difference"
 
 
 def test_repeat_metrics() -> None:
@@ -68,6 +72,9 @@ def test_repeat_metrics() -> None:
     assert metrics["hit_rate_remote"] is None  # nothing reached it
     assert metrics["hit_rate_all"] == 0.8
     assert metrics["read_bytes_disk"] == 2e6
+    # what reached the engine, per tier, and as a share of the repeat's 4 x 1000 prompt tokens
+    assert (metrics["loaded_tokens_memory"], metrics["loaded_tokens_disk"]) == (1536.0, 512.0)
+    assert metrics["loaded_share_disk"] == 512 / 4000 and metrics["loaded_share_remote"] == 0.0
 
 
 def test_tier_metrics_without_counters() -> None:
@@ -105,9 +112,10 @@ def test_compare_and_honest_statements() -> None:
     assert "**kvtier-memory** helped: mean TTFT -80%" in lines[0]
     assert "found nothing to reuse" in lines[1] and "mean TTFT +10%" in lines[1] and "did NOT help" in lines[1]
     assert any("kvtier-memory+disk** COSTS" in line for line in lines)  # 10% more compute: a loss
-    assert ("**kvtier-memory** by round: round 1 (nothing stored yet) mean TTFT -80%; rounds 2 and later -80% vs "
-            "`vllm`.") in lines
+    assert ("**kvtier-memory** by round: round 1 (nothing stored yet) mean TTFT -80% (helped); rounds 2 and later "
+            "-80% (helped) vs `vllm`.") in lines
     text = markdown(report)
+    assert "| kvtier-memory | disk | 512 | 26% |" in text  # reached the engine: 512 of 2 x 1000 prompt tokens
     for name in ("vllm", "kvtier-memory", "kvtier-memory+disk", "Mean TTFT per round", "Cost view"):
         assert name in text
 
@@ -118,7 +126,24 @@ def test_a_saving_within_noise_is_called_so() -> None:
     other = run("kvtier-memory", [[1.0]] * 3, cpu_s=9.5, kvtier=True)
     report = build_report("t", [], [summarize_run(base), summarize_run(other)], load_prices(None, {}), False)
     assert report.comparisons[0].cpu_verdict == "no clear difference"
-    assert any("saves" in line and "within the noise" in line for line in statements(report))
+    lines = statements(report)
+    # no saving per million is claimed: the cost view is withheld, in the statements, the table and the JSON
+    assert not report.costs and report.uncosted == ("kvtier-memory",)
+    assert not any("saves" in line or "COSTS" in line for line in lines)
+    assert any(line.startswith("No cost view for **kvtier-memory**") for line in lines)
+    text = markdown(report)
+    assert "net saving /1M req" not in text and "No cost view for **kvtier-memory**" in text
+    data = results_json(report, [base, other], {})
+    assert data["cost_per_million_requests"] == {} and data["cost_withheld_within_noise"] == ["kvtier-memory"]
+
+
+def test_overlapping_rounds_get_no_verdict() -> None:
+    base = summarize_run(run("vllm", [[1.0, 1.0], [2.0, 2.0], [1.5, 1.5]]))
+    other = summarize_run(run("kvtier-memory", [[0.9, 1.4], [1.8, 1.2], [1.3, 1.9]], kvtier=True,
+                              metrics=KVTIER_COUNTERS))
+    lines = statements(build_report("t", [], [base, other], load_prices(None, {}), has_rounds=True))
+    by_round = next(line for line in lines if "by round" in line)
+    assert "(no clear difference)" in by_round and "helped" not in by_round and "did not" not in by_round
 
 
 def test_failures_are_reported_and_json_is_finite() -> None:
@@ -145,5 +170,24 @@ def test_no_baseline_says_so() -> None:
 
 def test_one_repeat_is_flagged() -> None:
     summaries = [summarize_run(run("vllm", [[1.0]])), summarize_run(run("kvtier-memory", [[0.5]], kvtier=True))]
-    lines = statements(build_report("t", [], summaries, load_prices(None, {}), has_rounds=False))
-    assert lines[0].startswith("Only one repeat") and "helped" in lines[1]
+    report = build_report("t", [], summaries, load_prices(None, {}), has_rounds=False)
+    lines = statements(report)
+    # the case: one repeat with a TTFT twice as fast, yet no verdict and no saving is claimed
+    assert lines[0].startswith("Only one repeat") and "no verdict and no cost" in lines[0]
+    assert "made no clear difference" in lines[1] and "helped" not in lines[1]
+    assert not report.costs and not any("per million requests of this traffic" in line for line in lines)
+
+
+def test_hit_ratio_per_tier_plot(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    from kvtier.bench.plots import plot_tier_hits, tier_shares
+
+    base = summarize_run(run("vllm", [[1.0, 1.0]] * 3))
+    memory = summarize_run(run("kvtier-memory", [[0.2, 0.2]] * 3, kvtier=True, metrics=KVTIER_COUNTERS))
+    assert tier_shares(base) == {}
+    assert tier_shares(memory) == {"memory": 1536 / 2000, "disk": 512 / 2000, "remote": 0.0}
+    path = tmp_path / "tiers.png"
+    assert plot_tier_hits([base, memory], "t", str(path), print)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not plot_tier_hits([base], "t", str(tmp_path / "none.png"), print)  # no kvtier counters: no plot
+    assert not (tmp_path / "none.png").exists()

@@ -117,3 +117,41 @@ def test_flags_a_trace_ignores_are_refused(flag: str, capsys: pytest.CaptureFixt
     chat = workload_params(build_parser().parse_args(["bench", "chat"]))
     assert (chat.qps, chat.seed) == (1.0, 0)  # the other workloads keep their defaults
     assert workload_params(build_parser().parse_args(["bench", "chat", flag, "2"])) != chat
+
+
+def test_blocks_below_kvtiers_chunk_run_kvtier_with_chunks_of_one_block(tmp_path: Path) -> None:
+    from kvtier.bench.configs import KVTIER_CHUNK_TOKENS, RemoteOptions, all_configs
+    from kvtier.bench.trace import kvtier_chunk_tokens
+    from kvtier.config import load_config
+    from kvtier.keys import Namespace, chunk_keys
+
+    assert KVTIER_CHUNK_TOKENS == load_config({}, {}).config.chunk_tokens
+    # two requests share one hash id (a one-block system prompt) and nothing else
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"timestamp": 0, "input_length": 1024, "output_length": 4, "hash_ids": [7, 1]}) + "\n"
+                    + json.dumps({"timestamp": 1, "input_length": 1024, "output_length": 4, "hash_ids": [7, 2]}) + "\n")
+    workload = trace_workload(TraceParams(str(path), block_tokens=128), ID_RANGE, max_prompt_tokens=4000)
+    chunk = kvtier_chunk_tokens(128)
+    assert chunk == 128 and dict(workload.parameters)["kvtier_chunk_tokens"] == 128
+    digest = Namespace("t", "m", b"x").digest()
+    a, b = (chunk_keys(digest, r.prompt.token_ids, chunk) for r in workload.requests)
+    assert a[0] == b[0] and a[1] != b[1]  # the shared block is a whole chunk: kvtier can serve it
+    # at kvtier's default chunk the shared block is half a chunk: no key in common (what the fix avoids)
+    a, b = (chunk_keys(digest, r.prompt.token_ids, KVTIER_CHUNK_TOKENS) for r in workload.requests)
+    assert a[0] != b[0]
+    configs = all_configs("1GiB", RemoteOptions(None, None, None), chunk)
+    assert all(dict(c.kvtier_keys)["chunk_tokens"] == 128 for c in configs if c.kvtier_keys is not None)
+    # ... as kvtier's inline config takes it (a text "128" failed the server's start-up)
+    from kvtier.bench.configs import kvtier_inline_keys
+    keys = kvtier_inline_keys(configs[1], 9000, "/tmp/d", "ns")
+    assert load_config(keys, {}).config.chunk_tokens == 128
+    assert all("chunk_tokens" not in dict(c.kvtier_keys or ()) for c in all_configs("1GiB", RemoteOptions(None, None,
+                                                                                                          None)))
+    assert kvtier_chunk_tokens(256) is None and kvtier_chunk_tokens(512) is None
+
+
+@pytest.mark.parametrize("block_tokens", [64, 100, 192])
+def test_blocks_kvtier_could_never_serve_are_refused(block_tokens: int) -> None:
+    with pytest.raises(ConfigError, match=rf"--block-tokens: {block_tokens} tokens per hash id is below kvtier's "
+                                          r"chunk of 256 tokens .*pass --block-tokens 128"):
+        trace_workload(TraceParams(str(SAMPLE), block_tokens=block_tokens), ID_RANGE, max_prompt_tokens=4000)

@@ -79,3 +79,26 @@ def test_a_request_whose_remote_load_failed_is_not_planned_from_the_remote_again
     assert plan("r1").remote == ()  # rescheduled after the failure: recomputed
     assert len(plan("r2").remote) == 2  # another request still may
     kv.close()
+
+
+def by_tier(metrics: Metrics) -> dict[str, float]:
+    return {tier: metrics.loaded_tier_tokens.labels(tier=tier)._value.get() for tier in ("memory", "disk", "remote")}
+
+
+def test_tier_counters_count_what_reached_the_engine() -> None:
+    """A load planned as memory, disk, disk, remote whose third chunk failed on rank 1: only the
+    memory chunk and the first disk chunk reached the engine, and only they are credited."""
+    kv, metrics = manager(world_size=2)
+    tiers = (("memory", CHUNK), ("disk", CHUNK), ("disk", CHUNK), ("remote", CHUNK))
+    kv.complete(WorkerReport(settled_loads=[("r", 4 * CHUNK, 4 * CHUNK)], settled_tiers=[("r", tiers)]), 0)
+    assert by_tier(metrics) == {"memory": 0, "disk": 0, "remote": 0}  # rank 1 has not settled yet
+    kv.complete(WorkerReport(settled_loads=[("r", 4 * CHUNK, 2 * CHUNK)], settled_tiers=[("r", tiers)]), 0)
+    assert by_tier(metrics) == {"memory": CHUNK, "disk": CHUNK, "remote": 0}
+    assert sum(by_tier(metrics).values()) == counted(metrics)[0]
+    # a first chunk the engine held in part (a partial chunk of blocks) and synchronous memory copies
+    kv.complete(WorkerReport(settled_loads=[("s", CHUNK, CHUNK)], settled_tiers=[("s", (("disk", CHUNK // 2),
+                                                                                          ("disk", CHUNK // 2)))])
+                .aggregate(WorkerReport(settled_loads=[("s", CHUNK, CHUNK)])), 0)
+    kv.complete(WorkerReport(copied_tokens=CHUNK).aggregate(WorkerReport(copied_tokens=CHUNK)), 0)
+    assert by_tier(metrics) == {"memory": 2 * CHUNK, "disk": 2 * CHUNK, "remote": 0}
+    assert sum(by_tier(metrics).values()) == counted(metrics)[0]

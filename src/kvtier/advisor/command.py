@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import time
 from dataclasses import replace
 
 from kvtier.advisor.engine import engine_hits
 from kvtier.advisor.report import CapacityRow, advice, capacity_row, format_size, knee, plot, table
-from kvtier.advisor.simulate import KvtierSettings, TierSizes, num_distinct_chunks, replay
+from kvtier.advisor.simulate import UNBOUNDED, KvtierSettings, TierSizes, num_distinct_chunks
+from kvtier.advisor.sweep import default_jobs, replay_sizes
 from kvtier.advisor.timing import PROFILES, calibrate, profile_named
 from kvtier.argtypes import positive_int
 from kvtier.advisor.workload import read_workload, tokenizer_encode
@@ -40,6 +42,10 @@ def _capacities(text: str) -> list[int]:
     return sorted(set(numbers))
 
 
+def _remote_tokens(text: str) -> int:
+    return UNBOUNDED if text == "unbounded" else positive_int(text)
+
+
 def add_advise_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = commands.add_parser(
         "advise", help="offline: kvtier's hit ratio, TTFT and GPU time saved on a trace, per capacity",
@@ -53,10 +59,15 @@ def add_advise_parser(commands: argparse._SubParsersAction[argparse.ArgumentPars
     p.add_argument("--capacity-tokens", type=_capacities, metavar="A,B,...",
                    help=f"capacities of the swept tier, in tokens (default: {NUM_DEFAULT_CAPACITIES} sizes up to "
                         "what the whole trace needs)")
-    p.add_argument("--tier", choices=("memory", "disk"), default="memory",
-                   help="the tier swept; memory: no disk tier; disk: memory fixed at --memory-tokens")
-    p.add_argument("--memory-tokens", type=positive_int, help="memory tier when sweeping disk (default: 2 GiB "
-                                                                "of KV, kvtier's default memory.capacity)")
+    p.add_argument("--tier", choices=("memory", "disk", "remote"), default="memory",
+                   help="the tier swept; the others are fixed by --memory-tokens, --disk-tokens, --remote-tokens")
+    p.add_argument("--memory-tokens", type=positive_int, help="memory tier when sweeping disk or remote (default: "
+                                                                "2 GiB of KV, kvtier's default memory.capacity)")
+    p.add_argument("--disk-tokens", type=positive_int, help="disk tier when sweeping memory or remote (default: "
+                                                              "no disk tier)")
+    p.add_argument("--remote-tokens", type=_remote_tokens, metavar="N|unbounded",
+                   help="remote tier (Redis with allkeys-lru: least recently used evicted; 'unbounded': S3 within "
+                        "its TTL) when sweeping memory or disk (default: no remote tier)")
     p.add_argument("--profile", choices=tuple(PROFILES), default="h200-llama8b",
                    help="device and model timing defaults (default: h200-llama8b)")
     p.add_argument("--calibration", metavar="BENCH.json", help="a `kvtier bench` results file: fit overhead and "
@@ -74,6 +85,8 @@ def add_advise_parser(commands: argparse._SubParsersAction[argparse.ArgumentPars
     p.add_argument("--max-output-tokens", type=positive_int, help="cap output lengths (as `kvtier bench "
                                                                    "--max-tokens` does); they take engine blocks")
     p.add_argument("--tokenizer", metavar="DIR", help="a folder with tokenizer.json, for prompts given as text")
+    p.add_argument("--jobs", type=positive_int, help="replays run at once, one process each (default: the CPUs "
+                                                    "this process may use; the results do not depend on it)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--plot", metavar="FILE.png", help="hit ratio and TTFT saved against capacity (matplotlib)")
 
@@ -109,12 +122,18 @@ def run_advise(args: argparse.Namespace) -> dict[str, object]:
     unlimited = (num_chunks + 1) * args.chunk_tokens
 
     def sizes(capacity: int) -> TierSizes:
-        return TierSizes(capacity, None) if args.tier == "memory" else TierSizes(memory_tokens, capacity)
+        if args.tier == "memory":
+            return TierSizes(capacity, args.disk_tokens, args.remote_tokens)
+        if args.tier == "disk":
+            return TierSizes(memory_tokens, capacity, args.remote_tokens)
+        return TierSizes(memory_tokens, args.disk_tokens, capacity)
 
     engine_only = sum(hits) / max(workload.num_tokens, 1)
     engine_only_per_request = sum(h / r.num_tokens for h, r in zip(hits, workload.requests)) / len(hits)
-    rows = [capacity_row(replay(workload, hits, settings, sizes(c)), c, profile, prices) for c in capacities]
-    infinite = capacity_row(replay(workload, hits, settings, sizes(unlimited)), None, profile, prices)
+    jobs = args.jobs or default_jobs()
+    results = replay_sizes(workload, hits, settings, [sizes(c) for c in [*capacities, unlimited]], jobs)
+    rows = [capacity_row(result, c, profile, prices) for result, c in zip(results, capacities)]
+    infinite = capacity_row(results[-1], None, profile, prices)
 
     def size(tokens: int) -> str:
         return f"{format_size(tokens * kv_bytes)} ({tokens:,} tokens)"
@@ -125,8 +144,12 @@ def run_advise(args: argparse.Namespace) -> dict[str, object]:
                           infinite, kv_bytes, sentence, at_knee, started_s)
     result |= {"profile": {"name": profile.name, "source": profile.source, "engine_cache_tokens": engine_tokens,
                            "engine_block_tokens": block, "kv_bytes_per_token": kv_bytes},
-               "memory_tokens": memory_tokens if args.tier == "disk" else None,
-               "hit_ratio_engine_only_mean_per_request": engine_only_per_request}
+               "memory_tokens": memory_tokens if args.tier != "memory" else None,
+               "disk_tokens": args.disk_tokens if args.tier != "disk" else None,
+               "remote_tokens": None if args.tier == "remote" or args.remote_tokens is None
+               else "unbounded" if args.remote_tokens == UNBOUNDED else args.remote_tokens,
+               "hit_ratio_engine_only_mean_per_request": engine_only_per_request, "jobs": jobs,
+               "cpu_s": _cpu_s(), "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     if args.plot:
         plot(rows, infinite, engine_only, args.tier, f"kvtier advise: {os.path.basename(args.trace)}, "
              f"{profile.name}, engine cache {engine_tokens:,} tokens", kv_bytes, args.plot)
@@ -139,6 +162,12 @@ def run_advise(args: argparse.Namespace) -> dict[str, object]:
         print(table(rows, infinite, size))
         print(f"\n{sentence}")
     return result
+
+
+def _cpu_s() -> float:
+    """CPU seconds (user + system) of this process and its finished worker processes so far."""
+    own, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + workers.ru_utime + workers.ru_stime
 
 
 def _result_json(args: argparse.Namespace, trace_format: str, num_requests: int, num_tokens: int,

@@ -20,10 +20,11 @@ from collections import OrderedDict
 from kvtier.advisor.workload import SimRequest
 from kvtier.errors import ConfigError
 
-BlockId = tuple[int, int]  # (trie node, engine block within the node's segment)
-
-
 class EnginePrefixCache:
+    """The block pool's books. A block's content is named by an int, ``node * blocks_per_segment +
+    block within the segment``; ``_first`` maps a content to the physical block a hit uses (its oldest
+    copy), ``_extra`` to its other copies (rare: a block recomputed under the last-token rule)."""
+
     def __init__(self, num_blocks: int, block_tokens: int, segment_tokens: int) -> None:
         if num_blocks < 1:
             raise ConfigError("--engine-cache-tokens", "must hold at least one engine block")
@@ -32,51 +33,78 @@ class EnginePrefixCache:
         self._per_segment = segment_tokens // block_tokens
         self._num_blocks = num_blocks
         self._free: OrderedDict[int, None] = OrderedDict((block, None) for block in range(num_blocks))
-        self._hash_of: dict[int, BlockId] = {}
-        self._copies: dict[BlockId, list[int]] = {}
+        self._hash_of: dict[int, int] = {}  # physical block -> the content it caches
+        self._first: dict[int, int] = {}  # content -> physical block (oldest copy)
+        self._extra: dict[int, list[int]] = {}  # content -> later copies, oldest first
 
     def run(self, request: SimRequest) -> int:
         """Serve ``request``: return the tokens found cached, then keep its blocks as vLLM does."""
-        num_prompt_full = request.num_tokens // self._block_tokens
-        num_total = -(-(request.num_tokens + request.num_output_tokens - 1) // self._block_tokens)
+        block_tokens = self._block_tokens
+        num_prompt_full = request.num_tokens // block_tokens
+        num_total = -(-(request.num_tokens + request.num_output_tokens - 1) // block_tokens)
         if num_total > self._num_blocks:
-            raise ConfigError("--engine-cache-tokens", f"{self._num_blocks * self._block_tokens} tokens cannot hold a "
+            raise ConfigError("--engine-cache-tokens", f"{self._num_blocks * block_tokens} tokens cannot hold a "
                                                        f"request of {request.num_tokens + request.num_output_tokens}")
-        ids = [self._block_id(request, index) for index in range(num_prompt_full)]
-        max_hit = (request.num_tokens - 1) // self._block_tokens
+        ids = self._contents(request, num_prompt_full)
+        free, first, hash_of = self._free, self._first, self._hash_of
         held: list[int] = []
-        for block_id in ids[:max_hit]:
-            copies = self._copies.get(block_id)
-            if not copies:
+        for content in ids[:(request.num_tokens - 1) // block_tokens]:
+            block = first.get(content)
+            if block is None:
                 break
-            held.append(copies[0])
-            self._free.pop(copies[0], None)  # in use now
-        num_hit = len(held)
-        for index in range(num_hit, num_total):
-            block = self._allocate()
-            if index < num_prompt_full:
-                self._cache(block, ids[index])
             held.append(block)
-        for block in reversed(held):
-            self._free[block] = None
-        return num_hit * self._block_tokens
+            free.pop(block, None)  # in use now
+        num_hit = len(held)
+        take, extra = free.popitem, self._extra
+        for content in ids[num_hit:]:  # the prompt's full blocks after the hit: computed and cached
+            block = take(False)[0]
+            old = hash_of.pop(block, None)
+            if old is not None:
+                if old in extra:
+                    self._forget(old, block)
+                else:
+                    del first[old]
+            hash_of[block] = content
+            if content in first:
+                extra.setdefault(content, []).append(block)
+            else:
+                first[content] = block
+            held.append(block)
+        for _ in range(max(num_hit, num_prompt_full), num_total):  # the partial last block and decode blocks
+            block = take(False)[0]
+            old = hash_of.pop(block, None)
+            if old is not None:
+                if old in extra:
+                    self._forget(old, block)
+                else:
+                    del first[old]
+            held.append(block)
+        held.reverse()
+        free.update(dict.fromkeys(held))
+        return num_hit * block_tokens
 
-    def _block_id(self, request: SimRequest, index: int) -> BlockId:
-        return request.nodes[index // self._per_segment], index % self._per_segment
+    def _contents(self, request: SimRequest, num_blocks: int) -> list[int]:
+        per_segment = self._per_segment
+        ids: list[int] = []
+        for node in request.nodes:
+            if len(ids) >= num_blocks:
+                break
+            ids.extend(range(node * per_segment, (node + 1) * per_segment))
+        return ids[:num_blocks]
 
-    def _allocate(self) -> int:
-        block, _ = self._free.popitem(last=False)
-        old = self._hash_of.pop(block, None)
-        if old is not None:
-            copies = self._copies[old]
-            copies.remove(block)
-            if not copies:
-                del self._copies[old]
-        return block
-
-    def _cache(self, block: int, block_id: BlockId) -> None:
-        self._hash_of[block] = block_id
-        self._copies.setdefault(block_id, []).append(block)
+    def _forget(self, content: int, block: int) -> None:
+        """``block`` no longer caches ``content`` (it was allocated again)."""
+        extra = self._extra.get(content)
+        if self._first[content] == block:
+            if extra:
+                self._first[content] = extra.pop(0)
+            else:
+                del self._first[content]
+        else:
+            assert extra is not None, "a block cached a content with no record of it"
+            extra.remove(block)
+        if extra is not None and not extra:
+            del self._extra[content]
 
 
 def engine_hits(requests: tuple[SimRequest, ...], cache_tokens: int, block_tokens: int,

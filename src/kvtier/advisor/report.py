@@ -47,7 +47,8 @@ def capacity_row(result: ReplayResult, capacity_tokens: int | None, profile: Tim
                  prices: Prices) -> CapacityRow:
     """Price one replay with ``profile`` (see ``timing``)."""
     outcomes = result.outcomes
-    ttft = [profile.ttft_s(o.num_tokens, o.hit_tokens, o.memory_tokens, o.disk_tokens) for o in outcomes]
+    ttft = [profile.ttft_s(o.num_tokens, o.hit_tokens, o.memory_tokens, o.disk_tokens, o.remote_tokens)
+            for o in outcomes]
     baseline = [profile.ttft_s(o.num_tokens, o.engine_hit_tokens, 0, 0) for o in outcomes]
     saved_s = [profile.prefill_s(o.engine_hit_tokens, o.num_tokens) - profile.prefill_s(o.hit_tokens, o.num_tokens)
                for o in outcomes]
@@ -84,8 +85,10 @@ def advice(tier: str, rows: list[CapacityRow], infinite: CapacityRow, engine_onl
     share = (at_knee.hit_ratio_tokens - engine_only) / possible
     sentence = (f"{size(at_knee.capacity_tokens)} of {tier} gives {share * 100:.0f}% of the possible hit ratio "
                 f"({at_knee.hit_ratio_tokens * 100:.1f}% of prompt tokens, unlimited: "
-                f"{infinite.hit_ratio_tokens * 100:.1f}%, engine cache alone: {engine_only * 100:.1f}%) and saves "
-                f"{at_knee.ttft_saved_mean_s * 1000:.0f} ms of mean TTFT")
+                f"{infinite.hit_ratio_tokens * 100:.1f}%, engine cache alone: {engine_only * 100:.1f}%) and "
+                + (f"saves {at_knee.ttft_saved_mean_s * 1000:.0f} ms of mean TTFT" if at_knee.ttft_saved_mean_s >= 0
+                   else f"ADDS {-at_knee.ttft_saved_mean_s * 1000:.0f} ms of mean TTFT: its loads are slower than "
+                        f"recomputing at the profile's bandwidth (kvtier's remote.cost_gate would skip them)"))
     gain = infinite.hit_ratio_tokens - at_knee.hit_ratio_tokens
     if gain < FLAT_POINTS:
         sentence += f"; {tier} beyond {size(at_knee.capacity_tokens)} adds less than 1%"
@@ -100,16 +103,19 @@ def format_size(num_bytes: int) -> str:
 
 
 def table(rows: list[CapacityRow], infinite: CapacityRow, size: Callable[[int], str]) -> str:
+    with_remote = any(row.read_bytes["remote"] or row.written_bytes["remote"] for row in [*rows, infinite])
     header = ["capacity", "hit ratio (tokens)", "mean per request", "mean TTFT", "TTFT saved", "engine s saved/req",
-              "saving /1M req", "read mem", "read disk", "written disk"]
+              "saving /1M req", "read mem", "read disk", "written disk",
+              *(["read remote", "written remote"] if with_remote else [])]
     body = []
     for row in [*rows, infinite]:
         name = "infinite" if row.capacity_tokens is None else size(row.capacity_tokens)
+        remote = [format_size(row.read_bytes["remote"]), format_size(row.written_bytes["remote"])]
         body.append([name, f"{row.hit_ratio_tokens * 100:.2f}%", f"{row.hit_ratio_mean_per_request * 100:.2f}%",
                      f"{row.ttft_mean_s * 1000:.1f} ms", f"{row.ttft_saved_mean_s * 1000:.1f} ms",
                      f"{row.engine_s_saved_per_request * 1000:.2f} ms", f"{row.saving_per_million:,.2f}",
                      format_size(row.read_bytes["memory"]), format_size(row.read_bytes["disk"]),
-                     format_size(row.written_bytes["disk"])])
+                     format_size(row.written_bytes["disk"]), *(remote if with_remote else [])])
     return format_table(header, body)
 
 
@@ -135,7 +141,8 @@ def plot(rows: list[CapacityRow], infinite: CapacityRow, engine_only: float, tie
     right = left.twinx()
     right.plot(gib, [r.ttft_saved_mean_s * 1000 for r in ordered], "s-", color="tab:orange", label="TTFT saved")
     right.set_ylabel("mean TTFT saved (ms)")
-    right.set_ylim(bottom=0)
+    saved_ms = [r.ttft_saved_mean_s * 1000 for r in ordered]
+    right.set_ylim(min(0.0, *saved_ms) * 1.1, max(0.0, *saved_ms) * 1.1 or 1.0)  # from zero; a loss shows below it
     left.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     left.set_xticks(gib, [f"{g:,.0f}" if g >= 10 else f"{g:.3g}" for g in gib], rotation=45, fontsize=8)
     at_knee = knee(ordered, infinite, engine_only)

@@ -6,17 +6,22 @@ Per request, in arrival order, the steps the vLLM connector takes (``integration
 2. kvtier looks up the chunks from ``engine_hit // chunk_tokens`` up to the one holding the last
    loadable token (``(num_tokens - 1)`` rounded down to engine blocks) and plans a load; the
    request's prefix hit is ``max(engine_hit, min(end of the loaded chunks, that limit))``;
+   With a remote tier (``remote.py``), the chunks after that run that the remote holds are read
+   from it too (kvtier reads them into memory slots; the load-cost gate is taken as passing);
 3. the load completes (disk chunks are promoted into memory slots), then every full chunk of the
-   prompt is offered for storing (chunks memory holds are touched, not stored again), the plan's
-   disk writes complete, and the request is released.
-Bytes follow from the chunk counts: a load copies its tokens out of memory (a disk chunk is read
-whole first), a store writes a whole chunk to memory (and with write-through to disk).
+   prompt is offered for storing (chunks memory holds are touched, not stored again; a new one
+   is uploaded to the remote unless it holds it), the plan's disk writes complete, and the
+   request is released.
+Bytes follow from the chunk counts: a load copies its tokens out of memory (a disk or remote chunk
+is read whole first), a store writes a whole chunk to memory (and with write-through to disk, and
+to the remote when it lacks it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvtier.advisor.remote import RemoteModel
 from kvtier.advisor.workload import Workload
 from kvtier.config import load_config
 from kvtier.errors import ConfigError
@@ -29,10 +34,15 @@ _NAMESPACE = "advisor"
 
 @dataclass(frozen=True)
 class TierSizes:
-    """kvtier's capacity in tokens: memory, and disk (None: no disk tier)."""
+    """kvtier's capacity in tokens: memory, disk (None: no disk tier) and remote (None: no remote
+    tier; ``UNBOUNDED`` for a store that evicts nothing, such as S3 within its TTL)."""
 
     memory_tokens: int
     disk_tokens: int | None
+    remote_tokens: int | None = None
+
+
+UNBOUNDED = -1  # a remote tier's capacity: it evicts nothing
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,7 @@ class RequestOutcome:
     hit_tokens: int  # engine and kvtier together: the prefix the engine did not compute
     memory_tokens: int  # of hit_tokens, loaded by kvtier from memory
     disk_tokens: int  # ... and from disk (through a memory slot)
+    remote_tokens: int = 0  # ... and from the remote tier (through a memory slot)
 
 
 @dataclass(frozen=True)
@@ -90,10 +101,12 @@ def replay(workload: Workload, engine_hits: list[int], settings: KvtierSettings,
     """Replay every request of ``workload`` (see the module docstring)."""
     metrics = Metrics()
     manager = _manager(settings, sizes, metrics)
+    remote = None if sizes.remote_tokens is None else RemoteModel(
+        None if sizes.remote_tokens == UNBOUNDED else max(1, sizes.remote_tokens // settings.chunk_tokens))
     chunk, block = settings.chunk_tokens, settings.engine_block_tokens
     chunk_bytes = chunk * settings.kv_bytes_per_token
-    read = {"memory": 0, "disk": 0}
-    written = {"memory": 0, "disk": 0}
+    read = {"memory": 0, "disk": 0, "remote": 0}
+    written = {"memory": 0, "disk": 0, "remote": 0}
     outcomes = []
     for index, (request, engine_hit) in enumerate(zip(workload.requests, engine_hits)):
         owner = str(index)
@@ -101,36 +114,38 @@ def replay(workload: Workload, engine_hits: list[int], settings: KvtierSettings,
         keys = request.chunk_keys[:-(-max_hit // chunk)]
         first = engine_hit // chunk
         planned = manager.plan_load(LoadRequest(owner, _NAMESPACE, keys, first))
-        assert planned is not None, "no remote tier: a plan is never deferred"
-        hit = min((first + planned.num_chunks) * chunk, max_hit)
-        memory_tokens = disk_tokens = 0
-        report = WorkerReport()
+        assert planned is not None, "kvtier's own remote tier is not opened: a plan is never deferred"
+        sources = list(planned.sources)
+        if remote is not None and first + len(sources) < len(keys):
+            sources += ["remote"] * remote.held_run(keys[first + len(sources):])
+        hit = min((first + len(sources)) * chunk, max_hit)
+        by_tier = {"memory": 0, "disk": 0, "remote": 0}
         if hit > engine_hit:
-            report.promoted = [op.key for op in planned.disk]
-            for position, source in enumerate(planned.sources):
+            for position, source in enumerate(sources):
                 start = max(engine_hit, (first + position) * chunk)
-                tokens = max(0, min(hit, (first + position + 1) * chunk) - start)
-                if source == "disk":
-                    disk_tokens += tokens
-                else:
-                    memory_tokens += tokens
+                by_tier[source] += max(0, min(hit, (first + position + 1) * chunk) - start)
             read["disk"] += len(planned.disk) * chunk_bytes
-            read["memory"] += (memory_tokens + disk_tokens) * settings.kv_bytes_per_token
-            manager.complete(report, 0)
+            read["remote"] += sources.count("remote") * chunk_bytes
+            read["memory"] += sum(by_tier.values()) * settings.kv_bytes_per_token
+        if planned.num_chunks and hit > engine_hit:
+            manager.complete(WorkerReport(promoted=[op.key for op in planned.disk]), 0)
             manager.load_finished(owner)
         else:
             manager.cancel_load(owner, planned)
         stored = [key for key in request.chunk_keys if manager.plan_store(key, _NAMESPACE) is not None]
+        if remote is not None:
+            written["remote"] += sum(remote.upload(key) for key in stored) * chunk_bytes
         ops = manager.take_ops()
         disk_writes = [op.key for op in (*ops.write_through, *ops.spills)]
         manager.complete(WorkerReport(stored=stored, disk_written=disk_writes), request.num_tokens)
         written["memory"] += len(stored) * chunk_bytes
         written["disk"] += len(disk_writes) * chunk_bytes
         manager.release(owner)
-        outcomes.append(RequestOutcome(request.num_tokens, engine_hit, max(engine_hit, hit), memory_tokens,
-                                       disk_tokens))
+        outcomes.append(RequestOutcome(request.num_tokens, engine_hit, max(engine_hit, hit), by_tier["memory"],
+                                       by_tier["disk"], by_tier["remote"]))
     evictions = {tier: int(metrics.registry.get_sample_value("kvtier_evictions_total", {"tier": tier}) or 0)
                  for tier in ("memory", "disk")}
+    evictions["remote"] = 0 if remote is None else remote.num_evictions
     return ReplayResult(sizes, tuple(outcomes), read, written, evictions)
 
 

@@ -68,11 +68,13 @@ class _Trie:
         self._ids: dict[tuple[int, Hashable], int] = {}
         self._nodes: list[_Node] = [_Node((), (), None)]
 
-    def child(self, parent: int, content: Hashable, tokens: Sequence[int]) -> int:
+    def child(self, parent: int, content: Hashable, tokens: Callable[[], Sequence[int]]) -> int:
+        """The node of segment ``content`` after ``parent``; ``tokens`` makes the segment's tokens,
+        called only for a new node (a trace repeats most of its segments)."""
         node_id = self._ids.get((parent, content))
         if node_id is None:
             node_id = self._ids[(parent, content)] = len(self._nodes)
-            self._nodes.append(self._extend(self._nodes[parent], tokens))
+            self._nodes.append(self._extend(self._nodes[parent], tokens()))
         return node_id
 
     def _extend(self, parent: _Node, tokens: Sequence[int]) -> _Node:
@@ -155,7 +157,7 @@ def _mooncake(path: str, lines: list[tuple[int, str]], block_tokens: int, trie: 
         num_tokens = math.ceil(record.input_length * block_tokens / TRACE_BLOCK_TOKENS)
         nodes, parent = [], 0
         for hash_id in record.hash_ids[:math.ceil(num_tokens / block_tokens)]:
-            parent = trie.child(parent, hash_id, block_tokens_of(hash_id, block_tokens))
+            parent = trie.child(parent, hash_id, lambda: block_tokens_of(hash_id, block_tokens))
             nodes.append(parent)
         requests.append(SimRequest((record.timestamp_ms - start_ms) / 1000.0, num_tokens, record.output_length,
                                    tuple(nodes), trie.keys_of(nodes, num_tokens)))
@@ -182,7 +184,7 @@ def _prompts(path: str, lines: list[tuple[int, str]], segment_tokens: int, trie:
         nodes, parent = [], 0
         for offset in range(0, len(tokens), segment_tokens):
             segment = tuple(tokens[offset:offset + segment_tokens])
-            parent = trie.child(parent, segment, segment)
+            parent = trie.child(parent, segment, lambda: segment)
             nodes.append(parent)
         requests.append(SimRequest(max(0.0, (timestamp_ms - start_ms) / 1000.0), len(tokens), max(1, num_output),
                                    tuple(nodes), trie.keys_of(nodes, len(tokens))))

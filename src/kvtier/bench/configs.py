@@ -26,6 +26,7 @@ from kvtier.errors import ConfigError
 MAX_MODEL_LEN_TOKENS = 4096
 BLOCK_TOKENS = 128
 DEFAULT_ENGINE_KV_TOKENS = 34 * BLOCK_TOKENS  # as the demo: one max-length request, and vLLM's null block
+KVTIER_CHUNK_TOKENS = 256  # kvtier's default chunk_tokens (a unit test holds it to the config default)
 BASELINE = "vllm"
 # Credentials may come from the environment (the documented way for secrets): these are kept.
 _KEPT_KVTIER_ENV = ("KVTIER_REMOTE_USERNAME", "KVTIER_REMOTE_PASSWORD", "KVTIER_REMOTE_ACCESS_KEY",
@@ -37,7 +38,7 @@ KvTransferJson = Callable[[dict[str, object]], str]  # inline kvtier keys -> --k
 @dataclass(frozen=True)
 class BenchConfig:
     name: str
-    kvtier_keys: tuple[tuple[str, str], ...] | None  # inline kvtier keys; None = no kvtier
+    kvtier_keys: tuple[tuple[str, str | int], ...] | None  # inline kvtier keys (JSON values); None = no kvtier
     uses_disk: bool = False
     by_default: bool = True  # False: runs only when named in --configs
 
@@ -53,9 +54,12 @@ class RemoteOptions:
     s3_endpoint: str | None
 
 
-def all_configs(memory_capacity: str, remote: RemoteOptions) -> list[BenchConfig]:
-    """Every configuration this run can compare, the baseline first."""
-    memory = (("memory.capacity", memory_capacity),)
+def all_configs(memory_capacity: str, remote: RemoteOptions, chunk_tokens: int | None = None) -> list[BenchConfig]:
+    """Every configuration this run can compare, the baseline first; ``chunk_tokens`` (None: kvtier's
+    default) goes to every kvtier configuration."""
+    memory: tuple[tuple[str, str | int], ...] = (("memory.capacity", memory_capacity),)
+    if chunk_tokens is not None:
+        memory += (("chunk_tokens", chunk_tokens),)  # an integer: kvtier's inline config takes no text for it
     configs = [BenchConfig(BASELINE, None), BenchConfig("kvtier-memory", memory),
                BenchConfig("kvtier-memory+disk", memory, uses_disk=True)]
     if remote.redis_url:

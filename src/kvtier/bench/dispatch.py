@@ -4,8 +4,11 @@ Each request is sent at its ``arrival_s`` (after the start of the repeat), or wh
 waits for (``after``) has finished, whichever is later, and only while fewer than
 ``max_concurrency`` requests are in flight; requests waiting for a free slot go in the order they
 became ready (first come, first served). One thread per request in flight; the caller's thread
-schedules. TTFT and inter-token gaps are measured from the moment
-it is sent. A request that fails is recorded as a failure (its error text), never retried; a
+schedules. A request's *ready time* is its arrival (for a trace: its timestamp), or when its
+predecessor finished if that is later; its *lag* is how long after the ready time it was sent (a
+concurrency limit, or a dispatcher that falls behind the trace). TTFT is measured from the ready
+time, so falling behind the trace shows in TTFT and in the lag; inter-token gaps and the total time
+are measured from sending. A request that fails is recorded as a failure (its error text), never retried; a
 request whose predecessor failed is still sent.
 """
 
@@ -35,16 +38,21 @@ class RequestResult:
     index: int
     round: int
     sent_s: float  # seconds after the repeat started
-    ttft_s: float
-    total_s: float
+    ttft_s: float  # from the ready time (arrival, or the predecessor's end): lag + the server's TTFT
+    total_s: float  # from sending to the last chunk
     itl_s: tuple[float, ...]  # gaps between consecutive content chunks of the stream
     num_prompt_tokens: int
     num_cached_tokens: int | None
     num_completion_tokens: int
+    lag_s: float = 0.0  # sent this long after it was ready
 
     @property
     def finished_s(self) -> float:
         return self.sent_s + self.total_s
+
+    @property
+    def ready_s(self) -> float:
+        return self.sent_s - self.lag_s
 
 
 @dataclass(frozen=True)
@@ -105,16 +113,19 @@ class _Run:
             self.cond.notify_all()
 
 
-def _serve_one(run: _Run, target: Target, request: BenchRequest, options: RequestOptions, timeout_s: float) -> None:
+def _serve_one(run: _Run, target: Target, request: BenchRequest, ready_s: float, options: RequestOptions,
+               timeout_s: float) -> None:
     sent_s = run.now_s()
     try:
         answer = send(target, request, options, timeout_s)
     except ServerError as exc:
         run.finish(request.index, RequestFailure(request.index, str(exc)))
         return
-    run.finish(request.index, RequestResult(request.index, request.round, sent_s, answer.ttft_s, answer.total_s,
-                                            chunk_gaps(answer.chunk_times_s), answer.num_prompt_tokens,
-                                            answer.num_cached_tokens, answer.num_completion_tokens))
+    lag_s = max(0.0, sent_s - ready_s)
+    run.finish(request.index, RequestResult(request.index, request.round, sent_s, lag_s + answer.ttft_s,
+                                            answer.total_s, chunk_gaps(answer.chunk_times_s),
+                                            answer.num_prompt_tokens, answer.num_cached_tokens,
+                                            answer.num_completion_tokens, lag_s))
 
 
 def _next(run: _Run, waiting: list[BenchRequest]) -> BenchRequest | None:
@@ -155,7 +166,10 @@ def dispatch(target: Target, requests: tuple[BenchRequest, ...], options: Reques
                 continue
             waiting.remove(chosen)
             run.num_in_flight += 1
-            threading.Thread(target=_serve_one, args=(run, target, chosen, options, timeout_s), daemon=True).start()
+            ready_s = run.ready_s(chosen)
+            assert ready_s is not None, "_next returns only requests that are ready"
+            threading.Thread(target=_serve_one, args=(run, target, chosen, ready_s, options, timeout_s),
+                             daemon=True).start()
     wall_s = max((result.finished_s for result in run.results), default=run.now_s())
     return DispatchOutcome(tuple(run.results), tuple(run.failures), wall_s)
 

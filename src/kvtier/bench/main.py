@@ -3,8 +3,9 @@
 ``run_bench`` is the whole command once the model folder is known; the CLI resolves the model (it
 may build one) and passes the function that turns inline kvtier keys into vLLM's
 ``--kv-transfer-config`` value, so this package needs neither ``kvtier.models`` nor
-``kvtier.serve``. Outputs, in ``--out-dir``: ``STEM.json``, ``STEM.md``, ``STEM_ttft_cdf.png`` and,
-for workloads with rounds, ``STEM_ttft_per_round.png``.
+``kvtier.serve``. Outputs, in ``--out-dir``: ``STEM.json``, ``STEM.md``, ``STEM_ttft_cdf.png``,
+``STEM_tier_hits.png`` (share of prompt tokens each kvtier tier delivered to the engine) and, for
+workloads with rounds, ``STEM_ttft_per_round.png``.
 """
 
 from __future__ import annotations
@@ -22,14 +23,14 @@ from collections.abc import Callable
 from kvtier.bench.configs import MAX_MODEL_LEN_TOKENS, KvTransferJson, all_configs, engine_args, select_configs
 from kvtier.bench.cost import Prices, load_prices
 from kvtier.bench.options import BenchOptions, WorkloadParams
-from kvtier.bench.plots import plot_ttft_cdf, plot_ttft_per_round
+from kvtier.bench.plots import plot_tier_hits, plot_ttft_cdf, plot_ttft_per_round
 from kvtier.bench.report import Report, build_report, markdown, results_json
 from kvtier.bench.runner import ConfigRun, run_configs, run_external
 from kvtier.bench.scenarios import (ChatParams, DocQAParams, LowReuseParams, RagParams, chat_workload,
                                     docqa_workload, lowreuse_workload, rag_workload)
 from kvtier.bench.specs import ChatPrompt, ModelInfo, Workload, read_model_info, token_counter
 from kvtier.bench.stats import summarize_run
-from kvtier.bench.trace import TraceParams, trace_workload
+from kvtier.bench.trace import TraceParams, kvtier_chunk_tokens, trace_workload
 from kvtier.errors import ServerError
 
 Progress = Callable[[str], None]
@@ -95,6 +96,9 @@ def _write_outputs(options: BenchOptions, report: Report, runs: list[ConfigRun],
     cdf = os.path.join(out_dir, f"{stem}_ttft_cdf.png")
     if plot_ttft_cdf(summaries, f"TTFT CDF, {options.workload}", cdf, progress):
         paths.append(cdf)
+    tiers = os.path.join(out_dir, f"{stem}_tier_hits.png")
+    if plot_tier_hits(summaries, f"Hit ratio per tier, {options.workload}", tiers, progress):
+        paths.append(tiers)
     per_round = os.path.join(out_dir, f"{stem}_ttft_per_round.png")
     if report.has_rounds and plot_ttft_per_round(summaries, f"Mean TTFT per round, {options.workload}",
                                                  per_round, progress):
@@ -104,9 +108,14 @@ def _write_outputs(options: BenchOptions, report: Report, runs: list[ConfigRun],
 
 def _run(options: BenchOptions, workload: Workload, model: ModelInfo, kv_json: KvTransferJson,
          progress: Progress) -> list[ConfigRun]:
+    params = options.params
+    chunk_tokens = kvtier_chunk_tokens(params.block_tokens) if isinstance(params, TraceParams) else None
     if options.external is not None:
+        if chunk_tokens is not None:
+            progress(f"--block-tokens {chunk_tokens}: the server's kvtier needs chunk_tokens {chunk_tokens} for a "
+                     f"shared one-block prefix to hit (the bench cannot set it on a server given by --url)")
         return run_external(options.external, workload, model, options.settings, progress)
-    configs = select_configs(all_configs(options.memory_capacity, options.remote),
+    configs = select_configs(all_configs(options.memory_capacity, options.remote, chunk_tokens),
                              None if options.config_names is None else list(options.config_names))
     progress(f"configurations: {', '.join(c.name for c in configs)}; {options.settings.repeats} repeats each, "
              f"{options.settings.order}")

@@ -1,4 +1,5 @@
-"""PNG plots of a benchmark: the TTFT CDF per configuration, and mean TTFT per round.
+"""PNG plots of a benchmark: the TTFT CDF per configuration, the hit ratio per kvtier tier, and
+mean TTFT per round.
 
 matplotlib is optional (``pip install 'kvtier[demo]'``): without it no plot is written and the
 caller is told so. Plots use the non-interactive Agg backend.
@@ -10,7 +11,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from kvtier.bench.stats import ConfigSummary
+from kvtier.bench.stats import TIERS, ConfigSummary
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -50,6 +51,41 @@ def plot_ttft_cdf(summaries: list[ConfigSummary], title: str, path: str, progres
     axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right")
+    _save(plt, figure, path)
+    return True
+
+
+def tier_shares(summary: ConfigSummary) -> dict[str, float]:
+    """Median share of prompt tokens each kvtier tier delivered to the engine (tiers never read: absent)."""
+    shares = {tier: summary.median(f"loaded_share_{tier}") for tier in TIERS}
+    return {tier: share for tier, share in shares.items() if share is not None}
+
+
+def plot_tier_hits(summaries: list[ConfigSummary], title: str, path: str, progress: Progress) -> bool:
+    """Hit ratio per tier: for each configuration, the share of prompt tokens that each kvtier tier
+    delivered to the engine (stacked, medians over repeats), beside the share of prompt tokens vLLM
+    reported as cached (a marker). Returns False (writes nothing) without matplotlib or data."""
+    plt = _pyplot(progress)
+    live = [s for s in summaries if s.error is None and s.metrics]
+    if plt is None or not live or not any(tier_shares(s) for s in live):
+        return False
+    figure, axes = plt.subplots(figsize=(6.4, 4.0))
+    positions = range(len(live))
+    bottoms = [0.0] * len(live)
+    for tier, color in zip(TIERS, ("tab:blue", "tab:orange", "tab:green")):
+        heights = [tier_shares(s).get(tier, 0.0) for s in live]
+        if any(heights):
+            axes.bar(positions, heights, bottom=bottoms, color=color, label=f"kvtier {tier}")
+            bottoms = [b + h for b, h in zip(bottoms, heights)]
+    cached = [s.median("prompt_cached_fraction") for s in live]
+    axes.scatter([p for p, c in zip(positions, cached) if c is not None], [c for c in cached if c is not None],
+                 marker="_", s=400, color="black", label="cached, as vLLM reports it", zorder=3)
+    axes.set_xticks(list(positions), [s.name for s in live], rotation=15, fontsize=8)
+    axes.set_ylabel("share of prompt tokens")
+    axes.set_ylim(0, 1.02)
+    axes.set_title(title)
+    axes.grid(alpha=0.3, axis="y")
+    axes.legend(fontsize=8)
     _save(plt, figure, path)
     return True
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from kvtier.bench.configs import BASELINE
 from kvtier.bench.cost import CostView, Prices, cost_view
 from kvtier.bench.runner import ConfigRun
-from kvtier.bench.stats import TIERS, Comparison, ConfigSummary, Spread, change, compare
+from kvtier.bench.stats import TIERS, Comparison, ConfigSummary, Spread, change, compare, verdict
 from kvtier.bench.summary import format_bytes, format_ratio, format_seconds
 
 _CPU_NOTE = ("Engine compute is the CPU seconds (user + system) of the server's process tree during the "
@@ -27,9 +27,13 @@ class Report:
     context: tuple[tuple[str, str], ...]  # what ran where, for the header
     summaries: tuple[ConfigSummary, ...]
     comparisons: tuple[Comparison, ...]
-    costs: tuple[tuple[str, CostView], ...]
+    costs: tuple[tuple[str, CostView], ...]  # only where engine compute separates from the baseline
     prices: Prices
     has_rounds: bool
+    uncosted: tuple[str, ...] = ()  # measured, but engine compute within the noise of the repeats
+
+
+_SEPARATE = ("helped", "did not help")
 
 
 def build_report(title: str, context: list[tuple[str, str]], summaries: list[ConfigSummary], prices: Prices,
@@ -37,8 +41,11 @@ def build_report(title: str, context: list[tuple[str, str]], summaries: list[Con
     base = next((s for s in summaries if s.name == BASELINE and s.error is None and s.metrics), None)
     others = [s for s in summaries if s.name != BASELINE and s.metrics]
     comparisons = tuple(compare(base, other) for other in others) if base else ()
-    costs = tuple((other.name, view) for other in others if base and (view := config_cost(base, other, prices)))
-    return Report(title, tuple(context), tuple(summaries), comparisons, costs, prices, has_rounds)
+    separate = {c.name for c in comparisons if c.cpu_verdict in _SEPARATE}
+    views = [(other.name, view) for other in others if base and (view := config_cost(base, other, prices))]
+    costs = tuple((name, view) for name, view in views if name in separate)
+    uncosted = tuple(name for name, _ in views if name not in separate)
+    return Report(title, tuple(context), tuple(summaries), comparisons, costs, prices, has_rounds, uncosted)
 
 
 def config_cost(base: ConfigSummary, other: ConfigSummary, prices: Prices) -> CostView | None:
@@ -61,7 +68,9 @@ def _pct(fraction: float | None) -> str:
 
 
 _VERDICT_WORDS = {"helped": "helped", "did not help": "did NOT help (slower)",
-                  "no clear difference": "made no clear difference (ranges over repeats overlap)"}
+                  "no clear difference": "made no clear difference (ranges over repeats overlap, or one repeat)"}
+_NO_COST = ("No cost view for **{name}**: its engine compute per request is within the noise of the repeats "
+            "(ranges overlap with `vllm`'s, or one repeat), so no saving or loss per million requests is claimed.")
 
 
 def _changes(c: Comparison) -> str:
@@ -78,8 +87,8 @@ def statements(report: Report) -> list[str]:
     lines = []
     repeats = min((s.metrics["ttft_mean_s"].count for s in report.summaries if "ttft_mean_s" in s.metrics), default=0)
     if repeats < 2:
-        lines.append("Only one repeat: the spread, and so the noise, is unknown; any difference counts as a "
-                     "verdict below. Use --repeats 3 or more before drawing conclusions.")
+        lines.append("Only one repeat: the spread, and so the noise, is unknown, so no verdict and no cost is "
+                     "given below. Use --repeats 3 or more.")
     for c in report.comparisons:
         hits = format_ratio(next(s for s in report.summaries if s.name == c.name).median("hit_rate_all"))
         if c.no_reuse:
@@ -91,13 +100,11 @@ def statements(report: Report) -> list[str]:
                          f"{hits} of the chunks vLLM lacked.")
     if report.has_rounds:
         lines += round_statements(report)
-    cpu_verdicts = {c.name: c.cpu_verdict for c in report.comparisons}
     for name, view in report.costs:
         verb = "saves" if view.net_saving_per_million >= 0 else "COSTS"
-        noise = (" The engine-compute difference is within the noise of the repeats (ranges overlap): read the "
-                 "compute part as about zero.") if cpu_verdicts.get(name) == "no clear difference" else ""
         lines.append(f"At the prices below, **{name}** {verb} {abs(view.net_saving_per_million):,.2f} per million "
-                     f"requests of this traffic (engine compute priced as GPU time).{noise}")
+                     f"requests of this traffic (engine compute priced as GPU time).")
+    lines += [_NO_COST.format(name=name) for name in report.uncosted]
     return lines
 
 
@@ -117,16 +124,23 @@ def round_statements(report: Report) -> list[str]:
         first = other.ttft_by_round.get(1)
         round_1 = change(None if first_base is None else first_base.median, None if first is None else first.median)
         later = change(_later_rounds_s(base), _later_rounds_s(other))
-        lines.append(f"**{c.name}** by round: round 1 (nothing stored yet) mean TTFT {_pct(round_1)}; "
-                     f"rounds 2 and later {_pct(later)} vs `vllm`.")
+        lines.append(f"**{c.name}** by round: round 1 (nothing stored yet) mean TTFT {_pct(round_1)} "
+                     f"({verdict(first_base, first)}); rounds 2 and later {_pct(later)} "
+                     f"({_later_verdict(base, other)}) vs `vllm`.")
     return lines
+
+
+def _later_verdict(base: ConfigSummary, other: ConfigSummary) -> str:
+    """The rounds after the first: a verdict only when every one of them gets the same one."""
+    found = {verdict(base.ttft_by_round.get(r), other.ttft_by_round.get(r)) for r in other.ttft_by_round if r >= 2}
+    return found.pop() if len(found) == 1 else "no clear difference"
 
 
 def _cell(spread: Spread | None, kind: str) -> str:
     if spread is None:
         return "n/a"
     fmt = {"s": format_seconds, "bytes": format_bytes, "ratio": format_ratio,
-           "rate": lambda v: f"{v:.2f}", "cpu": lambda v: f"{v:.2f} s"}[kind]
+           "rate": lambda v: f"{v:.2f}", "count": lambda v: f"{v:,.0f}", "cpu": lambda v: f"{v:.2f} s"}[kind]
     if spread.count < 2 or math.isclose(spread.low, spread.high):
         return fmt(spread.median)
     return f"{fmt(spread.median)} ({fmt(spread.low)}-{fmt(spread.high)})"
@@ -137,7 +151,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 _MAIN_COLUMNS = (("TTFT mean", "ttft_mean_s", "s"), ("TTFT p50", "ttft_p50_s", "s"), ("TTFT p95", "ttft_p95_s", "s"),
-                 ("TTFT p99", "ttft_p99_s", "s"), ("ITL p50", "itl_p50_s", "s"), ("ITL p95", "itl_p95_s", "s"),
+                 ("TTFT p99", "ttft_p99_s", "s"), ("lag mean", "lag_mean_s", "s"), ("lag max", "lag_max_s", "s"),
+                 ("ITL p50", "itl_p50_s", "s"), ("ITL p95", "itl_p95_s", "s"),
                  ("req/s", "request_throughput_per_s", "rate"), ("out tok/s", "output_tokens_per_s", "rate"),
                  ("tok/s (in+out)", "total_tokens_per_s", "rate"), ("prompt cached", "prompt_cached_fraction", "ratio"),
                  ("engine CPU s/req", "cpu_s_per_request", "cpu"))
@@ -163,12 +178,15 @@ def tier_table(report: Report) -> list[str]:
             cells = [s.metrics.get(f"{name}_{tier}") for name in ("hit_rate", "read_bytes", "written_bytes")]
             if cells[0] is not None or any(c is not None and c.median > 0 for c in cells[1:]):
                 wire = [s.metrics.get(f"wire_{name}_{tier}") for name in ("read_bytes", "written_bytes")]
-                rows.append([s.name, tier, _cell(cells[0], "ratio"), _cell(cells[1], "bytes"),
-                             _cell(cells[2], "bytes"),
+                loaded = s.metrics.get(f"loaded_tokens_{tier}")
+                rows.append([s.name, tier, _cell(loaded, "count"),
+                             _cell(s.metrics.get(f"loaded_share_{tier}"), "ratio"), _cell(cells[0], "ratio"),
+                             _cell(cells[1], "bytes"), _cell(cells[2], "bytes"),
                              "-" if wire[0] is None else f"{_cell(wire[0], 'bytes')} / {_cell(wire[1], 'bytes')}"])
     if not rows:
         return ["No kvtier counters were read."]
-    return _table(["configuration", "tier", "hit rate", "read", "written", "as stored: read / written"], rows)
+    return _table(["configuration", "tier", "tokens that reached the engine", "share of prompt tokens",
+                   "hit rate (lookups)", "read", "written", "as stored: read / written"], rows)
 
 
 def round_table(report: Report) -> list[str]:
@@ -179,8 +197,10 @@ def round_table(report: Report) -> list[str]:
 
 
 def cost_table(report: Report) -> list[str]:
+    uncosted = [_NO_COST.format(name=name) for name in report.uncosted]
     if not report.costs:
-        return ["No cost view: engine CPU seconds were not measured for the baseline and a kvtier configuration."]
+        return uncosted or ["No cost view: engine CPU seconds were not measured for the baseline and a kvtier "
+                            "configuration."]
     rows = [[name, f"{v.compute_saved_s_per_request * 1000:+.1f} ms", format_bytes(v.stored_bytes_per_request),
              format_bytes(v.network_bytes_per_request), f"{v.compute_saving_per_million:,.2f}",
              f"{v.storage_cost_per_million:,.2f}", f"{v.transfer_cost_per_million:,.2f}",
@@ -189,7 +209,8 @@ def cost_table(report: Report) -> list[str]:
     return [f"Prices ({p.source}): {p.gpu_hour} per GPU-hour, {p.storage_gb_month} per GB-month stored "
             f"(kept {p.retention_hours:g} h), {p.transfer_gb} per GB transferred.", "",
             *_table(["configuration", "compute saved/req", "stored/req", "network/req", "compute saved /1M req",
-                     "storage /1M req", "transfer /1M req", "net saving /1M req"], rows)]
+                     "storage /1M req", "transfer /1M req", "net saving /1M req"], rows),
+            *(["", *uncosted] if uncosted else [])]
 
 
 def markdown(report: Report) -> str:
@@ -200,12 +221,17 @@ def markdown(report: Report) -> str:
     if report.has_rounds:
         lines += ["## Mean TTFT per round", "", *round_table(report), ""]
     lines += ["## Cost view (per million requests)", "", *cost_table(report), "", "## How this was measured", "",
-              f"- {_CPU_NOTE}", "- TTFT: from sending a streamed request to its first content chunk; ITL: gaps "
-              "between streamed chunks; throughput over each repeat's wall time.",
+              f"- {_CPU_NOTE}", "- TTFT: from a request's arrival (a trace's timestamp; for a later turn, the end of "
+              "the turn before, if later) to its first content chunk; lag: how long after its arrival a request "
+              "was sent (waiting for a free slot, or the bench falling behind the arrivals), mean and max per "
+              "repeat; ITL: gaps between streamed chunks; throughput over each repeat's wall time.",
               "- Every configuration: same engine settings, own server, the same warm-up; each repeat uses "
               "its own `cache_salt`, so vLLM's and kvtier's caches start cold for it.",
-              "- Hit rate of a tier: hits / (hits + misses) of the chunks that reached it; `all`: share of "
-              "the chunks vLLM's own cache lacked that kvtier served."]
+              "- Tokens that reached the engine: what each tier delivered into vLLM's blocks, counted once "
+              "every rank settled the load (a load that failed or was cut short counts only its loaded prefix); "
+              "share of prompt tokens: those over all prompt tokens of the repeat.",
+              "- Hit rate of a tier: hits / (hits + misses) of the chunks looked up in it (planned loads, before "
+              "they reach the engine); `all`: share of the chunks vLLM's own cache lacked that kvtier planned."]
     failures = [s for s in report.summaries if s.error is not None]
     if failures:
         lines += ["", "## Failures", "", *(f"- **{s.name}**: {s.error}" for s in failures)]
@@ -237,4 +263,5 @@ def results_json(report: Report, runs: list[ConfigRun], extra: dict[str, object]
     return {**extra, "statements": statements(report), "prices": report.prices.as_dict(),
             "comparisons": {c.name: asdict(c) for c in report.comparisons},
             "cost_per_million_requests": {name: view.as_dict() for name, view in report.costs},
+            "cost_withheld_within_noise": list(report.uncosted),
             "configurations": configurations}

@@ -1,11 +1,15 @@
 """Numbers of a benchmark: per repeat, then the median over repeats with the spread (min-max).
 
-Per repeat (``repeat_metrics``), every value is a float or None (not measured): TTFT and
-inter-token latency (ITL, the gaps between streamed chunks) mean/p50/p95/p99, request and token
+Per repeat (``repeat_metrics``), every value is a float or None (not measured): TTFT (from each
+request's arrival, see ``dispatch``), the lag behind the arrivals (mean and max of how late each
+request was sent), inter-token latency (ITL, the gaps between streamed chunks) mean/p50/p95/p99, request and token
 throughput over the repeat's wall time, the share of prompt tokens the server reported as cached,
 the engine's CPU seconds, and per kvtier tier the hit rate (hits / (hits + misses) of the chunks
-that reached that tier) and bytes read and written. ``compare`` sets a configuration against the
-baseline and says, in words, whether it helped; overlapping ranges are called no clear difference.
+looked up in that tier), bytes read and written, and the tokens it delivered that reached the
+engine (``kvtier_loaded_tier_tokens``: a load that failed or was cut short counts only its loaded
+prefix), also as a share of all prompt tokens. ``compare`` sets a configuration against the
+baseline and says, in words, whether it helped; overlapping ranges, or a single repeat (no range),
+are called no clear difference.
 """
 
 from __future__ import annotations
@@ -85,6 +89,8 @@ def request_metrics(measure: RepeatMeasure) -> Metrics:
     metrics: Metrics = {"num_requests": float(len(results)), "num_failed": float(len(measure.outcome.failures))}
     metrics |= _distribution("ttft", [r.ttft_s for r in results])
     metrics |= _distribution("itl", [gap for r in results for gap in r.itl_s])
+    lags = [r.lag_s for r in results]
+    metrics |= {"lag_mean_s": sum(lags) / len(lags) if lags else None, "lag_max_s": max(lags, default=None)}
     metrics |= {"request_throughput_per_s": _ratio(len(results), wall_s),
                 "output_tokens_per_s": _ratio(num_out, wall_s),
                 "total_tokens_per_s": _ratio(num_out + num_prompt, wall_s),
@@ -104,6 +110,7 @@ def tier_metrics(table: MetricTable | None) -> Metrics:
         metrics[f"hit_rate_{tier}"] = hit_rate(table, tier)
         metrics[f"read_bytes_{tier}"] = value(table, "kvtier_read_bytes_total", tier)
         metrics[f"written_bytes_{tier}"] = value(table, "kvtier_written_bytes_total", tier)
+        metrics[f"loaded_tokens_{tier}"] = value(table, "kvtier_loaded_tier_tokens_total", tier)
     metrics["wire_read_bytes_remote"] = value(table, "kvtier_wire_read_bytes_total", "remote")
     metrics["wire_written_bytes_remote"] = value(table, "kvtier_wire_written_bytes_total", "remote")
     lookups = value(table, "kvtier_lookup_chunks_total", "-")
@@ -114,7 +121,14 @@ def tier_metrics(table: MetricTable | None) -> Metrics:
 
 
 def repeat_metrics(measure: RepeatMeasure) -> Metrics:
-    return request_metrics(measure) | tier_metrics(measure.metrics)
+    """``request_metrics`` and ``tier_metrics``, and per tier the share of all prompt tokens that
+    tier delivered to the engine (``loaded_share_*``, from the tokens that reached the engine)."""
+    metrics = request_metrics(measure) | tier_metrics(measure.metrics)
+    num_prompt = sum(r.num_prompt_tokens for r in measure.outcome.results)
+    for tier in TIERS:
+        loaded = metrics.get(f"loaded_tokens_{tier}")
+        metrics[f"loaded_share_{tier}"] = None if loaded is None or not num_prompt else loaded / num_prompt
+    return metrics
 
 
 def spread(values: list[float | None]) -> Spread | None:
@@ -154,9 +168,12 @@ def change(base: float | None, other: float | None) -> float | None:
 def verdict(base: Spread | None, other: Spread | None) -> str:
     """On a lower-is-better measure: "helped" when the ranges over repeats do not overlap and the
     configuration is lower, "did not help" when they do not overlap and it is higher, else
-    "no clear difference". With one repeat the ranges are points, so any difference counts."""
+    "no clear difference". A side measured by fewer than two repeats has no known range (its noise
+    is unknown), so it never gets a verdict: "no clear difference"."""
     if base is None or other is None:
         return "not measured"
+    if base.count < 2 or other.count < 2:
+        return "no clear difference"
     if other.high < base.low:
         return "helped"
     if other.low > base.high:

@@ -7,7 +7,10 @@ own tokens, a pure function of the id (``block_token_ids``), so prompts share ex
 the trace says they share, on every machine and in every run.
 
 ``block_tokens`` may scale the trace down (e.g. 128 tokens per hash id on a CPU): input lengths
-scale by the same factor and the block structure is kept. Prompts longer than the bench's context
+scale by the same factor and the block structure is kept. Below kvtier's chunk (256 tokens) a
+shared one-block prefix would be shorter than a chunk and never served by kvtier, so kvtier's
+servers then run with ``chunk_tokens`` equal to ``block_tokens`` (``kvtier_chunk_tokens``; a size
+that is not a multiple of the engine's block is refused). Prompts longer than the bench's context
 are refused unless ``max_input_tokens`` is given, which drops trailing blocks of longer prompts
 (the share of the trace's input tokens kept is a workload parameter, in the report); output lengths are capped by ``max_tokens``; arrivals are the
 timestamps, relative to the first, divided by ``speed``.
@@ -20,6 +23,7 @@ import math
 import random
 from dataclasses import dataclass
 
+from kvtier.bench.configs import BLOCK_TOKENS, KVTIER_CHUNK_TOKENS
 from kvtier.bench.specs import BenchRequest, TokenPrompt, Workload, parameter_items, random_token_ids
 from kvtier.errors import ConfigError
 
@@ -101,6 +105,23 @@ def prompt_token_ids(record: TraceRecord, block_tokens: int, max_input_tokens: i
     return tuple(tokens)
 
 
+def kvtier_chunk_tokens(block_tokens: int) -> int | None:
+    """The ``chunk_tokens`` kvtier's servers run with for a trace of ``block_tokens`` per hash id:
+    None (kvtier's default, 256) when a hash id's block holds a whole chunk; ``block_tokens`` when it
+    is smaller but a multiple of the engine's block (128), so a shared one-block prefix (a system
+    prompt) is a whole chunk kvtier can serve. Raises ConfigError otherwise: kvtier could never serve
+    a block the trace shares on its own."""
+    if block_tokens >= KVTIER_CHUNK_TOKENS:
+        return None
+    if block_tokens % BLOCK_TOKENS == 0:
+        return block_tokens
+    raise ConfigError("--block-tokens", f"{block_tokens} tokens per hash id is below kvtier's chunk of "
+                                        f"{KVTIER_CHUNK_TOKENS} tokens and not a multiple of the engine's "
+                                        f"{BLOCK_TOKENS}-token block, so kvtier could never serve a block the "
+                                        f"trace shares; pass --block-tokens {BLOCK_TOKENS} (kvtier then runs with "
+                                        f"chunk_tokens {BLOCK_TOKENS}) or {KVTIER_CHUNK_TOKENS} or more")
+
+
 def trace_workload(params: TraceParams, id_range: tuple[int, int], max_prompt_tokens: int) -> Workload:
     """Replay ``params.path`` (see the module docstring). Raises ConfigError for a bad trace or flags."""
     if params.speed <= 0:
@@ -108,6 +129,7 @@ def trace_workload(params: TraceParams, id_range: tuple[int, int], max_prompt_to
     limit = min(params.max_input_tokens or max_prompt_tokens, max_prompt_tokens)
     if limit < 1 or params.block_tokens < 1:
         raise ConfigError("--max-input-tokens", "must leave room for at least one token")
+    chunk_tokens = kvtier_chunk_tokens(params.block_tokens)
     records = read_trace(params.path, params.max_requests)
     start_ms = min(record.timestamp_ms for record in records)
     prompts = [prompt_token_ids(record, params.block_tokens, limit, id_range) for record in records]
@@ -126,7 +148,8 @@ def trace_workload(params: TraceParams, id_range: tuple[int, int], max_prompt_to
         for index, (record, prompt) in enumerate(zip(records, prompts)))
     parameters = {"path": params.path, "speed": params.speed, "block_tokens": params.block_tokens,
                   "max_input_tokens": limit, "max_tokens": params.max_tokens, "num_requests": len(records),
-                  "input_tokens_kept": f"{kept_share * 100:.1f}%"}
+                  "input_tokens_kept": f"{kept_share * 100:.1f}%",
+                  "kvtier_chunk_tokens": chunk_tokens or KVTIER_CHUNK_TOKENS}
     return Workload("trace", requests, parameter_items(parameters), has_rounds=False)
 
 

@@ -139,6 +139,13 @@ class WorkerSide:
         self.report.load_seconds.append(time.perf_counter() - started)
         return num_blocks * self.setup.layout.block_size
 
+    def _tiers_of(self, load: AsyncLoad) -> tuple[tuple[str, int], ...]:
+        """(tier, tokens) of each chunk of ``load``: disk or remote when a read fills its slot, else memory."""
+        disk = {op.slot for op in load.disk}
+        remote = {op.slot for op in load.remote}
+        return tuple(("disk" if op.slot in disk else "remote" if op.slot in remote else "memory",
+                      len(op.block_ids) * self.setup.layout.block_size) for op in load.loads)
+
     def finished_loads(self) -> set[str]:
         """Requests whose asynchronous loads settled since the last call: what was verified is
         now in their blocks; the blocks of the first chunk that was not, and of every chunk
@@ -162,6 +169,7 @@ class WorkerSide:
             errors = {block for op in load.loads[good:] for block in op.block_ids}
             planned_tokens = loaded_tokens + len(errors) * self.setup.layout.block_size
             self.report.settled_loads.append((load.req_id, planned_tokens, loaded_tokens))
+            self.report.settled_tiers.append((load.req_id, self._tiers_of(load)))
             if settled.timed_out:
                 logger.warning("kvtier: the load of request %s passed its deadline (%.1f s); the engine "
                                "recomputes %d of its chunks", load.req_id, load.deadline_s, len(load.loads) - good)
