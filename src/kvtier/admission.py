@@ -24,6 +24,7 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 
 POLICIES = ("adaptive", "always", "second_sight")
+LEARNING_CHUNKS = 64  # chunks looked up before reuse is judged (fewer if the window is shorter)
 
 
 class Admission:
@@ -52,7 +53,7 @@ class Admission:
     def learning(self) -> bool:
         """True until a quarter of the window has been observed: too little to judge reuse."""
         maxlen = self._window.maxlen or 1
-        return len(self._window) < max(1, maxlen // 4)
+        return len(self._window) < max(1, min(maxlen // 4, LEARNING_CHUNKS))
 
     def observe(self, keys: Sequence[bytes]) -> None:
         """One request's chunk keys, once per request (its prompt's full chunks, in order)."""

@@ -136,8 +136,8 @@ class AdmissionConfig:
     else only chunks seen in an earlier request; ``always``; ``second_sight``."""
 
     policy: str = "adaptive"
-    min_reuse_percent: int = 10
-    window: int = 256
+    min_reuse_percent: int = 5
+    window: int = 4096
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,7 @@ def replay_and_compare(model_dir: str, trace: Path, out_dir: Path) -> float:
     kv_bytes = read_model_info(model_dir).kv_bytes_per_token
     workload = read_workload(str(trace), BLOCK, CHUNK_TOKENS, BLOCK_TOKENS, None)
     engine = engine_hits(workload.requests, ENGINE_TOKENS, BLOCK_TOKENS, workload.segment_tokens)
-    settings = KvtierSettings(CHUNK_TOKENS, BLOCK_TOKENS, kv_bytes, "s3fifo", "write_through")
+    settings = KvtierSettings(CHUNK_TOKENS, BLOCK_TOKENS, kv_bytes, "s3fifo", "write_through", "always")  # as the engines
     memory_tokens = MEMORY_BYTES // (CHUNK_TOKENS * kv_bytes) * CHUNK_TOKENS
     predicted = replay(workload, engine, settings, TierSizes(memory_tokens, None))
 

@@ -72,8 +72,9 @@ def traces(draw: st.DrawFn) -> list[tuple[list[int], int]]:
     return records
 
 
-def kvtier_settings(chunk: int, policy: str = "s3fifo") -> KvtierSettings:
-    return KvtierSettings(chunk, ENGINE_BLOCK, 1000, policy, "write_through")
+def kvtier_settings(chunk: int, policy: str = "s3fifo", admission: str = "always") -> KvtierSettings:
+    """Every chunk stored at first sight, as the straightforward replays below assume."""
+    return KvtierSettings(chunk, ENGINE_BLOCK, 1000, policy, "write_through", admission)
 
 
 def infinite_hits(path: Path, chunk: int, engine_tokens: int) -> tuple[list[int], list[int]]:
@@ -93,6 +94,23 @@ def test_unlimited_kvtier_equals_a_straightforward_replay(tmp_path_factory: pyte
     engine, hits = infinite_hits(path, chunk, engine_tokens=0)
     assert engine == [0] * len(records)
     assert hits == straightforward_hits(records, BLOCK, chunk, ENGINE_BLOCK)
+
+
+def test_the_admission_rule_is_replayed_as_kvtier_applies_it(tmp_path: Path) -> None:
+    # 40 one-off prompts of 4 blocks, then the last one again: kvtier's adaptive rule has measured no
+    # reuse, so it stored the last prompt only at its second sight and the repeat recomputes it
+    records = [([1000 + 10 * i + j for j in range(4)], 4 * BLOCK) for i in range(40)]
+    records.append(records[-1])
+    path = tmp_path / "t.jsonl"
+    write_trace(path, records, BLOCK)
+    workload = read_workload(str(path), BLOCK, 32, ENGINE_BLOCK, None)
+    engine = engine_hits(workload.requests, 0, ENGINE_BLOCK, workload.segment_tokens)
+    unlimited = TierSizes((num_distinct_chunks(workload) + 1) * 32, None)
+    always = replay(workload, engine, kvtier_settings(32, admission="always"), unlimited)
+    adaptive = replay(workload, engine, kvtier_settings(32, admission="adaptive"), unlimited)
+    assert always.outcomes[-1].hit_tokens > 0
+    assert adaptive.outcomes[-1].hit_tokens == 0
+    assert adaptive.written_bytes["memory"] < always.written_bytes["memory"]
 
 
 def test_the_last_token_is_always_computed(tmp_path: Path) -> None:

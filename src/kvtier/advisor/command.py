@@ -80,6 +80,9 @@ def add_advise_parser(commands: argparse._SubParsersAction[argparse.ArgumentPars
                    help=f"kvtier's chunk_tokens (default: {DEFAULT_CHUNK_TOKENS})")
     p.add_argument("--policy", choices=("s3fifo", "lru"), default="s3fifo", help="memory.policy (default: s3fifo)")
     p.add_argument("--disk-write-policy", choices=("write_through", "spill"), default="write_through")
+    p.add_argument("--admission", choices=("adaptive", "always", "second_sight"), default="adaptive",
+                   help="admission.policy: which computed chunks kvtier stores (default: adaptive, kvtier's "
+                   "default; always: every chunk at first sight)")
     p.add_argument("--gpu-hour", type=float, help="price of an engine-hour (default: bench's example price)")
     p.add_argument("--max-requests", type=positive_int, help="only the first N requests")
     p.add_argument("--max-output-tokens", type=positive_int, help="cap output lengths (as `kvtier bench "
@@ -114,7 +117,7 @@ def run_advise(args: argparse.Namespace) -> dict[str, object]:
         workload = replace(workload, requests=tuple(
             replace(r, num_output_tokens=min(r.num_output_tokens, args.max_output_tokens)) for r in workload.requests))
     hits = engine_hits(workload.requests, engine_tokens, block, workload.segment_tokens)
-    settings = KvtierSettings(args.chunk_tokens, block, kv_bytes, args.policy, args.disk_write_policy)
+    settings = KvtierSettings(args.chunk_tokens, block, kv_bytes, args.policy, args.disk_write_policy, args.admission)
     num_chunks = num_distinct_chunks(workload)
     capacities = args.capacity_tokens or default_capacities(num_chunks, args.chunk_tokens)
     memory_tokens = args.memory_tokens or (2 << 30) // kv_bytes

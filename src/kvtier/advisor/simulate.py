@@ -82,15 +82,17 @@ class KvtierSettings:
     kv_bytes_per_token: int
     memory_policy: str  # "s3fifo" or "lru"
     disk_write_policy: str  # "write_through" or "spill"
+    admission: str = "adaptive"  # admission.policy: "adaptive", "always" or "second_sight"
 
 
 def _manager(settings: KvtierSettings, sizes: TierSizes, metrics: Metrics) -> KVManager:
     try:
         config = load_config({"memory.policy": settings.memory_policy,
                               "disk.write_policy": settings.disk_write_policy,
+                              "admission.policy": settings.admission,
                               "chunk_tokens": settings.chunk_tokens}, {}).config
     except ConfigError as exc:
-        raise ConfigError("--policy/--disk-write-policy", str(exc)) from None
+        raise ConfigError("--policy/--disk-write-policy/--admission", str(exc)) from None
     num_slots = max(1, sizes.memory_tokens // settings.chunk_tokens)
     disk_entries = None if sizes.disk_tokens is None else max(1, sizes.disk_tokens // settings.chunk_tokens)
     chunk_bytes = settings.chunk_tokens * settings.kv_bytes_per_token
