@@ -1,7 +1,7 @@
 """Peer-to-peer start-up: the peer tier a process fetches through, and the peer server a worker runs.
 
 Both sides read the shared secret themselves (``p2p.key_file`` / ``p2p.key_env``, through
-``configparts.sources.load_secret``); it never crosses a process boundary. The server runs in the
+``signing.load_peer_secret``, i.e. ``configparts.sources.load_secret``); it never crosses a process boundary. The server runs in the
 worker of rank 0 (every rank's entry files are in the same disk directory), serving the disk tier;
 with ``p2p.registry`` it also keeps its address registered there (``tiers/peer_registry``).
 """
@@ -11,11 +11,10 @@ from __future__ import annotations
 import logging
 import os
 
-from kvtier.configparts.sources import load_secret
 from kvtier.configparts.values import check_address
 from kvtier.crypto import Sealer
 from kvtier.integrations.vllm.setup import EngineSetup
-from kvtier.signing import parse_signing_key
+from kvtier.signing import load_peer_secret
 from kvtier.tiers.disk import DiskFiles
 from kvtier.tiers.peer_tier import PeerDirectory, PeerTier, RegistryPeers, StaticPeers
 
@@ -26,9 +25,9 @@ def load_peer_secret(setup: EngineSetup) -> bytes:
     """The shared secret (at least 32 bytes, spelled like a signing key: hex or base64);
     ``ConfigError`` naming ``p2p.key_file`` / ``p2p.key_env`` when it cannot be read."""
     config = setup.config.p2p
-    key = load_secret("p2p", config.key_file, config.key_env, os.environ, parse_signing_key)
-    assert key is not None, "P2PConfig requires a key source when p2p is on"
-    return key.secret
+    secret = load_peer_secret(config.key_file, config.key_env, os.environ)
+    assert secret is not None, "P2PConfig requires a key source when p2p is on"
+    return secret
 
 
 def open_peer_tier(setup: EngineSetup, sealer: Sealer | None) -> PeerTier:
