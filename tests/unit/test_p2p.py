@@ -153,8 +153,10 @@ class ScriptedPeer:
     """A server that passes the handshake (it knows the secret), reads one request, then sends
     ``answer(request)`` and closes: for garbage, short and dying answers."""
 
-    def __init__(self, answer: Callable[[peer_wire.Request], bytes], secret: bytes = SECRET) -> None:
+    def __init__(self, answer: Callable[[peer_wire.Request], bytes], secret: bytes = SECRET,
+                 then: Callable[[socket.socket], None] | None = None) -> None:
         self._answer = answer
+        self._then = then
         self._secret = secret
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
@@ -172,6 +174,8 @@ class ScriptedPeer:
                     request = peer_wire.read_request(conn)
                     assert request is not None
                     conn.sendall(self._answer(request))
+                    if self._then is not None:
+                        self._then(conn)
                 except OSError:
                     pass
 
@@ -213,6 +217,28 @@ def test_garbage_fetch_answers_are_misses_never_ok(files: DiskFiles) -> None:
         results, _ = _fetch(tier, [_key(0)])
         assert results == [ReadResult.MISSING], what
         assert tier.num_errors == 1, what
+        tier.close()
+        peer.close()
+
+
+def test_a_stalled_or_trickling_peer_is_given_up_at_the_deadline(files: DiskFiles) -> None:
+    """One deadline for the whole call: a peer that never answers, or sends a byte every 0.2 s,
+    costs a miss after about ``timeout_s``, not a timeout per receive."""
+    good = _value_of(files, 0)
+
+    def trickle(conn: socket.socket) -> None:
+        conn.sendall(struct.pack("<Q", len(good)))
+        for byte in good:
+            conn.sendall(bytes([byte]))
+            time.sleep(0.2)
+
+    for what, behaviour in (("stalled", lambda conn: time.sleep(3)), ("trickling", trickle)):
+        peer = ScriptedPeer(lambda req: b"", then=behaviour)
+        tier = _tier(peer.port, timeout_s=0.5)
+        started = time.monotonic()
+        results, _ = _fetch(tier, [_key(0)])
+        assert results == [ReadResult.MISSING], what
+        assert time.monotonic() - started < 1.0, what
         tier.close()
         peer.close()
 

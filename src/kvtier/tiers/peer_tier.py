@@ -23,12 +23,12 @@ import abc
 import logging
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from kvtier.compression import KVCodec
 from kvtier.crypto import Sealer
 from kvtier.entry import HEADER_BYTES
-from kvtier.tiers.peer_wire import ProtocolError, client_handshake, discard_exact, encode_fetch, encode_lookup, \
+from kvtier.tiers.peer_wire import Stream, client_handshake, discard_exact, encode_fetch, encode_lookup, \
     read_ages, read_value_length, recv_into_exact
 from kvtier.tiers.remote import FIRST_BACKOFF_S, MAX_BACKOFF_S, CallDeadline, Fetched, RemoteTier
 
@@ -76,8 +76,7 @@ class TcpTransport(PeerTransport):
             sock.sendall(encode_fetch([name for name, _ in items], most))
             return [self._read_value(sock, out, most_bytes) for (_, out), most_bytes in zip(items, most)]
 
-    def _read_value(self, sock: socket.socket, out: memoryview, most_bytes: int) -> Fetched | None:
-        self._arm(sock)
+    def _read_value(self, sock: Stream, out: memoryview, most_bytes: int) -> Fetched | None:
         length = read_value_length(sock, most_bytes)
         if length is None:
             return None
@@ -92,26 +91,23 @@ class TcpTransport(PeerTransport):
         if sock is None:
             sock = self._connect(address)
             self._connections[address] = sock
-        self._arm(sock)
-        return _Exchange(self, address, sock)
+        return _Exchange(self, address, _DeadlineStream(sock, self._budget))
 
     def _connect(self, address: str) -> socket.socket:
         host, _, port = address.rpartition(":")
         sock = socket.create_connection((host, int(port)), timeout=self._budget())
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            client_handshake(sock, self._secret)
+            client_handshake(_DeadlineStream(sock, self._budget), self._secret)
         except OSError:
             sock.close()
             raise
         return sock
 
     def _budget(self) -> float:
-        remaining = self._deadline.check()
-        return min(remaining, self._timeout_s)
-
-    def _arm(self, sock: socket.socket) -> None:
-        sock.settimeout(self._budget())
+        """Seconds the next blocking operation may take: what is left of the call's deadline;
+        ``TimeoutError`` once it has passed."""
+        return min(self._deadline.check(), self._timeout_s)
 
     def drop(self, address: str) -> None:
         sock = self._connections.pop(address, None)
@@ -123,15 +119,36 @@ class TcpTransport(PeerTransport):
             self.drop(address)
 
 
+class _DeadlineStream:
+    """A socket whose every send and receive gets only what is left of the call's deadline, so a
+    peer trickling bytes is given up at the deadline, not after a timeout per receive."""
+
+    def __init__(self, sock: socket.socket, budget: Callable[[], float]) -> None:
+        self._sock = sock
+        self._budget = budget
+
+    def recv(self, size: int) -> bytes:
+        self._sock.settimeout(self._budget())
+        return self._sock.recv(size)
+
+    def recv_into(self, buffer: memoryview) -> int:
+        self._sock.settimeout(self._budget())
+        return self._sock.recv_into(buffer)
+
+    def sendall(self, data: bytes) -> None:
+        self._sock.settimeout(self._budget())
+        self._sock.sendall(data)
+
+
 class _Exchange:
     """One request on a connection: an exception inside drops the connection (its stream is in an
     unknown state), so the next request reconnects."""
 
-    def __init__(self, transport: TcpTransport, address: str, sock: socket.socket) -> None:
-        self._transport, self._address, self._sock = transport, address, sock
+    def __init__(self, transport: TcpTransport, address: str, stream: _DeadlineStream) -> None:
+        self._transport, self._address, self._stream = transport, address, stream
 
-    def __enter__(self) -> socket.socket:
-        return self._sock
+    def __enter__(self) -> _DeadlineStream:
+        return self._stream
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         if kind is not None:

@@ -25,10 +25,10 @@ from __future__ import annotations
 import hmac
 import os
 import re
-import socket
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from kvtier.configparts.values import is_namespace
 
@@ -74,14 +74,24 @@ def parse_name(name: str) -> EntryName:
 
 # ---------------------------------------------------------------------------- socket helpers
 
-def recv_exact(sock: socket.socket, num_bytes: int) -> bytes:
+class Stream(Protocol):
+    """What the protocol needs of a connection: a socket, or a wrapper bounding each call."""
+
+    def recv(self, size: int) -> bytes: ...
+
+    def recv_into(self, buffer: memoryview) -> int: ...
+
+    def sendall(self, data: bytes) -> None: ...
+
+
+def recv_exact(sock: Stream, num_bytes: int) -> bytes:
     """Exactly ``num_bytes`` bytes; ``ProtocolError`` if the connection ends first."""
     buffer = bytearray(num_bytes)
     recv_into_exact(sock, memoryview(buffer))
     return bytes(buffer)
 
 
-def recv_into_exact(sock: socket.socket, out: memoryview) -> None:
+def recv_into_exact(sock: Stream, out: memoryview) -> None:
     """Fill ``out``; ``ProtocolError`` if the connection ends first."""
     view = memoryview(out).cast("B")
     while view.nbytes:
@@ -91,7 +101,7 @@ def recv_into_exact(sock: socket.socket, out: memoryview) -> None:
         view = view[received:]
 
 
-def discard_exact(sock: socket.socket, num_bytes: int) -> None:
+def discard_exact(sock: Stream, num_bytes: int) -> None:
     """Read and drop ``num_bytes`` bytes."""
     scratch = memoryview(bytearray(min(num_bytes, 1 << 16)))
     while num_bytes:
@@ -106,7 +116,7 @@ def _mac(secret: bytes, label: bytes, first: bytes, second: bytes) -> bytes:
     return hmac.new(secret, label + first + second, "sha256").digest()
 
 
-def client_handshake(sock: socket.socket, secret: bytes) -> None:
+def client_handshake(sock: Stream, secret: bytes) -> None:
     """Authenticate to a server and authenticate it; ``AuthError`` / ``ProtocolError`` if it fails."""
     hello = recv_exact(sock, len(MAGIC) + NONCE_BYTES)
     if hello[:len(MAGIC)] != MAGIC:
@@ -122,7 +132,7 @@ def client_handshake(sock: socket.socket, secret: bytes) -> None:
         raise AuthError("the peer could not prove it holds the p2p secret")
 
 
-def server_handshake(sock: socket.socket, secret: bytes) -> None:
+def server_handshake(sock: Stream, secret: bytes) -> None:
     """Authenticate a client and prove the secret to it; ``AuthError`` when the client fails."""
     server_nonce = os.urandom(NONCE_BYTES)
     sock.sendall(MAGIC + server_nonce)
@@ -169,7 +179,7 @@ class Request:
     most_bytes: tuple[int, ...]
 
 
-def read_request(sock: socket.socket) -> Request | None:
+def read_request(sock: Stream) -> Request | None:
     """The next request on ``sock``; None when the client closed the connection between requests.
     ``ProtocolError`` for anything malformed (the server then drops the connection)."""
     first = sock.recv(1)
@@ -204,7 +214,7 @@ def encode_ages(ages: Sequence[float]) -> bytes:
     return struct.pack(f"<I{len(ages)}d", len(ages), *ages)
 
 
-def read_ages(sock: socket.socket, num_names: int) -> list[float]:
+def read_ages(sock: Stream, num_names: int) -> list[float]:
     """A LOOKUP answer for ``num_names`` names; ``ProtocolError`` when it is not one."""
     (count,) = struct.unpack("<I", recv_exact(sock, 4))
     if count > num_names:
@@ -220,7 +230,7 @@ def value_head(length: int | None) -> bytes:
     return struct.pack("<Q", ABSENT if length is None else length)
 
 
-def read_value_length(sock: socket.socket, most_bytes: int) -> int | None:
+def read_value_length(sock: Stream, most_bytes: int) -> int | None:
     """The length of the next FETCH value (None: absent); ``ProtocolError`` past ``most_bytes``."""
     (length,) = struct.unpack("<Q", recv_exact(sock, 8))
     if length == ABSENT:
