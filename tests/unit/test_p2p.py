@@ -382,3 +382,19 @@ def _wait_for(condition: Callable[[], bool], timeout_s: float = 2.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.01)
+
+
+def test_nothing_is_uploaded_to_peers() -> None:
+    """The peer tier stores nothing: a store plans a memory slot and no upload (with Redis it would
+    plan one), so no slot is copied aside for an uploader that has nowhere to put it."""
+    from tests.unit.test_handoff import side
+    from tests.dict_tier import DictTier
+
+    peers = _tier()
+    with_peers = side(peers)  # type: ignore[arg-type]
+    planned = with_peers.manager.plan_store(_key(1), "default")
+    assert planned is not None and planned[1] is None
+    with_redis_like = side(DictTier())
+    planned = with_redis_like.manager.plan_store(_key(1), "default")
+    assert planned is not None and planned[1] is not None
+    peers.close()
