@@ -398,3 +398,43 @@ def test_nothing_is_uploaded_to_peers() -> None:
     planned = with_redis_like.manager.plan_store(_key(1), "default")
     assert planned is not None and planned[1] is not None
     peers.close()
+
+
+def test_start_up_serves_and_fetches_through_the_configured_peers(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """integrations/vllm/peers.py as the connector uses it: the worker's peer server on
+    ``p2p.listen`` and another instance's peer tier on ``p2p.peers``, the secret from
+    ``p2p.key_env``; a wrong secret on the fetching side reads nothing."""
+    from kvtier.integrations.vllm.peers import open_peer_tier, serve_peers
+    from kvtier.integrations.vllm.setup import EngineSetup
+    from kvtier.keys import Namespace
+    from kvtier.layout import KVLayout
+
+    port = socket.create_server(("127.0.0.1", 0))
+    address = f"127.0.0.1:{port.getsockname()[1]}"
+    port.close()
+    layout = KVLayout("cpu_lbhnc", 2, 1, 8, 16, "bfloat16")
+
+    def setup(config: dict) -> EngineSetup:
+        loaded = load_config({"chunk_tokens": 16, "p2p.key_env": "PEER_SECRET", **config}, os.environ).config
+        return EngineSetup(loaded, layout, Namespace("default", "m", layout.fingerprint(), 1), ("l0", "l1"), 1,
+                           layout.chunk_bytes(16), 16, loaded.disk.path, 0)
+
+    monkeypatch.setenv("PEER_SECRET", "ab" * 32)
+    server_setup = setup({"p2p.listen": address, "disk.path": str(tmp_path / "disk")})
+    files = DiskFiles(str(tmp_path / "disk"), layout.fingerprint())
+    files.write(_key(1), 0, bytes(layout.chunk_bytes(16)), namespace="default")
+    assert serve_peers(server_setup, 1, files) is None  # rank 0 serves, the others do not
+    service = serve_peers(server_setup, 0, files)
+    assert service is not None
+    try:
+        tier = open_peer_tier(setup({"p2p.peers": address}), None)
+        out = bytearray(layout.chunk_bytes(16))
+        assert tier.get_into(_key(1), 0, memoryview(out), layout.fingerprint(), namespace="default") is ReadResult.OK
+        tier.close()
+        monkeypatch.setenv("PEER_SECRET", "cd" * 32)
+        wrong = open_peer_tier(setup({"p2p.peers": address}), None)
+        assert wrong.exists_prefix([_key(1)], 0, namespace="default") == 0
+        wrong.close()
+    finally:
+        service.close()

@@ -1,7 +1,8 @@
 """Peer-to-peer start-up: the peer tier a process fetches through, and the peer server a worker runs.
 
 Both sides read the shared secret themselves (``p2p.key_file`` / ``p2p.key_env``, through
-``signing.load_peer_secret``, i.e. ``configparts.sources.load_secret``); it never crosses a process boundary. The server runs in the
+``signing.load_peer_secret``, i.e. ``configparts.sources.load_secret``); it never crosses a
+process boundary. The server runs in the
 worker of rank 0 (every rank's entry files are in the same disk directory), serving the disk tier;
 with ``p2p.registry`` it also keeps its address registered there (``tiers/peer_registry``).
 """
@@ -21,7 +22,7 @@ from kvtier.tiers.peer_tier import PeerDirectory, PeerTier, RegistryPeers, Stati
 logger = logging.getLogger("kvtier")
 
 
-def load_peer_secret(setup: EngineSetup) -> bytes:
+def peer_secret(setup: EngineSetup) -> bytes:
     """The shared secret (at least 32 bytes, spelled like a signing key: hex or base64);
     ``ConfigError`` naming ``p2p.key_file`` / ``p2p.key_env`` when it cannot be read."""
     config = setup.config.p2p
@@ -39,7 +40,7 @@ def open_peer_tier(setup: EngineSetup, sealer: Sealer | None) -> PeerTier:
         directory = RegistryPeers(config.registry, config.peer_list, config.own_address, timeout_s)
     else:
         directory = StaticPeers(config.peer_list, config.own_address)
-    return PeerTier(directory, load_peer_secret(setup), timeout_s, sealer)
+    return PeerTier(directory, peer_secret(setup), timeout_s, sealer)
 
 
 class PeerService:
@@ -51,7 +52,7 @@ class PeerService:
         config = setup.config.p2p
         assert config.listen is not None
         host, port = check_address(config.listen)
-        self.server = PeerServer(host, port, load_peer_secret(setup), DiskSource(files))
+        self.server = PeerServer(host, port, peer_secret(setup), DiskSource(files))
         self.heartbeat = None
         if config.registry is not None:
             from kvtier.tiers.peer_registry import Heartbeat, PeerRegistry
