@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from kvtier.compression import KVCodec
 from kvtier.crypto import Sealer
 from kvtier.entry import HEADER_BYTES
-from kvtier.tiers.peer_wire import Stream, client_handshake, discard_exact, encode_fetch, encode_lookup, \
+from kvtier.tiers.peer_wire import Stream, client_handshake, encode_fetch, encode_lookup, \
     read_ages, read_value_length, recv_into_exact
 from kvtier.tiers.remote import FIRST_BACKOFF_S, MAX_BACKOFF_S, CallDeadline, Fetched, RemoteTier
 

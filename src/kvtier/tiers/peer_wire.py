@@ -101,15 +101,6 @@ def recv_into_exact(sock: Stream, out: memoryview) -> None:
         view = view[received:]
 
 
-def discard_exact(sock: Stream, num_bytes: int) -> None:
-    """Read and drop ``num_bytes`` bytes."""
-    scratch = memoryview(bytearray(min(num_bytes, 1 << 16)))
-    while num_bytes:
-        step = min(num_bytes, scratch.nbytes)
-        recv_into_exact(sock, scratch[:step])
-        num_bytes -= step
-
-
 # ---------------------------------------------------------------------------- handshake
 
 def _mac(secret: bytes, label: bytes, first: bytes, second: bytes) -> bytes:
