@@ -1,7 +1,7 @@
 """The peer server: answers other kvtier instances' lookups and fetches from this instance's tiers.
 
-Runs in the process that holds the bytes (the vLLM worker: ``integrations/vllm/startup.serve_peers``),
-on background threads: one accepting, one per connection (at most ``MAX_CONNECTIONS``). Every
+Runs in a process of its own started by the vLLM worker (``main``; ``integrations/vllm/peers.py``),
+on threads: one accepting, one per connection (at most ``MAX_CONNECTIONS``). Every
 connection must pass the HMAC handshake (``peer_wire``) before it may ask anything; a client that
 fails it, or later sends anything malformed, is disconnected. A request names entries by tenant
 namespace, key and rank, and the server answers only from its ``EntrySource`` (the entries its
