@@ -438,4 +438,3 @@ def test_start_up_serves_and_fetches_through_the_configured_peers(tmp_path: Path
         wrong.close()
     finally:
         service.close()
-    assert service.process.returncode == 0  # the server process ended when its pipe closed

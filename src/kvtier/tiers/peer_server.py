@@ -1,7 +1,7 @@
 """The peer server: answers other kvtier instances' lookups and fetches from this instance's tiers.
 
-Runs in a process of its own started by the vLLM worker (``main``; ``integrations/vllm/peers.py``),
-on threads: one accepting, one per connection (at most ``MAX_CONNECTIONS``). Every
+Runs in the process that holds the bytes (the vLLM worker: ``integrations/vllm/startup.serve_peers``),
+on background threads: one accepting, one per connection (at most ``MAX_CONNECTIONS``). Every
 connection must pass the HMAC handshake (``peer_wire``) before it may ask anything; a client that
 fails it, or later sends anything malformed, is disconnected. A request names entries by tenant
 namespace, key and rank, and the server answers only from its ``EntrySource`` (the entries its
@@ -176,33 +176,3 @@ def _shutdown_quietly(conn: socket.socket) -> None:
         conn.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
-
-
-# ---------------------------------------------------------------------------- as its own process
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m kvtier.tiers.peer_server --host H --port P --disk-root DIR --layout HEX``: serve
-    the disk tier's files at ``DIR`` to peers in a process of its own (the engine's processes
-    busy-poll with the GIL held, which starved a server thread there: every partial send waited
-    for the GIL). The secret is the first line of stdin (hex), never an argument; the server
-    prints ``ready <port>`` once listening and exits when stdin closes (its parent ended)."""
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(prog="kvtier.tiers.peer_server")
-    parser.add_argument("--host", required=True)
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--disk-root", required=True)
-    parser.add_argument("--layout", required=True, help="the layout fingerprint, hex")
-    args = parser.parse_args(argv)
-    secret = bytes.fromhex(sys.stdin.readline().strip())
-    server = PeerServer(args.host, args.port, secret, DiskSource(DiskFiles(args.disk_root,
-                                                                           bytes.fromhex(args.layout))))
-    print(f"ready {server.port}", flush=True)
-    sys.stdin.read()  # until the parent closes the pipe or dies
-    server.close()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -2,9 +2,8 @@
 
 Both sides read the shared secret themselves (``p2p.key_file`` / ``p2p.key_env``, through
 ``signing.load_peer_secret``, i.e. ``configparts.sources.load_secret``); it never crosses a
-process boundary. The server is started by the
-worker of rank 0 (every rank's entry files are in the same disk directory), in a process of its
-own, serving the disk tier;
+process boundary. The server runs in the
+worker of rank 0 (every rank's entry files are in the same disk directory), serving the disk tier;
 with ``p2p.registry`` it also keeps its address registered there (``tiers/peer_registry``).
 """
 
@@ -12,12 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
 
 from kvtier.configparts.values import check_address
 from kvtier.crypto import Sealer
-from kvtier.errors import ConfigError
 from kvtier.integrations.vllm.setup import EngineSetup
 from kvtier.signing import load_peer_secret
 from kvtier.tiers.disk import DiskFiles
@@ -48,28 +44,15 @@ def open_peer_tier(setup: EngineSetup, sealer: Sealer | None) -> PeerTier:
 
 
 class PeerService:
-    """The peer server of this worker, in a process of its own (``peer_server.main``: the
-    engine's processes busy-poll holding the GIL, which starved a server thread there), and,
-    with a registry, its heartbeat. The secret goes to the child on its stdin, never on its
-    command line; the child exits when that pipe closes, so it never outlives the worker."""
+    """The peer server of this worker and, with a registry, its heartbeat."""
 
     def __init__(self, setup: EngineSetup, files: DiskFiles) -> None:
+        from kvtier.tiers.peer_server import DiskSource, PeerServer
+
         config = setup.config.p2p
         assert config.listen is not None
         host, port = check_address(config.listen)
-        secret = peer_secret(setup)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "kvtier.tiers.peer_server", "--host", host, "--port", str(port),
-             "--disk-root", files.root, "--layout", files.layout_fingerprint.hex()],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert self.process.stdin is not None and self.process.stdout is not None
-        self.process.stdin.write(secret.hex() + "\n")
-        self.process.stdin.flush()
-        ready = self.process.stdout.readline()
-        if not ready.startswith("ready "):
-            self.process.kill()
-            raise ConfigError("p2p.listen", f"the peer server could not listen on {config.listen} (see the log)")
-        self.port = int(ready.split()[1])
+        self.server = PeerServer(host, port, peer_secret(setup), DiskSource(files))
         self.heartbeat = None
         if config.registry is not None:
             from kvtier.tiers.peer_registry import Heartbeat, PeerRegistry
@@ -78,18 +61,12 @@ class PeerService:
             assert address is not None
             self.heartbeat = Heartbeat(PeerRegistry(config.registry, setup.config.remote.timeout_ms / 1000),
                                        address, config.heartbeat_ttl_s)
-        logger.info("kvtier: serving peers on %s (disk tier, server pid %d)", config.listen, self.process.pid)
+        logger.info("kvtier: serving peers on %s (disk tier)", config.listen)
 
     def close(self) -> None:
         if self.heartbeat is not None:
             self.heartbeat.close()
-        assert self.process.stdin is not None
-        try:
-            self.process.stdin.close()  # the server's signal to stop
-            self.process.wait(timeout=5)
-        except (OSError, subprocess.TimeoutExpired):
-            self.process.kill()
-            self.process.wait()
+        self.server.close()
 
 
 def serve_peers(setup: EngineSetup, rank: int, files: DiskFiles | None) -> PeerService | None:
