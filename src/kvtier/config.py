@@ -29,7 +29,7 @@ from kvtier.errors import ConfigError
 
 __all__ = [
     "NAMESPACE_PATTERN", "NAMESPACE_RULE", "REMOTE_SCHEMES", "AdminConfig", "DiskConfig", "EncryptionConfig",
-    "KVTierConfig", "LoadedConfig", "MemoryConfig", "MetricsConfig", "NamespaceLimits", "RemoteConfig",
+    "KVTierConfig", "LoadedConfig", "MemoryConfig", "MetricsConfig", "NamespaceLimits", "P2PConfig", "RemoteConfig",
     "SigningConfig", "check_client_certificate", "describe", "is_namespace", "load_config", "mask_url",
     "parse_namespace_limits", "parse_size",
 ]
@@ -141,6 +141,48 @@ class AdmissionConfig:
 
 
 @dataclass(frozen=True)
+class P2PConfig:
+    """Peer-to-peer transfer (``kvtier.tiers.peer_tier``, ``peer_server``). ``listen``: serve this
+    instance's entries to peers on ``host:port``; ``peers`` (comma-separated ``host:port``) and/or
+    ``registry`` (a Redis URL where serving instances register ``advertise``, else ``listen``,
+    with a ``heartbeat_ttl``): fetch from them. Peers prove a shared secret (``key_file`` or
+    ``key_env``, never a value on a command line) on every connection. All off by default."""
+
+    listen: str | None = None
+    advertise: str | None = None
+    peers: str = ""
+    registry: str | None = None
+    heartbeat_ttl_s: int = 10
+    key_file: str | None = None
+    key_env: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.key_file is not None and self.key_env is not None:
+            raise ConfigError("p2p.key_env", "set only one of p2p.key_file and p2p.key_env")
+        if (self.listen or self.fetches) and self.key_file is None and self.key_env is None:
+            raise ConfigError("p2p.key_file", "peer-to-peer transfer needs a shared secret: set p2p.key_file "
+                              "or p2p.key_env (make one with: openssl rand -hex 32)")
+        if self.registry is not None and self.listen is not None and self.advertise is None and \
+                self.listen.rpartition(":")[0] in ("0.0.0.0", "[::]", "::"):
+            raise ConfigError("p2p.advertise", f"p2p.listen {self.listen} is a wildcard address: set "
+                              "p2p.advertise to the host:port peers should connect to")
+
+    @property
+    def fetches(self) -> bool:
+        """Whether this instance fetches from peers (a static list or a registry)."""
+        return bool(self.peers) or self.registry is not None
+
+    @property
+    def peer_list(self) -> tuple[str, ...]:
+        return tuple(filter(None, self.peers.split(",")))
+
+    @property
+    def own_address(self) -> str | None:
+        """The address peers reach this instance at (registered, and left out of its own peers)."""
+        return self.advertise or self.listen
+
+
+@dataclass(frozen=True)
 class AdminConfig:
     """The admin HTTP API (``kvtier.admin``); off when ``port`` is 0. ``tokens_file`` is required
     when it is on: there is no unauthenticated mode."""
@@ -170,6 +212,16 @@ class KVTierConfig:
     namespace_limits: dict[str, NamespaceLimits]  # from ``namespace_limits``
     signing: SigningConfig = SigningConfig(None, None)
     admission: AdmissionConfig = AdmissionConfig()
+    p2p: P2PConfig = P2PConfig()
+
+    def __post_init__(self) -> None:
+        if self.p2p.fetches and self.remote.url is not None:
+            raise ConfigError("p2p.peers" if self.p2p.peers else "p2p.registry",
+                              "peer-to-peer fetching takes the remote tier's place: unset remote.url, or "
+                              "unset p2p.peers and p2p.registry (p2p.listen may be used with either)")
+        if self.p2p.listen is not None and self.disk.path is None:
+            raise ConfigError("p2p.listen", "serving peers needs the disk tier (peers are served from its "
+                              "files): set disk.path")
 
 
 @dataclass(frozen=True)
@@ -267,6 +319,9 @@ def _build(values: Mapping[str, Value]) -> KVTierConfig:
         admission=AdmissionConfig(policy=text("admission.policy"),
                                   min_reuse_percent=num("admission.min_reuse_percent"),
                                   window=num("admission.window")),
+        p2p=P2PConfig(listen=optional("p2p.listen"), advertise=optional("p2p.advertise"), peers=text("p2p.peers"),
+                      registry=optional("p2p.registry"), heartbeat_ttl_s=num("p2p.heartbeat_ttl"),
+                      key_file=optional("p2p.key_file"), key_env=optional("p2p.key_env")),
     )
 
 
@@ -299,4 +354,7 @@ def _values_of(config: KVTierConfig) -> dict[str, Value]:
         "admission.policy": config.admission.policy,
         "admission.min_reuse_percent": config.admission.min_reuse_percent,
         "admission.window": config.admission.window,
+        "p2p.listen": config.p2p.listen, "p2p.advertise": config.p2p.advertise, "p2p.peers": config.p2p.peers,
+        "p2p.registry": config.p2p.registry, "p2p.heartbeat_ttl": config.p2p.heartbeat_ttl_s,
+        "p2p.key_file": config.p2p.key_file, "p2p.key_env": config.p2p.key_env,
     }

@@ -313,7 +313,7 @@ class KVManager:
         if slot is None:
             return None
         upload = None
-        if self.remote is not None and key not in self.remote_known:
+        if self.remote is not None and self.remote.stores_uploads and key not in self.remote_known:
             upload = SlotOp(key, slot, namespace, self.store.ttl_of(namespace))
             self.remote_known.remember(key)
         return slot, upload

@@ -2,7 +2,7 @@
 machine a config runs on, done before start-up.
 
 - files (``check_files``): the disk tier's folder can be created or written; the encryption and
-  signing keys load (the same loaders start-up uses); with the admin API on, its tokens file
+  signing keys and the P2P secret load (the same loaders start-up uses); with the admin API on, its tokens file
   loads and its audit log can be written; the remote tier's TLS files are readable;
 - the engine's block size (``check_block_size``): ``chunk_tokens`` is a multiple of it;
 - the remote tier (``check_remote``, only when asked: it opens connections): a round trip to the
@@ -20,7 +20,7 @@ from kvtier.admin.auth import load_tokens
 from kvtier.config import LoadedConfig, mask_url
 from kvtier.crypto import load_sealer
 from kvtier.errors import ConfigError
-from kvtier.signing import load_signing_key
+from kvtier.signing import load_peer_secret, load_signing_key
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,7 @@ def check_files(loaded: LoadedConfig, environ: Mapping[str, str]) -> list[Findin
             finding("disk.path", problem)
     loads(lambda: load_sealer(config.encryption, environ))
     loads(lambda: load_signing_key(config.signing.key_file, config.signing.key_env, environ))
+    loads(lambda: load_peer_secret(config.p2p.key_file, config.p2p.key_env, environ))
     if config.admin.port:
         loads(lambda: load_tokens(config.admin.tokens_file))
         if config.admin.audit_log is not None:

@@ -180,6 +180,14 @@ def load_signing_key(key_file: str | None, key_env: str | None, environ: Mapping
     return load_secret("signing", key_file, key_env, environ, parse_signing_key)
 
 
+def load_peer_secret(key_file: str | None, key_env: str | None, environ: Mapping[str, str]) -> bytes | None:
+    """The shared secret peers prove to each other (``p2p.key_file`` / ``p2p.key_env``; spelled like
+    a signing key: at least 32 bytes as hex or base64); None when neither is set. ``ConfigError``
+    naming the config key as ``load_signing_key``; messages never include key material."""
+    key = load_secret("p2p", key_file, key_env, environ, parse_signing_key)
+    return None if key is None else key.secret
+
+
 
 def _text(token: object, kind: str) -> str:
     if not isinstance(token, str):

@@ -8,9 +8,10 @@ process, exactly as in production. Input (argv[1], a JSON file):
    "actions": [{"op": "generate", "prompts": [[ids...], ...], "max_tokens": N, "kvtier": {per-request},
                 "lora": {"name": S, "id": N, "path": DIR},
                 "save_transfer_params": FILE (the first output's kv_transfer_params, as JSON),
+                "save_outputs": FILE (this action's results, as JSON, for an engine the test kills),
                 "transfer_params_from": FILE (wait for it; its JSON is the request's kv_transfer_params)}
                | {"op": "reset_prefix_cache"} | {"op": "metrics"} | {"op": "sleep", "seconds": S}
-               | {"op": "barrier", "reached": FILE, "go": FILE}]}
+               | {"op": "barrier", "reached": FILE, "go": FILE, "timeout_s": S (default 120)}]}
 Output (stdout, last line): a JSON list with one result per action.
 """
 
@@ -57,9 +58,11 @@ def run(spec: dict) -> list:
                 target.with_suffix(".tmp").write_text(json.dumps(outs[0].kv_transfer_params))
                 target.with_suffix(".tmp").rename(target)
             results.append([_output(o) for o in outs])
+            if "save_outputs" in action:
+                Path(action["save_outputs"]).write_text(json.dumps(results[-1]))
         elif action["op"] == "barrier":  # tell the test where we are, wait for its go-ahead
             Path(action["reached"]).touch()
-            deadline = time.monotonic() + 120
+            deadline = time.monotonic() + action.get("timeout_s", 120)
             while not Path(action["go"]).exists() and time.monotonic() < deadline:
                 time.sleep(0.05)
             results.append(None)

@@ -1,5 +1,6 @@
 """Disaggregated prefill over HTTP: a prefill server (kv_producer), a decode server (kv_consumer),
-a real Redis between them and ``kvtier proxy`` in front; a client talks to the proxy only.
+a real Redis between them (or nothing: peer to peer) and ``kvtier proxy`` in front; a client talks
+to the proxy only.
 
 The decode server must load every chunk of the prompt that the prefill server computed (its
 remote hits and handoff counter say so) and answer exactly as a single server with the prompt in
@@ -28,9 +29,12 @@ pytestmark = pytest.mark.e2e
 ENGINE_KV_BYTES = 64 << 20
 
 
-def server(model: str, role: str, port: int, metrics_port: int, redis_url: str, logs: Path) -> ServerProcess:
-    transfer = connector_config_json(None, {"memory.capacity": "64MiB", "remote.url": redis_url,
-                                            "metrics.port": metrics_port, "chunk_tokens": CHUNK}, role)
+def server(model: str, role: str, port: int, metrics_port: int, redis_url: str | None, logs: Path,
+           sharing: dict[str, object] | None = None) -> ServerProcess:
+    """A server sharing through ``redis_url``, or through ``sharing`` (p2p keys) when it is None."""
+    config = {"memory.capacity": "64MiB", "metrics.port": metrics_port, "chunk_tokens": CHUNK,
+              **({"remote.url": redis_url} if redis_url is not None else sharing or {})}
+    transfer = connector_config_json(None, config, role)
     spec = ServerSpec(name=role, model=model, port=port, engine_args=(*engine_args(ENGINE_KV_BYTES),
                                                                        "--kv-transfer-config", transfer),
                       env=(("VLLM_CPU_NUM_OF_RESERVED_CPU", "0"),), unset_env=("VLLM_CPU_KVCACHE_SPACE",),
@@ -53,9 +57,28 @@ def metrics_text(port: int) -> str:
 def test_proxy_prefills_on_one_server_and_decodes_on_the_other(tiny_model: str, fresh_redis: RedisProcess,
                                                                tmp_path: Path) -> None:
     redis_url = f"redis://127.0.0.1:{port_of(fresh_redis)}/0"
+    check_disaggregated(tiny_model, tmp_path, redis_url, None, None)
+
+
+@pytest.mark.xfail(reason="known defect (intermittent, 3 failures in 4 runs): under `vllm serve` the decode "
+                          "server's P2P fetches pass their deadline (the lookups and the handoff wait work; "
+                          "offline engines fetch fine: tests/e2e/test_p2p.py); docs/fleet.md", strict=False)
+def test_proxy_disaggregates_peer_to_peer_without_redis(tiny_model: str, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prefill server serves its chunks to peers (``p2p.listen``, its disk tier); the decode
+    server fetches them from it (``p2p.peers``). No Redis anywhere."""
+    monkeypatch.setenv("P2P_TEST_SECRET", "ef" * 32)  # both servers inherit it
+    peer = f"127.0.0.1:{free_ports(1)[0]}"
+    check_disaggregated(tiny_model, tmp_path, None,
+                        {"p2p.listen": peer, "disk.path": str(tmp_path / "disk"), "p2p.key_env": "P2P_TEST_SECRET"},
+                        {"p2p.peers": peer, "p2p.key_env": "P2P_TEST_SECRET"})
+
+
+def check_disaggregated(tiny_model: str, tmp_path: Path, redis_url: str | None,
+                        prefill_p2p: dict[str, object] | None, decode_p2p: dict[str, object] | None) -> None:
     prefill_port, decode_port, prefill_metrics, decode_metrics = free_ports(4)
-    with server(tiny_model, "producer", prefill_port, prefill_metrics, redis_url, tmp_path) as prefill, \
-            server(tiny_model, "consumer", decode_port, decode_metrics, redis_url, tmp_path) as decode:
+    with server(tiny_model, "producer", prefill_port, prefill_metrics, redis_url, tmp_path, prefill_p2p) as prefill, \
+            server(tiny_model, "consumer", decode_port, decode_metrics, redis_url, tmp_path, decode_p2p) as decode:
         for process in (prefill, decode):
             process.wait_ready(600, lambda line: None)
         proxy = serve(Proxy([Upstream.parse(prefill.spec.base_url)], [Upstream.parse(decode.spec.base_url)], 300),

@@ -104,3 +104,16 @@ def test_connect_reaches_an_s3_tier(capsys: pytest.CaptureFixture[str], tmp_path
     wrong = write(tmp_path, f"remote:\n  url: s3://{S3_BUCKET}/check\n  secret_key: not-the-secret\n{common}")
     code, errors = check(capsys, wrong, "--connect")
     assert code == 2 and len(errors) == 1 and errors[0].startswith(f"remote.url (from file:{wrong}): no answer")
+
+
+def test_the_p2p_secret_must_load(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PEER_SECRET", raising=False)
+    config = write(tmp_path, "p2p:\n  peers: 127.0.0.1:7070\n  key_env: PEER_SECRET\n")
+    code, errors = check(capsys, config)
+    assert code == 2
+    assert errors == [f"p2p.key_env (from file:{config}): environment variable PEER_SECRET is not set or empty"]
+    monkeypatch.setenv("PEER_SECRET", "too short")
+    assert check(capsys, config)[0] == 2
+    monkeypatch.setenv("PEER_SECRET", KEY_HEX)
+    assert check(capsys, config) == (0, [])

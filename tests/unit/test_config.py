@@ -33,8 +33,10 @@ ADMIN_KEYS = ["admin.port", "admin.host", "admin.tokens_file", "admin.audit_log"
 DEFAULT_ADMIN = AdminConfig(port=0, host="127.0.0.1", tokens_file=None, audit_log=None)
 SIGNING_KEYS = ["signing.key_file", "signing.key_env", "signing.unsigned"]
 ADMISSION_KEYS = ["admission.policy", "admission.min_reuse_percent", "admission.window"]
+P2P_KEYS = ["p2p.listen", "p2p.advertise", "p2p.peers", "p2p.registry", "p2p.heartbeat_ttl", "p2p.key_file",
+            "p2p.key_env"]
 UNSET_KEYS = ["no_cache_namespaces", "namespace_limits"] + REMOTE_KEYS + ENCRYPTION_KEYS + ADMIN_KEYS + SIGNING_KEYS \
-    + ADMISSION_KEYS  # the keys the "every key" tests below leave at their defaults
+    + P2P_KEYS + ADMISSION_KEYS  # the keys the "every key" tests below leave at their defaults
 
 
 def load(inline: Mapping[str, object] | None = None, env: Mapping[str, str] | None = None) -> LoadedConfig:
@@ -547,6 +549,9 @@ def test_describe_rows(tmp_path: Path) -> None:
         ("admin.audit_log", "null", "default"),
         ("signing.key_file", "null", "default"), ("signing.key_env", "null", "default"),
         ("signing.unsigned", '"refuse"', "default"),
+        ("p2p.listen", "null", "default"), ("p2p.advertise", "null", "default"), ("p2p.peers", '""', "default"),
+        ("p2p.registry", "null", "default"), ("p2p.heartbeat_ttl", "10", "default"),
+        ("p2p.key_file", "null", "default"), ("p2p.key_env", "null", "default"),
     ]
 
 

@@ -24,9 +24,10 @@ CHUNK = 256
 PROMPT = list(range(100, 100 + 4 * CHUNK + 10))
 
 
-def side(remote: DictTier, wait_ms: int = 5000, producer: bool = False, cost_gate: bool = True) -> SchedulerSide:
-    config = load_config({"remote.handoff_wait_ms": wait_ms, "chunk_tokens": CHUNK, "remote.cost_gate": cost_gate},
-                         {}).config
+def side(remote: DictTier | None, wait_ms: int = 5000, producer: bool = False, cost_gate: bool = True,
+         extra: dict | None = None) -> SchedulerSide:
+    config = load_config({"remote.handoff_wait_ms": wait_ms, "chunk_tokens": CHUNK, "remote.cost_gate": cost_gate,
+                          **(extra or {})}, {"PEER_SECRET": "00" * 32}).config
     setup = EngineSetup(config, LAYOUT, Namespace("default", "m", LAYOUT.fingerprint(), 1), ("l0", "l1"), 1,
                         LAYOUT.chunk_bytes(CHUNK), 16, None, 0, producer)
     return SchedulerSide(setup, [], Metrics(), remote)
@@ -122,6 +123,16 @@ def test_a_prefill_instance_announces_the_chunks_it_stored() -> None:
     consumer = side(DictTier())
     ask(consumer, request(None))
     assert consumer.request_finished(request(None)) == (False, None)  # type: ignore[arg-type]
+
+
+def test_a_prefill_instance_that_serves_peers_announces_without_a_remote_tier() -> None:
+    """Disaggregated prefill over P2P: no remote tier, but ``p2p.listen``: the decode instance
+    fetches the chunks from this instance's peer server. Without either, nothing is announced."""
+    peer = {"p2p.listen": "127.0.0.1:7070", "p2p.key_env": "PEER_SECRET", "disk.path": "/tmp/unused"}
+    for extra, expected in ((peer, {"kvtier": {"expect_tokens": 4 * CHUNK}}), ({}, None)):
+        producer = side(None, producer=True, extra=extra)
+        ask(producer, request(None))
+        assert producer.request_finished(request(None)) == (False, expected)  # type: ignore[arg-type]
 
 
 def test_the_cost_gate_skips_a_fetch_slower_than_recomputing_unless_turned_off() -> None:

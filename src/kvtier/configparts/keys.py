@@ -8,9 +8,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kvtier.configparts.values import (NAMESPACE_PATTERN, NAMESPACE_RULE, Value, bool_from_text, check_bool,
-                                       check_str, int_from_text, int_in, namespace_limits, one_of,
-                                       optional_env_name, optional_str, positive_size, remote_url,
+from kvtier.configparts.values import (NAMESPACE_PATTERN, NAMESPACE_RULE, Value, address_list, bool_from_text,
+                                       check_bool, check_str, int_from_text, int_in, namespace_limits, one_of,
+                                       optional_address, optional_env_name, optional_redis_url, optional_str,
+                                       positive_size, remote_url,
                                        render_secret, render_size, render_url, str_matching, yaml_text)
 
 
@@ -75,7 +76,14 @@ KEYS = (
     Key("signing.key_file", None, optional_str),
     Key("signing.key_env", None, optional_env_name),
     Key("signing.unsigned", "refuse", one_of("refuse", "default")),
+    Key("p2p.listen", None, optional_address),
+    Key("p2p.advertise", None, optional_address),
+    Key("p2p.peers", "", address_list),
+    Key("p2p.registry", None, optional_redis_url, render=render_url),
+    Key("p2p.heartbeat_ttl", 10, int_in(2, None, ">= 2 seconds"), int_from_text),
+    Key("p2p.key_file", None, optional_str),
+    Key("p2p.key_env", None, optional_env_name),
 )
 KEYS_BY_NAME = {key.dotted: key for key in KEYS}
 KEYS_BY_ENV = {key.env_var: key for key in KEYS}
-SECTIONS = ("admission", "memory", "disk", "metrics", "remote", "encryption", "admin", "signing")
+SECTIONS = ("admission", "memory", "disk", "metrics", "remote", "encryption", "admin", "signing", "p2p")

@@ -178,6 +178,40 @@ def mask_url(url: str) -> str:
     return f"{scheme}{sep}{user}:***@{hosts}" if at and colon else url
 
 
+def optional_address(value: object) -> str | None:
+    """``host:port`` (port 1..65535; an IPv6 host in brackets), or None ("" too)."""
+    address = optional_str(value)
+    if address is not None:
+        check_address(address)
+    return address
+
+
+def check_address(address: str) -> tuple[str, int]:
+    """``host:port`` -> ``(host, port)``; ValueError otherwise."""
+    host, colon, port = address.rpartition(":")
+    if not colon or not host or not port.isdigit() or not 1 <= int(port) <= 65535 or any(c.isspace() for c in host):
+        raise ValueError(f"{address!r} is not host:port with a port in 1..65535")
+    return host.strip("[]"), int(port)
+
+
+def address_list(value: object) -> str:
+    """Comma-separated ``host:port`` addresses, no spaces ("" = none)."""
+    text = check_str(value)
+    for address in filter(None, text.split(",")):
+        check_address(address)
+    if text and "" in text.split(","):
+        raise ValueError(f"{text!r} has an empty entry; write host:port,host:port")
+    return text
+
+
+def optional_redis_url(value: object) -> str | None:
+    """A ``redis://`` or ``rediss://`` URL of one server, or None ("" too)."""
+    url = remote_url(value)
+    if url is not None and url.partition("://")[0] not in ("redis", "rediss"):
+        raise ValueError(f"{mask_url(url)!r} must be a redis:// or rediss:// URL of one server")
+    return url
+
+
 def optional_env_name(value: object) -> str | None:
     """An environment variable's name, or None ("" too). ``KVTIER_*`` names are refused: those are
     kvtier's own configuration variables, and an unknown one stops start-up."""

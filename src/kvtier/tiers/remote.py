@@ -138,6 +138,9 @@ class RemoteTier(abc.ABC):
 
     #: Exceptions a backend's primitives raise on I/O failure; anything else is a bug and propagates.
     io_errors: tuple[type[Exception], ...] = (OSError,)
+    #: Whether engines upload their stored chunks to this tier (False for the peer tier, whose
+    #: entries stay in each instance's own memory and disk and are served from there).
+    stores_uploads: bool = True
 
     def __init__(self, description: str, timeout_s: float, sealer: Sealer | None = None,
                  codec: KVCodec | None = None) -> None:

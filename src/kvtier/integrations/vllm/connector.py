@@ -24,6 +24,7 @@ from kvtier.metrics import Metrics
 from kvtier.plans import StepPlan, WorkerReport
 
 if TYPE_CHECKING:
+    from kvtier.integrations.vllm.peers import PeerService
     from vllm.config import VllmConfig
     from vllm.distributed.kv_events import KVCacheEvent
     from vllm.forward_context import ForwardContext
@@ -71,6 +72,7 @@ class KVTierConnector(KVConnectorBase_V1):
         self._scheduler = None
         self._worker = None
         self._admin = None
+        self._peers: "PeerService | None" = None
         self._stats: StatsSource | None = None
         if role == KVConnectorRole.SCHEDULER:
             from kvtier.integrations.vllm.scheduler import SchedulerSide
@@ -92,11 +94,15 @@ class KVTierConnector(KVConnectorBase_V1):
             from kvtier.integrations.vllm.startup import open_remote_tier, open_sealer
             from kvtier.integrations.vllm.worker import WorkerSide
 
+            from kvtier.integrations.vllm.peers import serve_peers
+
             sealer = open_sealer(setup)
+            rank = get_tensor_model_parallel_rank()
             # reads and uploads on separate clients: a failing upload (a full Redis) must not
             # mark the tier unhealthy for reads
-            self._worker = WorkerSide(setup, get_tensor_model_parallel_rank(), open_remote_tier(setup, sealer),
-                                      sealer, open_remote_tier(setup, sealer))
+            self._worker = WorkerSide(setup, rank, open_remote_tier(setup, sealer), sealer,
+                                      open_remote_tier(setup, sealer))
+            self._peers = serve_peers(setup, rank, self._worker.disk)
 
     @classmethod
     def get_required_kvcache_layout(cls, vllm_config: "VllmConfig") -> str | None:
@@ -151,6 +157,8 @@ class KVTierConnector(KVConnectorBase_V1):
         return None if report is None else KVTierWorkerMetadata(report)
 
     def shutdown(self) -> None:
+        if self._peers is not None:
+            self._peers.close()
         if self._worker is not None:
             self._worker.shutdown()
         if self._admin is not None:

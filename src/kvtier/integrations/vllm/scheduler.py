@@ -278,7 +278,8 @@ class SchedulerSide:
     def request_finished(self, request: "Request") -> tuple[bool, dict[str, object] | None]:
         """Forget the request. Returns whether vLLM must keep its blocks until the worker reports
         its in-flight stores done (stores copy asynchronously and must not read reused blocks),
-        and, on a prefill instance (``kv_role: kv_producer``) with a remote tier, the handoff a
+        and, on a prefill instance (``kv_role: kv_producer``) that uploads to a remote tier or serves
+        peers (``p2p.listen``), the handoff a
         decode instance needs: ``{"kvtier": {"expect_tokens": N}}`` (plus the namespace, when the
         request named one), which the client or proxy passes on in ``kv_transfer_params``.
         A request finished while its asynchronous load is in flight keeps its leases until the
@@ -295,8 +296,11 @@ class SchedulerSide:
         return delay, self._handoff(state)
 
     def _handoff(self, state: RequestState | None) -> dict[str, object] | None:
-        if state is None or not self.setup.producer or self.remote is None or not state.controls.store:
+        if state is None or not self.setup.producer or not state.controls.store:
             return None
+        uploads = self.remote is not None and self.remote.stores_uploads
+        if not uploads and self.setup.config.p2p.listen is None:
+            return None  # a decode instance could find the chunks nowhere
         num_tokens = len(state.request.prompt_token_ids or []) // self.setup.chunk_tokens * self.setup.chunk_tokens
         if not num_tokens:
             return None

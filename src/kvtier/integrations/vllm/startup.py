@@ -63,6 +63,10 @@ def open_remote_tier(setup: EngineSetup, sealer: Sealer | None) -> RemoteTier | 
     """The configured remote tier, or None. A server that is down is not an error: the tier starts
     unhealthy (a warning is logged) and kvtier runs on its local tiers until it comes back."""
     remote = setup.config.remote
+    if setup.config.p2p.fetches:  # peers take the remote tier's place (the config refuses both)
+        from kvtier.integrations.vllm.peers import open_peer_tier
+
+        return open_peer_tier(setup, sealer)
     if remote.url is None:
         return None
     from kvtier.tiers.remote import open_remote
