@@ -54,6 +54,8 @@ def test_bench_compares_every_configuration(tiny_model: str, tmp_path: Path) -> 
         assert metrics["hit_rate_all"]["median"] > 0, name  # kvtier brought back what vLLM evicted
         assert metrics["hit_rate_memory"]["median"] > 0, name
         assert metrics["written_bytes_memory"]["median"] > 0, name
-        assert name in results["comparisons"] and name in results["cost_per_million_requests"]
+        assert name in results["comparisons"]
+        # one repeat gives no measure of the noise: no cost view, and the report says why
+        assert name not in results["cost_per_million_requests"] and name in results["cost_withheld_within_noise"]
     assert configurations["kvtier-memory+disk"]["metrics"]["written_bytes_disk"]["median"] > 0
     assert results["statements"] and "## Verdict" in proc.stdout
