@@ -208,23 +208,31 @@ def phase_offload(engine: Engine, lengths: list[int], repeats: int) -> dict[str,
     return result
 
 
+def memory_hits_of(engine: Engine, prompt: list[int], repeats: int) -> tuple[list[float], list[float], int,
+                                                                          list[int], float]:
+    """Store ``prompt`` (a cold run), then time ``repeats`` hits from kvtier's memory with vLLM's own
+    cache emptied before each: (TTFTs, engine-thread ms per load, then 16 greedy tokens after a hit
+    with their cached-token count, and the memory-tier chunk hits counted over all of it)."""
+    engine.ttft(prompt)  # cold: kvtier stores it
+    memory, load_ms = [], []
+    before_all = scrape()
+    for _ in range(repeats):
+        engine.drop_gpu_cache()
+        before = scrape()
+        memory.append(engine.ttft(prompt)[0])
+        after = scrape()
+        steps = delta(before, after, "kvtier_load_seconds_count")
+        load_ms.append(1000 * delta(before, after, "kvtier_load_seconds_sum") / max(steps, 1))
+    engine.drop_gpu_cache()
+    _, cached, out = engine.ttft(prompt, max_tokens=16)
+    return memory, load_ms, cached, out, delta(before_all, scrape(), 'kvtier_hits_total{tier="memory"}')
+
+
 def phase_kvtier(engine: Engine, lengths: list[int], repeats: int) -> dict[str, Any]:
     result: dict[str, Any] = {"ttft_s": {}, "outputs": {}, "load_engine_ms": {}, "hits": {}, "first_token": {}}
     for n in lengths:
         prompt = tokens(n, 7 * n)
-        engine.ttft(prompt)  # cold: kvtier stores it
-        memory, load_ms = [], []
-        before_all = scrape()
-        for _ in range(repeats):
-            engine.drop_gpu_cache()
-            before = scrape()
-            memory.append(engine.ttft(prompt)[0])
-            after = scrape()
-            steps = delta(before, after, "kvtier_load_seconds_count")
-            load_ms.append(1000 * delta(before, after, "kvtier_load_seconds_sum") / max(steps, 1))
-        engine.drop_gpu_cache()
-        _, cached, out = engine.ttft(prompt, max_tokens=16)
-        memory_hits = delta(before_all, scrape(), 'kvtier_hits_total{tier="memory"}')
+        memory, load_ms, cached, out, memory_hits = memory_hits_of(engine, prompt, repeats)
         disk = []
         before_disk = scrape()
         for r in range(max(1, repeats - 1)):
@@ -265,19 +273,8 @@ def phase_kvtier_int8(engine: Engine, lengths: list[int], repeats: int) -> dict[
     result: dict[str, Any] = {"ttft_s": {}, "outputs": {}, "load_engine_ms": {}, "hits": {}, "first_token": {}}
     for n in lengths:
         prompt = tokens(n, 7 * n)
-        engine.ttft(prompt)  # cold: kvtier stores it, quantised
-        memory, load_ms = [], []
-        before_all = scrape()
-        for _ in range(repeats):
-            engine.drop_gpu_cache()
-            before = scrape()
-            memory.append(engine.ttft(prompt)[0])
-            after = scrape()
-            steps = delta(before, after, "kvtier_load_seconds_count")
-            load_ms.append(1000 * delta(before, after, "kvtier_load_seconds_sum") / max(steps, 1))
-        engine.drop_gpu_cache()
-        _, cached, out = engine.ttft(prompt, max_tokens=16)
-        result["hits"][str(n)] = {"memory_chunks": delta(before_all, scrape(), 'kvtier_hits_total{tier="memory"}')}
+        memory, load_ms, cached, out, memory_hits = memory_hits_of(engine, prompt, repeats)
+        result["hits"][str(n)] = {"memory_chunks": memory_hits}
         result["ttft_s"][str(n)] = {"kvtier_memory_int8_hit": median(memory),
                                     "memory_int8_all": [round(t, 4) for t in memory]}
         result["load_engine_ms"][str(n)] = round(statistics.median(load_ms), 3)
