@@ -44,6 +44,7 @@ class MemoryConfig:
     capacity_bytes: int
     policy: str  # "lru" | "s3fifo"
     kv_format: str  # how a slot holds a chunk: "exact" | "int8" (lossy, ~half the bytes; kvtier.layout)
+    load_layer_groups: int = 4  # CUDA memory loads pipelined in this many layer groups (kvtier.layerload)
 
 
 @dataclass(frozen=True)
@@ -295,7 +296,7 @@ def _build(values: Mapping[str, Value]) -> KVTierConfig:
         no_cache_namespaces=text("no_cache_namespaces"),
         store_decode_tokens=check_bool(values["store_decode_tokens"]),
         memory=MemoryConfig(capacity_bytes=num("memory.capacity"), policy=text("memory.policy"),
-                            kv_format=text("memory.kv_format")),
+                            kv_format=text("memory.kv_format"), load_layer_groups=num("memory.load_layer_groups")),
         disk=DiskConfig(path=None if disk_path is None else check_str(disk_path),
                         capacity_bytes=num("disk.capacity"), write_policy=text("disk.write_policy"),
                         queue_depth=num("disk.queue_depth")),
@@ -332,7 +333,7 @@ def _values_of(config: KVTierConfig) -> dict[str, Value]:
         "no_cache_namespaces": config.no_cache_namespaces,
         "store_decode_tokens": config.store_decode_tokens,
         "memory.capacity": config.memory.capacity_bytes, "memory.policy": config.memory.policy,
-        "memory.kv_format": config.memory.kv_format,
+        "memory.kv_format": config.memory.kv_format, "memory.load_layer_groups": config.memory.load_layer_groups,
         "disk.path": config.disk.path, "disk.capacity": config.disk.capacity_bytes,
         "disk.write_policy": config.disk.write_policy, "disk.queue_depth": config.disk.queue_depth,
         "metrics.port": config.metrics.port, "metrics.host": config.metrics.host,

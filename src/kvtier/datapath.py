@@ -203,6 +203,12 @@ class ChunkMover:
             self._index_host = [torch.empty(size, dtype=torch.long, pin_memory=True) for _ in range(2)]
             self._index_used = [None, None]
 
+    @property
+    def ring(self) -> StagingRing | None:
+        """The staging ring (None when unstaged): ``kvtier.layerload`` queues its loads on it too,
+        so they keep their order with this mover's stores."""
+        return self._ring
+
     def gather_chunks(self, ops: Sequence[StoreOp]) -> None:
         """Copy each op's engine blocks (one whole chunk) into its memory slot."""
         if not ops:

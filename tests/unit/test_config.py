@@ -18,7 +18,7 @@ from kvtier.errors import ConfigError
 
 GIB = 2**30
 ALL_KEYS = ["chunk_tokens", "namespace", "model_id", "store_decode_tokens", "memory.capacity",
-            "memory.policy", "memory.kv_format", "disk.path", "disk.capacity", "disk.write_policy", "disk.queue_depth",
+            "memory.policy", "memory.kv_format", "memory.load_layer_groups", "disk.path", "disk.capacity", "disk.write_policy", "disk.queue_depth",
             "metrics.port", "metrics.host"]
 REMOTE_KEYS = ["remote.url", "remote.ttl", "remote.timeout_ms", "remote.queue_depth", "remote.username",
                "remote.password", "remote.tls_ca", "remote.tls_cert", "remote.tls_key", "remote.s3_endpoint", "remote.s3_region", "remote.access_key",
@@ -90,6 +90,7 @@ memory:
   capacity: 1GiB
   policy: lru
   kv_format: int8
+  load_layer_groups: 2
 disk:
   path: /var/cache/kvtier
   capacity: 100 GB
@@ -107,7 +108,7 @@ def test_file_named_inline_sets_every_key(tmp_path: Path) -> None:
     assert loaded.config == KVTierConfig(
         chunk_tokens=512, namespace="team-a.prod_1", model_id="my-model", no_cache_namespaces="",
         store_decode_tokens=True,
-        memory=MemoryConfig(capacity_bytes=GIB, policy="lru", kv_format="int8"),
+        memory=MemoryConfig(capacity_bytes=GIB, policy="lru", kv_format="int8", load_layer_groups=2),
         disk=DiskConfig(path="/var/cache/kvtier", capacity_bytes=100 * 10**9, write_policy="write_through",
                         queue_depth=8),
         metrics=MetricsConfig(port=9400, host="0.0.0.0"), remote=DEFAULT_REMOTE,
@@ -179,13 +180,13 @@ def test_empty_disk_path_means_off(path: str | None) -> None:
 def test_env_sets_every_key() -> None:
     env = {"KVTIER_CHUNK_TOKENS": "512", "KVTIER_NAMESPACE": "t1", "KVTIER_MODEL_ID": "m",
            "KVTIER_STORE_DECODE_TOKENS": "yes", "KVTIER_MEMORY_CAPACITY": "512MiB",
-           "KVTIER_MEMORY_POLICY": "lru", "KVTIER_MEMORY_KV_FORMAT": "int8", "KVTIER_DISK_PATH": "/d", "KVTIER_DISK_CAPACITY": "1.5GB",
+           "KVTIER_MEMORY_POLICY": "lru", "KVTIER_MEMORY_KV_FORMAT": "int8", "KVTIER_MEMORY_LOAD_LAYER_GROUPS": "8", "KVTIER_DISK_PATH": "/d", "KVTIER_DISK_CAPACITY": "1.5GB",
            "KVTIER_DISK_WRITE_POLICY": "write_through", "KVTIER_DISK_QUEUE_DEPTH": "16",
            "KVTIER_METRICS_PORT": "9400", "KVTIER_METRICS_HOST": "::1"}
     loaded = load(env=env)
     assert loaded.config == KVTierConfig(
         chunk_tokens=512, namespace="t1", model_id="m", no_cache_namespaces="", store_decode_tokens=True,
-        memory=MemoryConfig(capacity_bytes=512 * 2**20, policy="lru", kv_format="int8"),
+        memory=MemoryConfig(capacity_bytes=512 * 2**20, policy="lru", kv_format="int8", load_layer_groups=8),
         disk=DiskConfig(path="/d", capacity_bytes=1_500_000_000, write_policy="write_through",
                         queue_depth=16),
         metrics=MetricsConfig(port=9400, host="::1"), remote=DEFAULT_REMOTE,
@@ -378,6 +379,8 @@ def test_kubernetes_size_units(text: str, expected: int) -> None:
     ({"memory.kv_format": "fp8"}, "memory.kv_format"),
     ({"memory.kv_format": "INT8"}, "memory.kv_format"),
     ({"memory.kv_format": 8}, "memory.kv_format"),
+    ({"memory.load_layer_groups": 0}, "memory.load_layer_groups"),
+    ({"memory.load_layer_groups": 65}, "memory.load_layer_groups"),
     ({"disk.path": 5}, "disk.path"),
     ({"disk.capacity": 0}, "disk.capacity"),
     ({"disk.write_policy": "write-back"}, "disk.write_policy"),
@@ -531,7 +534,7 @@ def test_describe_rows(tmp_path: Path) -> None:
         ("admission.window", "4096", "default"),
         ("memory.capacity", "2GiB", "default"),
         ("memory.policy", '"lru"', file_source),
-        ("memory.kv_format", '"exact"', "default"),
+        ("memory.kv_format", '"exact"', "default"), ("memory.load_layer_groups", "4", "default"),
         ("disk.path", '"/kv"', "extra_config"),
         ("disk.capacity", "1500MB", "extra_config"),
         ("disk.write_policy", '"write_through"', "default"),

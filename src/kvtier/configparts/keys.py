@@ -43,6 +43,7 @@ KEYS = (
     Key("memory.capacity", 2 * 2**30, positive_size, render=render_size),
     Key("memory.policy", "s3fifo", one_of("lru", "s3fifo")),
     Key("memory.kv_format", "exact", one_of("exact", "int8")),
+    Key("memory.load_layer_groups", 4, int_in(1, 64, "1..64 (1: no pipelining)"), int_from_text),
     Key("disk.path", None, optional_str),
     Key("disk.capacity", 16 * 2**30, positive_size, render=render_size),
     Key("disk.write_policy", "write_through", one_of("spill", "write_through")),

@@ -17,6 +17,9 @@ and the README). The differences kvtier meets, and how each is handled:
   and ``build_prom_metrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)`` in the
   API server, labels ``model_name`` and ``engine``); 0.26 sends the stats' ``data``, 0.32 their
   ``to_dict()``, which returns ``data``: kvtier keeps its whole payload in ``data``.
+- Per-layer hooks (``wait_for_layer_load``): every version calls them from the attention op, so
+  only where it runs eagerly (no FULL CUDA-graph replay) and has metadata; ``layer_hooks_run``
+  reads both from the forward context that ``start_load_kv`` receives.
 """
 
 from __future__ import annotations
@@ -63,6 +66,19 @@ def attention_backend(vllm_config: "VllmConfig", layer_names: Sequence[str]) -> 
         raise LayoutError(f"kvtier needs one attention backend for all KV layers, the engine uses "
                           f"{sorted(names) or 'none it can see'}")
     return names.pop()
+
+
+def layer_hooks_run(forward_context: object, layer_names: Sequence[str]) -> bool:
+    """Whether vLLM will call ``wait_for_layer_load`` before the attention of each of
+    ``layer_names`` in the forward that ``forward_context`` (given to ``start_load_kv``)
+    describes: its CUDA-graph mode runs attention eagerly (NONE or PIECEWISE; a FULL replay skips
+    the hooks) and every layer has attention metadata (the hook is skipped without). False when
+    the context does not say (an unknown version): the load is then fenced as a whole."""
+    mode = getattr(forward_context, "cudagraph_runtime_mode", None)
+    if getattr(mode, "name", None) not in ("NONE", "PIECEWISE"):
+        return False
+    metadata = getattr(forward_context, "attn_metadata", None)
+    return isinstance(metadata, dict) and all(metadata.get(name) is not None for name in layer_names)
 
 
 def resumed_request_ids(scheduler_output: "SchedulerOutput") -> set[str]:

@@ -16,7 +16,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
-from kvtier.integrations.vllm.compat import REQUIRED_KV_CACHE_LAYOUT, attention_backend, check_version
+from kvtier.integrations.vllm.compat import (REQUIRED_KV_CACHE_LAYOUT, attention_backend, check_version,
+                                              layer_hooks_run)
 from kvtier.integrations.vllm.events import events_enabled, int_block_hashes
 from kvtier.integrations.vllm.setup import build_setup
 from kvtier.integrations.vllm.stats import KVTierPromMetrics, KVTierStats, StatsSource, build_stats
@@ -126,10 +127,11 @@ class KVTierConnector(KVConnectorBase_V1):
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         assert self._worker is not None
-        self._worker.start_load(self._plan())
+        self._worker.start_load(self._plan(), layer_hooks_run(forward_context, self._worker.setup.layer_names))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # synchronous loads complete in start_load_kv; asynchronous ones before vLLM schedules them
+        assert self._worker is not None
+        self._worker.wait_layer(layer_name)  # memory loads pipelined by layer (CUDA); else nothing to wait for
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: "AttentionMetadata",
                       **kwargs: Any) -> None:

@@ -1,8 +1,10 @@
 """Worker side of the vLLM connector: executes each step's ``StepPlan`` on the engine's tensors.
 
 Runs in vLLM's Worker process (one per tensor-parallel rank). It decides nothing: the scheduler side
-chose every slot, block and key. Loads from memory run synchronously before the forward
-(``start_load_kv``: a host-memory copy); loads that need disk or remote reads are handed to the
+chose every slot, block and key. Loads from memory are queued before the forward (``start_load_kv``:
+a host-memory copy); on CUDA, where vLLM calls the per-layer hooks, layer group by layer group
+(``kvtier.layerload``), so the forward waits in ``wait_for_layer_load`` for its layer's group
+only, else as a whole before the forward; loads that need disk or remote reads are handed to the
 transfer executor (``kvtier.transfers``), which reads on background threads, and are copied into
 the engine's blocks on this thread once settled (``finished_loads``, from ``get_finished``).
 Stores run after the forward (``wait_for_save``); disk writes and uploads go through bounded
@@ -22,6 +24,7 @@ import torch
 from kvtier.crypto import Sealer
 from kvtier.datapath import ChunkMover, HostPool, PagedKV, ordered_layers
 from kvtier.integrations.vllm.setup import EngineSetup
+from kvtier.layerload import LayeredLoads
 from kvtier.plans import AsyncLoad, EntryRef, Invalidation, LoadOp, SlotOp, StepPlan, StoreOp, WorkerReport
 from kvtier.tiers.contract import ReadResult
 from kvtier.tiers.disk import DiskFiles, DiskWriter
@@ -80,6 +83,8 @@ class WorkerSide:
         self.paged: PagedKV | None = None
         self.pool: HostPool | None = None
         self.mover: ChunkMover | None = None
+        self.layered: LayeredLoads | None = None  # CUDA, exact slots: memory loads pipelined by layer
+        self._layer_index = {name: index for index, name in enumerate(setup.layer_names)}
         self.disk: DiskFiles | None = None
         self.writer: DiskWriter | None = None
         self.fills: FillExecutor | None = None
@@ -99,6 +104,9 @@ class WorkerSide:
         pin = self.paged.device.type == "cuda"
         self.pool = HostPool(self.setup.num_slots, self.setup.chunk_bytes, pin_memory=pin)
         self.mover = ChunkMover(self.paged, self.pool, self.setup.blocks_per_chunk)
+        groups = self.setup.config.memory.load_layer_groups
+        if self.mover.ring is not None and pin and groups > 1 and self.setup.layout.kv_format == "exact":
+            self.layered = LayeredLoads(self.paged, self.pool, self.mover.ring, self.setup.blocks_per_chunk, groups)
         self.fills = FillExecutor(self.pool.memoryview, self.rank, self.setup.layout.fingerprint(), self.disk,
                                   self.remote)
         logger.info("kvtier: %d memory slots of %d bytes, disk %s", self.setup.num_slots,
@@ -115,7 +123,10 @@ class WorkerSide:
             self._queued_early = plan
             self._poll()
 
-    def start_load(self, plan: StepPlan) -> None:
+    def start_load(self, plan: StepPlan, layer_hooks: bool = False) -> None:
+        """Queue the plan's loads before the forward. ``layer_hooks``: vLLM will call
+        ``wait_layer`` before each layer's attention in this forward (``compat.layer_hooks_run``),
+        so memory loads may be pipelined by layer."""
         if plan.is_empty():
             return
         for op in plan.spills:
@@ -123,17 +134,35 @@ class WorkerSide:
         assert self.fills is not None and self.mover is not None
         if plan.async_loads:
             self.mover.wait_loads()  # a fill may reuse a slot that a queued load still reads
+            if self.layered is not None:
+                self.layered.wait()
         for load in plan.async_loads:  # after the spills: a fill may reuse a spilled slot
             self.fills.submit(load.req_id, load.disk, load.remote, load.deadline_s)
             self._async_loads[load.req_id] = load
         if plan.loads:
-            self.report.copied_tokens += self._load(plan.loads)
+            self.report.copied_tokens += self._load(plan.loads, layered=layer_hooks and self.layered is not None)
 
-    def _load(self, loads: list[LoadOp]) -> int:
-        """Copy ``loads`` into the engine's blocks; the number of tokens copied."""
+    def wait_layer(self, layer_name: str) -> None:
+        """Before ``layer_name``'s attention runs (vLLM's per-layer hook): order the engine's
+        stream after the copies of its layer group."""
+        if self.layered is not None and self.layered.pending:
+            index = self._layer_index.get(layer_name)
+            if index is None:
+                self.layered.fence_all()  # a layer kvtier does not know: wait for everything
+            else:
+                self.layered.wait_layer(index)
+
+    def _load(self, loads: list[LoadOp], layered: bool = False) -> int:
+        """Copy ``loads`` into the engine's blocks; the number of tokens copied. ``layered``:
+        queued layer group by layer group, each waited for in ``wait_layer``; else ordered before
+        any later work on the engine's stream."""
         assert self.mover is not None
         started = time.perf_counter()
-        self.mover.scatter_chunks(loads)  # ordered before the forward on the engine's stream
+        if layered:
+            assert self.layered is not None
+            self.layered.scatter(loads)
+        else:
+            self.mover.scatter_chunks(loads)  # ordered before the forward on the engine's stream
         num_blocks = sum(len(op.block_ids) for op in loads)
         self.report.memory_read_bytes += num_blocks * self.setup.chunk_bytes // self.setup.blocks_per_chunk
         self.report.load_seconds.append(time.perf_counter() - started)
@@ -222,6 +251,10 @@ class WorkerSide:
 
     # ----- after the forward -----------------------------------------------------------------
     def save(self, plan: StepPlan) -> None:
+        if self.layered is not None and self.layered.pending:  # a hook vLLM skipped: order what follows
+            logger.warning("kvtier: vLLM skipped the per-layer hook of a pipelined load; set "
+                           "memory.load_layer_groups: 1 if this repeats")
+            self.layered.fence_all()
         if self._step_started is not None:
             self.report.forward_seconds = time.perf_counter() - self._step_started
             self._step_started = None
