@@ -77,17 +77,24 @@ def run_phase(name: str, lengths: list[int], suffix: int, repeats: int, groups: 
         if name == "vllm":
             colds = [engine.ttft(base.tokens(n + suffix, 900000 + 10 * n + r))[0] for r in range(repeats)]
         engine.ttft(prompt_of(n, suffix, 99))  # stores / caches the prefix
-        hits, cached = [], []
+        hits, cached, load_ms = [], [], []
         for r in range(repeats):
             if name != "vllm":
                 engine.drop_gpu_cache()
+            before = base.scrape() if name.startswith("kvtier") else {}
             seconds, num_cached, _ = engine.ttft(prompt_of(n, suffix, r))
+            if name.startswith("kvtier"):
+                after = base.scrape()
+                steps = base.delta(before, after, "kvtier_load_seconds_count")
+                load_ms.append(1000 * base.delta(before, after, "kvtier_load_seconds_sum") / max(steps, 1))
             hits.append(seconds)
             cached.append(num_cached)
         if name != "vllm":
             engine.drop_gpu_cache()
         _, out_cached, out = engine.ttft(prompt_of(n, suffix, 77), max_tokens=16)
         entry = {"hit": base.median(hits), "hits_all": [round(t, 4) for t in hits], "cached_tokens": cached}
+        if load_ms:
+            entry["load_engine_ms"] = round(sorted(load_ms)[len(load_ms) // 2], 3)
         if name == "vllm":
             entry["cold"] = base.median(colds)
         result["ttft_s"][str(n)] = entry
@@ -110,6 +117,8 @@ def summarize(phases: dict[str, Any], lengths: list[int], suffix: int, groups: i
             entry = (phases.get(name) or {}).get("ttft_s", {}).get(n)
             if entry:
                 row[name + "_hit"] = entry["hit"]
+                if "load_engine_ms" in entry:
+                    row[name + "_load_engine_ms"] = entry["load_engine_ms"]
                 if "cold" in entry:
                     row["cold"] = entry["cold"]
         if row.get("kvtier_whole_hit") and row.get("kvtier_layered_hit"):
@@ -144,6 +153,9 @@ def markdown(summary: dict[str, Any]) -> str:
         lines.append(f"| {n} | {ms(row.get('cold'))} | {ms(row.get('vllm_hit'))} | {ms(row.get('offload_hit'))} | "
                      f"{ms(row.get('kvtier_whole_hit'))} | {ms(row.get('kvtier_layered_hit'))} | "
                      f"{row.get('layered_vs_whole', '-')} | {row.get('layered_vs_offload', '-')} |")
+    lines += ["", "Engine-thread CPU per load (ms, kvtier's load histogram): " + ", ".join(
+        f"{n}: whole {row.get('kvtier_whole_load_engine_ms', '-')}, layered {row.get('kvtier_layered_load_engine_ms', '-')}"
+        for n, row in summary["ttft_s"].items())]
     lines += ["", f"- Outputs (16 greedy tokens, cached-token count) equal to vLLM's own prefix cache: "
                   f"{json.dumps(summary['outputs_equal_vllm_prefix_cache'])}",
               f"- Loads that went layer by layer: {json.dumps(summary['layered_loads'])}", ""]

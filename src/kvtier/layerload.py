@@ -73,6 +73,7 @@ class LayeredLoads:
         self.groups = layer_groups(layout.num_layers, num_groups)
         self._group_of = [index for index, group in enumerate(self.groups) for _ in group]
         self._layer_bytes = blocks_per_chunk * layout.block_bytes_per_layer  # one layer of one slot
+        self._host = pool.data.view(-1)
         widest = max(len(group) for group in self.groups)
         self.chunks_per_fill = max(1, ring.buffer_bytes // (widest * self._layer_bytes))
         self._fences: list[torch.cuda.Event | None] = []
@@ -152,9 +153,10 @@ class LayeredLoads:
         """The group's layers of each slot, chunk-major: one host->device copy per chunk."""
         size = len(group) * self._layer_bytes
         start = group.start * self._layer_bytes
+        host = self._host  # flat views: one narrow per side per copy (the engine thread pays per call)
         for index, slot in enumerate(slots):
-            buffer[index * size:(index + 1) * size].copy_(self.pool.data[slot][start:start + size],
-                                                          non_blocking=True)
+            buffer.narrow(0, index * size, size).copy_(host.narrow(0, slot * self.pool.slot_bytes + start, size),
+                                                       non_blocking=True)
 
     def _scatter(self, num_chunks: int, group: range, dst: torch.Tensor, rows: torch.Tensor | None,
                  buffer: torch.Tensor) -> None:
