@@ -372,7 +372,7 @@ class KVManager:
 
     def invalidate(self, namespace: str, keys: Collection[bytes] | None = None) -> Invalidated:
         """Make ``namespace``'s entries (all, or those among ``keys``) unreachable in memory and on
-        disk now (``TieredStore.invalidate``: the next plan carries the deletes to the workers),
+        disk now (``store.tenants.invalidate``: the next plan carries the deletes to the workers),
         and forget which chunks the remote holds, so invalidated chunks are uploaded again when
         recomputed. The caller removes the remote's copies (``kvtier.admin.service``)."""
         removed = self.store.tenants.invalidate(namespace, keys)

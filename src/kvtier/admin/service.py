@@ -11,8 +11,9 @@ remote delete.
 
 Invalidation reaches the tiers in this order and reports the time each took:
 1. memory and disk books (``KVManager.invalidate``): the entries are unreachable (leased or
-   in-flight ones are doomed and their slots freed when the lease ends; see ``kvtier.store``), and
-   the engine forgets which chunks the remote holds, so it uploads them again when recomputed;
+   in-flight ones are doomed and their slots freed when the lease ends; see
+   ``kvtier.tenant_control``), and the engine forgets which chunks the remote holds, so it
+   uploads them again when recomputed;
 2. disk files: removed now from this process; the engine's disk writer also gets the deletes
    in its next step plan, queued behind any write in flight, so no file outlives them;
 3. remote: removed by name (keys) or by listing the namespace's prefix (whole namespace).

@@ -211,7 +211,8 @@ class RemoteTier(RemoteBackend):
             fetched = self._guarded(functools.partial(self._fetch_many, group), None)
             if fetched is None:
                 return None
-            checks = [functools.partial(self.reader.verify, found, key, rank, layout_fingerprint, stored, out, name, namespace)
+            checks = [functools.partial(self.reader.verify, found, key, rank, layout_fingerprint, stored, out, name,
+                                        namespace)
                       for found, (key, _), stored, out, name
                       in zip(fetched, items[start:stop], stores, outs[start:stop], names[start:stop])]
             group_results = self.reader.run_checks(checks)
