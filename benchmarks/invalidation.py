@@ -76,7 +76,7 @@ def one_run(workdir: Path, redis_port: int, num_entries: int) -> dict[str, float
     # the bystander is untouched everywhere
     assert len(list((Path(disk.root) / "bystander").glob("*/*.kvt"))) == num_entries
     assert len(client.keys("kvtier/bystander/*")) == num_entries
-    assert store.usage()["bystander"].disk == num_entries
+    assert store.tenants.usage()["bystander"].disk == num_entries
     remote.close()
     service.close()
     return {"books_s": float(memory["seconds"]), "disk_files_s": float(disk_report["seconds"]),

@@ -6,10 +6,9 @@ a preallocated array of fixed-size slots, one chunk each (pinned on CUDA machine
 (``kvtier.layout.derive_kind``: backend, shape, strides) and copies blocks with vectorised
 ``index_select`` / ``index_copy_`` / ``index_put_`` (one call per layer, never a loop per block).
 ``ChunkMover`` executes a step's store and load ops in batches: on CUDA, groups of chunks cross
-PCIe as one copy per chunk through device staging buffers on dedicated streams
-(``kvtier.staging.StagingRing``),
-with one kernel per layer and group on the GPU; on CPU it copies straight between the engine's
-blocks and the slots.
+PCIe as one copy per run of adjacent slots through device staging buffers on dedicated streams
+(``kvtier.staged_copies``, over ``kvtier.staging.StagingRing``), with one kernel per layer and
+group on the GPU; on CPU it copies straight between the engine's blocks and the slots.
 
 Slot layout (bytes of one chunk), for every kind: [layers, blocks, page]; ``page`` is one block of
 one layer, in the engine's own byte order. With ``kv_format`` int8 (``memory.kv_format``) a slot
@@ -19,8 +18,6 @@ after the gather and dequantises there after the copy in, so the host<->device c
 
 from __future__ import annotations
 
-import functools
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -29,6 +26,7 @@ from kvtier.errors import LayoutError
 from kvtier.layout import KVLayout, derive_kind
 from kvtier.plans import LoadOp, StoreOp
 from kvtier.slotcodec import Int8SlotCodec
+from kvtier.staged_copies import StagedCopies, encode_layers
 from kvtier.staging import StagingRing
 
 _BIT_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
@@ -37,9 +35,6 @@ _BIT_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 # --group-mib, 2026-12-03): load/raw at 8K tokens 0.86 (1 GiB), 0.91 (512 MiB), 0.94 (128 MiB);
 # CPU to queue a 32K load 3-4 ms, 5-7 ms, 11-21 ms.
 DEFAULT_GROUP_BYTES = 512 << 20
-# int8 slots: elements quantised per call (its float32 temporaries: 4 bytes each), so a store group
-# of a large model costs a few calls, not one per layer, and no more than 256 MiB of device memory.
-ENCODE_SLICE_ELEMS = 64 << 20
 
 
 def bit_dtype(num_bytes: int) -> torch.dtype:
@@ -150,17 +145,13 @@ class ChunkMover:
 
     Called by the worker, from the thread that runs the engine's forward. On CPU the blocks move
     straight between the engine's tensors and the slots, synchronously. On CUDA the ops move in
-    groups of up to ``group_chunks`` chunks through device staging buffers (``StagingRing``), so
-    the CPU cost grows with the chunks and the layers, not with their product:
-    - a store group runs one ``index_select`` per layer (every block of the group, into a
-      layer-major staging buffer), then one device->host copy per chunk into its slot;
-    - a load group runs one host->device copy per chunk (the staging buffer is chunk-major, laid
-      out like the slots), then one ``index_put_`` per layer (two for a group with a partial chunk).
-    Copies run on a dedicated stream and overlap the kernels of the next group.
+    groups of up to ``group_chunks`` chunks through device staging buffers
+    (``kvtier.staged_copies.StagedCopies``), so the CPU cost grows with the chunks and the
+    layers, not with their product: one kernel per layer and group, one copy per run of adjacent
+    slots. Copies run on a dedicated stream and overlap the kernels of the next group.
     With int8 slots (``layout.kv_format``) each staging buffer holds a group twice: in the engine's
-    dtype, then quantised, laid out like the slots; a store group quantises after its gathers
-    (a few calls), a load group dequantises (one call) before its ``index_put_``s, so only the int8
-    bytes cross PCIe. On CPU the chunk is quantised on its way between the blocks and the slot.
+    dtype, then quantised, laid out like the slots, so only the int8 bytes cross PCIe. On CPU the
+    chunk is quantised on its way between the blocks and the slot.
 
     ``gather_chunks`` and ``scatter_chunks`` return once the work is queued. Loads are ordered
     before any work queued afterwards on the engine's stream (no CPU wait); ``wait_loads`` blocks
@@ -178,82 +169,54 @@ class ChunkMover:
         self.blocks_per_chunk = blocks_per_chunk
         layout = paged.layout
         self._codec = Int8SlotCodec(layout, blocks_per_chunk) if layout.kv_format == "int8" else None
-        self._raw_chunk_bytes = blocks_per_chunk * layout.block_bytes_per_layer * layout.num_layers
-        slot_bytes = self._raw_chunk_bytes if self._codec is None else self._codec.slot_bytes
+        raw_chunk_bytes = blocks_per_chunk * layout.block_bytes_per_layer * layout.num_layers
+        slot_bytes = raw_chunk_bytes if self._codec is None else self._codec.slot_bytes
         if pool.slot_bytes < slot_bytes:
             raise LayoutError(f"host slots of {pool.slot_bytes} bytes cannot hold a chunk of {slot_bytes} bytes "
                               f"(kv_format {layout.kv_format})")
         # staging bytes of one chunk: the slot's bytes, and with a codec the chunk in the dtype too
-        stage_chunk_bytes = pool.slot_bytes + (0 if self._codec is None else self._raw_chunk_bytes)
+        stage_chunk_bytes = pool.slot_bytes + (0 if self._codec is None else raw_chunk_bytes)
         # the CPU cost of a batch is one copy per chunk plus one kernel per layer and group, so
         # larger groups cost less CPU, smaller ones overlap more (DEFAULT_GROUP_BYTES)
         self.group_chunks = max(1, min(group_bytes // stage_chunk_bytes, pool.num_slots))
-        # with a codec, a staging buffer is [group in the dtype | group of slots]: where the slots start
-        self._slots_offset = 0 if self._codec is None else self.group_chunks * self._raw_chunk_bytes
-        self._ring: StagingRing | None = None
+        self._staged: StagedCopies | None = None
         self._loads_done: torch.cuda.Event | None = None
-        # pinned index buffers, reused in turn (a fresh pinned tensor per call costs a host allocation)
-        self._index_host: list[torch.Tensor] = []
-        self._index_used: list[torch.cuda.Event | None] = []
-        self._index_next = 0
         if staged if staged is not None else paged.device.type == "cuda":
-            self._ring = StagingRing(paged.device, self.group_chunks * stage_chunk_bytes, num_staging)
-        if paged.device.type == "cuda":
-            size = 2 * pool.num_slots * blocks_per_chunk
-            self._index_host = [torch.empty(size, dtype=torch.long, pin_memory=True) for _ in range(2)]
-            self._index_used = [None, None]
+            ring = StagingRing(paged.device, self.group_chunks * stage_chunk_bytes, num_staging)
+            # with a codec, a staging buffer is [group in the dtype | group of slots]: where the slots start
+            slots_offset = 0 if self._codec is None else self.group_chunks * raw_chunk_bytes
+            self._staged = StagedCopies(paged, pool, blocks_per_chunk, self._codec, self.group_chunks, slots_offset,
+                                        ring)
 
     @property
     def ring(self) -> StagingRing | None:
         """The staging ring (None when unstaged): ``kvtier.layerload`` queues its loads on it too,
         so they keep their order with this mover's stores."""
-        return self._ring
+        return None if self._staged is None else self._staged.ring
 
     def gather_chunks(self, ops: Sequence[StoreOp]) -> None:
         """Copy each op's engine blocks (one whole chunk) into its memory slot."""
         if not ops:
             return
-        if self._ring is None:
-            if self._codec is not None:
-                self._gather_encoded(ops)
-                return
+        if self._staged is not None:
+            self._staged.gather(ops)
+        elif self._codec is not None:
+            self._gather_encoded(ops)
+        else:
             for op in ops:
                 self.paged.gather(op.block_ids, self._slot_view(self.pool.slot(op.slot)))
-            return
-        self._ring.begin()
-        groups = self._groups(ops)
-        ids = self._upload([[block for op in group for block in op.block_ids] for group in groups])
-        for group, group_ids in zip(groups, ids):
-            self._ring.to_host(functools.partial(self._gather_group, group_ids),
-                               functools.partial(self._copy_out, [op.slot for op in group]))
 
     def scatter_chunks(self, ops: Sequence[LoadOp]) -> None:
         """Copy blocks ``first_block..`` of each op's slot into its engine blocks."""
         if not ops:
             return
-        if self._ring is None:
-            if self._codec is not None:
-                self._scatter_decoded(ops)
-                return
+        if self._staged is not None:
+            self._loads_done = self._staged.scatter(ops)
+        elif self._codec is not None:
+            self._scatter_decoded(ops)
+        else:
             for op in ops:
                 self.paged.scatter(self._slot_view(self.pool.slot(op.slot)), op.first_block, op.block_ids)
-            return
-        self._ring.begin()
-        groups = self._groups(ops)
-        indices: list[list[int]] = []
-        for group in groups:
-            indices.append([block for op in group for block in op.block_ids])
-            if not _whole(group, self.blocks_per_chunk):  # rows of the staged chunks to take
-                indices.append([i * self.blocks_per_chunk + op.first_block + j
-                                for i, op in enumerate(group) for j in range(len(op.block_ids))])
-        uploaded = iter(self._upload(indices))
-        for group in groups:
-            dst = next(uploaded)
-            rows = None if _whole(group, self.blocks_per_chunk) else next(uploaded)
-            self._ring.from_host(functools.partial(self._copy_in, [op.slot for op in group]),
-                                 functools.partial(self._scatter_group, len(group), dst, rows))
-        self._ring.fence()
-        self._loads_done = self._ring.mark()
 
     def last_load_event(self) -> "torch.cuda.Event | None":
         """An event that completes when every load queued so far is in the engine's blocks (None
@@ -268,15 +231,15 @@ class ChunkMover:
 
     def wait(self) -> None:
         """Block until every queued store and load is done (slots and blocks hold their data)."""
-        if self._ring is not None:
-            self._ring.wait()
+        if self._staged is not None:
+            self._staged.ring.wait()
             self._loads_done = None
 
     def mark_stores(self) -> "torch.cuda.Event | None":
         """An event that completes when every store queued so far is in its slot (None on CPU,
         where stores are done when ``gather_chunks`` returns). Lets the caller poll instead of
         blocking, so stores overlap the next forward."""
-        return None if self._ring is None else self._ring.mark_copies()
+        return None if self._staged is None else self._staged.ring.mark_copies()
 
     def _slot_view(self, data: torch.Tensor) -> torch.Tensor:
         return self.paged.slot_view(data[:self.pool.slot_bytes], self.blocks_per_chunk)
@@ -284,8 +247,8 @@ class ChunkMover:
     def _chunk_buffer(self) -> torch.Tensor:
         """One chunk in the dtype, [layers, blocks, page] KV-sized words on the engine's device."""
         layout = self.paged.layout
-        return torch.empty((layout.num_layers, self.blocks_per_chunk, self._page_words), dtype=self.paged.word_dtype,
-                           device=self.paged.device)
+        return torch.empty((layout.num_layers, self.blocks_per_chunk, layout.block_elems_per_layer),
+                           dtype=self.paged.word_dtype, device=self.paged.device)
 
     def _gather_encoded(self, ops: Sequence[StoreOp]) -> None:
         """Unstaged stores into int8 slots: each chunk gathered, then quantised into its slot."""
@@ -293,7 +256,8 @@ class ChunkMover:
         chunk = self._chunk_buffer()
         for op in ops:
             self.paged.gather(op.block_ids, chunk)
-            self._encode(chunk.view(self._codec.dtype).unsqueeze(0), self.pool.data[op.slot:op.slot + 1])
+            encode_layers(self._codec, chunk.view(self._codec.dtype).unsqueeze(0), self.pool.data[op.slot:op.slot + 1],
+                          self.paged.layout.num_layers)
 
     def _scatter_decoded(self, ops: Sequence[LoadOp]) -> None:
         """Unstaged loads from int8 slots: each slot dequantised, then its blocks scattered."""
@@ -303,117 +267,6 @@ class ChunkMover:
             values, scales = self._codec.split(self.pool.data[op.slot:op.slot + 1])
             self._codec.decode(values, scales, chunk.view(self._codec.dtype).unsqueeze(0))
             self.paged.scatter(chunk, op.first_block, op.block_ids)
-
-    def _encode(self, src: torch.Tensor, slots: torch.Tensor) -> None:
-        """Quantise ``src`` ([chunks, layers, blocks, page] in the dtype, any strides) into ``slots``
-        (uint8 [chunks, slot bytes]), a slice of layers per call (``ENCODE_SLICE_ELEMS``)."""
-        assert self._codec is not None
-        values, scales = self._codec.split(slots)
-        num_layers = self.paged.layout.num_layers
-        step = max(1, ENCODE_SLICE_ELEMS // max(1, src[:, :1].numel()))
-        for first in range(0, num_layers, step):
-            last = min(num_layers, first + step)
-            self._codec.encode(src[:, first:last], values[:, first:last], scales[:, first:last])
-
-    def _slots_staged(self, buffer: torch.Tensor, num_chunks: int) -> torch.Tensor:
-        """The part of a staging buffer laid out like ``num_chunks`` slots: uint8 [chunks, slot bytes]."""
-        size = self.pool.slot_bytes
-        return buffer[self._slots_offset:self._slots_offset + num_chunks * size].view(num_chunks, size)
-
-    def _groups(self, ops: Sequence[StoreOp] | Sequence[LoadOp]) -> list:
-        return [ops[i:i + self.group_chunks] for i in range(0, len(ops), self.group_chunks)]
-
-    def _upload(self, indices: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-        """Index lists in one pinned, asynchronous upload on the work stream."""
-        assert self._ring is not None
-        flat = torch.tensor([i for part in indices for i in part], dtype=torch.long)
-        if not self._index_host:  # staged on a CPU device
-            return list(flat.split([len(part) for part in indices]))
-        turn = self._index_next
-        self._index_next = (turn + 1) % len(self._index_host)
-        used = self._index_used[turn]
-        if used is not None:
-            used.synchronize()  # its last upload is done (long since, in practice)
-        if flat.numel() > self._index_host[turn].numel():
-            self._index_host[turn] = torch.empty(2 * flat.numel(), dtype=torch.long, pin_memory=True)
-        host = self._index_host[turn][:flat.numel()]
-        host.copy_(flat)
-        with torch.cuda.stream(self._ring.work_stream):
-            device_ids = host.to(self.paged.device, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self._ring.work_stream)
-        self._index_used[turn] = event
-        return list(device_ids.split([len(part) for part in indices]))
-
-    def _staged(self, buffer: torch.Tensor, *shape: int) -> torch.Tensor:
-        """The start of a staging buffer as KV-sized words of ``shape`` (its last dim: a page)."""
-        return buffer.view(self.paged.word_dtype)[:math.prod(shape)].view(*shape)
-
-    def _gather_group(self, ids: torch.Tensor, buffer: torch.Tensor) -> None:
-        """Every block of the group, layer-major: [layers, blocks of the group, page]."""
-        staged = self._staged(buffer, self.paged.layout.num_layers, ids.numel(), self._page_words)
-        for layer in range(self.paged.layout.num_layers):
-            self.paged.gather_layer(layer, ids, staged[layer])
-        if self._codec is not None:  # quantise into the slot-like part, chunk-major
-            num_chunks = ids.numel() // self.blocks_per_chunk
-            src = staged.view(self._codec.dtype).unflatten(1, (num_chunks, self.blocks_per_chunk)).transpose(0, 1)
-            self._encode(src, self._slots_staged(buffer, num_chunks))
-
-    def _copy_out(self, slots: Sequence[int], buffer: torch.Tensor) -> None:
-        """Layer-major staging into the slots: one device->host copy per run of adjacent slots."""
-        if self._codec is not None:  # the quantised chunks are laid out like the slots already
-            encoded = self._slots_staged(buffer, len(slots))
-            for first, slot, count in _runs(slots):
-                self.pool.data[slot:slot + count].copy_(encoded[first:first + count], non_blocking=True)
-            return
-        per, layers = self.blocks_per_chunk, self.paged.layout.num_layers
-        staged = self._staged(buffer, layers, len(slots), per, self._page_words)
-        for first, slot, count in _runs(slots):
-            dst = self.pool.data[slot:slot + count].view(self.paged.word_dtype).view(count, layers, per, -1)
-            dst.copy_(staged[:, first:first + count].transpose(0, 1), non_blocking=True)
-
-    def _copy_in(self, slots: Sequence[int], buffer: torch.Tensor) -> None:
-        """The group's slots, chunk-major: staging chunk ``i`` is byte for byte slot ``slots[i]``;
-        one host->device copy per run of adjacent slots."""
-        size, base = self.pool.slot_bytes, self._slots_offset
-        for first, slot, count in _runs(slots):
-            buffer[base + first * size:base + (first + count) * size].copy_(
-                self.pool.data[slot:slot + count].view(-1), non_blocking=True)
-
-    def _scatter_group(self, num_chunks: int, dst: torch.Tensor, rows: torch.Tensor | None,
-                       buffer: torch.Tensor) -> None:
-        per, layers = self.blocks_per_chunk, self.paged.layout.num_layers
-        staged = self._staged(buffer, num_chunks, layers, per, self._page_words)
-        if self._codec is not None:  # dequantise the slot-like part into the dtype part, one call
-            values, scales = self._codec.split(self._slots_staged(buffer, num_chunks))
-            self._codec.decode(values, scales, staged.view(self._codec.dtype))
-        for layer in range(layers):
-            src = staged[:, layer]  # [chunks, blocks, page], strided
-            if rows is None:
-                self.paged.scatter_layer(layer, dst.view(num_chunks, per), src)
-            else:
-                self.paged.scatter_layer(layer, dst, src.reshape(num_chunks * per, -1).index_select(0, rows))
-
-    @functools.cached_property
-    def _page_words(self) -> int:
-        return self.paged.layout.block_elems_per_layer
-
-
-def _runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
-    """``slots`` cut into runs of adjacent slots: (index of the run's first, its slot, length)."""
-    runs: list[tuple[int, int, int]] = []
-    for index, slot in enumerate(slots):
-        if runs and runs[-1][1] + runs[-1][2] == slot:
-            first, start, count = runs[-1]
-            runs[-1] = (first, start, count + 1)
-        else:
-            runs.append((index, slot, 1))
-    return runs
-
-
-def _whole(group: Sequence[LoadOp], blocks_per_chunk: int) -> bool:
-    """Whether every load of the group fills a whole chunk from its first block."""
-    return all(op.first_block == 0 and len(op.block_ids) == blocks_per_chunk for op in group)
 
 
 def ordered_layers(kv_caches: Mapping[str, torch.Tensor], layer_names: Sequence[str]) -> list[torch.Tensor]:

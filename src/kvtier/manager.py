@@ -256,7 +256,7 @@ class KVManager:
             return []
         if owner.handoff_until > 0 and time.monotonic() - owner.remote_asked_at < HANDOFF_POLL_S:
             return None
-        ages = self.lookups.ask(request.owner, run, request.namespace, self.store.ttl_of(request.namespace))
+        ages = self.lookups.ask(request.owner, run, request.namespace, self.store.tenants.ttl_of(request.namespace))
         if ages is None:
             return None
         owner.remote_asked_at, owner.remote_held = time.monotonic(), len(ages)
@@ -314,7 +314,7 @@ class KVManager:
             return None
         upload = None
         if self.remote is not None and self.remote.stores_uploads and key not in self.remote_known:
-            upload = SlotOp(key, slot, namespace, self.store.ttl_of(namespace))
+            upload = SlotOp(key, slot, namespace, self.store.tenants.ttl_of(namespace))
             self.remote_known.remember(key)
         return slot, upload
 
@@ -324,7 +324,7 @@ class KVManager:
         periodic removal of expired entries."""
         if time.monotonic() >= self._next_expire:
             self._next_expire = time.monotonic() + EXPIRE_EVERY_S
-            self.store.expire()
+            self.store.tenants.expire()
         self._set_lease_gauge()
         return self.store.take_ops()
 
@@ -372,10 +372,10 @@ class KVManager:
 
     def invalidate(self, namespace: str, keys: Collection[bytes] | None = None) -> Invalidated:
         """Make ``namespace``'s entries (all, or those among ``keys``) unreachable in memory and on
-        disk now (``TieredStore.invalidate``: the next plan carries the deletes to the workers),
+        disk now (``store.tenants.invalidate``: the next plan carries the deletes to the workers),
         and forget which chunks the remote holds, so invalidated chunks are uploaded again when
         recomputed. The caller removes the remote's copies (``kvtier.admin.service``)."""
-        removed = self.store.invalidate(namespace, keys)
+        removed = self.store.tenants.invalidate(namespace, keys)
         self.remote_known.clear()
         return removed
 

@@ -25,7 +25,7 @@ from kvtier.crypto import SEAL_OVERHEAD_BYTES, Sealer
 from kvtier.entry import CODEC_AES256_GCM, CODEC_CACHEGEN, HEADER_BYTES, EntryHeader, decode_header, encode_header, payload_checksum
 from kvtier.errors import ConfigError
 from kvtier.layout import KVLayout
-from kvtier.tiers import remote
+from kvtier.tiers import remote_reads
 from kvtier.tiers.contract import ReadResult
 from kvtier.tiers.remote import RemoteTier, object_name, open_remote
 from tests.remote_backends import BACKENDS, NATIVE_TTL_BACKENDS, Backend, make_backend, s3_backend, tls_options
@@ -250,7 +250,7 @@ def test_encrypted_round_trip(backend: Backend, sealed_tier: RemoteTier) -> None
 
 
 def test_encrypted_reads_in_groups(monkeypatch: pytest.MonkeyPatch, sealed_tier: RemoteTier) -> None:
-    monkeypatch.setattr(remote, "SEALED_GROUP_BYTES", 3 * PAYLOAD_BYTES)  # groups of 4 (the minimum)
+    monkeypatch.setattr(remote_reads, "SEALED_GROUP_BYTES", 3 * PAYLOAD_BYTES)  # groups of 4 (the minimum)
     keys = [new_key() for _ in range(10)]
     payloads = [payload_of() for _ in keys]
     for key, payload in zip(keys, payloads):

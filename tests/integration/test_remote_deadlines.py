@@ -121,7 +121,7 @@ def test_a_batched_read_in_several_groups_shares_one_deadline(fresh_redis: Serve
     of N groups could take N timeouts (review finding). Two groups of 4 x 64 KiB at 320 KiB/s:
     each group alone fits a 1.2 s timeout, both do not."""
     from kvtier.crypto import Sealer
-    from kvtier.tiers import remote as remote_module
+    from kvtier.tiers import remote_reads as remote_module
 
     monkeypatch.setattr(remote_module, "SEALED_GROUP_BYTES", 64 << 10)  # groups of the minimum 4 items
     sealer, value_bytes, timeout_s = Sealer(bytes(range(32))), 64 << 10, 1.2

@@ -63,7 +63,7 @@ def test_layers_sharing_one_buffer_with_the_layer_inside_the_block() -> None:
 
 
 def test_slots_are_cut_into_runs_of_adjacent_slots() -> None:
-    from kvtier.datapath import _runs
+    from kvtier.staged_copies import _runs
 
     assert _runs([4, 5, 6, 1, 2, 9]) == [(0, 4, 3), (3, 1, 2), (5, 9, 1)]
     assert _runs([3, 2]) == [(0, 3, 1), (1, 2, 1)]

@@ -148,7 +148,7 @@ def test_a_slot_under_a_write_through_is_never_reused_before_the_write_is_report
     store.complete(WorkerReport(disk_failed=[key(0)]))
     assert store.prepare_store(key(2), NS) is not None  # key 0's write is over (failed on a rank)
     slot_of_1 = store.slot_of(key(1))
-    store.invalidate(NS, {key(1)})  # dropped from the books while its write still reads the slot
+    store.tenants.invalidate(NS, {key(1)})  # dropped from the books while its write still reads the slot
     assert not store.in_memory(key(1))
     assert store.prepare_store(key(3), NS) is None
     store.complete(WorkerReport(disk_written=[key(1), key(1)]))
@@ -192,7 +192,7 @@ def test_a_namespace_at_its_memory_quota_evicts_only_its_own_entries() -> None:
     store = make(num_slots=6, limits={"small": NamespaceLimits(memory_bytes=2 * CHUNK_BYTES)})
     stored_in(store, "big", 0, 1, 2)
     stored_in(store, "small", 10, 11, 12, 13)
-    assert store.usage()["small"].memory == 2 and store.usage()["big"].memory == 3
+    assert store.tenants.usage()["small"].memory == 2 and store.tenants.usage()["big"].memory == 3
     assert store.lookup([key(0), key(1), key(2)]).num_chunks == 3  # untouched by "small"
     assert store.lookup([key(12), key(13)]).num_chunks == 2  # its newest two
     assert store.lookup([key(10)]).num_chunks == 0
@@ -217,7 +217,7 @@ def test_disk_quota_keeps_a_namespace_from_evicting_the_rest_of_the_disk() -> No
     ops = store.take_ops()
     assert [ref.key for ref in ops.deletes] == [key(10), key(11)]  # noisy evicted its own files
     assert store.on_disk(key(0)) and store.on_disk(key(1))
-    assert store.usage()["noisy"].disk == 1
+    assert store.tenants.usage()["noisy"].disk == 1
 
 
 def test_entries_older_than_the_namespace_ttl_are_misses_then_removed() -> None:
@@ -232,7 +232,7 @@ def test_entries_older_than_the_namespace_ttl_are_misses_then_removed() -> None:
     clock.now += 2
     assert store.lookup([key(0)]).num_chunks == 0  # expired: a miss before any sweep
     assert store.lookup([key(1)]).num_chunks == 1  # no TTL in "long"
-    removed = store.expire()
+    removed = store.tenants.expire()
     assert (removed.memory, removed.disk) == (1, 1)
     registry = store._metrics.registry
     assert registry.get_sample_value("kvtier_expired_total", {"tier": "memory"}) == 1
@@ -259,21 +259,21 @@ def test_invalidating_a_namespace_removes_it_from_every_tier_and_spares_the_othe
     stored_in(store, "b", 2)
     store.complete(WorkerReport(disk_written=[key(0), key(1), key(2)]))
     store.take_ops()
-    removed = store.invalidate("a")
+    removed = store.tenants.invalidate("a")
     assert (removed.memory, removed.disk) == (2, 2)
     assert store._metrics.registry.get_sample_value("kvtier_invalidated_total", {"tier": "disk"}) == 2
     assert store.lookup([key(0)]).num_chunks == 0 and store.lookup([key(1)]).num_chunks == 0
     assert store.lookup([key(2)]).num_chunks == 1
     ops = store.take_ops()
     assert sorted(ref.key for ref in ops.deletes) == [key(0), key(1)] and ops.purges == ["a"]
-    assert "a" not in store.usage() and store.usage()["b"].memory == 1
+    assert "a" not in store.tenants.usage() and store.tenants.usage()["b"].memory == 1
 
 
 def test_invalidating_keys_removes_only_those_keys_of_that_namespace() -> None:
     store = make(num_slots=8)
     stored_in(store, "a", 0, 1)
     stored_in(store, "b", 2)
-    removed = store.invalidate("a", {key(1), key(2)})  # key 2 belongs to "b": untouched
+    removed = store.tenants.invalidate("a", {key(1), key(2)})  # key 2 belongs to "b": untouched
     assert (removed.memory, removed.disk) == (1, 0)
     assert store.lookup([key(0), key(1)]).num_chunks == 1 and store.lookup([key(2)]).num_chunks == 1
 
@@ -283,7 +283,7 @@ def test_an_invalidated_entry_under_a_planned_load_keeps_its_slot_until_the_leas
     stored_in(store, "a", 0)
     slot = store.slot_of(key(0))
     store.leases.acquire("req", [key(0)])  # its load is in this step's plan
-    store.invalidate("a")
+    store.tenants.invalidate("a")
     assert store.lookup([key(0)]).num_chunks == 0  # never found again
     stored_in(store, "a", 1, 2)  # 2 evicts 1: the doomed slot is not reused meanwhile
     assert store.slot_of(key(2)) != slot and store.slot_of(key(0)) == slot
@@ -296,7 +296,7 @@ def test_an_invalidated_entry_under_a_planned_load_keeps_its_slot_until_the_leas
 def test_an_invalidated_entry_still_in_flight_is_dropped_once_its_data_lands() -> None:
     store = make(num_slots=2)
     slot = store.prepare_store(key(0), "a")
-    store.invalidate("a")
+    store.tenants.invalidate("a")
     store.complete(WorkerReport(stored=[key(0)]))
     assert store.lookup([key(0)]).num_chunks == 0
     store.take_ops()
@@ -306,8 +306,8 @@ def test_an_invalidated_entry_still_in_flight_is_dropped_once_its_data_lands() -
 def test_lowering_a_quota_trims_the_namespace_at_once() -> None:
     store = make(num_slots=8)
     stored_in(store, "a", 0, 1, 2, 3)
-    removed = store.set_limits("a", NamespaceLimits(memory_bytes=CHUNK_BYTES))
-    assert removed.memory == 3 and store.usage()["a"].memory == 1
+    removed = store.tenants.set_limits("a", NamespaceLimits(memory_bytes=CHUNK_BYTES))
+    assert removed.memory == 3 and store.tenants.usage()["a"].memory == 1
 
 
 @settings(max_examples=60, deadline=None)
@@ -331,18 +331,18 @@ def test_tenant_books_stay_consistent(steps: list[tuple[str, int, str]]) -> None
             store.leases.release("req")
             leased.clear()
         elif op == "invalidate":
-            store.invalidate(namespace)
+            store.tenants.invalidate(namespace)
         elif op == "expire":
-            store.expire()
+            store.tenants.expire()
         else:
             clock.now += 3
         store.take_ops()
-        slots = [entry.slot for entry in store._memory.values()]
-        assert len(slots) == len(set(slots)) and not set(slots) & set(store._free_slots)
-        assert len(slots) + len(store._free_slots) == 5
+        slots = [entry.slot for _, entry in store._memory.items()]
+        assert len(slots) == len(set(slots)) and not set(slots) & set(store._memory.free_slots)
+        assert len(slots) + len(store._memory.free_slots) == 5
         for leased_key, slot in leased.items():
             assert store.in_memory(leased_key) and store.slot_of(leased_key) == slot
-        usage = store.usage()
+        usage = store.tenants.usage()
         assert sum(u.memory for u in usage.values()) == store.num_memory_entries
         assert sum(u.disk for u in usage.values()) == store.num_disk_entries
         assert usage.get("a", None) is None or (usage["a"].memory <= 3 and usage["a"].disk <= 4)
@@ -353,6 +353,6 @@ def test_an_invalidation_is_planned_for_the_upload_queue_too() -> None:
 
     store = make()
     stored(store, 0)
-    store.invalidate(NS, {key(0)})
-    store.invalidate("tenant-b")
+    store.tenants.invalidate(NS, {key(0)})
+    store.tenants.invalidate("tenant-b")
     assert store.take_ops().invalidations == [Invalidation(NS, (key(0),)), Invalidation("tenant-b", None)]

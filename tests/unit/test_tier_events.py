@@ -37,7 +37,7 @@ def books(store: TieredStore) -> dict[str, set[bytes]]:
     """What lookups can see, per tier (white box: the store's own maps)."""
     now = store._clock()
     memory = {k for k, e in store._memory.items()
-              if e.state is State.READY and not e.doomed and not store._expired(e, now)}
+              if e.state is State.READY and not e.doomed and not store.tenants.expired(e, now)}
     disk = {k for k, e in store._disk.items() if e.state is State.READY}
     return {"memory": memory, "disk": disk}
 
@@ -62,7 +62,7 @@ def test_a_store_an_eviction_and_an_invalidation() -> None:
     assert log.take() == [TierEvent("removed", "memory", (key(0),))]  # evicted for key 2; still on disk
     store.complete(WorkerReport(stored=[key(1), key(2)], disk_written=[key(1), key(2)]))
     assert log.take() == [TierEvent("stored", "memory", (key(1), key(2))), TierEvent("stored", "disk", (key(1), key(2)))]
-    store.invalidate(NS, {key(1)})
+    store.tenants.invalidate(NS, {key(1)})
     assert log.take() == [TierEvent("removed", "memory", (key(1),)), TierEvent("removed", "disk", (key(1),))]
 
 
@@ -90,15 +90,15 @@ def test_replayed_events_equal_the_books(ops: list[tuple[str, int]]) -> None:
         elif op == "fail_disk":
             store.complete(WorkerReport(disk_failed=[key(i)]))
         elif op == "invalidate":
-            store.invalidate(namespace, None if i > 7 else {key(i)})
+            store.tenants.invalidate(namespace, None if i > 7 else {key(i)})
         elif op == "expire":
             clock.now += 3
-            store.expire()
+            store.tenants.expire()
         elif op == "lease":
             store.leases.acquire("r", [key(i)])
         elif op == "release":
             store.leases.release("r")
-            store.reap()
+            store._memory.reap()
         replay(log.take(), view)
         expected = books(store)
         assert view["memory"] == expected["memory"] and view["disk"] == expected["disk"]

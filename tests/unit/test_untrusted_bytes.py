@@ -266,7 +266,7 @@ def test_verify_of_any_fetched_value_is_corrupt(header: bytes, value_bytes: int,
     tier = DictTier(sealer)
     pool, out = guarded_out(PAYLOAD_BYTES)
     stored_view = out if sealer is None else memoryview(bytearray(stored))
-    result = tier._verify(Fetched(header, value_bytes), KEY, 0, LAYOUT, stored_view, out, "name", NAMESPACE)
+    result = tier.reader.verify(Fetched(header, value_bytes), KEY, 0, LAYOUT, stored_view, out, "name", NAMESPACE)
     assert result in (ReadResult.CORRUPT, ReadResult.UNREADABLE)
     assert guards_intact(pool)
 

@@ -11,8 +11,9 @@ remote delete.
 
 Invalidation reaches the tiers in this order and reports the time each took:
 1. memory and disk books (``KVManager.invalidate``): the entries are unreachable (leased or
-   in-flight ones are doomed and their slots freed when the lease ends; see ``kvtier.store``), and
-   the engine forgets which chunks the remote holds, so it uploads them again when recomputed;
+   in-flight ones are doomed and their slots freed when the lease ends; see
+   ``kvtier.tenant_control``), and the engine forgets which chunks the remote holds, so it
+   uploads them again when recomputed;
 2. disk files: removed now from this process; the engine's disk writer also gets the deletes
    in its next step plan, queued behind any write in flight, so no file outlives them;
 3. remote: removed by name (keys) or by listing the namespace's prefix (whole namespace).
@@ -74,7 +75,7 @@ class AdminService:
 
     def stats(self) -> dict[str, object]:
         with self._lock:
-            usage = self._store.usage()
+            usage = self._store.tenants.usage()
             memory_entries, disk_entries = self._store.num_memory_entries, self._store.num_disk_entries
         chunk = self.shape.chunk_bytes
         return {
@@ -96,7 +97,7 @@ class AdminService:
         keys = self.keys_of(namespace, salt, token_ids)
         with self._lock:
             found = self._store.lookup(keys)
-            ttl = self._store.ttl_of(namespace)
+            ttl = self._store.tenants.ttl_of(namespace)
         on_disk = len(found.disk_only)
         remote = 0
         if self._remote is not None and found.num_chunks < len(keys):
@@ -131,7 +132,7 @@ class AdminService:
     def namespaces(self) -> dict[str, object]:
         """Limits and usage of every namespace that has either."""
         with self._lock:
-            limits, usage = self._store.limits(), self._store.usage()
+            limits, usage = self._store.tenants.limits(), self._store.tenants.usage()
         return {name: {**_limits_json(limits.get(name, NamespaceLimits())),
                        "memory_entries": usage[name].memory if name in usage else 0,
                        "disk_entries": usage[name].disk if name in usage else 0}
@@ -141,13 +142,13 @@ class AdminService:
         """Replace ``namespace``'s TTL and quotas (until the engine restarts: the configuration's
         ``namespace_limits`` is what a restart applies)."""
         with self._lock:
-            removed = self._store.set_limits(namespace, limits)
+            removed = self._store.tenants.set_limits(namespace, limits)
         return {"namespace": namespace, **_limits_json(limits),
                 "removed": {"memory": removed.memory, "disk": removed.disk}}
 
     def current_limits(self, namespace: str) -> NamespaceLimits:
         with self._lock:
-            return self._store.limits().get(namespace, NamespaceLimits())
+            return self._store.tenants.limits().get(namespace, NamespaceLimits())
 
     def close(self) -> None:
         if self._remote is not None:

@@ -17,13 +17,12 @@ over ``manager``) sees and invalidates what this cache holds.
 Supported caches: ``transformers.DynamicCache`` (transformers 5) with full-attention layers whose keys
 and values are [batch=1, kv_heads, seq, head_dim]. Sliding-window layers are refused (LayoutError).
 
-Host layout of one chunk (one slot): [layers, 2 (K, V), kv_heads, chunk_tokens, head_dim] in the
-model's dtype, so the chunk's slice for a group of consecutive layers is one contiguous byte range.
-Data moves through a ``kvtier.staging.StagingRing`` in units of up to ``staging_chunks`` consecutive
-chunks times ``load_group_layers`` layers: one host<->device copy per chunk and unit, and one copy
-kernel per layer and K/V between the staging buffer and the layer's tensor. Loads go layer group by
-layer group with an event per group, so a forward can start on the first layers while later layers
-are still crossing PCIe (``generate_with_prefix_cache`` waits per decoder layer).
+Data moves between the cache's tensors and the host slots in ``kvtier.integrations.
+transformers_copies`` (``CacheCopies``: a slot is [layers, 2 (K, V), kv_heads, chunk_tokens,
+head_dim] in the model's dtype; staged units of up to ``staging_chunks`` chunks times
+``load_group_layers`` layers). Loads go layer group by layer group with an event per group, so a
+forward can start on the first layers while later layers are still crossing PCIe
+(``generate_with_prefix_cache`` waits per decoder layer).
 
 Threading: one thread runs the model and uses a ``PrefixKVCache``; every public call holds
 ``lock``, which an admin service over ``manager`` takes too (``AdminService(cache.lock,
@@ -41,16 +40,17 @@ from dataclasses import dataclass
 import torch
 import xxhash
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from kvtier.config import load_config
 from kvtier.datapath import HostPool
-from kvtier.staging import StagingRing
 from kvtier.errors import ConfigError, LayoutError
+from kvtier.integrations.transformers_copies import CacheCopies, ChunkShape, KVTensors, PendingLoad
 from kvtier.keys import ChunkKey, Namespace, chunk_keys
 from kvtier.manager import KVManager, LoadRequest
 from kvtier.metrics import Metrics
 from kvtier.plans import WorkerReport
+
+__all__ = ["PendingLoad", "PrefixForward", "PrefixKVCache", "generate_with_prefix_cache"]
 
 GiB = 1 << 30
 
@@ -62,25 +62,6 @@ class PrefixForward:
     logits: torch.Tensor  # [1, vocab]: logits after the last prompt token
     past_key_values: DynamicCache
     num_cached_tokens: int  # prompt tokens loaded from kvtier instead of computed
-
-
-@dataclass(frozen=True)
-class PendingLoad:
-    """A load queued on the device. ``cache`` is usable by work queued on the current stream after
-    ``wait_layer(i)`` (layer ``i``) or ``wait_all()``; neither blocks the CPU."""
-
-    num_tokens: int
-    cache: DynamicCache | None
-    device: torch.device
-    layer_ready: tuple[torch.cuda.Event, ...]  # one per layer on CUDA; empty when all is in place
-
-    def wait_layer(self, layer: int) -> None:
-        if self.layer_ready:
-            torch.cuda.current_stream(self.device).wait_event(self.layer_ready[layer])
-
-    def wait_all(self) -> None:
-        for layer in range(len(self.layer_ready)):
-            self.wait_layer(layer)
 
 
 class PrefixKVCache:
@@ -97,20 +78,17 @@ class PrefixKVCache:
                 raise ConfigError(name, f"must be positive, got {value}")
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.dtype, self.chunk_tokens, self.device = dtype, chunk_tokens, torch.device(device)
-        self.layer_chunk_bytes = 2 * num_kv_heads * chunk_tokens * head_dim * dtype.itemsize
+        shape = ChunkShape(num_layers, num_kv_heads, head_dim, chunk_tokens, dtype)
+        self.layer_chunk_bytes = shape.layer_chunk_bytes
         self.slot_bytes = num_layers * self.layer_chunk_bytes
         self.num_slots = capacity_bytes // self.slot_bytes
         if self.num_slots < 1:
             raise ConfigError("capacity_bytes", f"{capacity_bytes} holds no chunk of {self.slot_bytes} bytes")
-        shape = f"hf_bhsd|{num_layers}|{num_kv_heads}|{head_dim}|{chunk_tokens}|{dtype}"
-        self.namespace = Namespace(tenant, model_id, xxhash.xxh3_128_digest(shape.encode()))
+        description = f"hf_bhsd|{num_layers}|{num_kv_heads}|{head_dim}|{chunk_tokens}|{dtype}"
+        self.namespace = Namespace(tenant, model_id, xxhash.xxh3_128_digest(description.encode()))
         self._digest = self.namespace.digest()
-        self._groups = [(first, min(first + load_group_layers, num_layers))
-                        for first in range(0, num_layers, load_group_layers)]
-        self._staging_chunks = staging_chunks
         self.pool = HostPool(self.num_slots, self.slot_bytes, pin_memory=self.device.type == "cuda")
-        unit_bytes = min(staging_chunks, self.num_slots) * min(load_group_layers, num_layers) * self.layer_chunk_bytes
-        self._ring = StagingRing(self.device, unit_bytes, 2)
+        self._copies = CacheCopies(shape, self.pool, self.device, load_group_layers, staging_chunks)
         config = load_config({"memory.policy": policy}, {}).config
         self.manager = KVManager.open(config, self.num_slots, chunk_tokens, self.slot_bytes, 1, None, (), Metrics(),
                                       None)
@@ -169,7 +147,7 @@ class PrefixKVCache:
         with self.lock:
             return self._store(token_ids, tensors)
 
-    def _store(self, token_ids: Sequence[int], tensors: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    def _store(self, token_ids: Sequence[int], tensors: KVTensors) -> int:
         num_cached = tensors[0][0].shape[2]
         keys = [key.digest for key in self.keys(token_ids[:num_cached])]
         owner = self._owner()
@@ -185,7 +163,7 @@ class PrefixKVCache:
                 if plan is None:  # memory is full of this prompt's chunks
                     break
                 planned.append((index, plan[0]))
-            self._copy_in(tensors, planned)
+            self._copies.copy_in(tensors, planned)
         except BaseException:
             store.abandon([keys[index] for index, _ in planned])
             raise
@@ -194,32 +172,6 @@ class PrefixKVCache:
         self.manager.complete(WorkerReport(stored=[keys[index] for index, _ in planned]), 0)
         self.manager.take_ops()  # no workers here: the plan's disk and remote ops are nobody's
         return len(planned)
-
-    def _copy_in(self, tensors: list[tuple[torch.Tensor, torch.Tensor]], planned: list[tuple[int, int]]) -> None:
-        """Copy the planned chunks into their slots; returns once they are in host memory."""
-        self._ring.begin()
-        for first, last in self._groups:
-            for run in _runs(planned, self._staging_chunks):
-                self._ring.to_host(functools.partial(self._pack, tensors, first, last, run[0][0], len(run)),
-                                   functools.partial(self._copy_to_slots, [slot for _, slot in run], first, last))
-        self._ring.wait()
-
-    def _pack(self, tensors: list[tuple[torch.Tensor, torch.Tensor]], first: int, last: int, first_chunk: int,
-              num_chunks: int, buffer: torch.Tensor) -> None:
-        """Work stream: layers ``first..last`` of chunks ``first_chunk..`` -> staging buffer."""
-        staged = self._staged(buffer, num_chunks, last - first)
-        start, end = first_chunk * self.chunk_tokens, (first_chunk + num_chunks) * self.chunk_tokens
-        for j, layer in enumerate(range(first, last)):
-            for kv in (0, 1):
-                src = tensors[layer][kv][0, :, start:end].reshape(self.num_kv_heads, num_chunks, self.chunk_tokens, -1)
-                staged[:, j, kv].copy_(src.transpose(0, 1))
-
-    def _copy_to_slots(self, slots: list[int], first: int, last: int, buffer: torch.Tensor) -> None:
-        """Copy stream: one device->host copy per chunk of the unit."""
-        size = (last - first) * self.layer_chunk_bytes
-        for j, slot in enumerate(slots):
-            dst = self.pool.slot(slot)[first * self.layer_chunk_bytes:last * self.layer_chunk_bytes]
-            dst.copy_(buffer[j * size:(j + 1) * size], non_blocking=True)
 
     # ----- load ----------------------------------------------------------------------------
     def load(self, token_ids: Sequence[int]) -> tuple[int, DynamicCache | None]:
@@ -241,59 +193,13 @@ class PrefixKVCache:
         planned = self.manager.plan_load(LoadRequest(owner, self.namespace.tenant, self._usable_keys(token_ids), 0))
         assert planned is not None and not planned.is_async  # memory only: nothing to wait for
         try:
-            return self._queue_load(list(planned.slots))
+            return self._copies.queue_load(list(planned.slots))
         finally:
             self.manager.load_finished(owner)
             self.manager.release(owner)
 
-    def _queue_load(self, slots: list[int]) -> PendingLoad:
-        if not slots:
-            return PendingLoad(0, None, self.device, ())
-        num_tokens = len(slots) * self.chunk_tokens
-        shape = (1, self.num_kv_heads, num_tokens, self.head_dim)
-        tensors = [(torch.empty(shape, dtype=self.dtype, device=self.device),
-                    torch.empty(shape, dtype=self.dtype, device=self.device)) for _ in range(self.num_layers)]
-        self._ring.begin()
-        layer_ready: list[torch.cuda.Event] = []
-        for first, last in self._groups:
-            for start in range(0, len(slots), self._staging_chunks):
-                run = slots[start:start + self._staging_chunks]
-                self._ring.from_host(functools.partial(self._copy_from_slots, run, first, last),
-                                     functools.partial(self._unpack, tensors, first, last, start, len(run)))
-            event = self._ring.mark()
-            if event is not None:
-                layer_ready.extend([event] * (last - first))
-        if self.device.type == "cuda":
-            for pair in tensors:
-                for tensor in pair:
-                    tensor.record_stream(self._ring.work_stream)
-        return PendingLoad(num_tokens, _dynamic_cache(tensors), self.device, tuple(layer_ready))
-
-    def _copy_from_slots(self, slots: list[int], first: int, last: int, buffer: torch.Tensor) -> None:
-        """Copy stream: one host->device copy per chunk of the unit."""
-        size = (last - first) * self.layer_chunk_bytes
-        for j, slot in enumerate(slots):
-            src = self.pool.slot(slot)[first * self.layer_chunk_bytes:last * self.layer_chunk_bytes]
-            buffer[j * size:(j + 1) * size].copy_(src, non_blocking=True)
-
-    def _unpack(self, tensors: list[tuple[torch.Tensor, torch.Tensor]], first: int, last: int, first_chunk: int,
-                num_chunks: int, buffer: torch.Tensor) -> None:
-        """Work stream: staging buffer -> layers ``first..last`` of chunks ``first_chunk..``."""
-        staged = self._staged(buffer, num_chunks, last - first)
-        start, end = first_chunk * self.chunk_tokens, (first_chunk + num_chunks) * self.chunk_tokens
-        for j, layer in enumerate(range(first, last)):
-            for kv in (0, 1):
-                dst = tensors[layer][kv][0, :, start:end].view(self.num_kv_heads, num_chunks, self.chunk_tokens, -1)
-                dst.copy_(staged[:, j, kv].transpose(0, 1))
-
     # ----- helpers -------------------------------------------------------------------------
-    def _staged(self, buffer: torch.Tensor, num_chunks: int, num_layers: int) -> torch.Tensor:
-        """A staging buffer as [chunks, layers, 2, kv_heads, chunk_tokens, head_dim]."""
-        size = num_chunks * num_layers * self.layer_chunk_bytes
-        return buffer[:size].view(self.dtype).view(num_chunks, num_layers, 2, self.num_kv_heads,
-                                                   self.chunk_tokens, self.head_dim)
-
-    def _cache_tensors(self, cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _cache_tensors(self, cache: DynamicCache) -> KVTensors:
         """Per layer (keys, values), checked against this cache's shape."""
         if len(cache.layers) != self.num_layers:
             raise LayoutError(f"expected a cache of {self.num_layers} layers, got {len(cache.layers)}")
@@ -309,31 +215,6 @@ class PrefixKVCache:
                                       f"expected {expected} {self.dtype} on {self.device}")
             tensors.append((layer.keys, layer.values))
         return tensors
-
-
-def _runs(planned: list[tuple[int, int]], max_len: int) -> Iterator[list[tuple[int, int]]]:
-    """Split (chunk index, slot) pairs, in chunk order, into runs of consecutive chunks of at
-    most ``max_len``."""
-    run: list[tuple[int, int]] = []
-    for item in planned:
-        if run and (item[0] != run[-1][0] + 1 or len(run) == max_len):
-            yield run
-            run = []
-        run.append(item)
-    if run:
-        yield run
-
-
-def _dynamic_cache(tensors: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    """A DynamicCache holding ``tensors`` as they are (``DynamicCache(ddp_cache_data=...)``
-    would copy every layer once more)."""
-    cache = DynamicCache()
-    for keys, values in tensors:
-        layer = DynamicLayer()
-        layer.lazy_initialization(keys, values)
-        layer.keys, layer.values = keys, values
-        cache.layers.append(layer)
-    return cache
 
 
 def generate_with_prefix_cache(model: torch.nn.Module, input_ids: torch.Tensor, cache: PrefixKVCache,

@@ -30,8 +30,17 @@ class Removed(Protocol):
     def memory(self) -> int: ...
 
 
+class Invalidates(Protocol):
+    """Invalidation of a namespace's entries (``kvtier.tenant_control.TenantControl``)."""
+
+    def invalidate(self, namespace: str, keys: Collection[bytes] | None = None) -> Removed: ...
+
+
 class MemoryBooks(Protocol):
     """What the memory tier asks of the store's books (``TieredStore`` implements it)."""
+
+    @property
+    def tenants(self) -> Invalidates: ...
 
     def memory_prefix(self, keys: Sequence[bytes], namespace: str) -> int: ...
 
@@ -42,8 +51,6 @@ class MemoryBooks(Protocol):
     def prepare_store(self, key: bytes, namespace: str) -> int | None: ...
 
     def complete(self, report: WorkerReport) -> None: ...
-
-    def invalidate(self, namespace: str, keys: Collection[bytes] | None = None) -> Removed: ...
 
     def take_ops(self) -> StepPlan: ...
 
@@ -119,11 +126,11 @@ class MemoryTier:
         _check_namespace(namespace)
         if rank != self.rank or not keys:
             return 0
-        return self._removed(self.books.invalidate(namespace, set(keys)))
+        return self._removed(self.books.tenants.invalidate(namespace, set(keys)))
 
     def delete_namespace(self, namespace: str) -> int | None:
         _check_namespace(namespace)
-        return self._removed(self.books.invalidate(namespace))
+        return self._removed(self.books.tenants.invalidate(namespace))
 
     def _removed(self, removed: Removed) -> int:
         self.books.take_ops()  # an invalidation's plan ops are for workers; this process has none

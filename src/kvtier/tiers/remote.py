@@ -17,7 +17,7 @@ another namespace label or under another master key) reads UNREADABLE and is lef
 Compression (``open_remote(..., codec=...)``, ``kvtier.compression``): a tier with a codec puts
 compressed values (lossy, several times smaller) and reads compressed and uncompressed ones; a
 tier without reads a compressed value as UNREADABLE. Sealed or compressed reads land in temporary
-buffers (at most the sealed or raw length, about ``SEALED_GROUP_BYTES`` at a time), then are
+buffers (at most the sealed or raw length, about ``remote_reads.SEALED_GROUP_BYTES`` at a time), then are
 decrypted and decoded into the caller's buffers. Engines sharing a store must share its
 encryption and compression settings: each reads the others' values as UNREADABLE (misses).
 
@@ -34,21 +34,20 @@ server unreachable at start leaves the tier unhealthy, with a warning; bad confi
 
 Threading: every method may be called from any thread, by one thread at a time per instance.
 
-Backends subclass ``RemoteTier`` and implement the underscore primitives below; the public
-methods (the tier contract of ``kvtier.tiers.contract``, health, naming, entry framing and
-verification) live here once. Backends are loaded
-lazily by URL scheme (``open_remote``), so redis-py and boto3 are imported only when used.
+Backends subclass ``RemoteTier`` and implement the underscore primitives of
+``kvtier.tiers.remote_backend.RemoteBackend``; the public methods (the tier contract of
+``kvtier.tiers.contract``, naming, entry framing) live here once, with the tier's health
+(``kvtier.tiers.remote_health``) and its verified batch reads (``kvtier.tiers.remote_reads``).
+Backends are loaded lazily by URL scheme (``open_remote``), so redis-py and boto3 are imported
+only when used.
 """
 
 from __future__ import annotations
 
-import abc
-import concurrent.futures
 import functools
 import importlib
 import logging
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -56,21 +55,21 @@ from typing import TypeVar
 from kvtier.compression import KVCodec
 from kvtier.config import NAMESPACE_RULE, REMOTE_SCHEMES, check_client_certificate, is_namespace, mask_url
 from kvtier.crypto import Sealer
-from kvtier.entry import HEADER_BYTES
-from kvtier.errors import ConfigError, EntryError, UnreadableEntryError
+from kvtier.errors import ConfigError
 from kvtier.tiers.contract import ReadResult
 from kvtier.tiers.deadline import CallDeadline
-from kvtier.tiers.framing import check_readable, frame, stored_bytes, unframe_into
+from kvtier.tiers.framing import frame
+from kvtier.tiers.remote_backend import RemoteBackend
+from kvtier.tiers.remote_health import FIRST_BACKOFF_S, MAX_BACKOFF_S, RemoteHealth
+from kvtier.tiers.remote_reads import EntryReader, Fetched
+
+__all__ = ["FIRST_BACKOFF_S", "MAX_BACKOFF_S", "CallDeadline", "Fetched", "RemoteBackend", "RemoteOptions",
+           "RemoteTier", "namespace_prefix", "object_name", "open_remote"]
 
 logger = logging.getLogger(__name__)
 
 OBJECT_PREFIX = "kvtier/"
-FIRST_BACKOFF_S = 1.0
-MAX_BACKOFF_S = 30.0
 INSTALL_HINT = "pip install 'kvtier[remote]'"
-SEALED_GROUP_BYTES = 64 << 20  # sealed reads fetch about this much per group (temporary buffers)
-_MIN_GROUP_ITEMS = 4  # ... and at least this many items, to keep concurrent backends busy
-DECODE_THREADS = min(4, os.cpu_count() or 1)  # verify + decrypt + decode of a batch's values
 
 # scheme -> module that implements it; each module has ``open_tier(url, options) -> RemoteTier``.
 # the module of each scheme that the config accepts (one list: config.REMOTE_SCHEMES)
@@ -110,14 +109,6 @@ class RemoteOptions:
             raise ConfigError("remote.ttl_s", f"must be positive or unset, got {self.ttl_s}")
 
 
-@dataclass(frozen=True)
-class Fetched:
-    """What a backend read for one name: the value's first bytes and its full length."""
-
-    header: bytes  # the first HEADER_BYTES bytes of the value (fewer, or none, if its length is wrong)
-    value_bytes: int  # the stored value's length in bytes
-
-
 def object_name(key: bytes, rank: int, namespace: str) -> str:
     """``kvtier/<namespace>/<32 hex key>.<rank>``: the name of one chunk shard in a remote store."""
     if len(key) != 16:
@@ -133,11 +124,9 @@ def namespace_prefix(namespace: str) -> str:
     return f"{OBJECT_PREFIX}{namespace}/"
 
 
-class RemoteTier(abc.ABC):
+class RemoteTier(RemoteBackend):
     """Shared store reached over the network; see the module docstring for the contract."""
 
-    #: Exceptions a backend's primitives raise on I/O failure; anything else is a bug and propagates.
-    io_errors: tuple[type[Exception], ...] = (OSError,)
     #: Whether engines upload their stored chunks to this tier (False for the peer tier, whose
     #: entries stay in each instance's own memory and disk and are served from there).
     stores_uploads: bool = True
@@ -158,12 +147,10 @@ class RemoteTier(abc.ABC):
         # process from good reads and left it in successful puts: what the network carried.
         self.value_bytes_read = 0
         self.value_bytes_written = 0
-        self._decoders: concurrent.futures.ThreadPoolExecutor | None = None  # made on first use
+        self.reader = EntryReader(description, sealer, codec)  # groups and verification of reads
+        self.health = RemoteHealth(description)
         self.deadline = CallDeadline()  # of the public call in progress
-        self._healthy = True
         self._connected = False
-        self._backoff_s = 0.0
-        self._retry_at = 0.0
 
     # ----------------------------------------------------------------- public contract
 
@@ -216,19 +203,19 @@ class RemoteTier(abc.ABC):
 
     def _get_groups(self, items: Sequence[tuple[bytes, memoryview]], outs: list[memoryview], names: list[str],
                     rank: int, layout_fingerprint: bytes, namespace: str) -> list[ReadResult] | None:
-        """Fetch and verify ``items`` group by group (``_read_groups``); None when a group failed."""
+        """Fetch and verify ``items`` group by group (``EntryReader.groups``); None when a group failed."""
         results = []
-        for start, stop in self._read_groups(outs):
-            stores = outs[start:stop] if not self._buffered else \
-                [memoryview(bytearray(stored_bytes(out.nbytes, self.sealer))) for out in outs[start:stop]]
+        for start, stop in self.reader.groups(outs):
+            stores = self.reader.landing(outs[start:stop])
             group = list(zip(names[start:stop], stores))
             fetched = self._guarded(functools.partial(self._fetch_many, group), None)
             if fetched is None:
                 return None
-            checks = [functools.partial(self._verify, found, key, rank, layout_fingerprint, stored, out, name, namespace)
+            checks = [functools.partial(self.reader.verify, found, key, rank, layout_fingerprint, stored, out, name,
+                                        namespace)
                       for found, (key, _), stored, out, name
                       in zip(fetched, items[start:stop], stores, outs[start:stop], names[start:stop])]
-            group_results = self._run_checks(checks)
+            group_results = self.reader.run_checks(checks)
             self.value_bytes_read += sum(found.value_bytes for found, result in zip(fetched, group_results)
                                          if found is not None and result is ReadResult.OK)
             results += group_results
@@ -293,67 +280,21 @@ class RemoteTier(abc.ABC):
     @property
     def healthy(self) -> bool:
         """False from an I/O failure until a later call succeeds."""
-        return self._healthy
+        return self.health.healthy
 
     @property
     def retry_after_s(self) -> float:
         """Seconds until an unhealthy tier lets the next call probe the server (0.0 when healthy
         or when a probe is due)."""
-        if self._healthy:
-            return 0.0
-        return max(0.0, self._retry_at - time.monotonic())
+        return self.health.retry_after_s
 
     def close(self) -> None:
         """Release connections and threads. Idempotent; never raises on I/O failure."""
-        if self._decoders is not None:
-            self._decoders.shutdown()
-            self._decoders = None
+        self.reader.close()
         try:
             self._close()
         except self.io_errors as exc:
             logger.debug("kvtier: closing %s: %s", self.description, exc)
-
-    # ----------------------------------------------------------------- backend primitives
-    # Each may raise one of ``io_errors`` on I/O failure; the base turns that into a miss.
-
-    @abc.abstractmethod
-    def _connect(self) -> None:
-        """Build the client and check the server answers (one round trip). Called at start
-        and before any primitive until it has succeeded once."""
-
-    @abc.abstractmethod
-    def _count_prefix(self, names: Sequence[str], max_age_s: int) -> int:
-        """How many consecutive ``names`` from the start exist (non-empty ``names``); a backend
-        that cannot expire single entries also treats those older than ``max_age_s`` (if not 0)
-        as absent."""
-
-    def _prefix_ages(self, names: Sequence[str], max_age_s: int) -> list[float]:
-        """The age in seconds of each of the consecutive ``names`` from the start that exist;
-        backends that can tell the age override this (the default says 0.0 for each)."""
-        return [0.0] * self._count_prefix(names, max_age_s)
-
-    @abc.abstractmethod
-    def _fetch_many(self, items: Sequence[tuple[str, memoryview]]) -> list[Fetched | None]:
-        """For each ``(name, out)``: None when absent, else the value's first bytes and length;
-        when ``HEADER_BYTES <= value_bytes <= HEADER_BYTES + out.nbytes`` the rest of the value
-        is in the start of ``out``."""
-
-    @abc.abstractmethod
-    def _put_new(self, name: str, header: bytes, payload: memoryview, ttl_s: int | None) -> bool:
-        """Store ``header + payload`` under ``name`` unless it exists, expiring after ``ttl_s``
-        (None: never) where the backend can; True when the value is there afterwards."""
-
-    @abc.abstractmethod
-    def _delete_many(self, names: Sequence[str]) -> int:
-        """Remove ``names``; returns how many the server removed."""
-
-    @abc.abstractmethod
-    def _delete_prefix(self, prefix: str) -> int:
-        """Remove every name that starts with ``prefix``; returns how many went."""
-
-    @abc.abstractmethod
-    def _close(self) -> None:
-        """Release the client's resources."""
 
     # ----------------------------------------------------------------- health and checks
 
@@ -363,7 +304,7 @@ class RemoteTier(abc.ABC):
 
     def _guarded(self, call: Callable[[], _T], on_failure: _T) -> _T:
         """Run ``call`` unless backing off; an I/O failure returns ``on_failure``."""
-        if not self._healthy and time.monotonic() < self._retry_at:
+        if self.health.backing_off():
             return on_failure
         started = self.deadline.start(self.timeout_s)
         try:
@@ -372,84 +313,14 @@ class RemoteTier(abc.ABC):
                 self._connected = True
             result = call()
         except self.io_errors as exc:
-            self._record_failure(exc)
+            self.num_errors += 1
+            self.health.failed(exc)
             return on_failure
         finally:
             if started:
                 self.deadline.clear()
-        self._record_success()
+        self.health.succeeded()
         return result
-
-    def _record_failure(self, exc: Exception) -> None:
-        self.num_errors += 1
-        if self._healthy:
-            logger.warning("kvtier: remote tier %s is unhealthy: %s: %s", self.description,
-                           type(exc).__name__, exc)
-            self._backoff_s = FIRST_BACKOFF_S
-        else:
-            logger.debug("kvtier: remote tier %s probe failed: %s", self.description, exc)
-            self._backoff_s = min(self._backoff_s * 2, MAX_BACKOFF_S)
-        self._healthy = False
-        self._retry_at = time.monotonic() + self._backoff_s
-
-    def _record_success(self) -> None:
-        if not self._healthy:
-            logger.warning("kvtier: remote tier %s is healthy again", self.description)
-        self._healthy = True
-        self._backoff_s = 0.0
-
-    @property
-    def _buffered(self) -> bool:
-        """Values land in temporary buffers (sealed or compressed), not in the callers'."""
-        return self.sealer is not None or self.codec is not None
-
-    def _read_groups(self, outs: Sequence[memoryview]) -> list[tuple[int, int]]:
-        """``(start, stop)`` of the groups a batch is fetched in: one group when the values land
-        in the callers' buffers; else groups of about ``SEALED_GROUP_BYTES`` (at least
-        ``_MIN_GROUP_ITEMS``), which bounds the temporary buffers held at once."""
-        if not self._buffered:
-            return [(0, len(outs))]
-        groups: list[tuple[int, int]] = []
-        start, num_bytes = 0, 0
-        for index, out in enumerate(outs):
-            if index - start >= _MIN_GROUP_ITEMS and num_bytes + out.nbytes > SEALED_GROUP_BYTES:
-                groups.append((start, index))
-                start, num_bytes = index, 0
-            num_bytes += out.nbytes
-        return groups + [(start, len(outs))]
-
-    def _verify(self, found: Fetched | None, key: bytes, rank: int, layout_fingerprint: bytes,
-                stored: memoryview, out: memoryview, name: str, namespace: str) -> ReadResult:
-        """The result of one fetched value: ``found`` as the backend returned it, its payload at
-        the start of ``stored`` (which is ``out`` itself when not ``_buffered``). MISSING, OK
-        (``out`` holds the chunk) or CORRUPT; raises nothing, whatever the bytes."""
-        if found is None:
-            return ReadResult.MISSING
-        try:
-            most = HEADER_BYTES + stored.nbytes
-            if found.value_bytes != most and not (self.codec is not None and HEADER_BYTES <= found.value_bytes < most):
-                check_readable(found.header, self.sealer, self.codec)  # another setting's value: kept
-                raise EntryError(f"value has {found.value_bytes} bytes, expected {most}"
-                                 f"{' or fewer' if self.codec is not None else ''}")
-            unframe_into(found.header, stored[:found.value_bytes - HEADER_BYTES], key, rank, layout_fingerprint,
-                         out, self.sealer, namespace, self.codec)
-        except UnreadableEntryError as exc:  # another key or setting: a miss, left for its owner
-            logger.warning("kvtier: remote entry %s in %s cannot be opened by this kvtier (left in place): %s",
-                           name, self.description, exc)
-            return ReadResult.UNREADABLE
-        except EntryError as exc:
-            logger.warning("kvtier: bad remote entry %s in %s: %s", name, self.description, exc)
-            return ReadResult.CORRUPT
-        return ReadResult.OK
-
-    def _run_checks(self, checks: list[Callable[[], ReadResult]]) -> list[ReadResult]:
-        """Run the verifications of a group. Values that must be decrypted or decoded are checked
-        on ``DECODE_THREADS`` threads (AES-GCM, zstd and numpy release the GIL), the rest inline."""
-        if not self._buffered or len(checks) < 2 or DECODE_THREADS < 2:
-            return [check() for check in checks]
-        if self._decoders is None:
-            self._decoders = concurrent.futures.ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="kvtier-decode")
-        return list(self._decoders.map(lambda check: check(), checks))
 
     def _delete_quietly(self, names: Sequence[str]) -> None:
         try:
