@@ -18,6 +18,7 @@ from kvtier.crypto import SEAL_OVERHEAD_BYTES
 from kvtier.entry import HEADER_BYTES
 from kvtier.errors import ConfigError, LayoutError
 from kvtier.fingerprint import model_fingerprint
+from kvtier.integrations.vllm.state_layers import refuse_recurrent_state
 from kvtier.keys import Namespace
 from kvtier.layout import KVLayout
 
@@ -77,6 +78,9 @@ def build_setup(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> Engi
     transfer = vllm_config.kv_transfer_config
     extra = dict(transfer.kv_connector_extra_config or {}) if transfer is not None else {}
     config = load_config(extra, os.environ).config
+    model = vllm_config.model_config
+    refuse_recurrent_state(str(model.hf_config.model_type), [g.kv_cache_spec for g in kv_cache_config.kv_cache_groups],
+                           bool(model.has_inner_state))
     layout, layer_names = _layout_of(kv_cache_config, config.memory.kv_format)
     if config.chunk_tokens % layout.block_size:
         raise ConfigError("chunk_tokens", f"{config.chunk_tokens} is not a multiple of the engine's block "
