@@ -142,8 +142,11 @@ def test_the_startup_scan_keeps_an_mla_entry_with_its_one_shard(tmp_path: Path) 
     payload = bytes(MLA.chunk_bytes(CHUNK))
     files = DiskFiles(str(tmp_path), MLA.fingerprint())
     files.write(key(1), 0, payload, namespace=NS)
+    files.write(key(2), 0, payload, namespace=NS)
+    files.write(key(2), 1, payload, namespace=NS)  # written once per rank (before MLA was stored once)
     found = scan_disk(engine_setup(MLA, 2, tmp_path), Metrics(), None)
-    assert [item.key for item in found] == [key(1)]  # the old scan wanted rank 1's file too, and removed it
+    assert sorted(item.key for item in found) == [key(1), key(2)]  # the old scan wanted rank 1's file of key 1
+    assert sorted((entry.key, entry.rank) for entry in files.scan()) == [(key(1), 0), (key(2), 0)]  # never read
     split_dir = tmp_path / "split"
     split_files = DiskFiles(str(split_dir), SPLIT.fingerprint())
     split_files.write(key(1), 0, bytes(SPLIT.chunk_bytes(CHUNK)), namespace=NS)

@@ -32,7 +32,9 @@ def scan_disk(setup: EngineSetup, metrics: Metrics, sealer: Sealer | None) -> li
     Entries of the wrong size (truncated by a crash or tampering) are removed and counted; the
     payload checksum is verified later, when an entry is read. The files of an entry that some
     rank lacks (a write or read that failed on one tensor-parallel rank, a crash between the
-    ranks' writes) are removed: they can never be loaded, and would hold disk space for ever.
+    ranks' writes) are removed: they can never be loaded, and would hold disk space for ever; so
+    are the files of shards this engine does not have (written under a larger TP size, or once
+    per rank by an MLA engine before MLA chunks were stored once).
     """
     if setup.disk_dir is None:
         return []
@@ -41,6 +43,9 @@ def scan_disk(setup: EngineSetup, metrics: Metrics, sealer: Sealer | None) -> li
     ranks: dict[tuple[bytes, str], set[int]] = defaultdict(set)
     newest: dict[tuple[bytes, str], float] = {}
     for found in files.scan():
+        if found.rank >= setup.num_shards:  # another TP size's shard (or MLA's, once per rank): never read
+            files.delete([found.key], found.rank, namespace=found.namespace)
+            continue
         if found.file_bytes != expected:
             files.delete([found.key], found.rank, namespace=found.namespace)
             metrics.errors.labels(tier="disk").inc()
