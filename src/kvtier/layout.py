@@ -17,6 +17,8 @@ the kinds differ in what the page holds:
   CUDA MLA backends). One tensor per layer of shape [num_blocks, (1,) block_size, head_size]: a page is
   [block_size][latent], one latent vector per token (``kv_lora_rank`` + rope dims, e.g. 576) shared
   by every head, no separate K and V. ``num_kv_heads`` is 1 and ``head_size`` the latent's width.
+  Under tensor parallelism every rank holds the same latents (``replicated_across_ranks``), so a
+  chunk is stored once (one shard), not once per rank.
 ``derive_kind`` names the kind from what the engine registers (backend, shape, strides) and refuses
 anything else with a ``LayoutError`` naming the backend, shape and strides: never guessed, never
 silent zero hits. Entries of different kinds never meet: the kind is in every key's fingerprint.
@@ -91,6 +93,12 @@ class KVLayout:
     @property
     def dtype_bytes(self) -> int:
         return DTYPE_BYTES[self.dtype]
+
+    @property
+    def replicated_across_ranks(self) -> bool:
+        """Whether every tensor-parallel rank holds the same KV (MLA's latents): then a chunk has
+        one shard in the disk and remote tiers, written by rank 0 and read by every rank."""
+        return self.kind == "mla"
 
     @property
     def num_planes(self) -> int:

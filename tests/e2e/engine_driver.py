@@ -7,6 +7,8 @@ process, exactly as in production. Input (argv[1], a JSON file):
    "tensor_parallel_size": N (ranks are worker processes, one core each),
    "actions": [{"op": "generate", "prompts": [[ids...], ...], "max_tokens": N, "kvtier": {per-request},
                 "lora": {"name": S, "id": N, "path": DIR},
+                "images": [SEED | null, ...] (one per prompt: a random 112x112 RGB image from SEED; the prompt
+                          holds the model's image token once, vLLM expands it),
                 "save_transfer_params": FILE (the first output's kv_transfer_params, as JSON),
                 "save_outputs": FILE (this action's results, as JSON, for an engine the test kills),
                 "transfer_params_from": FILE (wait for it; its JSON is the request's kv_transfer_params)}
@@ -51,7 +53,8 @@ def run(spec: dict) -> list:
                 extra = {"kv_transfer_params": json.loads(source.read_text())}
             params = SamplingParams(temperature=0.0, max_tokens=action.get("max_tokens", 8), logprobs=3,
                                     extra_args=extra)
-            outs = llm.generate([{"prompt_token_ids": p} for p in action["prompts"]], params, use_tqdm=False,
+            images = action.get("images") or [None] * len(action["prompts"])
+            outs = llm.generate([_prompt(p, seed) for p, seed in zip(action["prompts"], images)], params, use_tqdm=False,
                                 lora_request=_lora_request(action.get("lora")))
             if "save_transfer_params" in action:
                 target = Path(action["save_transfer_params"])
@@ -88,6 +91,16 @@ def _lora_request(lora: dict | None):
     from vllm.lora.request import LoRARequest
 
     return None if lora is None else LoRARequest(lora["name"], lora["id"], lora["path"])
+
+
+def _prompt(token_ids: list[int], image_seed: int | None) -> dict:
+    if image_seed is None:
+        return {"prompt_token_ids": token_ids}
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(image_seed).integers(0, 256, (112, 112, 3), dtype=np.uint8)
+    return {"prompt_token_ids": token_ids, "multi_modal_data": {"image": Image.fromarray(pixels)}}
 
 
 def _output(out) -> dict:

@@ -43,7 +43,7 @@ class StoreShape:
     chunk_bytes: int
     num_slots: int
     disk_capacity_entries: int  # 0: no disk tier
-    world_size: int
+    num_shards: int  # shards of a chunk on disk and remote: one per rank, or 1 for MLA (every rank holds the same)
 
 
 class AdminService:
@@ -158,7 +158,7 @@ class AdminService:
         assert self._disk is not None
         if keys is None:
             return self._disk.delete_namespace(namespace)
-        return sum(self._disk.delete(keys, rank, namespace=namespace) for rank in range(self.shape.world_size))
+        return sum(self._disk.delete(keys, rank, namespace=namespace) for rank in range(self.shape.num_shards))
 
     def _delete_remote(self, namespace: str, keys: Sequence[bytes] | None) -> int | None:
         assert self._remote is not None
@@ -168,7 +168,7 @@ class AdminService:
             if not self._remote.healthy and self._remote.retry_after_s > 0:
                 return None
             removed = 0
-            for rank in range(self.shape.world_size):
+            for rank in range(self.shape.num_shards):
                 removed += self._remote.delete(list(keys), rank, namespace=namespace)
             return removed if self._remote.healthy else None
 

@@ -20,6 +20,7 @@ from kvtier.integrations.vllm.compat import (REQUIRED_KV_CACHE_LAYOUT, attention
                                               layer_hooks_run)
 from kvtier.integrations.vllm.events import events_enabled, int_block_hashes
 from kvtier.integrations.vllm.setup import build_setup
+from kvtier.integrations.vllm.state_layers import refuse_recurrent_state
 from kvtier.integrations.vllm.stats import KVTierPromMetrics, KVTierStats, StatsSource, build_stats
 from kvtier.metrics import Metrics
 from kvtier.plans import StepPlan, WorkerReport
@@ -107,6 +108,12 @@ class KVTierConnector(KVConnectorBase_V1):
 
     @classmethod
     def get_required_kvcache_layout(cls, vllm_config: "VllmConfig") -> str | None:
+        # vLLM asks this in the engine core before it sizes the KV cache: the first point where a
+        # model kvtier cannot serve is refused with kvtier's reason (with the hybrid manager off
+        # for this connector, vLLM's own check fails later, naming neither the model nor kvtier)
+        model = vllm_config.model_config
+        if model is not None:
+            refuse_recurrent_state(str(model.hf_config.model_type), [], bool(model.has_inner_state))
         return REQUIRED_KV_CACHE_LAYOUT  # the layout kvtier's keys are made for (checked at registration)
 
     @property

@@ -18,6 +18,7 @@ from kvtier.crypto import SEAL_OVERHEAD_BYTES
 from kvtier.entry import HEADER_BYTES
 from kvtier.errors import ConfigError, LayoutError
 from kvtier.fingerprint import model_fingerprint
+from kvtier.integrations.vllm.state_layers import refuse_recurrent_state
 from kvtier.keys import Namespace
 from kvtier.layout import KVLayout
 
@@ -43,6 +44,20 @@ class EngineSetup:
     def blocks_per_chunk(self) -> int:
         return self.config.chunk_tokens // self.layout.block_size
 
+    @property
+    def num_shards(self) -> int:
+        """Shards of a chunk in the disk and remote tiers: one per tensor-parallel rank, or one in
+        all when every rank holds the same KV (MLA): rank 0 writes it and every rank reads it."""
+        return 1 if self.layout.replicated_across_ranks else self.world_size
+
+    def shard_of(self, rank: int) -> int:
+        """The shard that ``rank`` reads (and writes, when ``writes_shard``)."""
+        return rank if rank < self.num_shards else 0
+
+    def writes_shard(self, rank: int) -> bool:
+        """Whether ``rank`` writes (and deletes) its shard; the others only acknowledge."""
+        return rank < self.num_shards
+
 
 def platform_layout_kind() -> str:
     """The layout kind this engine's KV tensors will have: vLLM-CPU's own, or on CUDA the packed
@@ -63,6 +78,9 @@ def build_setup(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> Engi
     transfer = vllm_config.kv_transfer_config
     extra = dict(transfer.kv_connector_extra_config or {}) if transfer is not None else {}
     config = load_config(extra, os.environ).config
+    model = vllm_config.model_config
+    refuse_recurrent_state(str(model.hf_config.model_type), [g.kv_cache_spec for g in kv_cache_config.kv_cache_groups],
+                           bool(model.has_inner_state))
     layout, layer_names = _layout_of(kv_cache_config, config.memory.kv_format)
     if config.chunk_tokens % layout.block_size:
         raise ConfigError("chunk_tokens", f"{config.chunk_tokens} is not a multiple of the engine's block "
@@ -71,8 +89,9 @@ def build_setup(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> Engi
     if parallel.pipeline_parallel_size > 1:
         raise ConfigError("engine", "kvtier does not support pipeline parallelism yet")
     world_size = parallel.tensor_parallel_size
+    num_shards = 1 if layout.replicated_across_ranks else world_size  # MLA: one copy, whatever the TP size
     namespace = Namespace(config.namespace, model_identity(vllm_config, config.model_id), layout.fingerprint(),
-                          world_size)
+                          num_shards)
     chunk_bytes = layout.chunk_bytes(config.chunk_tokens)
     num_slots = config.memory.capacity_bytes // chunk_bytes
     if num_slots < 1:
@@ -83,7 +102,7 @@ def build_setup(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> Engi
         disk_dir = os.path.join(config.disk.path, layout.fingerprint().hex()[:16])
         encrypted = config.encryption.key_file is not None or config.encryption.key_env is not None
         entry_bytes = HEADER_BYTES + chunk_bytes + (SEAL_OVERHEAD_BYTES if encrypted else 0)
-        disk_entries = config.disk.capacity_bytes // (world_size * entry_bytes)
+        disk_entries = config.disk.capacity_bytes // (num_shards * entry_bytes)
         if disk_entries < 1:
             raise ConfigError("disk.capacity", f"{config.disk.capacity_bytes} bytes is smaller than one "
                               f"entry ({entry_bytes} bytes per rank)")

@@ -26,12 +26,15 @@ logger = logging.getLogger("kvtier")
 
 
 def scan_disk(setup: EngineSetup, metrics: Metrics, sealer: Sealer | None) -> list[DiskItem]:
-    """Entries whose files exist for every rank with the right size, oldest first.
+    """Entries whose files exist for every shard (``EngineSetup.num_shards``: one per rank, or
+    one for MLA) with the right size, oldest first.
 
     Entries of the wrong size (truncated by a crash or tampering) are removed and counted; the
     payload checksum is verified later, when an entry is read. The files of an entry that some
     rank lacks (a write or read that failed on one tensor-parallel rank, a crash between the
-    ranks' writes) are removed: they can never be loaded, and would hold disk space for ever.
+    ranks' writes) are removed: they can never be loaded, and would hold disk space for ever; so
+    are the files of shards this engine does not have (written under a larger TP size, or once
+    per rank by an MLA engine before MLA chunks were stored once).
     """
     if setup.disk_dir is None:
         return []
@@ -40,6 +43,9 @@ def scan_disk(setup: EngineSetup, metrics: Metrics, sealer: Sealer | None) -> li
     ranks: dict[tuple[bytes, str], set[int]] = defaultdict(set)
     newest: dict[tuple[bytes, str], float] = {}
     for found in files.scan():
+        if found.rank >= setup.num_shards:  # another TP size's shard (or MLA's, once per rank): never read
+            files.delete([found.key], found.rank, namespace=found.namespace)
+            continue
         if found.file_bytes != expected:
             files.delete([found.key], found.rank, namespace=found.namespace)
             metrics.errors.labels(tier="disk").inc()
@@ -47,7 +53,7 @@ def scan_disk(setup: EngineSetup, metrics: Metrics, sealer: Sealer | None) -> li
         entry = (found.key, found.namespace)
         ranks[entry].add(found.rank)
         newest[entry] = max(newest.get(entry, 0.0), found.mtime)
-    every_rank = set(range(setup.world_size))
+    every_rank = set(range(setup.num_shards))
     complete = [DiskItem(key, namespace, newest[(key, namespace)])
                 for (key, namespace), seen in ranks.items() if every_rank <= seen]
     for (key, namespace), seen in ranks.items():
@@ -130,7 +136,7 @@ def serve_admin(scheduler: SchedulerSide, setup: EngineSetup) -> AdminServer | N
     audit = AuditLog(config.audit_log)
     disk = DiskFiles(setup.disk_dir, setup.layout.fingerprint()) if setup.disk_dir is not None else None
     shape = StoreShape(setup.chunk_tokens, setup.chunk_bytes, setup.num_slots, setup.disk_capacity_entries,
-                       setup.world_size)
+                       setup.num_shards)
     # the engine's books through its KVManager; its own tier handles (a remote tier is used by one
     # thread at a time; deletes need no key)
     service = AdminService(scheduler.lock, scheduler.manager, setup.namespace, shape, disk,

@@ -10,6 +10,10 @@ the engine's blocks on this thread once settled (``finished_loads``, from ``get_
 Stores run after the forward (``wait_for_save``); disk writes and uploads go through bounded
 background queues. No disk or network I/O ever runs on the engine's thread. Results go back in a
 ``WorkerReport``.
+
+Each rank reads and writes its own shard of a chunk (``EngineSetup.shard_of``), except where every
+rank holds the same KV (MLA): there rank 0 writes, deletes and uploads the chunk's one shard, every
+rank reads it, and the other ranks acknowledge each write at once (it commits when rank 0's lands).
 """
 
 from __future__ import annotations
@@ -68,13 +72,16 @@ class WorkerSide:
         ``remote``) serves uploads, so that failing writes leave reads healthy."""
         self.setup = setup
         self.rank = rank
+        self.shard = setup.shard_of(rank)  # the shard this rank reads (and writes, if writes_shard)
+        self.writes_shard = setup.writes_shard(rank)
+        self._acked_writes: list[bytes] = []  # disk writes acknowledged without writing (another rank's shard)
         self.remote = remote
         self.upload_remote = upload_remote or remote
         self.uploader: RemoteUploader | None = None
         self._step_started: float | None = None
         self._pending: list[_PendingStep] = []  # steps with work left, oldest first
         self._awaiting_free: set[str] = set()
-        if remote is not None:
+        if remote is not None and self.writes_shard:
             self.uploader = RemoteUploader(self.upload_remote, setup.layout.fingerprint(),
                                            setup.config.remote.queue_depth)
         self.report = WorkerReport()
@@ -107,7 +114,7 @@ class WorkerSide:
         groups = self.setup.config.memory.load_layer_groups
         if self.mover.ring is not None and pin and groups > 1 and self.setup.layout.kv_format == "exact":
             self.layered = LayeredLoads(self.paged, self.pool, self.mover.ring, self.setup.blocks_per_chunk, groups)
-        self.fills = FillExecutor(self.pool.memoryview, self.rank, self.setup.layout.fingerprint(), self.disk,
+        self.fills = FillExecutor(self.pool.memoryview, self.shard, self.setup.layout.fingerprint(), self.disk,
                                   self.remote)
         logger.info("kvtier: %d memory slots of %d bytes, disk %s", self.setup.num_slots,
                     self.setup.chunk_bytes, self.setup.disk_dir or "off")
@@ -130,6 +137,8 @@ class WorkerSide:
         if plan.is_empty():
             return
         for op in plan.spills:
+            if self._acknowledged_without_writing(op):
+                continue
             self._submit_disk_write(op, self._slot_bytes(op.slot))
         assert self.fills is not None and self.mover is not None
         if plan.async_loads:
@@ -280,22 +289,25 @@ class WorkerSide:
         """Finish the steps whose copies are done, oldest first (they complete in order)."""
         while self._pending and (self._pending[0].event is None or self._pending[0].event.query()):
             done = self._pending.pop(0)
-            if self.writer is not None:
+            if self.writer is not None and self.writes_shard:
                 for ref in done.deletes:
-                    self.writer.submit_delete(ref.key, self.rank, namespace=ref.namespace)
+                    self.writer.submit_delete(ref.key, self.shard, namespace=ref.namespace)
                 for namespace in done.purges:
                     self.writer.submit_purge(namespace)
             if self.uploader is not None:  # before this step's own uploads, which are newer
                 for invalidation in done.invalidations:
-                    self.uploader.remove(invalidation.namespace, invalidation.keys, self.rank)
+                    self.uploader.remove(invalidation.namespace, invalidation.keys, self.shard)
             if done.stores:
                 self.report.stored.extend(op.key for op in done.stores)
                 self.report.store_seconds.append(time.perf_counter() - done.started)
             for op in done.write_through:  # straight from the slot: the store keeps it until written
                 assert self.pool is not None
+                if self._acknowledged_without_writing(op):
+                    continue
                 self._submit_disk_write(op, self.pool.memoryview(op.slot))
             for op in done.remote_puts:
-                self._submit_upload(op, self._slot_bytes(op.slot))
+                if self.uploader is not None:  # None on a rank that does not write its shard (MLA)
+                    self._submit_upload(op, self._slot_bytes(op.slot))
 
     def handle_preemptions(self, plan: StepPlan) -> None:
         """Called on every step (vLLM 0.26 calls it whether or not anything was preempted): wait
@@ -324,16 +336,24 @@ class WorkerSide:
         assert self.pool is not None
         return bytes(self.pool.memoryview(slot))
 
+    def _acknowledged_without_writing(self, op: SlotOp) -> bool:
+        """On a rank that does not write its shard (MLA: rank 0 writes the one copy), acknowledge
+        the disk write of ``op`` as done and return True; elsewhere False."""
+        if self.writer is None or self.writes_shard:
+            return False
+        self._acked_writes.append(op.key)
+        return True
+
     def _submit_disk_write(self, op: SlotOp, payload: bytes | memoryview) -> None:
         if self.writer is None:
             return
-        if not self.writer.submit_write(op.key, self.rank, payload, namespace=op.namespace):
+        if not self.writer.submit_write(op.key, self.shard, payload, namespace=op.namespace):
             self.report.num_dropped_writes += 1
             self.report.disk_failed.append(op.key)
 
     def _submit_upload(self, op: SlotOp, payload: bytes) -> None:
         assert self.uploader is not None
-        if not self.uploader.submit(op.key, self.rank, payload, namespace=op.namespace, ttl_s=op.ttl_s):
+        if not self.uploader.submit(op.key, self.shard, payload, namespace=op.namespace, ttl_s=op.ttl_s):
             self.report.num_remote_dropped += 1
             self.report.remote_failed.append(op.key)
 
@@ -347,6 +367,8 @@ class WorkerSide:
             self.report.disk_failed.extend(failed)
             self.report.num_disk_write_errors += len(failed)
             self.report.disk_written_bytes += len(written) * self.setup.chunk_bytes
+            self.report.disk_written.extend(self._acked_writes)  # acknowledged, not written: no bytes
+            self._acked_writes = []
         if self.uploader is not None:
             uploaded, failed = self.uploader.take_results()
             self.report.remote_written_bytes += len(uploaded) * self.setup.chunk_bytes
