@@ -66,7 +66,8 @@ class TieredStore:
     @property
     def events(self) -> EventLog | None:
         """Where entries becoming visible or invisible to lookups are recorded, per tier (memory,
-        disk; entries found on disk at start-up are not announced); None: nowhere."""
+        disk; entries found on disk at start-up are not recorded: the integration announces
+        them itself); None: nowhere."""
         return self._events
 
     @events.setter
@@ -74,6 +75,11 @@ class TieredStore:
         self._events = events
         self._memory.events = events
         self._disk.events = events
+
+    @property
+    def disk_books(self) -> DiskBooks:
+        """The disk tier's books (read them only: ``items``, ``get``), for KV events."""
+        return self._disk
 
     # ----- queries -------------------------------------------------------------------------
     def lookup(self, keys: Sequence[bytes]) -> Lookup:

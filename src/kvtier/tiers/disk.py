@@ -5,7 +5,8 @@ Layout on disk: ``root/<namespace>/<first 2 hex of key>/<32 hex key>.<rank>.kvt`
 ``tiers/framing.py``). Writes go to a temp file in the same directory
 (``<final name>.<pid>.<thread>.tmp``) and are published with ``os.replace``, so a reader sees a
 whole old file, a whole new file or none. No fsync: after a power loss a published file may be
-torn, which the checksums catch on read (a miss, never wrong KV).
+torn, which the checksums catch on read (a miss, never wrong KV). Beside an entry there may be
+``<32 hex key>.tokens``, its chunk's tokens for KV events (``tiers/disk_tokens.py``), deleted with it.
 
 ``DiskFiles`` holds no mutable state and is safe from any thread. The scheduler owns the books
 (which entries exist, what to evict); this module only moves bytes and reports results.
@@ -30,6 +31,7 @@ from kvtier.crypto import Sealer
 from kvtier.entry import HEADER_BYTES
 from kvtier.errors import ConfigError, EntryError, UnreadableEntryError
 from kvtier.tiers.contract import ReadResult
+from kvtier.tiers.disk_tokens import TOKENS_NAME, tokens_path
 from kvtier.tiers.framing import check_readable, frame, stored_bytes, unframe_into
 
 logger = logging.getLogger(__name__)
@@ -236,8 +238,11 @@ class DiskFiles:
         return done
 
     def delete(self, keys: Sequence[bytes], rank: int, *, namespace: str) -> int:
-        """Remove the entry files of ``keys`` for ``rank``; how many there were (a missing file
-        is fine)."""
+        """Remove the entry files of ``keys`` for ``rank`` (rank 0: their tokens files too,
+        ``tiers/disk_tokens.py``); how many entry files there were (a missing file is fine)."""
+        if rank == 0:
+            for key in keys:
+                _unlink_quietly(tokens_path(self.root, key, namespace))
         return sum(_unlink_quietly(self.path_for(key, rank, namespace)) for key in keys)
 
     def _check_layout(self, layout_fingerprint: bytes) -> None:
@@ -246,7 +251,7 @@ class DiskFiles:
                              f"not {layout_fingerprint.hex()}")
 
     def delete_namespace(self, namespace: str) -> int:
-        """Remove every entry file (and temp file) of ``namespace``; returns how many entries
+        """Remove every entry file (and temp and tokens file) of ``namespace``; returns how many entries
         went. A write racing with it may publish one file after: callers that must leave nothing
         queue a second purge behind their writes (``DiskWriter.submit_purge``)."""
         removed = 0
@@ -255,7 +260,8 @@ class DiskFiles:
             if not subdir.is_dir(follow_symlinks=False):
                 continue
             for item in _list_dir(subdir.path):
-                if _ENTRY_NAME.fullmatch(item.name) or _TEMP_NAME.fullmatch(item.name):
+                if _ENTRY_NAME.fullmatch(item.name) or _TEMP_NAME.fullmatch(item.name) or \
+                        TOKENS_NAME.fullmatch(item.name):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(item.path)
                         removed += item.name.endswith(".kvt")

@@ -78,6 +78,7 @@ class KVTierConnector(KVConnectorBase_V1):
         self._stats: StatsSource | None = None
         if role == KVConnectorRole.SCHEDULER:
             from kvtier.integrations.vllm.scheduler import SchedulerSide
+            from kvtier.tiers.disk_tokens import ChunkTokenFiles
             from kvtier.integrations.vllm.startup import open_remote_tier, open_sealer, open_signing_key, scan_disk, \
                 serve_admin, serve_metrics
 
@@ -88,7 +89,8 @@ class KVTierConnector(KVConnectorBase_V1):
                                             open_remote_tier(setup, sealer), open_signing_key(setup))
             self._admin = serve_admin(self._scheduler, setup)
             if events_enabled(vllm_config):
-                self._scheduler.enable_events(int_block_hashes())
+                token_files = ChunkTokenFiles(setup.disk_dir, sealer) if setup.disk_dir is not None else None
+                self._scheduler.enable_events(int_block_hashes(), token_files)
             self._stats = StatsSource(self._scheduler)
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank

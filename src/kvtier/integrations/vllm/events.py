@@ -15,19 +15,25 @@ kvtier's tiers as further media:
   (``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES``, on by default), their low 64 bits as vLLM does with
   its own. A router recomputes its own chain from ``token_ids`` and the parent (as llm-d and
   Dynamo do) and uses the engine's hashes to match removals.
-Chunks whose tokens this process never saw (found on disk at start-up) are not announced.
+Disk entries found at start-up are announced (one ``BlockStored`` run per chain, medium ``DISK``,
+with the first events the engine publishes) when their tokens were kept: with KV events on, every
+chunk announced on disk also gets a tokens file beside its entry (``tiers/disk_tokens.py``,
+written on a background thread, sealed with encryption at rest). Entries without one (written
+with events off, or by an older kvtier) are not announced.
 """
 
 from __future__ import annotations
 
 import array
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVCacheEvent
 
-from kvtier.events import TierEvent
+from kvtier.disk_books import DiskBooks
+from kvtier.events import EventLog, TierEvent
+from kvtier.tiers.disk_tokens import ChunkTokenFiles, TokenWriter
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -76,10 +82,12 @@ class ChunkTokens:
 class EventTranslator:
     """Turns ``TierEvent`` lists into vLLM KV events (see the module docstring)."""
 
-    def __init__(self, chunk_tokens: int, chunks: ChunkTokens, int_hashes: bool) -> None:
+    def __init__(self, chunk_tokens: int, chunks: ChunkTokens, int_hashes: bool,
+                 on_disk_stored: Callable[[bytes, bytes | None, list[int]], None] | None = None) -> None:
         self.chunk_tokens = chunk_tokens
         self.chunks = chunks
         self.int_hashes = int_hashes
+        self.on_disk_stored = on_disk_stored  # told the parent and tokens of every chunk announced on disk
         self.num_unannounced = 0  # stored chunks skipped: their tokens are unknown here
 
     def block_hash(self, key: bytes) -> bytes | int:
@@ -110,6 +118,8 @@ class EventTranslator:
                 self.num_unannounced += 1
                 continue
             parent, chunk_token_ids = chunk
+            if event.tier == "disk" and self.on_disk_stored is not None:
+                self.on_disk_stored(key, parent, chunk_token_ids)
             if run and parent != run[-1]:
                 out.append(self._block_stored(run, first_parent, tokens, event.tier))
                 run, tokens = [], []
@@ -126,3 +136,54 @@ class EventTranslator:
                            parent_block_hash=None if parent is None else self.block_hash(parent),
                            token_ids=tokens, block_size=self.chunk_tokens, lora_id=None, medium=MEDIUM[tier],
                            lora_name=None)
+
+
+class KVEvents:
+    """kvtier's tiers as vLLM KV events for one engine: the log the books record into, the tokens
+    of recently keyed chunks, and, with a disk tier, the tokens files that let a restarted engine
+    announce its disk (see the module docstring). Used from the scheduler's thread only."""
+
+    def __init__(self, chunk_tokens: int, capacity: int, int_hashes: bool, disk: DiskBooks | None,
+                 token_files: ChunkTokenFiles | None) -> None:
+        """``capacity``: chunks whose tokens are remembered; ``disk``: the disk tier's books (its
+        entries at start-up are announced from ``token_files``)."""
+        self.log = EventLog(("memory", "disk", "remote"))
+        self.chunks = ChunkTokens(capacity)
+        self._disk = disk
+        self._writer: TokenWriter | None = None
+        self._startup: list[KVCacheEvent] = []
+        on_disk_stored = None
+        if disk is not None and token_files is not None:
+            self._startup = announce_disk(disk, token_files, chunk_tokens, int_hashes)
+            self._writer = TokenWriter(token_files)
+            on_disk_stored = self._keep_tokens
+        self.translator = EventTranslator(chunk_tokens, self.chunks, int_hashes, on_disk_stored)
+
+    def take(self) -> list[KVCacheEvent]:
+        """What the tiers stored and removed since the last call (the disk found at start-up first)."""
+        startup, self._startup = self._startup, []
+        return startup + self.translator.translate(self.log.take())
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+    def _keep_tokens(self, key: bytes, parent: bytes | None, tokens: list[int]) -> None:
+        entry = self._disk.get(key) if self._disk is not None else None
+        if entry is not None and self._writer is not None:
+            self._writer.submit(key, entry.namespace, parent, tokens)
+
+
+def announce_disk(disk: DiskBooks, files: ChunkTokenFiles, chunk_tokens: int, int_hashes: bool) -> list[KVCacheEvent]:
+    """``BlockStored`` events (medium ``DISK``) for the entries of ``disk`` whose tokens files read
+    back, oldest first; removes the tokens files of entries that are gone."""
+    entries = [(key, entry.namespace) for key, entry in disk.items()]
+    files.remove_orphans(entries)
+    found = ChunkTokens(max(len(entries), 1))
+    keys = []
+    for key, namespace in entries:
+        chunk = files.read(key, namespace)
+        if chunk is not None and len(chunk[1]) == chunk_tokens:
+            found.remember(key, *chunk)
+            keys.append(key)
+    return EventTranslator(chunk_tokens, found, int_hashes).translate([TierEvent("stored", "disk", tuple(keys))])

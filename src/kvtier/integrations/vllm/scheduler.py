@@ -29,9 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
 
-from kvtier.events import EventLog
 from kvtier.integrations.vllm.compat import RequestBlocks
-from kvtier.integrations.vllm.events import EXTRA_CHUNKS, ChunkTokens, EventTranslator
+from kvtier.integrations.vllm.events import EXTRA_CHUNKS, KVEvents
 from kvtier.integrations.vllm.requests import RequestControls, Trust, content_binding, request_controls
 from kvtier.integrations.vllm.setup import EngineSetup
 from kvtier.keys import chunk_keys
@@ -40,6 +39,7 @@ from kvtier.metrics import Metrics
 from kvtier.plans import AsyncLoad, LoadOp, StepPlan, StoreOp, WorkerReport
 from kvtier.signing import HandoffClaim, SigningKey, prompt_id_of, sign_handoff
 from kvtier.store import DiskItem, TieredStore
+from kvtier.tiers.disk_tokens import ChunkTokenFiles
 from kvtier.tiers.remote import RemoteTier
 
 if TYPE_CHECKING:
@@ -110,7 +110,7 @@ class SchedulerSide:
         self._no_cache = frozenset(filter(None, setup.config.no_cache_namespaces.split(",")))
         remote_deadline_s = setup.config.remote.timeout_ms / 1000
         self._async_deadline_s = DISK_LOAD_DEADLINE_S if remote is None else max(remote_deadline_s, 0.001)
-        self._events: tuple[EventLog, EventTranslator] | None = None  # vLLM KV events, when published
+        self._events: KVEvents | None = None  # vLLM KV events, when published
 
     @property
     def store(self) -> TieredStore:
@@ -255,24 +255,25 @@ class SchedulerSide:
                 self.manager.release(req_id)
 
     @_locked
-    def enable_events(self, int_hashes: bool) -> None:
+    def enable_events(self, int_hashes: bool, token_files: ChunkTokenFiles | None) -> None:
         """Record every tier's stored and removed chunks for vLLM's KV events (``take_events``);
-        ``int_hashes``: block hashes as vLLM publishes its own (64-bit integers, or bytes)."""
-        log = EventLog(("memory", "disk", "remote"))
-        chunks = ChunkTokens(self.setup.num_slots + EXTRA_CHUNKS)
-        self._events = log, EventTranslator(self.setup.chunk_tokens, chunks, int_hashes)
-        self.manager.record_events(log)
+        ``int_hashes``: block hashes as vLLM publishes its own (64-bit integers, or bytes);
+        ``token_files``: the disk tier's tokens files (its entries are announced from them, and
+        kept for every chunk it stores), None without a disk tier."""
+        disk = self.store.disk_books if token_files is not None else None
+        self._events = KVEvents(self.setup.chunk_tokens, self.setup.num_slots + EXTRA_CHUNKS, int_hashes, disk,
+                                token_files)
+        self.manager.record_events(self._events.log)
 
     @_locked
     def take_events(self) -> list["KVCacheEvent"]:
         """The tiers' stored and removed chunks since the last call, as vLLM KV events."""
-        if self._events is None:
-            return []
-        log, translator = self._events
-        return translator.translate(log.take())
+        return [] if self._events is None else self._events.take()
 
     def shutdown(self) -> None:
         self.manager.close()
+        if self._events is not None:
+            self._events.close()
 
     @_locked
     def request_finished(self, request: "Request") -> tuple[bool, dict[str, object] | None]:
@@ -353,7 +354,7 @@ class SchedulerSide:
             if self._events is not None:  # the tokens of each key, for its stored events
                 chunk = self.setup.chunk_tokens
                 for index, key in enumerate(more, start=len(state.keys)):
-                    self._events[1].chunks.remember(key.digest, parent, tokens[index * chunk:(index + 1) * chunk])
+                    self._events.chunks.remember(key.digest, parent, tokens[index * chunk:(index + 1) * chunk])
                     parent = key.digest
             state.keys.extend(key.digest for key in more)
         return state.keys

@@ -1,0 +1,120 @@
+"""The tokens files of disk entries (``kvtier.tiers.disk_tokens``) and the start-up announcement of
+a disk tier in vLLM's KV events (``KVEvents``): files round-trip (clear and sealed), anything else
+reads as absent, they go where their entries go, and a restarted engine announces exactly the
+entries whose tokens it kept."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kvtier.crypto import MASTER_KEY_BYTES, Sealer
+from kvtier.store import DiskItem, DiskSettings
+from kvtier.tiers.disk import DiskFiles
+from kvtier.tiers.disk_tokens import ChunkTokenFiles, TokenWriter, decode, encode, tokens_path
+from kvtier.plans import WorkerReport
+from tests.unit.test_store import NS, key, make
+
+CHUNK = 4
+LAYOUT = b"\x01" * 16
+
+
+@given(st.one_of(st.none(), st.binary(min_size=16, max_size=16)), st.lists(st.integers(0, 2**32 - 1), max_size=300))
+def test_encode_decode_round_trip(parent: bytes | None, tokens: list[int]) -> None:
+    assert decode(encode(parent, tokens)) == (parent, tokens)
+
+
+@given(st.binary(max_size=64))
+def test_random_bytes_never_decode_to_a_wrong_length(data: bytes) -> None:
+    decoded = decode(data)
+    assert decoded is None or len(data) == 30 + 4 * len(decoded[1])
+
+
+def test_a_file_round_trips_and_a_damaged_one_reads_as_absent(tmp_path: Path) -> None:
+    files = ChunkTokenFiles(str(tmp_path), None)
+    files.write(key(1), NS, None, [1, 2, 3, 4])
+    files.write(key(2), NS, key(1), [5, 6, 7, 8])
+    assert files.read(key(1), NS) == (None, [1, 2, 3, 4])
+    assert files.read(key(2), NS) == (key(1), [5, 6, 7, 8])
+    assert files.read(key(3), NS) is None and files.read(key(1), "other") is None
+    path = tokens_path(str(tmp_path), key(2), NS)
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[:-1])  # torn write
+    assert files.read(key(2), NS) is None
+
+
+def test_sealed_files_open_only_under_their_namespace_and_key(tmp_path: Path) -> None:
+    sealer = Sealer(b"k" * MASTER_KEY_BYTES)
+    files = ChunkTokenFiles(str(tmp_path), sealer)
+    files.write(key(1), NS, key(9), [10, 20, 30, 40])
+    path = Path(tokens_path(str(tmp_path), key(1), NS))
+    assert b"\x0a\x00\x00\x00\x14\x00\x00\x00" not in path.read_bytes()  # tokens are not in clear
+    assert files.read(key(1), NS) == (key(9), [10, 20, 30, 40])
+    assert ChunkTokenFiles(str(tmp_path), None).read(key(1), NS) is None
+    assert ChunkTokenFiles(str(tmp_path), Sealer(b"x" * MASTER_KEY_BYTES)).read(key(1), NS) is None
+    other = Path(tokens_path(str(tmp_path), key(2), NS))
+    other.parent.mkdir(parents=True, exist_ok=True)
+    other.write_bytes(path.read_bytes())  # swapped onto another entry
+    assert files.read(key(2), NS) is None
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    assert files.read(key(1), NS) is None
+
+
+def test_tokens_go_where_their_entry_goes(tmp_path: Path) -> None:
+    disk = DiskFiles(str(tmp_path), LAYOUT)
+    tokens = ChunkTokenFiles(str(tmp_path), None)
+    for i in (1, 2, 3):
+        tokens.write(key(i), NS, None, [i] * CHUNK)
+    disk.delete([key(1)], 1, namespace=NS)  # another rank's file: the tokens stay
+    assert tokens.read(key(1), NS) is not None
+    disk.delete([key(1)], 0, namespace=NS)
+    assert tokens.read(key(1), NS) is None and tokens.read(key(2), NS) is not None
+    assert disk.scan() == []  # tokens files are not entries
+    assert tokens.remove_orphans([(key(3), NS)]) == 1
+    assert tokens.read(key(2), NS) is None and tokens.read(key(3), NS) is not None
+    disk.delete_namespace(NS)
+    assert not os.path.exists(os.path.join(str(tmp_path), NS))
+
+
+def test_the_writer_writes_off_thread_and_counts_what_the_disk_refuses(tmp_path: Path) -> None:
+    writer = TokenWriter(ChunkTokenFiles(str(tmp_path), None))
+    writer.submit(key(1), NS, None, [1, 2, 3, 4])
+    writer.close()
+    assert ChunkTokenFiles(str(tmp_path), None).read(key(1), NS) == (None, [1, 2, 3, 4])
+    blocked = tmp_path / "file"
+    blocked.write_bytes(b"")
+    writer = TokenWriter(ChunkTokenFiles(str(blocked), None))  # the root is a file: every write fails
+    writer.submit(key(1), NS, None, [1])
+    writer.close()
+    assert writer.num_dropped == 1
+
+
+def test_a_restarted_engine_announces_the_disk_entries_whose_tokens_it_kept(tmp_path: Path) -> None:
+    from vllm.distributed.kv_events import BlockStored
+
+    from kvtier.integrations.vllm.events import KVEvents
+
+    files = ChunkTokenFiles(str(tmp_path), None)
+    files.write(key(1), NS, None, [1] * CHUNK)
+    files.write(key(2), NS, key(1), [2] * CHUNK)
+    files.write(key(7), NS, None, [7] * CHUNK)  # its entry is gone: removed at start-up
+    initial = [DiskItem(key(i), NS, 1.0 + i) for i in (1, 2, 3)]  # key 3: written with events off
+    store = make(disk=DiskSettings(8, write_through=True, initial=initial))
+    events = KVEvents(CHUNK, 16, False, store.disk_books, files)
+    store.events = events.log
+    first = events.take()
+    assert first == [BlockStored(block_hashes=[key(1), key(2)], parent_block_hash=None, token_ids=[1] * 4 + [2] * 4,
+                                 block_size=CHUNK, lora_id=None, medium="DISK", lora_name=None)]
+    assert events.take() == [] and files.read(key(7), NS) is None
+    # a chunk stored on disk from now on keeps its tokens for the next restart
+    events.chunks.remember(key(4), key(2), [4] * CHUNK)
+    assert store.prepare_store(key(4), NS) is not None
+    store.complete(WorkerReport(stored=[key(4)], disk_written=[key(4)]))
+    assert [e.medium for e in events.take()] == ["CPU", "DISK"]
+    events.close()
+    assert files.read(key(4), NS) == (key(2), [4] * CHUNK)
