@@ -31,6 +31,7 @@ from kvtier.entry import HEADER_BYTES
 from kvtier.errors import ConfigError, EntryError, UnreadableEntryError
 from kvtier.tiers.contract import ReadResult
 from kvtier.tiers.framing import check_readable, frame, stored_bytes, unframe_into
+from kvtier.tiers.io_threads import unbind_this_thread
 
 logger = logging.getLogger(__name__)
 
@@ -367,6 +368,7 @@ class DiskWriter:
         self._thread.join()
 
     def _run(self) -> None:
+        unbind_this_thread()
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._ops or self._closed)

@@ -21,6 +21,7 @@ import threading
 import time
 
 from kvtier.tiers.disk import DiskFiles
+from kvtier.tiers.io_threads import unbind_this_thread
 from kvtier.tiers.peer_wire import OP_LOOKUP, EntryName, ProtocolError, encode_ages, read_request, \
     server_handshake, value_head
 
@@ -107,6 +108,7 @@ class PeerServer:
                 _shutdown_quietly(conn)
 
     def _accept_loop(self) -> None:
+        unbind_this_thread()  # its connection threads inherit this
         while not self._stop.is_set():
             try:
                 conn, address = self._listener.accept()
