@@ -104,7 +104,7 @@ def test_it_exits_when_its_parent_dies(files: DiskFiles, tmp_path: Path) -> None
         f"p, port = start_peer_process('127.0.0.1', 0, {files.root!r}, bytes(range(32)), dict(os.environ))\n"
         "print(p.pid, flush=True)\n"
         "if os.fork() == 0:\n"
-        "    import time; time.sleep(30); os._exit(0)\n"  # a child holding the pipe to its stdin
+        "    import time; time.sleep(8); os._exit(0)\n"  # a child holding the pipe to its stdin
         "os.kill(os.getpid(), 9)\n"
     )
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)

@@ -29,6 +29,7 @@ import argparse
 import logging
 import os
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -133,6 +134,7 @@ def read_secret(stdin: IO[bytes]) -> bytes:
 
 def main(argv: Sequence[str] | None = None) -> int:
     unbind_this_thread()  # before any thread starts: they inherit it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the worker decides
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="kvtier peer process: %(message)s")
     args = parse_args(sys.argv[1:] if argv is None else argv)
     parent = os.getppid()
