@@ -224,7 +224,8 @@ def _ttft_bars(axis, names: list[str], results: list[dict]) -> None:  # type: ig
         axis.bar([x + offset for x in positions], [result[key] for result in results], width=0.4, label=label)
     axis.set_xticks(list(positions), names)
     axis.set_ylabel("TTFT (s)")
-    axis.legend()
+    axis.set_ylim(0, 1.3 * max(result["ttft_p95_s"] for result in results))  # room for the legend above the bars
+    axis.legend(loc="upper center", ncol=2)
 
 
 def main() -> int:
@@ -264,7 +265,8 @@ def main() -> int:
               "engine_kv_mib": args.engine_kv_mib, "kvtier_memory_mib": args.memory_mib}
     if args.sharing:
         out.update(run_sharing(records, logs, args))
-        out["sharing_setup"] = {**common, "instances": args.instances, "routing": "round_robin"}
+        out["sharing_setup"] = {**common, "instances": args.instances, "routing": "round_robin",
+                                "command": " ".join(["benchmarks/fleet_routing_cpu.py", *sys.argv[1:]])}
     else:
         out.update(common)
         out["instances"] = args.instances
