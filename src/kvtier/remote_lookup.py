@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from kvtier.tiers.io_threads import unbind_this_thread
 from kvtier.tiers.remote import RemoteTier
 
 
@@ -32,7 +33,8 @@ class RemoteLookups:
         self._rank = rank
         self._timeout_s = timeout_s
         self._inline_wait_s = inline_wait_s
-        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvtier-lookup")
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvtier-lookup",
+                                                                  initializer=unbind_this_thread)
         self._questions: dict[str, _Question] = {}
         self.num_timeouts = 0
 

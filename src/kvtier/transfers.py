@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from kvtier.plans import SlotOp
 from kvtier.tiers.contract import ReadResult
 from kvtier.tiers.disk import DiskFiles
+from kvtier.tiers.io_threads import unbind_this_thread
 from kvtier.tiers.remote import RemoteTier
 
 
@@ -80,10 +81,12 @@ class FillExecutor:
         self._layout_fingerprint = layout_fingerprint
         self._disk = disk
         self._remote = remote
-        self._threads = {tier: concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"kvtier-fill-{tier}")
+        self._threads = {tier: concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"kvtier-fill-{tier}",
+                                                                 initializer=unbind_this_thread)
                          for tier in ("disk", "remote")}
         self._disk_readers = concurrent.futures.ThreadPoolExecutor(max(1, disk_readers),
-                                                                   thread_name_prefix="kvtier-disk-read")
+                                                                   thread_name_prefix="kvtier-disk-read",
+                                                                   initializer=unbind_this_thread)
         self._jobs: list[_Job] = []  # submitted, oldest first, until every batch's result was taken
 
     def submit(self, job_id: str, disk_ops: Sequence[SlotOp], remote_ops: Sequence[SlotOp], deadline_s: float) -> None:

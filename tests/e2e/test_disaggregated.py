@@ -60,9 +60,6 @@ def test_proxy_prefills_on_one_server_and_decodes_on_the_other(tiny_model: str, 
     check_disaggregated(tiny_model, tmp_path, redis_url, None, None)
 
 
-@pytest.mark.xfail(reason="known defect (intermittent, 3 failures in 4 runs): under `vllm serve` the decode "
-                          "server's P2P fetches pass their deadline (the lookups and the handoff wait work; "
-                          "offline engines fetch fine: tests/e2e/test_p2p.py); docs/fleet.md", strict=False)
 def test_proxy_disaggregates_peer_to_peer_without_redis(tiny_model: str, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """The prefill server serves its chunks to peers (``p2p.listen``, its disk tier); the decode

@@ -47,7 +47,7 @@ def files(tmp_path: Path) -> DiskFiles:
 
 @pytest.fixture
 def server(files: DiskFiles) -> Iterator[PeerServer]:
-    peer = PeerServer("127.0.0.1", 0, SECRET, DiskSource(files))
+    peer = PeerServer("127.0.0.1", 0, SECRET, DiskSource(files.root))
     yield peer
     peer.close()
 
@@ -107,7 +107,7 @@ def test_a_client_that_skips_the_handshake_gets_nothing(server: PeerServer) -> N
 
 
 def test_a_peer_killed_between_calls_costs_misses_then_backs_off(files: DiskFiles) -> None:
-    server = PeerServer("127.0.0.1", 0, SECRET, DiskSource(files))
+    server = PeerServer("127.0.0.1", 0, SECRET, DiskSource(files.root))
     tier = _tier(server.port)
     assert tier.exists_prefix([_key(0)], 0, namespace=NS) == 1
     server.close()
@@ -428,6 +428,8 @@ def test_start_up_serves_and_fetches_through_the_configured_peers(tmp_path: Path
     service = serve_peers(server_setup, 0, files)
     assert service is not None
     try:
+        assert service.process.poll() is None  # a process of its own, started without the key variable
+        assert b"PEER_SECRET=" not in Path(f"/proc/{service.process.pid}/environ").read_bytes()
         tier = open_peer_tier(setup({"p2p.peers": address}), None)
         out = bytearray(layout.chunk_bytes(16))
         assert tier.get_into(_key(1), 0, memoryview(out), layout.fingerprint(), namespace="default") is ReadResult.OK

@@ -33,6 +33,7 @@ from kvtier.errors import ConfigError, EntryError, UnreadableEntryError
 from kvtier.tiers.contract import ReadResult
 from kvtier.tiers.disk_tokens import TOKENS_NAME, tokens_path
 from kvtier.tiers.framing import check_readable, frame, stored_bytes, unframe_into
+from kvtier.tiers.io_threads import unbind_this_thread
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,21 @@ _ENTRY_NAME = re.compile(r"([0-9a-f]{32})\.(\d+)\.kvt")
 _TEMP_NAME = re.compile(r"[0-9a-f]{32}\.\d+\.kvt\.[0-9a-f.]+\.tmp")  # (older versions: pid.thread)
 _SUBDIR_NAME = re.compile(r"[0-9a-f]{2}")
 _KEY_BYTES = 16
+
+
+def namespace_dir(root: str, namespace: str) -> str:
+    """``root/<namespace>``; ValueError for a name that is not a namespace (never a path)."""
+    if not is_namespace(namespace):
+        raise ValueError(f"namespace {namespace!r} is not {NAMESPACE_RULE}")
+    return os.path.join(root, namespace)
+
+
+def entry_path(root: str, key: bytes, rank: int, namespace: str) -> str:
+    """The file of entry ``key`` (rank ``rank``) of ``namespace`` under the disk root ``root``."""
+    if len(key) != _KEY_BYTES:
+        raise ValueError(f"a storage key is {_KEY_BYTES} bytes, got {len(key)}")
+    name = key.hex()
+    return os.path.join(namespace_dir(root, namespace), name[:2], f"{name}.{rank}.kvt")
 
 
 class DiskFiles:
@@ -68,16 +84,11 @@ class DiskFiles:
             raise ConfigError("disk.path", f"directory {root!r} is not creatable or writable: {exc}") from exc
 
     def path_for(self, key: bytes, rank: int, namespace: str) -> str:
-        if len(key) != _KEY_BYTES:
-            raise ValueError(f"a storage key is {_KEY_BYTES} bytes, got {len(key)}")
-        name = key.hex()
-        return os.path.join(self.namespace_dir(namespace), name[:2], f"{name}.{rank}.kvt")
+        return entry_path(self.root, key, rank, namespace)
 
     def namespace_dir(self, namespace: str) -> str:
         """``root/<namespace>``; ValueError for a name that is not a namespace (never a path)."""
-        if not is_namespace(namespace):
-            raise ValueError(f"namespace {namespace!r} is not {NAMESPACE_RULE}")
-        return os.path.join(self.root, namespace)
+        return namespace_dir(self.root, namespace)
 
     def entry_bytes(self, payload_bytes: int) -> int:
         """Size of the file holding a payload (chunk) of ``payload_bytes`` bytes: a file of any
@@ -373,6 +384,7 @@ class DiskWriter:
         self._thread.join()
 
     def _run(self) -> None:
+        unbind_this_thread()
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._ops or self._closed)

@@ -16,6 +16,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from kvtier.tiers.io_threads import unbind_this_thread
+
 logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "kvtier:p2p:peer:"
@@ -69,6 +71,7 @@ class Heartbeat:
             logger.warning("kvtier: cannot register peer address %s: %s", self._address, exc)
 
     def _run(self) -> None:
+        unbind_this_thread()
         while not self._stop.wait(self._ttl_s / 3):
             self._beat()
 

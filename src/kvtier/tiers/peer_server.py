@@ -1,7 +1,10 @@
 """The peer server: answers other kvtier instances' lookups and fetches from this instance's tiers.
 
-Runs in the process that holds the bytes (the vLLM worker: ``integrations/vllm/startup.serve_peers``),
-on background threads: one accepting, one per connection (at most ``MAX_CONNECTIONS``). Every
+Under vLLM it runs in a process of its own (``peer_process``, started by the worker of rank 0:
+``integrations/vllm/peers.serve_peers``) that reads the disk tier's files, so that answering peers
+never waits on the engine; tests also run it in-process. On background threads: one accepting,
+one per connection (at most ``MAX_CONNECTIONS``), each leaving the engine's CPU binding
+(``io_threads``). Every
 connection must pass the HMAC handshake (``peer_wire``) before it may ask anything; a client that
 fails it, or later sends anything malformed, is disconnected. A request names entries by tenant
 namespace, key and rank, and the server answers only from its ``EntrySource`` (the entries its
@@ -20,7 +23,8 @@ import socket
 import threading
 import time
 
-from kvtier.tiers.disk import DiskFiles
+from kvtier.tiers.disk import entry_path
+from kvtier.tiers.io_threads import unbind_this_thread
 from kvtier.tiers.peer_wire import OP_LOOKUP, EntryName, ProtocolError, encode_ages, read_request, \
     server_handshake, value_head
 
@@ -46,22 +50,23 @@ class EntrySource(abc.ABC):
 
 
 class DiskSource(EntrySource):
-    """The disk tier's entry files. A file is whole once visible (written aside, then renamed);
-    one removed while being read is still read whole (the descriptor keeps it)."""
+    """The disk tier's entry files under ``root`` (``DiskFiles.root``). A file is whole once
+    visible (written aside, then renamed); one removed while being read is still read whole (the
+    descriptor keeps it). Only reads: it never creates, writes or removes anything."""
 
-    def __init__(self, files: DiskFiles) -> None:
-        self.files = files
+    def __init__(self, root: str) -> None:
+        self.root = root
 
     def age_s(self, entry: EntryName) -> float | None:
         try:
-            stat = os.stat(self.files.path_for(entry.key, entry.rank, entry.namespace))
+            stat = os.stat(entry_path(self.root, entry.key, entry.rank, entry.namespace))
         except OSError:
             return None
         return max(0.0, time.time() - stat.st_mtime)
 
     def read(self, entry: EntryName, most_bytes: int) -> bytes | None:
         try:
-            fd = os.open(self.files.path_for(entry.key, entry.rank, entry.namespace), os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(entry_path(self.root, entry.key, entry.rank, entry.namespace), os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return None
         try:
@@ -107,6 +112,7 @@ class PeerServer:
                 _shutdown_quietly(conn)
 
     def _accept_loop(self) -> None:
+        unbind_this_thread()  # its connection threads inherit this
         while not self._stop.is_set():
             try:
                 conn, address = self._listener.accept()

@@ -23,6 +23,7 @@ from kvtier.entry import HEADER_BYTES
 from kvtier.errors import EntryError, UnreadableEntryError
 from kvtier.tiers.contract import ReadResult
 from kvtier.tiers.framing import check_readable, stored_bytes, unframe_into
+from kvtier.tiers.io_threads import unbind_this_thread
 
 logger = logging.getLogger("kvtier.tiers.remote")
 
@@ -104,7 +105,8 @@ class EntryReader:
         if not self.buffered or len(checks) < 2 or DECODE_THREADS < 2:
             return [check() for check in checks]
         if self._decoders is None:
-            self._decoders = concurrent.futures.ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="kvtier-decode")
+            self._decoders = concurrent.futures.ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="kvtier-decode",
+                                                                   initializer=unbind_this_thread)
         return list(self._decoders.map(lambda check: check(), checks))
 
     def close(self) -> None:

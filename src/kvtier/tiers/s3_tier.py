@@ -51,6 +51,7 @@ from urllib3.util.ssl_ import create_urllib3_context
 from kvtier.entry import HEADER_BYTES
 from kvtier.config import mask_url
 from kvtier.errors import ConfigError
+from kvtier.tiers.io_threads import unbind_this_thread
 from kvtier.tiers.remote import CallDeadline, Fetched, RemoteOptions, RemoteTier
 
 logger = logging.getLogger(__name__)
@@ -78,7 +79,8 @@ class S3Tier(RemoteTier):
         self.ttl_s = options.ttl_s
         self._options = options
         self._client: BaseClient | None = None
-        self._pool = concurrent.futures.ThreadPoolExecutor(_NUM_THREADS, thread_name_prefix="kvtier-s3")
+        self._pool = concurrent.futures.ThreadPoolExecutor(_NUM_THREADS, thread_name_prefix="kvtier-s3",
+                                                           initializer=unbind_this_thread)
         self._start()
 
     def name_for_prefix(self, name: str) -> str:

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Collection
 from dataclasses import dataclass
 
+from kvtier.tiers.io_threads import unbind_this_thread
 from kvtier.tiers.remote import RemoteTier
 
 
@@ -107,6 +108,7 @@ class RemoteUploader:
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
+        unbind_this_thread()
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._ops or self._closed)

@@ -1,10 +1,12 @@
 """Peer-to-peer start-up: the peer tier a process fetches through, and the peer server a worker runs.
 
 Both sides read the shared secret themselves (``p2p.key_file`` / ``p2p.key_env``, through
-``signing.load_peer_secret``, i.e. ``configparts.sources.load_secret``); it never crosses a
-process boundary. The server runs in the
-worker of rank 0 (every rank's entry files are in the same disk directory), serving the disk tier;
-with ``p2p.registry`` it also keeps its address registered there (``tiers/peer_registry``).
+``signing.load_peer_secret``, i.e. ``configparts.sources.load_secret``). The server runs for the
+worker of rank 0 (every rank's entry files are in the same disk directory), serving the disk tier,
+in a process of its own (``tiers/peer_process``): the worker hands it the secret over its stdin,
+never on its command line or in its environment, and starts it without kvtier's variables and the
+key variables. With ``p2p.registry`` the worker also keeps the server's address registered there
+(``tiers/peer_registry``).
 """
 
 from __future__ import annotations
@@ -44,15 +46,19 @@ def open_peer_tier(setup: EngineSetup, sealer: Sealer | None) -> PeerTier:
 
 
 class PeerService:
-    """The peer server of this worker and, with a registry, its heartbeat."""
+    """The peer server of this worker (a process of its own) and, with a registry, its heartbeat."""
 
     def __init__(self, setup: EngineSetup, files: DiskFiles) -> None:
-        from kvtier.tiers.peer_server import DiskSource, PeerServer
+        """Starts the peer process and waits until it listens; ``OSError`` when it cannot (the
+        address taken, say)."""
+        from kvtier.tiers.peer_process import child_environment, start_peer_process
 
         config = setup.config.p2p
         assert config.listen is not None
         host, port = check_address(config.listen)
-        self.server = PeerServer(host, port, peer_secret(setup), DiskSource(files))
+        key_envs = (config.key_env, setup.config.encryption.key_env, setup.config.signing.key_env)
+        self.process, self.port = start_peer_process(host, port, files.root, peer_secret(setup),
+                                                     child_environment(os.environ, key_envs))
         self.heartbeat = None
         if config.registry is not None:
             from kvtier.tiers.peer_registry import Heartbeat, PeerRegistry
@@ -61,12 +67,14 @@ class PeerService:
             assert address is not None
             self.heartbeat = Heartbeat(PeerRegistry(config.registry, setup.config.remote.timeout_ms / 1000),
                                        address, config.heartbeat_ttl_s)
-        logger.info("kvtier: serving peers on %s (disk tier)", config.listen)
+        logger.info("kvtier: serving peers on %s (disk tier; peer process %d)", config.listen, self.process.pid)
 
     def close(self) -> None:
+        from kvtier.tiers.peer_process import stop_peer_process
+
         if self.heartbeat is not None:
             self.heartbeat.close()
-        self.server.close()
+        stop_peer_process(self.process)
 
 
 def serve_peers(setup: EngineSetup, rank: int, files: DiskFiles | None) -> PeerService | None:
