@@ -30,6 +30,7 @@ import threading
 from collections.abc import Iterable, Sequence
 
 from kvtier.crypto import Sealer
+from kvtier.tiers.io_threads import unbind_this_thread
 from kvtier.config import is_namespace
 
 logger = logging.getLogger("kvtier")
@@ -155,6 +156,7 @@ class TokenWriter:
         self._thread.join(timeout_s)
 
     def _run(self) -> None:
+        unbind_this_thread()
         warned = False
         while (item := self._queue.get()) is not None:
             try:
