@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from collections.abc import Mapping
 
 import torch
 
 from kvtier.crypto import Sealer
 from kvtier.datapath import ChunkMover, HostPool, PagedKV, ordered_layers
+from kvtier.groupmover import GroupedMover
 from kvtier.integrations.vllm.setup import EngineSetup
 from kvtier.integrations.vllm.worker_loads import WorkerLoads
 from kvtier.layerload import LayeredLoads
@@ -85,7 +86,7 @@ class WorkerSide:
         self._queues_reported = (0, 0)  # the lengths of the disk write and upload queues reported so far
         self.paged: PagedKV | None = None
         self.pool: HostPool | None = None
-        self.mover: ChunkMover | None = None
+        self.mover: ChunkMover | GroupedMover | None = None
         self.layered: LayeredLoads | None = None  # CUDA, exact slots: memory loads pipelined by layer
         self._layer_index = {name: index for index, name in enumerate(setup.layer_names)}
         self.disk: DiskFiles | None = None
@@ -104,15 +105,22 @@ class WorkerSide:
         self.paged = PagedKV(layers, self.setup.layout, backend)
         pin = self.paged.device.type == "cuda"
         self.pool = HostPool(self.setup.num_slots, self.setup.chunk_bytes, pin_memory=pin)
-        self.mover = ChunkMover(self.paged, self.pool, self.setup.blocks_per_chunk)
+        if self.setup.groups is not None:  # several KV cache groups: synchronous, group by group
+            self.mover = GroupedMover([PagedKV(ordered_layers(kv_caches, group.layer_names),
+                                               replace(self.setup.layout, num_layers=len(group.layer_names)), backend)
+                                       for group in self.setup.groups.groups], self.pool, self.setup.blocks_per_chunk)
+        else:
+            self.mover = ChunkMover(self.paged, self.pool, self.setup.blocks_per_chunk)
         groups = self.setup.config.memory.load_layer_groups
         if self.mover.ring is not None and pin and groups > 1 and self.setup.layout.kv_format == "exact":
             self.layered = LayeredLoads(self.paged, self.pool, self.mover.ring, self.setup.blocks_per_chunk, groups)
         self.fills = FillExecutor(self.pool.memoryview, self.shard, self.setup.layout.fingerprint(), self.disk,
                                   self.remote)
-        self.loads = WorkerLoads(self.setup, self.fills, self._load, self.mover.last_load_event)
-        logger.info("kvtier: %d memory slots of %d bytes, disk %s", self.setup.num_slots,
-                    self.setup.chunk_bytes, self.setup.disk_dir or "off")
+        self.loads = WorkerLoads(self.setup, self.fills, self._load, self.mover.last_load_event,
+                                 whole_on_failure=self.setup.groups is not None)
+        logger.info("kvtier: %d memory slots of %d bytes, disk %s, KV cache groups %s", self.setup.num_slots,
+                    self.setup.chunk_bytes, self.setup.disk_dir or "off",
+                    "one" if self.setup.groups is None else self.setup.groups.describe())
 
     # ----- before the forward ----------------------------------------------------------------
     def begin_step(self, plan: StepPlan) -> None:
@@ -167,7 +175,13 @@ class WorkerSide:
         else:
             self.mover.scatter_chunks(loads)  # ordered before the forward on the engine's stream
         num_blocks = sum(len(op.block_ids) for op in loads)
-        self.report.memory_read_bytes += num_blocks * self.setup.chunk_bytes // self.setup.blocks_per_chunk
+        if self.setup.groups is None:
+            self.report.memory_read_bytes += num_blocks * self.setup.chunk_bytes // self.setup.blocks_per_chunk
+        else:  # the blocks of each group's runs: a sliding window's are fewer
+            groups = self.setup.groups.groups
+            num_pages = sum(len(run.block_ids) * len(group.layer_names) for op in loads
+                            for run, group in zip(op.groups, groups))
+            self.report.memory_read_bytes += num_pages * self.setup.layout.slot_page_bytes
         self.report.load_seconds.append(time.perf_counter() - started)
         return num_blocks * self.setup.layout.block_size
 
@@ -176,7 +190,12 @@ class WorkerSide:
         return set() if self.loads is None else self.loads.finished(self.report)
 
     def take_load_errors(self) -> set[int]:
+        """Engine blocks that settled loads could not fill (one KV cache group)."""
         return set() if self.loads is None else self.loads.take_errors()
+
+    def take_failed_loads(self) -> set[str]:
+        """Requests whose whole load failed (several KV cache groups: recomputed from the start)."""
+        return set() if self.loads is None else self.loads.take_failed()
 
     # ----- after the forward -----------------------------------------------------------------
     def save(self, plan: StepPlan) -> None:
@@ -296,17 +315,14 @@ class WorkerSide:
             self.report.remote_wire_read_bytes += wire[0] - self._wire_reported[0]
             self.report.remote_wire_written_bytes += wire[1] - self._wire_reported[1]
             self._wire_reported = wire
-        self._report_queues()
-        report, self.report = self.report, WorkerReport()
-        return None if report.is_empty() else report
-
-    def _report_queues(self) -> None:
-        """Add the change in the lengths of the background queues to the report."""
+        # the change in the lengths of the background queues
         queues = (0 if self.writer is None else self.writer.num_queued_writes,
                   0 if self.uploader is None else self.uploader.num_queued_uploads)
         self.report.disk_queue_delta += queues[0] - self._queues_reported[0]
         self.report.upload_queue_delta += queues[1] - self._queues_reported[1]
         self._queues_reported = queues
+        report, self.report = self.report, WorkerReport()
+        return None if report.is_empty() else report
 
     def shutdown(self) -> None:
         self.drain()

@@ -5,7 +5,10 @@ need disk or remote reads is handed to the transfer executor (``kvtier.transfers
 into memory slots on background threads; once the reads settled, the chunks up to the first one
 that was not verified are copied into the engine's blocks (through ``copy``, the worker's data
 path) and the blocks of that chunk and of every chunk after it become load errors, which vLLM
-recomputes. Nothing here blocks.
+recomputes. With several KV cache groups (``whole_on_failure``) block ids are unique within a
+group only, so vLLM takes failures by request: a load that fails part-way copies nothing and the
+request is reported failed (``take_failed``), which vLLM recomputes from its start. Nothing here
+blocks.
 """
 
 from __future__ import annotations
@@ -35,19 +38,23 @@ class _Copying:
     event: "torch.cuda.Event | None"
     req_id: str
     failed_blocks: set[int]
+    failed: bool = False  # the whole load failed (several KV cache groups)
 
 
 class WorkerLoads:
     """Pending and finished asynchronous loads, by request; see the module docstring."""
 
-    def __init__(self, setup: EngineSetup, fills: FillExecutor, copy: CopyLoads, last_copy: LastCopy) -> None:
+    def __init__(self, setup: EngineSetup, fills: FillExecutor, copy: CopyLoads, last_copy: LastCopy,
+                 whole_on_failure: bool = False) -> None:
         self._setup = setup
         self._fills = fills
         self._copy = copy
         self._last_copy = last_copy
+        self._whole_on_failure = whole_on_failure
         self._pending: dict[str, AsyncLoad] = {}  # by request, until settled
         self._copying: list[_Copying] = []  # settled, their copies into the blocks still queued
         self._errors: set[int] = set()  # engine blocks that async loads could not fill
+        self._failed: set[str] = set()  # requests whose whole load failed (whole_on_failure)
 
     @property
     def pending(self) -> bool:
@@ -75,24 +82,32 @@ class WorkerLoads:
                 if op.slot in filled and op.slot not in settled.ok_slots:
                     good = index
                     break
+            failed = self._whole_on_failure and good < len(load.loads)
+            if failed:
+                good = 0  # a chunk's groups load together, and vLLM takes a failure by request
             copied, loaded_tokens = None, 0
             if good:
                 loaded_tokens = self._copy(list(load.loads[:good]))
                 copied = self._last_copy()
-            errors = {block for op in load.loads[good:] for block in op.block_ids}
+            errors = set() if failed else {block for op in load.loads[good:] for block in op.block_ids}
             failed_tokens = sum(len(op.block_ids) for op in load.loads[good:]) * self._setup.layout.block_size
             report.settled_loads.append((load.req_id, loaded_tokens + failed_tokens, loaded_tokens))
             report.settled_tiers.append((load.req_id, self._tiers_of(load)))
             if settled.timed_out:
                 logger.warning("kvtier: the load of request %s passed its deadline (%.1f s); the engine "
                                "recomputes %d of its chunks", load.req_id, load.deadline_s, len(load.loads) - good)
-            self._copying.append(_Copying(copied, load.req_id, errors))
+            self._copying.append(_Copying(copied, load.req_id, errors, failed))
         return self._copied()
 
     def take_errors(self) -> set[int]:
         """The engine blocks that loads reported finished could not fill, each once."""
         errors, self._errors = self._errors, set()
         return errors
+
+    def take_failed(self) -> set[str]:
+        """Requests reported finished whose whole load failed (``whole_on_failure``), each once."""
+        failed, self._failed = self._failed, set()
+        return failed
 
     def collect_fills(self, report: WorkerReport) -> None:
         """Report every background read that finished (each once), even after its deadline."""
@@ -127,6 +142,8 @@ class WorkerLoads:
             if copying.event is None or copying.event.query():
                 done.add(copying.req_id)
                 self._errors |= copying.failed_blocks
+                if copying.failed:
+                    self._failed.add(copying.req_id)
             else:
                 waiting.append(copying)
         self._copying = waiting
