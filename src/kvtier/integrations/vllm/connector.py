@@ -119,8 +119,9 @@ class KVTierConnector(KVConnectorBase_V1, *_HYBRID_BASES):  # type: ignore[misc]
     @classmethod
     def get_required_kvcache_layout(cls, vllm_config: "VllmConfig") -> str | None:
         # vLLM asks this in the engine core before it sizes the KV cache: the first point where a
-        # model kvtier cannot serve is refused with kvtier's reason (with the hybrid manager off
-        # for this connector, vLLM's own check fails later, naming neither the model nor kvtier)
+        # model kvtier cannot serve is refused with kvtier's reason (with the hybrid manager off,
+        # where a version has no SupportsHMA, vLLM's own check fails later, naming neither the
+        # model nor kvtier; with it on, a recurrent state would otherwise meet kvtier's chunks)
         model = vllm_config.model_config
         if model is not None:
             refuse_recurrent_state(str(model.hf_config.model_type), [], bool(model.has_inner_state))
