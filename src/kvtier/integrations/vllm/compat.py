@@ -17,6 +17,11 @@ and the README). The differences kvtier meets, and how each is handled:
   and ``build_prom_metrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)`` in the
   API server, labels ``model_name`` and ``engine``); 0.26 sends the stats' ``data``, 0.32 their
   ``to_dict()``, which returns ``data``: kvtier keeps its whole payload in ``data``.
+- Hybrid KV cache manager (several KV cache groups): vLLM keeps it on only for connectors that
+  subclass ``SupportsHMA`` (0.32+: ``request_finished_all_groups(request, block_ids)``, one list
+  per group). Block ids are unique within a group only, so a failed load must be reported by
+  request (``KVConnectorTransferResults.failed_recving`` from ``get_transfer_results``), not by
+  block; kvtier declares ``SupportsHMA`` only where vLLM has that report (``hybrid_supported``).
 - Per-layer hooks (``wait_for_layer_load``): every version calls them from the attention op, so
   only where it runs eagerly (no FULL CUDA-graph replay) and has metadata; ``layer_hooks_run``
   reads both from the forward context that ``start_load_kv`` receives.
@@ -81,6 +86,18 @@ def layer_hooks_run(forward_context: object, layer_names: Sequence[str]) -> bool
     return isinstance(metadata, dict) and all(metadata.get(name) is not None for name in layer_names)
 
 
+def hybrid_supported() -> bool:
+    """Whether this vLLM lets a connector run with its hybrid KV cache manager (``SupportsHMA``)
+    and report a failed load by request (``KVConnectorTransferResults.failed_recving``)."""
+    import dataclasses
+
+    from vllm.distributed.kv_transfer.kv_connector.v1 import base
+
+    results = getattr(base, "KVConnectorTransferResults", None)
+    return (hasattr(base, "SupportsHMA") and results is not None and dataclasses.is_dataclass(results)
+            and "failed_recving" in {field.name for field in dataclasses.fields(results)})
+
+
 def resumed_request_ids(scheduler_output: "SchedulerOutput") -> set[str]:
     """Cached requests whose ``new_block_ids`` replace their block list (empty where the version
     lists resumed requests among the new ones)."""
@@ -88,25 +105,39 @@ def resumed_request_ids(scheduler_output: "SchedulerOutput") -> set[str]:
 
 
 class RequestBlocks:
-    """Each running request's engine blocks (of its one KV cache group), followed from the
-    scheduler output of every step."""
+    """Each running request's engine blocks, one list per KV cache group (vLLM's block table:
+    skipped sliding-window blocks stay in place as its null block), followed from the scheduler
+    output of every step."""
 
-    def __init__(self) -> None:
-        self._blocks: dict[str, list[int]] = {}
+    def __init__(self, num_groups: int = 1) -> None:
+        self._num_groups = num_groups
+        self._blocks: dict[str, list[list[int]]] = {}
 
     def update(self, scheduler_output: "SchedulerOutput") -> None:
         for new in scheduler_output.scheduled_new_reqs:
-            self._blocks[new.req_id] = list(new.block_ids[0]) if new.block_ids else []
+            self._blocks[new.req_id] = self._lists(new.block_ids)
         cached = scheduler_output.scheduled_cached_reqs
         resumed = resumed_request_ids(scheduler_output)
         for req_id, new_ids in zip(cached.req_ids, cached.new_block_ids):
             if req_id in resumed:
-                self._blocks[req_id] = list(new_ids[0]) if new_ids else []
+                self._blocks[req_id] = self._lists(new_ids)
             elif new_ids:
-                self._blocks.setdefault(req_id, []).extend(new_ids[0])
+                blocks = self._blocks.setdefault(req_id, self._lists(None))
+                for group, ids in zip(blocks, new_ids):
+                    group.extend(ids)
+
+    def _lists(self, block_ids: Sequence[Sequence[int]] | None) -> list[list[int]]:
+        lists = [list(ids) for ids in block_ids or ()][:self._num_groups]
+        return lists + [[] for _ in range(self._num_groups - len(lists))]
 
     def of(self, req_id: str) -> list[int]:
-        return self._blocks.get(req_id, [])
+        """The request's blocks in the first group (the one group, without the hybrid allocator)."""
+        blocks = self._blocks.get(req_id)
+        return blocks[0] if blocks else []
+
+    def groups_of(self, req_id: str) -> list[list[int]]:
+        """The request's blocks in every group."""
+        return self._blocks.get(req_id) or self._lists(None)
 
     def forget(self, req_ids: Iterable[str]) -> None:
         for req_id in req_ids:

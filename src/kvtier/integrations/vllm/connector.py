@@ -17,7 +17,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kvtier.integrations.vllm.compat import (REQUIRED_KV_CACHE_LAYOUT, attention_backend, check_version,
-                                              layer_hooks_run)
+                                              hybrid_supported, layer_hooks_run)
 from kvtier.integrations.vllm.events import events_enabled, int_block_hashes
 from kvtier.integrations.vllm.setup import build_setup
 from kvtier.integrations.vllm.state_layers import refuse_recurrent_state
@@ -58,8 +58,18 @@ class KVTierWorkerMetadata(KVConnectorWorkerMetadata):
         return KVTierWorkerMetadata(self.report.aggregate(other.report))
 
 
-class KVTierConnector(KVConnectorBase_V1):
-    """kvtier's KV connector for vLLM v1 (role SCHEDULER in EngineCore, WORKER in each worker)."""
+if TYPE_CHECKING or hybrid_supported():
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults, SupportsHMA
+
+    _HYBRID_BASES: tuple[type, ...] = (SupportsHMA,)  # vLLM keeps its hybrid KV cache manager on
+else:
+    _HYBRID_BASES = ()
+
+
+class KVTierConnector(KVConnectorBase_V1, *_HYBRID_BASES):  # type: ignore[misc]
+    """kvtier's KV connector for vLLM v1 (role SCHEDULER in EngineCore, WORKER in each worker).
+    Where vLLM reports failed loads by request, it declares ``SupportsHMA``: models with several KV
+    cache groups (sliding-window and full attention) run with the hybrid allocator on."""
 
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
                  kv_cache_config: "KVCacheConfig") -> None:
@@ -111,8 +121,9 @@ class KVTierConnector(KVConnectorBase_V1):
     @classmethod
     def get_required_kvcache_layout(cls, vllm_config: "VllmConfig") -> str | None:
         # vLLM asks this in the engine core before it sizes the KV cache: the first point where a
-        # model kvtier cannot serve is refused with kvtier's reason (with the hybrid manager off
-        # for this connector, vLLM's own check fails later, naming neither the model nor kvtier)
+        # model kvtier cannot serve is refused with kvtier's reason (with the hybrid manager off,
+        # where a version has no SupportsHMA, vLLM's own check fails later, naming neither the
+        # model nor kvtier; with it on, a recurrent state would otherwise meet kvtier's chunks)
         model = vllm_config.model_config
         if model is not None:
             refuse_recurrent_state(str(model.hf_config.model_type), [], bool(model.has_inner_state))
@@ -153,6 +164,14 @@ class KVTierConnector(KVConnectorBase_V1):
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         assert self._worker is not None
         return self._worker.finished_frees() or None, self._worker.finished_loads() or None
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> "KVConnectorTransferResults":
+        """``get_finished``, and the requests whose whole load failed (several KV cache groups:
+        block ids are unique within a group only, so vLLM takes a failure by request)."""
+        results = super().get_transfer_results(finished_req_ids)
+        assert self._worker is not None
+        results.failed_recving |= self._worker.take_failed_loads()
+        return results
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         assert self._worker is not None
@@ -218,6 +237,12 @@ class KVTierConnector(KVConnectorBase_V1):
             self._stats.record(report)
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        assert self._scheduler is not None
+        return self._scheduler.request_finished(request)
+
+    def request_finished_all_groups(self, request: "Request",
+                                    block_ids: tuple[list[int], ...]) -> tuple[bool, dict[str, Any] | None]:
+        """``request_finished`` with the hybrid allocator on (``SupportsHMA``): the same, for every group."""
         assert self._scheduler is not None
         return self._scheduler.request_finished(request)
 

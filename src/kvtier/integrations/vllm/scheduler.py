@@ -104,7 +104,7 @@ class SchedulerSide:
         self._async_loads: list[AsyncLoad] = []
         self._loaded_owners: list[str] = []
         self._delayed_frees: list[str] = []
-        self.blocks = RequestBlocks()
+        self.blocks = RequestBlocks(1 if setup.groups is None else setup.groups.num_groups)
         # namespace digests by (tenant, salt), most recent last; bounded: every request may bring a new salt
         self._digests: OrderedDict[tuple[str, str], bytes] = OrderedDict()
         self._no_cache = frozenset(filter(None, setup.config.no_cache_namespaces.split(",")))
@@ -156,6 +156,8 @@ class SchedulerSide:
         if planned is None:
             return None, False
         hit = min((first + planned.num_chunks) * chunk, max_hit)
+        if self.setup.groups is not None:  # ends where every group's chunks hold what the load needs
+            hit = self.setup.groups.load_end(hit)
         if hit <= num_local:
             self.manager.cancel_load(state.request.request_id, planned)
             return 0, False
@@ -172,14 +174,21 @@ class SchedulerSide:
         if num_external_tokens == 0:
             self.manager.cancel_load(request.request_id, planned)
             return
-        block_ids = blocks.get_block_ids()[0]
+        tables = blocks.get_block_ids()
+        block_ids = tables[0]
         block, per_chunk = self.setup.layout.block_size, self.setup.blocks_per_chunk
         start = state.num_local_tokens // block
         end = (state.num_local_tokens + num_external_tokens) // block
+        groups = self.setup.groups
         loads: list[LoadOp] = []
         for chunk_index in range(start // per_chunk, -(-end // per_chunk)):
-            lo, hi = max(start, chunk_index * per_chunk), min(end, (chunk_index + 1) * per_chunk)
             slot = planned.slots[chunk_index - state.first_chunk]
+            if groups is not None:  # one run per group; a sliding window's only where it reaches
+                runs = groups.chunk_load_runs(chunk_index, start, end * block, tables)
+                full = runs[groups.full_index]
+                loads.append(LoadOp(slot, full.first_block, full.block_ids, runs))
+                continue
+            lo, hi = max(start, chunk_index * per_chunk), min(end, (chunk_index + 1) * per_chunk)
             loads.append(LoadOp(slot, lo - chunk_index * per_chunk, tuple(block_ids[lo:hi])))
         if planned.is_async:
             self._async_loads.append(AsyncLoad(request.request_id, planned.disk, planned.remote, tuple(loads),
@@ -228,13 +237,19 @@ class SchedulerSide:
             return
         keys = self._keys(state, tokens)
         block_ids = self.blocks.of(req_id)
+        groups = self.setup.groups
+        tables = self.blocks.groups_of(req_id)
         per_chunk = self.setup.blocks_per_chunk
         for i in range(state.num_store_checked, num_full):
+            runs = None if groups is None else groups.store_runs(i, tables)
+            if groups is not None and runs is None:
+                continue  # a block its windows need is gone (vLLM skipped it before kvtier saw it)
             planned = self.manager.plan_store(keys[i], state.controls.namespace)
             if planned is None:
                 continue
             slot, upload = planned
-            plan.stores.append(StoreOp(keys[i], slot, tuple(block_ids[i * per_chunk:(i + 1) * per_chunk]), req_id))
+            plan.stores.append(StoreOp(keys[i], slot, tuple(block_ids[i * per_chunk:(i + 1) * per_chunk]), req_id,
+                                       runs or ()))
             state.store_keys.append(keys[i])
             if upload is not None:
                 plan.remote_puts.append(upload)

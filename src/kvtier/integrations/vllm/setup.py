@@ -2,6 +2,12 @@
 
 The scheduler process and the worker process each build an ``EngineSetup`` from the same inputs,
 so they agree on slot count, chunk size and key namespace without talking to each other.
+
+With vLLM's hybrid KV cache manager on, a model with sliding-window and full-attention layers has
+several KV cache groups: one ``KVGroup`` each (``kvtier.kvgroups``), all in one slot, their plan in
+the layout's fingerprint. Refused at start-up, naming what: chunked-local attention groups, groups
+whose pages differ in shape, no full-attention group, and ``memory.kv_format: int8`` with several
+groups.
 """
 
 from __future__ import annotations
@@ -10,7 +16,8 @@ import os
 from dataclasses import dataclass
 
 from vllm.config import VllmConfig
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, MLAAttentionSpec
+from vllm.v1.kv_cache_interface import (AttentionSpec, ChunkedLocalAttentionSpec, FullAttentionSpec, KVCacheConfig,
+                                        KVCacheGroupSpec, MLAAttentionSpec, SlidingWindowSpec)
 
 from kvtier.config import KVTierConfig, load_config
 from kvtier.datapath import dtype_name
@@ -20,6 +27,7 @@ from kvtier.errors import ConfigError, LayoutError
 from kvtier.fingerprint import model_fingerprint
 from kvtier.integrations.vllm.state_layers import refuse_recurrent_state
 from kvtier.keys import Namespace
+from kvtier.kvgroups import GroupPlan, KVGroup
 from kvtier.layout import KVLayout
 
 
@@ -35,6 +43,7 @@ class EngineSetup:
     disk_dir: str | None
     disk_capacity_entries: int
     producer: bool = False  # kv_role kv_producer: a prefill instance, announces handoffs
+    groups: GroupPlan | None = None  # several KV cache groups (hybrid allocator on); None: one group
 
     @property
     def chunk_tokens(self) -> int:
@@ -81,10 +90,13 @@ def build_setup(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> Engi
     model = vllm_config.model_config
     refuse_recurrent_state(str(model.hf_config.model_type), [g.kv_cache_spec for g in kv_cache_config.kv_cache_groups],
                            bool(model.has_inner_state))
-    layout, layer_names = _layout_of(kv_cache_config, config.memory.kv_format)
+    layout, layer_names, kv_groups = _layout_of(kv_cache_config, config.memory.kv_format)
     if config.chunk_tokens % layout.block_size:
         raise ConfigError("chunk_tokens", f"{config.chunk_tokens} is not a multiple of the engine's block "
                           f"size {layout.block_size}; use e.g. {layout.block_size * 2}")
+    groups = None
+    if len(kv_groups) > 1:
+        groups = GroupPlan(kv_groups, layout.block_size, config.chunk_tokens // layout.block_size)
     parallel = vllm_config.parallel_config
     if parallel.pipeline_parallel_size > 1:
         raise ConfigError("engine", "kvtier does not support pipeline parallelism yet")
@@ -108,7 +120,7 @@ def build_setup(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> Engi
                               f"entry ({entry_bytes} bytes per rank)")
     producer = transfer is not None and transfer.kv_role == "kv_producer"
     return EngineSetup(config, layout, namespace, layer_names, world_size, chunk_bytes, num_slots,
-                       disk_dir, disk_entries, producer)
+                       disk_dir, disk_entries, producer, groups)
 
 
 def model_identity(vllm_config: VllmConfig, model_id: str | None) -> str:
@@ -121,21 +133,62 @@ def model_identity(vllm_config: VllmConfig, model_id: str | None) -> str:
     return f"{model_id or model_config.model}#{fingerprint}"
 
 
-def _layout_of(kv_cache_config: KVCacheConfig, kv_format: str) -> tuple[KVLayout, tuple[str, ...]]:
+def _layout_of(kv_cache_config: KVCacheConfig,
+               kv_format: str) -> tuple[KVLayout, tuple[str, ...], tuple[KVGroup, ...]]:
     """The engine's KV layout with kvtier's slot format ``kv_format`` (``LayoutError`` where the
-    format cannot hold this engine's KV, e.g. int8 slots of an fp8 cache), and its layers."""
+    format cannot hold this engine's KV, e.g. int8 slots of an fp8 cache), its layers (group after
+    group) and its KV cache groups."""
     groups = kv_cache_config.kv_cache_groups
-    if len(groups) != 1:
-        kinds = ", ".join(type(g.kv_cache_spec).__name__ for g in groups)
-        raise LayoutError(f"kvtier supports one full-attention KV cache group, this model has {len(groups)} "
-                          f"({kinds})")
+    if len(groups) > 1:
+        return _hybrid_layout_of(groups, kv_format)
+    if not groups:
+        raise LayoutError("the engine has no KV cache group")
     spec = groups[0].kv_cache_spec
+    names = tuple(groups[0].layer_names)
     if isinstance(spec, MLAAttentionSpec):  # one latent vector per token, whatever the platform
-        layout = KVLayout("mla", len(groups[0].layer_names), 1, spec.head_size, spec.block_size,
-                          dtype_name(spec.dtype), kv_format)
-        return layout, tuple(groups[0].layer_names)
+        layout = KVLayout("mla", len(names), 1, spec.head_size, spec.block_size, dtype_name(spec.dtype), kv_format)
+        return layout, names, (KVGroup(names),)
     if not isinstance(spec, FullAttentionSpec):
         raise LayoutError(f"kvtier does not support KV cache spec {type(spec).__name__} yet")
-    layout = KVLayout(platform_layout_kind(), len(groups[0].layer_names), spec.num_kv_heads, spec.head_size,
+    layout = KVLayout(platform_layout_kind(), len(names), spec.num_kv_heads, spec.head_size,
                       spec.block_size, dtype_name(spec.dtype), kv_format)
-    return layout, tuple(groups[0].layer_names)
+    return layout, names, (KVGroup(names),)
+
+
+def _hybrid_layout_of(groups: list[KVCacheGroupSpec],
+                      kv_format: str) -> tuple[KVLayout, tuple[str, ...], tuple[KVGroup, ...]]:
+    """Several KV cache groups (vLLM's hybrid allocator): full-attention and sliding-window groups of
+    one page shape, or a ``LayoutError`` / ``ConfigError`` naming what kvtier cannot store."""
+    kv_groups: list[KVGroup] = []
+    for index, group in enumerate(groups):
+        spec = group.kv_cache_spec
+        if isinstance(spec, ChunkedLocalAttentionSpec):
+            raise LayoutError(f"KV cache group {index} is chunked-local attention (attention_chunk_size "
+                              f"{spec.attention_chunk_size}, e.g. Llama 4): kvtier does not store it; run with "
+                              "--disable-hybrid-kv-cache-manager or without kvtier")
+        if "MLA" in type(spec).__name__ or not isinstance(spec, (FullAttentionSpec, SlidingWindowSpec)):
+            raise LayoutError(f"KV cache group {index} has spec {type(spec).__name__}: kvtier stores full-attention "
+                              "and sliding-window groups only")
+        window = spec.sliding_window + spec.extra_retained_tokens if isinstance(spec, SlidingWindowSpec) else None
+        kv_groups.append(KVGroup(tuple(group.layer_names), window))
+    shapes = {_page_shape(group.kv_cache_spec) for group in groups}
+    if len(shapes) > 1:
+        described = "; ".join(f"group {index}: {_page_shape(group.kv_cache_spec)}" for index, group in enumerate(groups))
+        raise LayoutError(f"kvtier needs one page shape (heads, head size, block size, dtype) in every KV cache "
+                          f"group, this model's differ ({described})")
+    if kv_format == "int8":
+        raise ConfigError("memory.kv_format", f"int8 slots hold one KV cache group, this model has {len(groups)} "
+                          "(hybrid allocator on); set memory.kv_format: exact")
+    spec = groups[0].kv_cache_spec
+    assert isinstance(spec, AttentionSpec)
+    plan_text = ";".join(group.describe() for group in kv_groups)
+    names = tuple(name for group in kv_groups for name in group.layer_names)
+    layout = KVLayout(platform_layout_kind(), len(names), spec.num_kv_heads, spec.head_size, spec.block_size,
+                      dtype_name(spec.dtype), kv_format, groups=plan_text)
+    return layout, names, tuple(kv_groups)
+
+
+def _page_shape(spec: object) -> tuple[object, ...]:
+    if not isinstance(spec, AttentionSpec):
+        return (type(spec).__name__,)
+    return (spec.num_kv_heads, spec.head_size, spec.head_size_v, spec.block_size, dtype_name(spec.dtype))

@@ -20,17 +20,18 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from collections.abc import Mapping
 
 import torch
 
 from kvtier.crypto import Sealer
 from kvtier.datapath import ChunkMover, HostPool, PagedKV, ordered_layers
+from kvtier.groupmover import GroupedMover
 from kvtier.integrations.vllm.setup import EngineSetup
+from kvtier.integrations.vllm.worker_loads import WorkerLoads
 from kvtier.layerload import LayeredLoads
-from kvtier.plans import AsyncLoad, EntryRef, Invalidation, LoadOp, SlotOp, StepPlan, StoreOp, WorkerReport
-from kvtier.tiers.contract import ReadResult
+from kvtier.plans import EntryRef, Invalidation, LoadOp, SlotOp, StepPlan, StoreOp, WorkerReport
 from kvtier.tiers.disk import DiskFiles, DiskWriter
 from kvtier.tiers.remote import RemoteTier
 from kvtier.tiers.uploader import RemoteUploader
@@ -55,14 +56,10 @@ class _PendingStep:
     started: float
 
 
-@dataclass
-class _Copying:
-    """A settled asynchronous load whose copy into the engine's blocks is queued (``event``
-    completes when it is done; None: nothing to copy, or done)."""
-
-    event: "torch.cuda.Event | None"
-    req_id: str
-    failed_blocks: set[int]
+def _slot_bytes(pool: HostPool | None, slot: int) -> bytes:
+    """A copy of a slot for the background writers: the slot may be reused right after."""
+    assert pool is not None
+    return bytes(pool.memoryview(slot))
 
 
 class WorkerSide:
@@ -89,16 +86,14 @@ class WorkerSide:
         self._queues_reported = (0, 0)  # the lengths of the disk write and upload queues reported so far
         self.paged: PagedKV | None = None
         self.pool: HostPool | None = None
-        self.mover: ChunkMover | None = None
+        self.mover: ChunkMover | GroupedMover | None = None
         self.layered: LayeredLoads | None = None  # CUDA, exact slots: memory loads pipelined by layer
         self._layer_index = {name: index for index, name in enumerate(setup.layer_names)}
         self.disk: DiskFiles | None = None
         self.writer: DiskWriter | None = None
         self.fills: FillExecutor | None = None
-        self._async_loads: dict[str, AsyncLoad] = {}  # by request, until settled
-        self._copying: list[_Copying] = []  # settled, their copies into the blocks still queued
+        self.loads: WorkerLoads | None = None  # asynchronous loads (disk / remote reads), once registered
         self._queued_early: StepPlan | None = None  # a plan with nothing to copy, queued when bound
-        self._load_errors: set[int] = set()  # engine blocks that async loads could not fill
         if setup.disk_dir is not None:
             self.disk = DiskFiles(setup.disk_dir, setup.layout.fingerprint(), sealer=sealer)
             self.writer = DiskWriter(self.disk, setup.config.disk.queue_depth)
@@ -110,14 +105,22 @@ class WorkerSide:
         self.paged = PagedKV(layers, self.setup.layout, backend)
         pin = self.paged.device.type == "cuda"
         self.pool = HostPool(self.setup.num_slots, self.setup.chunk_bytes, pin_memory=pin)
-        self.mover = ChunkMover(self.paged, self.pool, self.setup.blocks_per_chunk)
+        if self.setup.groups is not None:  # several KV cache groups: synchronous, group by group
+            self.mover = GroupedMover([PagedKV(ordered_layers(kv_caches, group.layer_names),
+                                               replace(self.setup.layout, num_layers=len(group.layer_names)), backend)
+                                       for group in self.setup.groups.groups], self.pool, self.setup.blocks_per_chunk)
+        else:
+            self.mover = ChunkMover(self.paged, self.pool, self.setup.blocks_per_chunk)
         groups = self.setup.config.memory.load_layer_groups
         if self.mover.ring is not None and pin and groups > 1 and self.setup.layout.kv_format == "exact":
             self.layered = LayeredLoads(self.paged, self.pool, self.mover.ring, self.setup.blocks_per_chunk, groups)
         self.fills = FillExecutor(self.pool.memoryview, self.shard, self.setup.layout.fingerprint(), self.disk,
                                   self.remote)
-        logger.info("kvtier: %d memory slots of %d bytes, disk %s", self.setup.num_slots,
-                    self.setup.chunk_bytes, self.setup.disk_dir or "off")
+        self.loads = WorkerLoads(self.setup, self.fills, self._load, self.mover.last_load_event,
+                                 whole_on_failure=self.setup.groups is not None)
+        logger.info("kvtier: %d memory slots of %d bytes, disk %s, KV cache groups %s", self.setup.num_slots,
+                    self.setup.chunk_bytes, self.setup.disk_dir or "off",
+                    "one" if self.setup.groups is None else self.setup.groups.describe())
 
     # ----- before the forward ----------------------------------------------------------------
     def begin_step(self, plan: StepPlan) -> None:
@@ -139,15 +142,14 @@ class WorkerSide:
         for op in plan.spills:
             if self._acknowledged_without_writing(op):
                 continue
-            self._submit_disk_write(op, self._slot_bytes(op.slot))
+            self._submit_disk_write(op, _slot_bytes(self.pool, op.slot))
         assert self.fills is not None and self.mover is not None
         if plan.async_loads:
             self.mover.wait_loads()  # a fill may reuse a slot that a queued load still reads
             if self.layered is not None:
                 self.layered.wait()
-        for load in plan.async_loads:  # after the spills: a fill may reuse a spilled slot
-            self.fills.submit(load.req_id, load.disk, load.remote, load.deadline_s)
-            self._async_loads[load.req_id] = load
+        assert self.loads is not None
+        self.loads.submit(plan.async_loads)  # after the spills: a fill may reuse a spilled slot
         if plan.loads:
             self.report.copied_tokens += self._load(plan.loads, layered=layer_hooks and self.layered is not None)
 
@@ -173,90 +175,27 @@ class WorkerSide:
         else:
             self.mover.scatter_chunks(loads)  # ordered before the forward on the engine's stream
         num_blocks = sum(len(op.block_ids) for op in loads)
-        self.report.memory_read_bytes += num_blocks * self.setup.chunk_bytes // self.setup.blocks_per_chunk
+        if self.setup.groups is None:
+            self.report.memory_read_bytes += num_blocks * self.setup.chunk_bytes // self.setup.blocks_per_chunk
+        else:  # the blocks of each group's runs: a sliding window's are fewer
+            groups = self.setup.groups.groups
+            num_pages = sum(len(run.block_ids) * len(group.layer_names) for op in loads
+                            for run, group in zip(op.groups, groups))
+            self.report.memory_read_bytes += num_pages * self.setup.layout.slot_page_bytes
         self.report.load_seconds.append(time.perf_counter() - started)
         return num_blocks * self.setup.layout.block_size
 
-    def _tiers_of(self, load: AsyncLoad) -> tuple[tuple[str, int], ...]:
-        """(tier, tokens) of each chunk of ``load``: disk or remote when a read fills its slot, else memory."""
-        disk = {op.slot for op in load.disk}
-        remote = {op.slot for op in load.remote}
-        return tuple(("disk" if op.slot in disk else "remote" if op.slot in remote else "memory",
-                      len(op.block_ids) * self.setup.layout.block_size) for op in load.loads)
-
     def finished_loads(self) -> set[str]:
-        """Requests whose asynchronous loads settled since the last call: what was verified is
-        now in their blocks; the blocks of the first chunk that was not, and of every chunk
-        after it, are load errors (``take_load_errors``), which vLLM recomputes."""
-        if self.fills is None or not (self._async_loads or self._copying):
-            return set()
-        assert self.mover is not None
-        self._collect_fills()
-        for settled in self.fills.take_settled():
-            load = self._async_loads.pop(settled.job_id)
-            filled = {op.slot for op in load.disk + load.remote}
-            good = len(load.loads)
-            for index, op in enumerate(load.loads):
-                if op.slot in filled and op.slot not in settled.ok_slots:
-                    good = index
-                    break
-            copied, loaded_tokens = None, 0
-            if good:
-                loaded_tokens = self._load(list(load.loads[:good]))
-                copied = self.mover.last_load_event()
-            errors = {block for op in load.loads[good:] for block in op.block_ids}
-            planned_tokens = loaded_tokens + len(errors) * self.setup.layout.block_size
-            self.report.settled_loads.append((load.req_id, planned_tokens, loaded_tokens))
-            self.report.settled_tiers.append((load.req_id, self._tiers_of(load)))
-            if settled.timed_out:
-                logger.warning("kvtier: the load of request %s passed its deadline (%.1f s); the engine "
-                               "recomputes %d of its chunks", load.req_id, load.deadline_s, len(load.loads) - good)
-            self._copying.append(_Copying(copied, load.req_id, errors))
-        return self._copied()
-
-    def _copied(self) -> set[str]:
-        """Requests whose verified chunks are in their blocks (their copies, queued on the GPU
-        without waiting, completed); their failed blocks go to ``take_load_errors`` with them."""
-        done: set[str] = set()
-        waiting: list[_Copying] = []
-        for copying in self._copying:
-            if copying.event is None or copying.event.query():
-                done.add(copying.req_id)
-                self._load_errors |= copying.failed_blocks
-            else:
-                waiting.append(copying)
-        self._copying = waiting
-        return done
+        """Requests whose asynchronous loads settled since the last call (``WorkerLoads.finished``)."""
+        return set() if self.loads is None else self.loads.finished(self.report)
 
     def take_load_errors(self) -> set[int]:
-        errors, self._load_errors = self._load_errors, set()
-        return errors
+        """Engine blocks that settled loads could not fill (one KV cache group)."""
+        return set() if self.loads is None else self.loads.take_errors()
 
-    def _collect_fills(self) -> None:
-        """Report every background read that finished (each once), even after its deadline."""
-        if self.fills is None:
-            return
-        results, remote_seconds = self.fills.take_results()
-        self.report.remote_fetch_seconds += remote_seconds
-        for done in results:
-            key = done.op.key
-            if done.result is ReadResult.OK:
-                self.report.promoted.append(key)
-                if done.tier == "disk":
-                    self.report.disk_read_bytes += self.setup.chunk_bytes
-                else:
-                    self.report.remote_read_bytes += self.setup.chunk_bytes
-                continue
-            self.report.promote_failed.append(key)
-            if done.tier == "remote":
-                self.report.remote_failed.append(key)
-            if done.result in (ReadResult.CORRUPT, ReadResult.UNREADABLE):  # both counted as errors
-                if done.tier == "disk":
-                    self.report.num_corrupt += 1
-                else:
-                    self.report.num_remote_errors += 1
-                logger.warning("kvtier: %s %s entry %s; the engine recomputes it", done.result.value, done.tier,
-                               key.hex())
+    def take_failed_loads(self) -> set[str]:
+        """Requests whose whole load failed (several KV cache groups: recomputed from the start)."""
+        return set() if self.loads is None else self.loads.take_failed()
 
     # ----- after the forward -----------------------------------------------------------------
     def save(self, plan: StepPlan) -> None:
@@ -307,7 +246,7 @@ class WorkerSide:
                 self._submit_disk_write(op, self.pool.memoryview(op.slot))
             for op in done.remote_puts:
                 if self.uploader is not None:  # None on a rank that does not write its shard (MLA)
-                    self._submit_upload(op, self._slot_bytes(op.slot))
+                    self._submit_upload(op, _slot_bytes(self.pool, op.slot))
 
     def handle_preemptions(self, plan: StepPlan) -> None:
         """Called on every step (vLLM 0.26 calls it whether or not anything was preempted): wait
@@ -330,11 +269,6 @@ class WorkerSide:
         done = {req_id for req_id in self._awaiting_free if req_id not in busy}
         self._awaiting_free -= done
         return done
-
-    def _slot_bytes(self, slot: int) -> bytes:
-        """A copy of a slot for the background writers: the slot may be reused right after."""
-        assert self.pool is not None
-        return bytes(self.pool.memoryview(slot))
 
     def _acknowledged_without_writing(self, op: SlotOp) -> bool:
         """On a rank that does not write its shard (MLA: rank 0 writes the one copy), acknowledge
@@ -360,7 +294,8 @@ class WorkerSide:
     # ----- reporting -------------------------------------------------------------------------
     def take_report(self) -> WorkerReport | None:
         self._poll()
-        self._collect_fills()
+        if self.loads is not None:
+            self.loads.collect_fills(self.report)
         if self.writer is not None:
             written, failed = self.writer.take_results()
             self.report.disk_written.extend(written)
@@ -380,17 +315,14 @@ class WorkerSide:
             self.report.remote_wire_read_bytes += wire[0] - self._wire_reported[0]
             self.report.remote_wire_written_bytes += wire[1] - self._wire_reported[1]
             self._wire_reported = wire
-        self._report_queues()
-        report, self.report = self.report, WorkerReport()
-        return None if report.is_empty() else report
-
-    def _report_queues(self) -> None:
-        """Add the change in the lengths of the background queues to the report."""
+        # the change in the lengths of the background queues
         queues = (0 if self.writer is None else self.writer.num_queued_writes,
                   0 if self.uploader is None else self.uploader.num_queued_uploads)
         self.report.disk_queue_delta += queues[0] - self._queues_reported[0]
         self.report.upload_queue_delta += queues[1] - self._queues_reported[1]
         self._queues_reported = queues
+        report, self.report = self.report, WorkerReport()
+        return None if report.is_empty() else report
 
     def shutdown(self) -> None:
         self.drain()
