@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from kvtier.errors import ConfigError
-from kvtier.integrations.vllm.compat import RequestBlocks, check_version
+from kvtier.integrations.vllm.compat import RequestBlocks, check_version, window_tokens
 
 
 @pytest.mark.parametrize("version", ["0.26.0", "0.32.0", "0.34.0", "0.34.1rc1"])
@@ -69,3 +69,10 @@ def test_request_blocks_follow_every_kv_cache_group() -> None:
     blocks.update(SimpleNamespace(scheduled_new_reqs=[], scheduled_cached_reqs=resumed))
     assert blocks.groups_of("a") == [[3], [5]]
     assert blocks.groups_of("unknown") == [[], []]
+
+
+def test_a_sliding_window_spec_without_extra_retained_tokens_is_read_as_vllm_0_26_writes_it() -> None:
+    # vLLM 0.26's SlidingWindowSpec has no extra_retained_tokens (start-up failed with an
+    # AttributeError there, found on the H200); 0.32's adds them to the window
+    assert window_tokens(SimpleNamespace(sliding_window=512)) == 512
+    assert window_tokens(SimpleNamespace(sliding_window=512, extra_retained_tokens=16)) == 528

@@ -98,6 +98,12 @@ def hybrid_supported() -> bool:
             and "failed_recving" in {field.name for field in dataclasses.fields(results)})
 
 
+def window_tokens(spec: object) -> int:
+    """The tokens a sliding-window KV cache group keeps behind the newest one: the window, plus
+    ``extra_retained_tokens`` where the spec has them (not in vLLM 0.26)."""
+    return int(getattr(spec, "sliding_window")) + int(getattr(spec, "extra_retained_tokens", 0))
+
+
 def resumed_request_ids(scheduler_output: "SchedulerOutput") -> set[str]:
     """Cached requests whose ``new_block_ids`` replace their block list (empty where the version
     lists resumed requests among the new ones)."""

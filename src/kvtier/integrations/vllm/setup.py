@@ -25,6 +25,7 @@ from kvtier.crypto import SEAL_OVERHEAD_BYTES
 from kvtier.entry import HEADER_BYTES
 from kvtier.errors import ConfigError, LayoutError
 from kvtier.fingerprint import model_fingerprint
+from kvtier.integrations.vllm.compat import window_tokens
 from kvtier.integrations.vllm.state_layers import refuse_recurrent_state
 from kvtier.keys import Namespace
 from kvtier.kvgroups import GroupPlan, KVGroup
@@ -169,7 +170,7 @@ def _hybrid_layout_of(groups: list[KVCacheGroupSpec],
         if "MLA" in type(spec).__name__ or not isinstance(spec, (FullAttentionSpec, SlidingWindowSpec)):
             raise LayoutError(f"KV cache group {index} has spec {type(spec).__name__}: kvtier stores full-attention "
                               "and sliding-window groups only")
-        window = spec.sliding_window + spec.extra_retained_tokens if isinstance(spec, SlidingWindowSpec) else None
+        window = window_tokens(spec) if isinstance(spec, SlidingWindowSpec) else None
         kv_groups.append(KVGroup(tuple(group.layer_names), window))
     shapes = {_page_shape(group.kv_cache_spec) for group in groups}
     if len(shapes) > 1:
