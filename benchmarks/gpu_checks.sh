@@ -13,7 +13,7 @@ export PYTHONPATH=/tmp/site:$PWD/src:$PWD:/tmp/pyt:${PYTHONPATH:-}
 export VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
 status=0
 python3 -m pytest -q -p no:cacheprovider --noconftest tests/unit/test_chunk_mover.py tests/unit/test_datapath.py \
-  tests/unit/test_int8_slots.py tests/unit/test_layered_loads.py \
+  tests/unit/test_int8_slots.py tests/unit/test_layered_loads.py tests/unit/test_group_mover.py tests/unit/test_vllm_compat.py \
   2>&1 | tail -5 | tee "$OUT/unit_cuda.log" || status=1
 KVTIER_ADMISSION_POLICY=always python3 -m pytest -q -p no:cacheprovider --noconftest -rA tests/e2e/test_vllm_cuda.py 2>&1 | grep -v -E "^\(EngineCore|it/s\]" | tail -60 | tee "$OUT/e2e_cuda.log" || status=1
 python3 benchmarks/gpu_datapath.py --out-dir "$OUT" --repeats 5 2>&1 | grep -v "^$" | tail -12 || status=1
