@@ -28,10 +28,13 @@ import struct
 import sys
 import threading
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
-from kvtier.crypto import Sealer
-from kvtier.tiers.io_threads import unbind_this_thread
 from kvtier.config import is_namespace
+from kvtier.tiers.io_threads import unbind_this_thread
+
+if TYPE_CHECKING:  # the connector imports this module: cryptography only where a sealer is made
+    from kvtier.crypto import Sealer
 
 logger = logging.getLogger("kvtier")
 
@@ -81,7 +84,7 @@ class ChunkTokenFiles:
     """Reads and writes the tokens files under a disk tier's ``root`` (see the module docstring).
     No mutable state: safe from any thread."""
 
-    def __init__(self, root: str, sealer: Sealer | None) -> None:
+    def __init__(self, root: str, sealer: "Sealer | None") -> None:
         self.root = root
         self.sealer = sealer
 
@@ -104,7 +107,7 @@ class ChunkTokenFiles:
         except OSError:
             return None
         if self.sealer is not None:
-            clear = bytearray(max(0, len(data) - Sealer.sealed_bytes(0)))
+            clear = bytearray(max(0, len(data) - self.sealer.sealed_bytes(0)))
             if not self.sealer.open_into(namespace.encode("utf-8"), _AAD + key, data, memoryview(clear)):
                 return None
             data = bytes(clear)
