@@ -21,7 +21,7 @@ LAYOUT = b"\x07" * 16
 NS = "tenant-a"
 VALUE_BYTES = 256 << 10
 TIMEOUT_S = 0.5
-SLACK_S = 0.4  # thread scheduling on a busy 2-core machine
+SLACK_S = 0.6  # thread scheduling on a busy 2-core machine (the unbounded calls took about 4 s)
 
 
 def test_a_slow_read_is_a_miss_within_the_timeout(fresh_redis: ServerProcess) -> None:
@@ -119,7 +119,9 @@ def test_the_engine_thread_never_waits_for_a_slow_link(fresh_redis: ServerProces
 def test_a_batched_read_in_several_groups_shares_one_deadline(fresh_redis: ServerProcess, monkeypatch) -> None:
     """Sealed values are fetched in groups; each group used to start its own deadline, so a read
     of N groups could take N timeouts (review finding). Two groups of 4 x 64 KiB at 320 KiB/s:
-    each group alone fits a 1.2 s timeout, both do not."""
+    each group alone fits a 1.2 s timeout, both do not, so with a deadline per group the read
+    succeeds after about 1.6 s. The shared deadline makes it a miss, well before a second timeout
+    (the bound leaves room for a CI machine under load: 1.61 s was seen there, 1.20 s here)."""
     from kvtier.crypto import Sealer
     from kvtier.tiers import remote_reads as remote_module
 
@@ -135,7 +137,8 @@ def test_a_batched_read_in_several_groups_shares_one_deadline(fresh_redis: Serve
         started = time.monotonic()
         results = slow.get_many_into(items, 0, LAYOUT, namespace=NS)
         elapsed = time.monotonic() - started
-        assert results == [ReadResult.MISSING] * len(keys) and elapsed < timeout_s + SLACK_S, elapsed
+        assert results == [ReadResult.MISSING] * len(keys), results
+        assert elapsed < 2 * timeout_s, elapsed
         slow.close()
     assert fast.get_many_into([(keys[0], memoryview(bytearray(value_bytes)))], 0, LAYOUT,
                               namespace=NS) == [ReadResult.OK]
