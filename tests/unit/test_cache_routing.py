@@ -27,9 +27,10 @@ DOC = list(range(100, 116))  # four blocks of four tokens
 
 
 def stored(hashes: list[int], parent: int | None, token_ids: list[int], medium: str = "CPU",
-           block_size: int = BLOCK) -> BlockStored:
+           block_size: int = BLOCK, lora: tuple[int, str] | None = None) -> BlockStored:
     return BlockStored(block_hashes=hashes, parent_block_hash=parent, token_ids=token_ids, block_size=block_size,
-                       lora_id=None, medium=medium, lora_name=None)
+                       lora_id=None if lora is None else lora[0], medium=medium,
+                       lora_name=None if lora is None else lora[1])
 
 
 def apply(index: PrefixIndex, instance: str, *events: object) -> None:
@@ -42,23 +43,38 @@ def test_the_index_rebuilds_prefixes_from_tokens_and_parents() -> None:
     # engine hashes are opaque: each instance (and tenant) has its own; the tokens carry the prefix
     apply(index, "a", stored([11, 12], None, DOC[:8]), stored([13], 12, DOC[8:12], "DISK"))
     apply(index, "b", stored([91], None, DOC[:4], "GPU"))
-    assert index.matched_tokens(DOC, ["a", "b", "c"]) == {"a": 12, "b": 4, "c": 0}
-    assert index.matched_tokens([1, 2, 3, 4, *DOC], ["a"]) == {"a": 0}  # a prefix, not a substring
+    assert index.matched_tokens(DOC, ["a", "b", "c"], None) == {"a": 12, "b": 4, "c": 0}
+    assert index.matched_tokens([1, 2, 3, 4, *DOC], ["a"], None) == {"a": 0}  # a prefix, not a substring
     apply(index, "a", BlockRemoved(block_hashes=[12], medium="CPU"))  # the middle block goes
-    assert index.matched_tokens(DOC, ["a"]) == {"a": 4}
+    assert index.matched_tokens(DOC, ["a"], None) == {"a": 4}
     apply(index, "a", stored([12], 11, DOC[4:8], "DISK"))  # back, on another medium
-    assert index.matched_tokens(DOC, ["a"]) == {"a": 12}
+    assert index.matched_tokens(DOC, ["a"], None) == {"a": 12}
     apply(index, "a", AllBlocksCleared())
-    assert index.matched_tokens(DOC, ["a"]) == {"a": 0}
+    assert index.matched_tokens(DOC, ["a"], None) == {"a": 0}
 
 
 def test_remote_blocks_do_not_favour_one_instance_and_orphans_are_skipped() -> None:
     index = PrefixIndex()
     apply(index, "a", stored([1, 2], None, DOC[:8], "REMOTE"))  # shared: every instance reaches it alike
     apply(index, "a", stored([5], 77, DOC[:4]))  # its parent was never announced: no prefix to compute
-    assert index.matched_tokens(DOC, ["a"]) == {"a": 0}
+    assert index.matched_tokens(DOC, ["a"], None) == {"a": 0}
     apply(index, "a", stored([6], None, DOC[:8], block_size=8))  # another block size (vLLM's GPU blocks)
-    assert index.matched_tokens(DOC, ["a"]) == {"a": 8}
+    assert index.matched_tokens(DOC, ["a"], None) == {"a": 8}
+
+
+def test_blocks_of_one_lora_adapter_match_only_requests_for_that_adapter() -> None:
+    """The same tokens under another adapter (or the base model) are other KV: routing a request
+    for adapter "chat" to the instance holding "sql"'s blocks would only buy a miss."""
+    index = PrefixIndex()
+    apply(index, "a", stored([1, 2], None, DOC[:8], lora=(1, "sql")), stored([3], 2, DOC[8:12], lora=(1, "sql")))
+    apply(index, "b", stored([4], None, DOC[:4], lora=(7, "chat")))
+    apply(index, "c", stored([5, 6, 7, 8], None, DOC))
+    assert index.matched_tokens(DOC, ["a", "b", "c"], "sql") == {"a": 12, "b": 0, "c": 0}
+    assert index.matched_tokens(DOC, ["a", "b", "c"], "chat") == {"a": 0, "b": 4, "c": 0}
+    assert index.matched_tokens(DOC, ["a", "b", "c"], None) == {"a": 0, "b": 0, "c": 16}
+    # a request names its adapter in "model"; a name nothing was stored under is the base model's
+    assert [index.adapter_named(model) for model in ("sql", "chat", "base-model", None, 3)] == \
+        ["sql", "chat", None, None, None]
 
 
 def test_choose_weighs_the_cached_prefix_against_the_queue() -> None:
@@ -98,9 +114,9 @@ def test_a_gap_in_sequence_numbers_forgets_the_instance() -> None:
     feed = EventFeed({}, index)
     payload = msgspec.msgpack.encode(KVEventBatch(ts=0.0, events=[stored([1], None, DOC[:4])]))
     feed.receive("a", [b"", (0).to_bytes(8, "big"), payload])
-    assert index.matched_tokens(DOC, ["a"]) == {"a": 4}
+    assert index.matched_tokens(DOC, ["a"], None) == {"a": 4}
     feed.receive("a", [b"", (5).to_bytes(8, "big"), msgspec.msgpack.encode(KVEventBatch(ts=0.0, events=[]))])
-    assert index.matched_tokens(DOC, ["a"]) == {"a": 0}
+    assert index.matched_tokens(DOC, ["a"], None) == {"a": 0}
 
 
 def test_the_proxy_routes_to_the_instance_holding_the_prefix() -> None:
@@ -119,7 +135,7 @@ def test_the_proxy_routes_to_the_instance_holding_the_prefix() -> None:
         # instance 1 holds the document's first 12 tokens; instance 2 its first 4
         batch = {1: [stored([1, 2, 3], None, DOC[:12])], 2: [stored([7], None, DOC[:4])]}
         deadline = time.monotonic() + 20
-        while router.index.matched_tokens(DOC, [instances[1].upstream.url, instances[2].upstream.url]) != \
+        while router.index.matched_tokens(DOC, [instances[1].upstream.url, instances[2].upstream.url], None) != \
                 {instances[1].upstream.url: 12, instances[2].upstream.url: 4}:
             assert time.monotonic() < deadline, "the events never arrived"
             for n, events in batch.items():  # ZMQ drops what is sent before the subscriber joined
@@ -131,6 +147,16 @@ def test_the_proxy_routes_to_the_instance_holding_the_prefix() -> None:
             status, _ = post(server.server_address[1], "/v1/completions", json.dumps({"prompt": DOC}).encode())
             assert status == 200
         assert [len(i.bodies) for i in instances] == [0, 3, 0]  # round-robin would give [1, 1, 1]
+        # instance 0 holds the document under adapter "sql": only requests for "sql" go there
+        while router.index.adapter_named("sql") is None:
+            assert time.monotonic() < deadline + 20, "the adapter's events never arrived"
+            publishers[0].send_multipart([b"", (0).to_bytes(8, "big"), msgspec.msgpack.encode(
+                KVEventBatch(ts=0.0, events=[stored([5, 6], None, DOC[:8], lora=(3, "sql"))]))])
+            time.sleep(0.05)
+        for model in ("sql", "base", "sql"):
+            body = json.dumps({"model": model, "prompt": DOC}).encode()
+            assert post(server.server_address[1], "/v1/completions", body)[0] == 200
+        assert [len(i.bodies) for i in instances] == [2, 4, 0]
         deadline = time.monotonic() + 5  # every relay reports done (just after the client has its answer)
         while router.in_flight[instances[1].upstream] and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -172,7 +198,7 @@ def test_text_prompts_and_chats_are_tokenized_by_an_instance() -> None:
     instances = [TokenizingInstance(), TokenizingInstance()]
     router = CacheAwareRouter([i.upstream for i in instances], ["tcp://127.0.0.1:1", "tcp://127.0.0.1:2"],
                               poll_s=60)
-    router.index.stored(instances[1].upstream.url, "CPU", [1, 2], None, DOC[:8], BLOCK)  # as if from its events
+    router.index.stored(instances[1].upstream.url, "CPU", [1, 2], None, DOC[:8], BLOCK, None)  # as if from its events
     server = serve(Proxy([], [i.upstream for i in instances], 10.0, router=router), "127.0.0.1", 0)
     try:
         for path, body in (("/v1/completions", {"model": "m", "prompt": "hello"}),

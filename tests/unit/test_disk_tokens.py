@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from kvtier.crypto import MASTER_KEY_BYTES, Sealer
 from kvtier.store import DiskItem, DiskSettings
 from kvtier.tiers.disk import DiskFiles
-from kvtier.tiers.disk_tokens import ChunkTokenFiles, TokenWriter, decode, encode, tokens_path
+from kvtier.tiers.disk_tokens import ChunkRecord, ChunkTokenFiles, TokenWriter, decode, encode, tokens_path
 from kvtier.plans import WorkerReport
 from tests.unit.test_store import NS, key, make
 
@@ -22,23 +22,35 @@ CHUNK = 4
 LAYOUT = b"\x01" * 16
 
 
-@given(st.one_of(st.none(), st.binary(min_size=16, max_size=16)), st.lists(st.integers(0, 2**32 - 1), max_size=300))
-def test_encode_decode_round_trip(parent: bytes | None, tokens: list[int]) -> None:
-    assert decode(encode(parent, tokens)) == (parent, tokens)
+@given(st.one_of(st.none(), st.binary(min_size=16, max_size=16)), st.lists(st.integers(0, 2**32 - 1), max_size=300),
+       st.one_of(st.none(), st.text(max_size=40)))
+def test_encode_decode_round_trip(parent: bytes | None, tokens: list[int], lora_name: str | None) -> None:
+    record = ChunkRecord(parent, tokens, lora_name)
+    assert decode(encode(record)) == record
 
 
 @given(st.binary(max_size=64))
 def test_random_bytes_never_decode_to_a_wrong_length(data: bytes) -> None:
     decoded = decode(data)
-    assert decoded is None or len(data) == 30 + 4 * len(decoded[1])
+    name_bytes = 0 if decoded is None or decoded.lora_name is None else 2 + len(decoded.lora_name.encode())
+    assert decoded is None or len(data) == 30 + 4 * len(decoded.tokens) + name_bytes
+
+
+def test_files_of_version_1_still_read_and_cut_names_do_not() -> None:
+    version_1 = b"KVTT\x01\x01" + b"\x05" * 16 + (2).to_bytes(4, "little") + bytes([7, 0, 0, 0, 8, 0, 0, 0])
+    assert decode(version_1) == ChunkRecord(b"\x05" * 16, [7, 8], None)
+    assert decode(version_1[:4] + b"\x01\x03" + version_1[6:] + b"\x01\x00a") is None  # no names in version 1
+    named = encode(ChunkRecord(None, [1], "sql"))
+    assert decode(named[:-1]) is None and decode(named + b"x") is None
+    assert decode(named[:-3] + b"\xff\xfe\xfd") is None  # not UTF-8
 
 
 def test_a_file_round_trips_and_a_damaged_one_reads_as_absent(tmp_path: Path) -> None:
     files = ChunkTokenFiles(str(tmp_path), None)
-    files.write(key(1), NS, None, [1, 2, 3, 4])
-    files.write(key(2), NS, key(1), [5, 6, 7, 8])
-    assert files.read(key(1), NS) == (None, [1, 2, 3, 4])
-    assert files.read(key(2), NS) == (key(1), [5, 6, 7, 8])
+    files.write(key(1), NS, ChunkRecord(None, [1, 2, 3, 4], None))
+    files.write(key(2), NS, ChunkRecord(key(1), [5, 6, 7, 8], "sql"))
+    assert files.read(key(1), NS) == (None, [1, 2, 3, 4], None)
+    assert files.read(key(2), NS) == (key(1), [5, 6, 7, 8], "sql")
     assert files.read(key(3), NS) is None and files.read(key(1), "other") is None
     path = tokens_path(str(tmp_path), key(2), NS)
     data = Path(path).read_bytes()
@@ -49,10 +61,10 @@ def test_a_file_round_trips_and_a_damaged_one_reads_as_absent(tmp_path: Path) ->
 def test_sealed_files_open_only_under_their_namespace_and_key(tmp_path: Path) -> None:
     sealer = Sealer(b"k" * MASTER_KEY_BYTES)
     files = ChunkTokenFiles(str(tmp_path), sealer)
-    files.write(key(1), NS, key(9), [10, 20, 30, 40])
+    files.write(key(1), NS, ChunkRecord(key(9), [10, 20, 30, 40], None))
     path = Path(tokens_path(str(tmp_path), key(1), NS))
     assert b"\x0a\x00\x00\x00\x14\x00\x00\x00" not in path.read_bytes()  # tokens are not in clear
-    assert files.read(key(1), NS) == (key(9), [10, 20, 30, 40])
+    assert files.read(key(1), NS) == (key(9), [10, 20, 30, 40], None)
     assert ChunkTokenFiles(str(tmp_path), None).read(key(1), NS) is None
     assert ChunkTokenFiles(str(tmp_path), Sealer(b"x" * MASTER_KEY_BYTES)).read(key(1), NS) is None
     other = Path(tokens_path(str(tmp_path), key(2), NS))
@@ -69,7 +81,7 @@ def test_tokens_go_where_their_entry_goes(tmp_path: Path) -> None:
     disk = DiskFiles(str(tmp_path), LAYOUT)
     tokens = ChunkTokenFiles(str(tmp_path), None)
     for i in (1, 2, 3):
-        tokens.write(key(i), NS, None, [i] * CHUNK)
+        tokens.write(key(i), NS, ChunkRecord(None, [i] * CHUNK, None))
     disk.delete([key(1)], 1, namespace=NS)  # another rank's file: the tokens stay
     assert tokens.read(key(1), NS) is not None
     disk.delete([key(1)], 0, namespace=NS)
@@ -83,13 +95,13 @@ def test_tokens_go_where_their_entry_goes(tmp_path: Path) -> None:
 
 def test_the_writer_writes_off_thread_and_counts_what_the_disk_refuses(tmp_path: Path) -> None:
     writer = TokenWriter(ChunkTokenFiles(str(tmp_path), None))
-    writer.submit(key(1), NS, None, [1, 2, 3, 4])
+    writer.submit(key(1), NS, ChunkRecord(None, [1, 2, 3, 4], None))
     writer.close()
-    assert ChunkTokenFiles(str(tmp_path), None).read(key(1), NS) == (None, [1, 2, 3, 4])
+    assert ChunkTokenFiles(str(tmp_path), None).read(key(1), NS) == (None, [1, 2, 3, 4], None)
     blocked = tmp_path / "file"
     blocked.write_bytes(b"")
     writer = TokenWriter(ChunkTokenFiles(str(blocked), None))  # the root is a file: every write fails
-    writer.submit(key(1), NS, None, [1])
+    writer.submit(key(1), NS, ChunkRecord(None, [1], None))
     writer.close()
     assert writer.num_dropped == 1
 
@@ -97,24 +109,27 @@ def test_the_writer_writes_off_thread_and_counts_what_the_disk_refuses(tmp_path:
 def test_a_restarted_engine_announces_the_disk_entries_whose_tokens_it_kept(tmp_path: Path) -> None:
     from vllm.distributed.kv_events import BlockStored
 
-    from kvtier.integrations.vllm.events import KVEvents
+    from kvtier.integrations.vllm.events import Adapter, KVEvents
 
     files = ChunkTokenFiles(str(tmp_path), None)
-    files.write(key(1), NS, None, [1] * CHUNK)
-    files.write(key(2), NS, key(1), [2] * CHUNK)
-    files.write(key(7), NS, None, [7] * CHUNK)  # its entry is gone: removed at start-up
-    initial = [DiskItem(key(i), NS, 1.0 + i) for i in (1, 2, 3)]  # key 3: written with events off
+    files.write(key(1), NS, ChunkRecord(None, [1] * CHUNK, None))
+    files.write(key(2), NS, ChunkRecord(key(1), [2] * CHUNK, None))
+    files.write(key(5), NS, ChunkRecord(key(1), [5] * CHUNK, "sql"))  # another adapter's: its own event
+    files.write(key(7), NS, ChunkRecord(None, [7] * CHUNK, None))  # its entry is gone: removed at start-up
+    initial = [DiskItem(key(i), NS, 1.0 + i) for i in (1, 2, 3, 5)]  # key 3: written with events off
     store = make(disk=DiskSettings(8, write_through=True, initial=initial))
     events = KVEvents(CHUNK, 16, False, store.disk_books, files)
     store.events = events.log
     first = events.take()
     assert first == [BlockStored(block_hashes=[key(1), key(2)], parent_block_hash=None, token_ids=[1] * 4 + [2] * 4,
-                                 block_size=CHUNK, lora_id=None, medium="DISK", lora_name=None)]
+                                 block_size=CHUNK, lora_id=None, medium="DISK", lora_name=None),
+                     BlockStored(block_hashes=[key(5)], parent_block_hash=key(1), token_ids=[5] * 4,
+                                 block_size=CHUNK, lora_id=None, medium="DISK", lora_name="sql")]
     assert events.take() == [] and files.read(key(7), NS) is None
     # a chunk stored on disk from now on keeps its tokens for the next restart
-    events.chunks.remember(key(4), key(2), [4] * CHUNK)
+    events.chunks.remember(key(4), key(2), [4] * CHUNK, Adapter(3, "chat"))
     assert store.prepare_store(key(4), NS) is not None
     store.complete(WorkerReport(stored=[key(4)], disk_written=[key(4)]))
-    assert [e.medium for e in events.take()] == ["CPU", "DISK"]
+    assert [(e.medium, e.lora_id, e.lora_name) for e in events.take()] == [("CPU", 3, "chat"), ("DISK", 3, "chat")]
     events.close()
-    assert files.read(key(4), NS) == (key(2), [4] * CHUNK)
+    assert files.read(key(4), NS) == (key(2), [4] * CHUNK, "chat")

@@ -139,3 +139,31 @@ def test_an_overflow_is_one_all_blocks_cleared_for_the_instance() -> None:
     assert translator.translate(cleared) == [AllBlocksCleared()]
     out = translator.translate([*cleared, TierEvent("removed", "disk", (b"\x01" * 16,)), *cleared])
     assert [type(event) for event in out] == [AllBlocksCleared, BlockRemoved, AllBlocksCleared]
+
+
+def test_chunks_of_different_adapters_are_announced_apart() -> None:
+    """A LoRA adapter's KV is other KV: vLLM names the adapter in its own events, and a router
+    keeps each adapter's chains apart; kvtier's events carry it the same way."""
+    from vllm.distributed.kv_events import BlockStored
+
+    from kvtier.integrations.vllm.events import Adapter, ChunkTokens, EventTranslator, adapter_of
+
+    chunks = ChunkTokens(8)
+    chunks.remember(key(0), None, [0, 0], None)
+    chunks.remember(key(1), key(0), [1, 1], None)
+    chunks.remember(key(2), key(1), [2, 2], Adapter(5, "sql"))  # continues the chain, another adapter
+    chunks.remember(key(3), key(2), [3, 3], Adapter(5, "sql"))
+    out = EventTranslator(2, chunks, int_hashes=False).translate([TierEvent("stored", "memory", (key(0), key(1),
+                                                                                                  key(2), key(3)))])
+    assert [(e.block_hashes, e.parent_block_hash, e.token_ids, e.lora_id, e.lora_name) for e in out] == [
+        ([key(0), key(1)], None, [0, 0, 1, 1], None, None), ([key(2), key(3)], key(1), [2, 2, 3, 3], 5, "sql")]
+    assert all(isinstance(e, BlockStored) and e.medium == "CPU" for e in out)
+
+    class Request:  # what adapter_of reads of vLLM's Request
+        lora_request = None
+
+    assert adapter_of(Request()) is None
+    from vllm.lora.request import LoRARequest
+
+    Request.lora_request = LoRARequest("sql", 5, "/adapters/sql")
+    assert adapter_of(Request()) == Adapter(5, "sql")

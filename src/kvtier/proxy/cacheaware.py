@@ -100,7 +100,8 @@ class CacheAwareRouter:
     async def route(self, path: str, body: Mapping[str, object] | None, headers: Mapping[str, str]) -> Upstream:
         alive = self.down.alive(self._rotated())
         token_ids = None if body is None else await self._tokens(path, body, headers, alive)
-        matched = self.index.matched_tokens(token_ids or [], [u.url for u in alive]) if token_ids else {}
+        lora_name = None if body is None else self.index.adapter_named(body.get("model"))
+        matched = self.index.matched_tokens(token_ids, [u.url for u in alive], lora_name) if token_ids else {}
         candidates = [Candidate(u, matched.get(u.url, 0), self.waiting.get(u, 0), self.in_flight[u]) for u in alive]
         target = choose(candidates, len(token_ids or []), self.tokens_per_queued)
         self.in_flight[target] += 1

@@ -33,7 +33,9 @@ def apply_batch(index: PrefixIndex, instance: str, events: Sequence[object]) -> 
         if kind == "BlockStored":
             hashes, tokens, size = event.get("block_hashes"), event.get("token_ids"), event.get("block_size")
             if isinstance(hashes, list) and isinstance(tokens, list) and isinstance(size, int):
-                index.stored(instance, _medium(event), hashes, event.get("parent_block_hash"), tokens, size)
+                lora_name = event.get("lora_name")
+                index.stored(instance, _medium(event), hashes, event.get("parent_block_hash"), tokens, size,
+                             lora_name if isinstance(lora_name, str) else None)
         elif kind == "BlockRemoved":
             hashes = event.get("block_hashes")
             if isinstance(hashes, list):

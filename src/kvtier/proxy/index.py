@@ -7,6 +7,12 @@ computed from tokens alone (engine hashes differ per engine and tenant): a block
 ``xxh3_64(parent prefix hash || its tokens as uint32 LE)``, one chain per block size. A request's
 tokens hashed the same way find, per instance, the longest prefix it holds on any medium.
 
+KV computed under a LoRA adapter is another KV: a ``BlockStored`` names the adapter
+(``lora_name``), and the chains of each adapter start from their own root
+(``xxh3_64("lora" || name)``), so a request for adapter ``chat`` never matches blocks stored by
+adapter ``sql`` or by the base model. A request names its adapter as vLLM's OpenAI server takes
+it: its ``model`` field is the adapter's name (``adapter_named``).
+
 ``REMOTE`` blocks are not counted for any one instance: the remote tier is shared, every
 instance reaches it alike. The index is not thread safe (the proxy's event loop owns it).
 """
@@ -21,6 +27,11 @@ import xxhash
 
 LOCAL_MEDIA = ("GPU", "CPU", "DISK")  # media that make one instance faster than another
 _ROOT = b"\0" * 8
+
+
+def chain_root(lora_name: str | None) -> bytes:
+    """Where the prefix chains of blocks computed under ``lora_name`` (None: the base model) start."""
+    return _ROOT if lora_name is None else xxhash.xxh3_64_digest(b"lora\0" + lora_name.encode())
 
 
 def prefix_hashes(token_ids: Sequence[int], block_size: int, parent: bytes = _ROOT) -> list[bytes]:
@@ -47,17 +58,21 @@ class PrefixIndex:
 
     def __init__(self) -> None:
         self._holders: dict[str, _Holder] = {}
+        self._adapters: set[str] = set()  # LoRA names seen in stored events
 
     def stored(self, instance: str, medium: str | None, block_hashes: Sequence[object], parent_hash: object,
-               token_ids: Sequence[int], block_size: int) -> None:
+               token_ids: Sequence[int], block_size: int, lora_name: str | None) -> None:
         """A ``BlockStored``: blocks ``block_hashes`` (engine hashes) hold ``token_ids``, after the
-        block ``parent_hash`` (None: the prompt's start). Blocks whose parent is unknown here are
-        skipped (their prefix cannot be computed). ``medium`` None is vLLM's own (GPU)."""
+        block ``parent_hash`` (None: the prompt's start), computed under adapter ``lora_name``
+        (None: the base model). Blocks whose parent is unknown here are skipped (their prefix
+        cannot be computed). ``medium`` None is vLLM's own (GPU)."""
         holder = self._holders.setdefault(instance, _Holder())
         medium = medium or "GPU"
         if block_size <= 0 or not block_hashes or len(token_ids) != block_size * len(block_hashes):
             return
-        parent = _ROOT
+        if lora_name is not None:
+            self._adapters.add(lora_name)
+        parent = chain_root(lora_name)
         if parent_hash is not None:
             known = holder.prefix_of.get(_hashable(parent_hash))
             if known is None or known[0] != block_size:
@@ -97,10 +112,17 @@ class PrefixIndex:
         """``AllBlocksCleared``, or events were lost: forget everything the instance held."""
         self._holders.pop(instance, None)
 
-    def matched_tokens(self, token_ids: Sequence[int], instances: Iterable[str]) -> dict[str, int]:
-        """Per instance, the longest prefix of ``token_ids`` (in tokens) it holds on a local medium."""
+    def adapter_named(self, model: object) -> str | None:
+        """The LoRA adapter a request's ``model`` field names: an adapter some instance stored
+        blocks under, else None (the base model, or an adapter nothing is cached for)."""
+        return model if isinstance(model, str) and model in self._adapters else None
+
+    def matched_tokens(self, token_ids: Sequence[int], instances: Iterable[str],
+                       lora_name: str | None) -> dict[str, int]:
+        """Per instance, the longest prefix of ``token_ids`` (in tokens) computed under adapter
+        ``lora_name`` (None: the base model) that it holds on a local medium."""
         block_sizes = {size for holder in self._holders.values() for size, _ in holder.media}
-        chains = {size: prefix_hashes(token_ids, size) for size in block_sizes}
+        chains = {size: prefix_hashes(token_ids, size, chain_root(lora_name)) for size in block_sizes}
         out: dict[str, int] = {}
         for instance in instances:
             holder = self._holders.get(instance)

@@ -11,10 +11,12 @@ entry is gone. With encryption at rest it is sealed like the entry (AES-256-GCM 
 namespace's key; the tokens are the prompt's text). A missing, short, altered or unauthentic file
 only means that its entry is not announced.
 
-Format (clear, before sealing): ``b"KVTT"``, version 1, a flag byte (1: has a parent), the
-parent key (16 bytes, zeros without one), the token count (uint32), the tokens (uint32 each), all
-little-endian. Writes go straight to the final name (no temp file: a torn write fails the length
-check), created ``0600`` and never through a symbolic link.
+Format (clear, before sealing): ``b"KVTT"``, version 2, a flag byte (1: has a parent, 2: has a
+LoRA adapter), the parent key (16 bytes, zeros without one), the token count (uint32), the tokens
+(uint32 each), then with flag 2 the adapter's name (uint16 length, UTF-8), all little-endian
+(version 1, written before adapters were kept, has no name and still reads). Writes go straight to
+the final name (no temp file: a torn write fails the length check), created ``0600`` and never
+through a symbolic link.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ import re
 import struct
 import sys
 import threading
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, NamedTuple
 
 from kvtier.config import is_namespace
 from kvtier.tiers.io_threads import unbind_this_thread
@@ -39,15 +41,26 @@ if TYPE_CHECKING:  # the connector imports this module: cryptography only where 
 logger = logging.getLogger("kvtier")
 
 _MAGIC = b"KVTT"
-_VERSION = 1
+_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
+_HAS_PARENT, _HAS_LORA = 1, 2
 _HEAD = struct.Struct("<4sBB16sI")
+_NAME_LENGTH = struct.Struct("<H")
 _KEY_BYTES = 16
 _SUFFIX = ".tokens"
 TOKENS_NAME = re.compile(r"([0-9a-f]{32})\.tokens")
 _AAD = b"kvtier-chunk-tokens-v1"
 _QUEUE_LIMIT = 65_536  # chunks waiting to be written; beyond it new ones are dropped (not announced later)
 
-ChunkTokens = tuple[bytes | None, list[int]]  # (parent key, tokens)
+
+
+class ChunkRecord(NamedTuple):
+    """What a router needs to know of one chunk: its parent's key (None for a prompt's first
+    chunk), its tokens, and the LoRA adapter it was computed under (None: the base model)."""
+
+    parent: bytes | None
+    tokens: list[int]
+    lora_name: str | None
 
 
 def tokens_path(root: str, key: bytes, namespace: str) -> str:
@@ -58,26 +71,49 @@ def tokens_path(root: str, key: bytes, namespace: str) -> str:
     return os.path.join(root, namespace, name[:2], name + _SUFFIX)
 
 
-def encode(parent: bytes | None, tokens: Sequence[int]) -> bytes:
-    body = array.array("I", tokens)
+def encode(record: ChunkRecord) -> bytes:
+    """The clear bytes of ``record``'s file; ValueError for an adapter name over 65,535 bytes."""
+    body = array.array("I", record.tokens)
     if sys.byteorder != "little":
         body.byteswap()
-    head = _HEAD.pack(_MAGIC, _VERSION, parent is not None, parent or bytes(_KEY_BYTES), len(body))
-    return head + body.tobytes()
+    flags = (_HAS_PARENT if record.parent is not None else 0) | (_HAS_LORA if record.lora_name is not None else 0)
+    head = _HEAD.pack(_MAGIC, _VERSION, flags, record.parent or bytes(_KEY_BYTES), len(body))
+    if record.lora_name is None:
+        return head + body.tobytes()
+    name = record.lora_name.encode("utf-8")
+    if len(name) > 0xFFFF:
+        raise ValueError(f"a LoRA adapter name of {len(name)} bytes")
+    return head + body.tobytes() + _NAME_LENGTH.pack(len(name)) + name
 
 
-def decode(data: bytes) -> ChunkTokens | None:
-    """The parent and tokens of a clear file's bytes; None when they are not a whole, valid file."""
+def decode(data: bytes) -> ChunkRecord | None:
+    """The record in a clear file's bytes; None when they are not a whole, valid file."""
     if len(data) < _HEAD.size:
         return None
-    magic, version, has_parent, parent, count = _HEAD.unpack_from(data)
-    if magic != _MAGIC or version != _VERSION or has_parent > 1 or len(data) != _HEAD.size + 4 * count:
+    magic, version, flags, parent, count = _HEAD.unpack_from(data)
+    end = _HEAD.size + 4 * count
+    if magic != _MAGIC or version not in _READABLE_VERSIONS or flags & ~(_HAS_PARENT | _HAS_LORA) \
+            or (version == 1 and flags & _HAS_LORA) or len(data) < end:
+        return None
+    lora_name = None
+    if flags & _HAS_LORA:
+        if len(data) < end + _NAME_LENGTH.size:
+            return None
+        (length,) = _NAME_LENGTH.unpack_from(data, end)
+        name_end = end + _NAME_LENGTH.size + length
+        if len(data) != name_end:
+            return None
+        try:
+            lora_name = data[end + _NAME_LENGTH.size:name_end].decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    elif len(data) != end:
         return None
     body = array.array("I")
-    body.frombytes(data[_HEAD.size:])
+    body.frombytes(data[_HEAD.size:end])
     if sys.byteorder != "little":
         body.byteswap()
-    return (parent if has_parent else None), body.tolist()
+    return ChunkRecord(parent if flags & _HAS_PARENT else None, body.tolist(), lora_name)
 
 
 class ChunkTokenFiles:
@@ -88,9 +124,9 @@ class ChunkTokenFiles:
         self.root = root
         self.sealer = sealer
 
-    def write(self, key: bytes, namespace: str, parent: bytes | None, tokens: Sequence[int]) -> None:
+    def write(self, key: bytes, namespace: str, record: ChunkRecord) -> None:
         """Write the file of ``key`` (OSError when the disk refuses; the directory is the entry's)."""
-        data = encode(parent, tokens)
+        data = encode(record)
         if self.sealer is not None:
             data = bytes(self.sealer.seal(namespace.encode("utf-8"), _AAD + key, data))
         path = tokens_path(self.root, key, namespace)
@@ -99,8 +135,8 @@ class ChunkTokenFiles:
         with os.fdopen(fd, "wb") as out:
             out.write(data)
 
-    def read(self, key: bytes, namespace: str) -> ChunkTokens | None:
-        """The parent and tokens stored for ``key``; None when there is no valid file."""
+    def read(self, key: bytes, namespace: str) -> ChunkRecord | None:
+        """The record stored for ``key``; None when there is no valid file."""
         try:
             with open(tokens_path(self.root, key, namespace), "rb") as file:
                 data = file.read()
@@ -140,13 +176,13 @@ class TokenWriter:
     def __init__(self, files: ChunkTokenFiles) -> None:
         self.files = files
         self.num_dropped = 0
-        self._queue: queue.Queue[tuple[bytes, str, bytes | None, list[int]] | None] = queue.Queue(_QUEUE_LIMIT)
+        self._queue: queue.Queue[tuple[bytes, str, ChunkRecord] | None] = queue.Queue(_QUEUE_LIMIT)
         self._thread = threading.Thread(target=self._run, name="kvtier-token-files", daemon=True)
         self._thread.start()
 
-    def submit(self, key: bytes, namespace: str, parent: bytes | None, tokens: list[int]) -> None:
+    def submit(self, key: bytes, namespace: str, record: ChunkRecord) -> None:
         try:
-            self._queue.put_nowait((key, namespace, parent, tokens))
+            self._queue.put_nowait((key, namespace, record))
         except queue.Full:
             self.num_dropped += 1
 

@@ -14,7 +14,10 @@ kvtier's tiers as further media:
   the tokens): as bytes, or, when vLLM publishes integer hashes
   (``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES``, on by default), their low 64 bits as vLLM does with
   its own. A router recomputes its own chain from ``token_ids`` and the parent (as llm-d and
-  Dynamo do) and uses the engine's hashes to match removals.
+  Dynamo do) and uses the engine's hashes to match removals;
+- ``lora_id`` and ``lora_name``: the request's LoRA adapter, as vLLM fills them in its own events
+  (chunks of different adapters never share a ``BlockStored``), so a router keeps each adapter's
+  chains apart (``kvtier proxy`` does: ``proxy/index.py``).
 Disk entries found at start-up are announced (one ``BlockStored`` run per chain, medium ``DISK``,
 with the first events the engine publishes) when their tokens were kept: with KV events on, every
 chunk announced on disk also gets a tokens file beside its entry (``tiers/disk_tokens.py``,
@@ -27,16 +30,17 @@ from __future__ import annotations
 import array
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVCacheEvent
 
 from kvtier.disk_books import DiskBooks
 from kvtier.events import EventLog, TierEvent
-from kvtier.tiers.disk_tokens import ChunkTokenFiles, TokenWriter
+from kvtier.tiers.disk_tokens import ChunkRecord, ChunkTokenFiles, TokenWriter
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.v1.request import Request
 
 MEDIUM = {"memory": "CPU", "disk": "DISK", "remote": "REMOTE"}
 EXTRA_CHUNKS = 16_384  # chunks remembered beyond the memory tier's slots (disk, remote, in flight)
@@ -55,39 +59,60 @@ def int_block_hashes() -> bool:
     return bool(envs.VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES)
 
 
+class Adapter(NamedTuple):
+    """A LoRA adapter as vLLM names it in its own events."""
+
+    adapter_id: int | None  # vLLM's number for it in this engine (None: announced after a restart)
+    name: str
+
+
+def adapter_of(request: "Request") -> Adapter | None:
+    """The LoRA adapter ``request`` runs under (None: the base model)."""
+    lora = getattr(request, "lora_request", None)
+    return None if lora is None else Adapter(lora.adapter_id, lora.name)
+
+
+class Chunk(NamedTuple):
+    """What an event says of one chunk besides its hash."""
+
+    parent: bytes | None
+    tokens: list[int]
+    adapter: Adapter | None
+
+
 class ChunkTokens:
-    """The parent key and tokens of recently keyed chunks, most recent last, bounded (tokens kept
-    as uint32: 4 bytes a token, far below the chunk's KV)."""
+    """The parent key, tokens and adapter of recently keyed chunks, most recent last, bounded
+    (tokens kept as uint32: 4 bytes a token, far below the chunk's KV)."""
 
     def __init__(self, capacity: int) -> None:
-        self._chunks: OrderedDict[bytes, tuple[bytes | None, array.array]] = OrderedDict()
+        self._chunks: OrderedDict[bytes, tuple[bytes | None, array.array, Adapter | None]] = OrderedDict()
         self._capacity = capacity
 
-    def remember(self, key: bytes, parent: bytes | None, tokens: Sequence[int]) -> None:
+    def remember(self, key: bytes, parent: bytes | None, tokens: Sequence[int], adapter: Adapter | None) -> None:
         if key in self._chunks:
             self._chunks.move_to_end(key)
             return
-        self._chunks[key] = (parent, array.array("I", tokens))
+        self._chunks[key] = (parent, array.array("I", tokens), adapter)
         if len(self._chunks) > self._capacity:
             self._chunks.popitem(last=False)
 
-    def get(self, key: bytes) -> tuple[bytes | None, list[int]] | None:
+    def get(self, key: bytes) -> Chunk | None:
         chunk = self._chunks.get(key)
         if chunk is None:
             return None
         self._chunks.move_to_end(key)
-        return chunk[0], chunk[1].tolist()
+        return Chunk(chunk[0], chunk[1].tolist(), chunk[2])
 
 
 class EventTranslator:
     """Turns ``TierEvent`` lists into vLLM KV events (see the module docstring)."""
 
     def __init__(self, chunk_tokens: int, chunks: ChunkTokens, int_hashes: bool,
-                 on_disk_stored: Callable[[bytes, bytes | None, list[int]], None] | None = None) -> None:
+                 on_disk_stored: Callable[[bytes, ChunkRecord], None] | None = None) -> None:
         self.chunk_tokens = chunk_tokens
         self.chunks = chunks
         self.int_hashes = int_hashes
-        self.on_disk_stored = on_disk_stored  # told the parent and tokens of every chunk announced on disk
+        self.on_disk_stored = on_disk_stored  # told the record of every chunk announced on disk
         self.num_unannounced = 0  # stored chunks skipped: their tokens are unknown here
 
     def block_hash(self, key: bytes) -> bytes | int:
@@ -107,35 +132,37 @@ class EventTranslator:
         return out
 
     def _stored(self, event: TierEvent) -> list[KVCacheEvent]:
-        """One ``BlockStored`` per run of chunks that extend each other."""
+        """One ``BlockStored`` per run of chunks of one adapter that extend each other."""
         out: list[KVCacheEvent] = []
         run: list[bytes] = []
         tokens: list[int] = []
-        first_parent: bytes | None = None
+        first: Chunk | None = None
         for key in event.keys:
             chunk = self.chunks.get(key)
             if chunk is None:
                 self.num_unannounced += 1
                 continue
-            parent, chunk_token_ids = chunk
             if event.tier == "disk" and self.on_disk_stored is not None:
-                self.on_disk_stored(key, parent, chunk_token_ids)
-            if run and parent != run[-1]:
-                out.append(self._block_stored(run, first_parent, tokens, event.tier))
+                name = None if chunk.adapter is None else chunk.adapter.name
+                self.on_disk_stored(key, ChunkRecord(chunk.parent, chunk.tokens, name))
+            if run and first is not None and (chunk.parent != run[-1] or chunk.adapter != first.adapter):
+                out.append(self._block_stored(run, first, tokens, event.tier))
                 run, tokens = [], []
             if not run:
-                first_parent = parent
+                first = chunk
             run.append(key)
-            tokens += chunk_token_ids
-        if run:
-            out.append(self._block_stored(run, first_parent, tokens, event.tier))
+            tokens += chunk.tokens
+        if run and first is not None:
+            out.append(self._block_stored(run, first, tokens, event.tier))
         return out
 
-    def _block_stored(self, keys: list[bytes], parent: bytes | None, tokens: list[int], tier: str) -> BlockStored:
+    def _block_stored(self, keys: list[bytes], first: Chunk, tokens: list[int], tier: str) -> BlockStored:
+        adapter = first.adapter
         return BlockStored(block_hashes=[self.block_hash(key) for key in keys],
-                           parent_block_hash=None if parent is None else self.block_hash(parent),
-                           token_ids=tokens, block_size=self.chunk_tokens, lora_id=None, medium=MEDIUM[tier],
-                           lora_name=None)
+                           parent_block_hash=None if first.parent is None else self.block_hash(first.parent),
+                           token_ids=tokens, block_size=self.chunk_tokens,
+                           lora_id=None if adapter is None else adapter.adapter_id, medium=MEDIUM[tier],
+                           lora_name=None if adapter is None else adapter.name)
 
 
 class KVEvents:
@@ -168,10 +195,10 @@ class KVEvents:
         if self._writer is not None:
             self._writer.close()
 
-    def _keep_tokens(self, key: bytes, parent: bytes | None, tokens: list[int]) -> None:
+    def _keep_tokens(self, key: bytes, record: ChunkRecord) -> None:
         entry = self._disk.get(key) if self._disk is not None else None
         if entry is not None and self._writer is not None:
-            self._writer.submit(key, entry.namespace, parent, tokens)
+            self._writer.submit(key, entry.namespace, record)
 
 
 def announce_disk(disk: DiskBooks, files: ChunkTokenFiles, chunk_tokens: int, int_hashes: bool) -> list[KVCacheEvent]:
@@ -182,8 +209,9 @@ def announce_disk(disk: DiskBooks, files: ChunkTokenFiles, chunk_tokens: int, in
     found = ChunkTokens(max(len(entries), 1))
     keys = []
     for key, namespace in entries:
-        chunk = files.read(key, namespace)
-        if chunk is not None and len(chunk[1]) == chunk_tokens:
-            found.remember(key, *chunk)
+        record = files.read(key, namespace)
+        if record is not None and len(record.tokens) == chunk_tokens:
+            adapter = None if record.lora_name is None else Adapter(None, record.lora_name)
+            found.remember(key, record.parent, record.tokens, adapter)
             keys.append(key)
     return EventTranslator(chunk_tokens, found, int_hashes).translate([TierEvent("stored", "disk", tuple(keys))])

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
 
 from kvtier.integrations.vllm.compat import RequestBlocks
-from kvtier.integrations.vllm.events import EXTRA_CHUNKS, KVEvents
+from kvtier.integrations.vllm.events import EXTRA_CHUNKS, KVEvents, adapter_of
 from kvtier.integrations.vllm.requests import RequestControls, Trust, content_binding, request_controls
 from kvtier.integrations.vllm.setup import EngineSetup
 from kvtier.keys import chunk_keys
@@ -366,10 +366,11 @@ class SchedulerSide:
             parent = state.keys[-1] if state.keys else None
             more = chunk_keys(self._digest(state.controls), tokens, self.setup.chunk_tokens,
                               start=len(state.keys), parent=parent)
-            if self._events is not None:  # the tokens of each key, for its stored events
-                chunk = self.setup.chunk_tokens
+            if self._events is not None:  # the tokens and adapter of each key, for its stored events
+                chunk, adapter = self.setup.chunk_tokens, adapter_of(state.request)
                 for index, key in enumerate(more, start=len(state.keys)):
-                    self._events.chunks.remember(key.digest, parent, tokens[index * chunk:(index + 1) * chunk])
+                    self._events.chunks.remember(key.digest, parent, tokens[index * chunk:(index + 1) * chunk],
+                                                 adapter)
                     parent = key.digest
             state.keys.extend(key.digest for key in more)
         return state.keys
