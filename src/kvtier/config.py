@@ -163,10 +163,11 @@ class P2PConfig:
         if (self.listen or self.fetches) and self.key_file is None and self.key_env is None:
             raise ConfigError("p2p.key_file", "peer-to-peer transfer needs a shared secret: set p2p.key_file "
                               "or p2p.key_env (make one with: openssl rand -hex 32)")
-        if self.registry is not None and self.listen is not None and self.advertise is None and \
+        if self.listen is not None and self.advertise is None and \
                 self.listen.rpartition(":")[0] in ("0.0.0.0", "[::]", "::"):
             raise ConfigError("p2p.advertise", f"p2p.listen {self.listen} is a wildcard address: set "
-                              "p2p.advertise to the host:port peers should connect to")
+                              "p2p.advertise to the host:port peers connect to (the server refuses a "
+                              "client that dialled another address)")
 
     @property
     def fetches(self) -> bool:

@@ -41,7 +41,7 @@ def files(tmp_path: Path) -> DiskFiles:
 @pytest.fixture
 def peer(files: DiskFiles) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     env = {**os.environ, "KVTIER_MEMORY_CAPACITY": "1GiB", "PEER_SECRET_VAR": SECRET.hex(), "UNRELATED": "kept"}
-    process, port = start_peer_process("127.0.0.1", 0, files.root, SECRET,
+    process, port = start_peer_process("127.0.0.1", 0, None, files.root, SECRET,
                                        child_environment(env, ["PEER_SECRET_VAR", None]))
     yield process, port
     stop_peer_process(process)
@@ -101,7 +101,7 @@ def test_it_exits_when_its_parent_dies(files: DiskFiles, tmp_path: Path) -> None
     script = (
         "import os, sys\n"
         "from kvtier.tiers.peer_process import start_peer_process\n"
-        f"p, port = start_peer_process('127.0.0.1', 0, {files.root!r}, bytes(range(32)), dict(os.environ))\n"
+        f"p, port = start_peer_process('127.0.0.1', 0, None, {files.root!r}, bytes(range(32)), dict(os.environ))\n"
         "print(p.pid, flush=True)\n"
         "if os.fork() == 0:\n"
         "    import time; time.sleep(8); os._exit(0)\n"  # a child holding the pipe to its stdin
@@ -135,7 +135,7 @@ def test_a_secret_that_is_not_hex_is_refused(files: DiskFiles) -> None:
 def test_a_taken_port_fails_to_start_with_oserror(files: DiskFiles,
                                                   peer: tuple[subprocess.Popen[bytes], int]) -> None:
     with pytest.raises(OSError, match="did not start listening"):
-        start_peer_process("127.0.0.1", peer[1], files.root, SECRET, dict(os.environ))
+        start_peer_process("127.0.0.1", peer[1], None, files.root, SECRET, dict(os.environ))
 
 
 # ---------------------------------------------------------------------------- io_threads

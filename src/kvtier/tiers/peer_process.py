@@ -1,6 +1,6 @@
 """The peer server in a process of its own, so that serving peers never waits on the engine.
 
-    python -m kvtier.tiers.peer_process --host HOST --port PORT --disk-root DIR
+    python -m kvtier.tiers.peer_process --host HOST --port PORT [--advertise HOST:PORT] --disk-root DIR
 
 Started by the worker of rank 0 (``start_peer_process``; ``integrations/vllm/peers.PeerService``)
 and serving that worker's disk-tier files under ``DIR`` (``DiskSource``) with ``PeerServer``.
@@ -56,14 +56,14 @@ def child_environment(environ: Mapping[str, str], key_envs: Iterable[str | None]
             if not name.startswith("KVTIER_") and name not in secret_names}
 
 
-def start_peer_process(host: str, port: int, disk_root: str, secret: bytes, env: Mapping[str, str],
-                       timeout_s: float = START_TIMEOUT_S) -> tuple[subprocess.Popen[bytes], int]:
+def start_peer_process(host: str, port: int, advertised: str | None, disk_root: str, secret: bytes,
+                       env: Mapping[str, str], timeout_s: float = START_TIMEOUT_S) -> tuple[subprocess.Popen[bytes], int]:
     """Start the peer process and wait for its port. Returns the process (its stdin held open:
     closing it stops the process) and the port. ``OSError`` when it does not start listening
     within ``timeout_s`` (the address taken, say); the process is then stopped."""
     process = subprocess.Popen(
         [sys.executable, "-m", "kvtier.tiers.peer_process", "--host", host, "--port", str(port),
-         "--disk-root", disk_root],
+         *(("--advertise", advertised) if advertised else ()), "--disk-root", disk_root],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=dict(env), close_fds=True)
     assert process.stdin is not None and process.stdout is not None
     try:
@@ -120,6 +120,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                                      description="Serve a kvtier disk tier's entries to authenticated peers.")
     parser.add_argument("--host", required=True)
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--advertise", default=None,
+                        help="the host:port peers dial; clients that dialled another are refused (default: "
+                             "HOST and the bound port)")
     parser.add_argument("--disk-root", required=True, help="the disk tier's directory for this KV layout")
     return parser.parse_args(argv)
 
@@ -144,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.error("no usable secret on stdin: %s", exc)
         return EXIT_BAD_INPUT
     try:
-        server = PeerServer(args.host, args.port, secret, DiskSource(args.disk_root))
+        server = PeerServer(args.host, args.port, secret, DiskSource(args.disk_root), args.advertise)
     except OSError as exc:
         logger.error("cannot listen on %s:%d: %s", args.host, args.port, exc)
         return EXIT_CANNOT_BIND

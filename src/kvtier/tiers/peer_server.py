@@ -84,13 +84,16 @@ class PeerServer:
     """A TCP server on ``(host, port)`` (port 0: any free one, see ``port``) answering
     authenticated peers from ``source``."""
 
-    def __init__(self, host: str, port: int, secret: bytes, source: EntrySource) -> None:
-        """Binds at once; ``OSError`` when the address is taken or not local."""
+    def __init__(self, host: str, port: int, secret: bytes, source: EntrySource, advertised: str | None) -> None:
+        """Binds at once; ``OSError`` when the address is taken or not local. ``advertised``: the
+        ``host:port`` peers dial (``p2p.advertise``); clients that dialled another address are
+        refused (``peer_wire``: a relay). None: ``host`` and the bound port."""
         self._secret = secret
         self._source = source
         self._listener = socket.create_server((host, port), reuse_port=False)
         self._listener.settimeout(0.5)
         self.port: int = self._listener.getsockname()[1]
+        self.advertised = advertised or f"{host}:{self.port}"
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -133,7 +136,7 @@ class PeerServer:
             self._connections.add(conn)
         try:
             conn.settimeout(HANDSHAKE_TIMEOUT_S)
-            server_handshake(conn, self._secret)
+            server_handshake(conn, self._secret, self.advertised)
             conn.settimeout(IDLE_TIMEOUT_S)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             while not self._stop.is_set() and self._answer(conn):

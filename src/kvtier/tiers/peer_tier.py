@@ -22,19 +22,25 @@ from __future__ import annotations
 import abc
 import logging
 import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from kvtier.compression import KVCodec
+from kvtier.configparts.values import check_address
 from kvtier.crypto import Sealer
 from kvtier.entry import HEADER_BYTES
-from kvtier.tiers.peer_wire import Stream, client_handshake, encode_fetch, encode_lookup, \
-    read_ages, read_value_length, recv_into_exact
+from kvtier.tiers.io_threads import unbind_this_thread
+from kvtier.tiers.peer_wire import MAX_NAMES, ProtocolError, Stream, canonical_address, client_handshake, \
+    encode_fetch, encode_lookup, read_ages, read_value_length, recv_into_exact
 from kvtier.tiers.remote import FIRST_BACKOFF_S, MAX_BACKOFF_S, CallDeadline, Fetched, RemoteTier
 
 logger = logging.getLogger(__name__)
 
 REGISTRY_REFRESH_S = 1.0
+
+_T = TypeVar("_T")
 
 
 class PeerTransport(abc.ABC):
@@ -66,15 +72,46 @@ class TcpTransport(PeerTransport):
         self._connections: dict[str, socket.socket] = {}
 
     def prefix_ages(self, address: str, names: Sequence[str]) -> list[float]:
-        with self._request(address) as sock:
-            sock.sendall(encode_lookup(names))
-            return read_ages(sock, len(names))
+        ages: list[float] = []
+        for start in range(0, len(names), MAX_NAMES):  # the server takes at most MAX_NAMES per request
+            batch = names[start:start + MAX_NAMES]
+            found = self._exchange(address, lambda sock: self._lookup(sock, batch))
+            ages += found
+            if len(found) < len(batch):
+                break
+        return ages
 
     def fetch(self, address: str, items: Sequence[tuple[str, memoryview]]) -> list[Fetched | None]:
+        found: list[Fetched | None] = []
+        for start in range(0, len(items), MAX_NAMES):
+            batch = items[start:start + MAX_NAMES]
+            found += self._exchange(address, lambda sock: self._fetch(sock, batch))
+        return found
+
+    def _lookup(self, sock: Stream, names: Sequence[str]) -> list[float]:
+        sock.sendall(encode_lookup(names))
+        return read_ages(sock, len(names))
+
+    def _fetch(self, sock: Stream, items: Sequence[tuple[str, memoryview]]) -> list[Fetched | None]:
         most = [HEADER_BYTES + out.nbytes for _, out in items]
+        sock.sendall(encode_fetch([name for name, _ in items], most))
+        return [self._read_value(sock, out, most_bytes) for (_, out), most_bytes in zip(items, most)]
+
+    def _exchange(self, address: str, request: Callable[[Stream], _T]) -> _T:
+        """``request`` on the connection to ``address``. A kept connection the peer has closed
+        meanwhile (it drops idle ones) fails at once: that one is retried on a new connection.
+        Lookups and fetches only read, so running one again is harmless."""
+        reused = address in self._connections
+        try:
+            with self._request(address) as sock:
+                return request(sock)
+        except TimeoutError:
+            raise
+        except OSError:
+            if not reused:
+                raise
         with self._request(address) as sock:
-            sock.sendall(encode_fetch([name for name, _ in items], most))
-            return [self._read_value(sock, out, most_bytes) for (_, out), most_bytes in zip(items, most)]
+            return request(sock)
 
     def _read_value(self, sock: Stream, out: memoryview, most_bytes: int) -> Fetched | None:
         length = read_value_length(sock, most_bytes)
@@ -94,11 +131,14 @@ class TcpTransport(PeerTransport):
         return _Exchange(self, address, _DeadlineStream(sock, self._budget))
 
     def _connect(self, address: str) -> socket.socket:
-        host, _, port = address.rpartition(":")
-        sock = socket.create_connection((host, int(port)), timeout=self._budget())
+        try:
+            host, port = check_address(address)  # [::1]:7001 -> ("::1", 7001)
+        except ValueError as exc:
+            raise ProtocolError(str(exc)) from None
+        sock = socket.create_connection((host, port), timeout=self._budget())
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            client_handshake(_DeadlineStream(sock, self._budget), self._secret)
+            client_handshake(_DeadlineStream(sock, self._budget), self._secret, address)
         except OSError:
             sock.close()
             raise
@@ -175,8 +215,10 @@ class StaticPeers(PeerDirectory):
 
 
 class RegistryPeers(PeerDirectory):
-    """A static list plus the addresses registered in Redis (``peer_registry``), refreshed at
-    most every ``REGISTRY_REFRESH_S``; a registry that fails keeps the last list it gave."""
+    """A static list plus the addresses registered in Redis (``peer_registry``), refreshed every
+    ``REGISTRY_REFRESH_S`` on a thread of its own, so that a slow or stalled registry never holds
+    up a lookup; a registry that fails keeps the last list it gave. Entries that are not
+    ``host:port`` are dropped (anyone who can write the registry can write anything there)."""
 
     def __init__(self, url: str, static: Sequence[str], own_address: str | None, timeout_s: float) -> None:
         from kvtier.tiers.peer_registry import PeerRegistry
@@ -185,20 +227,39 @@ class RegistryPeers(PeerDirectory):
         self._static = list(static)
         self._own = own_address
         self._found: list[str] = []
-        self._refreshed_at = -REGISTRY_REFRESH_S
+        self._refreshed = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kvtier-peer-registry", daemon=True)
+        self._thread.start()
+        self._refreshed.wait(timeout_s)  # the first answer, if the registry gives it in time
 
     def addresses(self) -> list[str]:
-        if time.monotonic() - self._refreshed_at >= REGISTRY_REFRESH_S:
-            self._refreshed_at = time.monotonic()
-            try:
-                self._found = self._registry.addresses()
-            except Exception as exc:  # redis-py's errors: the registry is a hint, never a failure
-                logger.debug("kvtier: peer registry: %s", exc)
         merged = dict.fromkeys(self._static + self._found)
         return [address for address in merged if address != self._own]
 
     def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2.0)
         self._registry.close()
+
+    def _run(self) -> None:
+        unbind_this_thread()
+        while not self._stop.is_set():
+            try:
+                self._found = [address for address in self._registry.addresses() if _is_address(address)]
+            except Exception as exc:  # redis-py's errors: the registry is a hint, never a failure
+                logger.debug("kvtier: peer registry: %s", exc)
+            self._refreshed.set()
+            self._stop.wait(REGISTRY_REFRESH_S)
+
+
+def _is_address(address: str) -> bool:
+    try:
+        check_address(address)
+        canonical_address(address)
+    except ValueError:
+        return False
+    return True
 
 
 class PeerTier(RemoteTier):
@@ -244,6 +305,9 @@ class PeerTier(RemoteTier):
         failure: OSError | None = None
         answered = 0
         for address in self._live_peers():
+            if self.deadline.remaining_s() <= 0:
+                failure = None  # the peers not asked are not to blame: a miss, the tier stays healthy
+                break
             try:
                 ages = self.transport.prefix_ages(address, names)
             except OSError as exc:
@@ -271,6 +335,9 @@ class PeerTier(RemoteTier):
         for address in self._live_peers():
             missing = [index for index, value in enumerate(found) if value is None]
             if not missing:
+                break
+            if self.deadline.remaining_s() <= 0:
+                failure = None  # the peers not asked are not to blame: a miss, the tier stays healthy
                 break
             try:
                 answer = self.transport.fetch(address, [items[index] for index in missing])

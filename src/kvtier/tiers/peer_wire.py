@@ -5,10 +5,16 @@ socket; both ends (``peer_tier.TcpTransport``, ``peer_server.PeerServer``) use t
 
 Handshake (both ends prove they hold the shared secret; nothing else is sent before it passes):
   server -> client  MAGIC, nonce_s (32 random bytes)
-  client -> server  MAGIC, nonce_c (32 random bytes), HMAC-SHA256(secret, "kvtier-p2p client" nonce_s nonce_c)
-  server -> client  HMAC-SHA256(secret, "kvtier-p2p server" nonce_c nonce_s)
-A server that gets a wrong MAC closes the connection without answering; a client that gets a wrong
-one closes it (``AuthError``). Fresh nonces on both sides: a recorded handshake cannot be replayed.
+  client -> server  MAGIC, nonce_c (32 random bytes), u16 length, dialled,
+                    HMAC-SHA256(secret, "kvtier-p2p client" nonce_s nonce_c dialled)
+  server -> client  HMAC-SHA256(secret, "kvtier-p2p server" nonce_c nonce_s dialled)
+``dialled`` is the ``host:port`` the client connected to (``canonical_address``). The server
+accepts it only when it is its own advertised address: without that check, anyone who can list an
+address of its own (the peer registry on Redis is not trusted) could relay a client's handshake to
+a real server and then send requests of its own on the authenticated connection. A server that
+gets a wrong MAC or another address closes the connection without answering; a client that gets a
+wrong MAC closes it (``AuthError``). Fresh nonces on both sides: a recorded handshake cannot be
+replayed.
 
 Requests: ``u32 body bytes, u8 op, body`` (little endian). Names are the remote tier's object
 names, ``kvtier/<namespace>/<32 hex key>.<rank>``, so the tenant namespace is in every request.
@@ -32,7 +38,7 @@ from typing import Protocol
 
 from kvtier.configparts.values import is_namespace
 
-MAGIC = b"KVP1"
+MAGIC = b"KVP2"  # KVP1 had no dialled address in its handshake
 NONCE_BYTES = 32
 MAC_BYTES = 32
 OP_LOOKUP = 1
@@ -41,6 +47,7 @@ ABSENT = 2**64 - 1
 MAX_NAMES = 4096  # names in one request
 MAX_REQUEST_BYTES = 1 << 20
 MAX_NAME_BYTES = 200
+MAX_ADDRESS_BYTES = 300
 _NAME = re.compile(r"kvtier/([^/]{1,64})/([0-9a-f]{32})\.([0-9]{1,4})")
 _CLIENT_LABEL = b"kvtier-p2p client"
 _SERVER_LABEL = b"kvtier-p2p server"
@@ -103,36 +110,59 @@ def recv_into_exact(sock: Stream, out: memoryview) -> None:
 
 # ---------------------------------------------------------------------------- handshake
 
-def _mac(secret: bytes, label: bytes, first: bytes, second: bytes) -> bytes:
-    return hmac.new(secret, label + first + second, "sha256").digest()
+def canonical_address(address: str) -> str:
+    """``host:port`` as both ends compare it: the host lower-cased, IPv6 brackets kept, the port
+    a plain number. ValueError for anything that is not ``host:port``."""
+    host, colon, port = address.rpartition(":")
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536 or len(address) > MAX_ADDRESS_BYTES:
+        raise ValueError(f"{address[:80]!r} is not host:port")
+    return f"{host.lower()}:{int(port)}"
 
 
-def client_handshake(sock: Stream, secret: bytes) -> None:
-    """Authenticate to a server and authenticate it; ``AuthError`` / ``ProtocolError`` if it fails."""
+def _mac(secret: bytes, label: bytes, first: bytes, second: bytes, dialled: bytes) -> bytes:
+    return hmac.new(secret, label + first + second + dialled, "sha256").digest()
+
+
+def client_handshake(sock: Stream, secret: bytes, dialled: str) -> None:
+    """Authenticate to the server at ``dialled`` (the address connected to) and authenticate it;
+    ``AuthError`` / ``ProtocolError`` if it fails."""
     hello = recv_exact(sock, len(MAGIC) + NONCE_BYTES)
     if hello[:len(MAGIC)] != MAGIC:
-        raise AuthError("the peer does not speak kvtier's peer protocol")
+        raise AuthError("the peer does not speak this version of kvtier's peer protocol")
     server_nonce = hello[len(MAGIC):]
     client_nonce = os.urandom(NONCE_BYTES)
-    sock.sendall(MAGIC + client_nonce + _mac(secret, _CLIENT_LABEL, server_nonce, client_nonce))
+    address = canonical_address(dialled).encode("utf-8")
+    sock.sendall(MAGIC + client_nonce + struct.pack("<H", len(address)) + address
+                 + _mac(secret, _CLIENT_LABEL, server_nonce, client_nonce, address))
     try:
         answer = recv_exact(sock, MAC_BYTES)
     except ProtocolError:
-        raise AuthError("the peer refused this instance (a different p2p secret?)") from None
-    if not hmac.compare_digest(answer, _mac(secret, _SERVER_LABEL, client_nonce, server_nonce)):
+        raise AuthError(f"the peer refused this instance (a different p2p secret, or {dialled} is not the "
+                        "address it advertises?)") from None
+    if not hmac.compare_digest(answer, _mac(secret, _SERVER_LABEL, client_nonce, server_nonce, address)):
         raise AuthError("the peer could not prove it holds the p2p secret")
 
 
-def server_handshake(sock: Stream, secret: bytes) -> None:
-    """Authenticate a client and prove the secret to it; ``AuthError`` when the client fails."""
+def server_handshake(sock: Stream, secret: bytes, advertised: str) -> None:
+    """Authenticate a client that dialled ``advertised`` and prove the secret to it; ``AuthError``
+    when the client fails or dialled another address (a relay)."""
     server_nonce = os.urandom(NONCE_BYTES)
     sock.sendall(MAGIC + server_nonce)
-    reply = recv_exact(sock, len(MAGIC) + NONCE_BYTES + MAC_BYTES)
-    client_nonce, mac = reply[len(MAGIC):len(MAGIC) + NONCE_BYTES], reply[len(MAGIC) + NONCE_BYTES:]
-    if reply[:len(MAGIC)] != MAGIC or not hmac.compare_digest(mac, _mac(secret, _CLIENT_LABEL, server_nonce,
-                                                                        client_nonce)):
+    head = recv_exact(sock, len(MAGIC) + NONCE_BYTES + 2)
+    if head[:len(MAGIC)] != MAGIC:
+        raise AuthError("a client does not speak this version of kvtier's peer protocol")
+    client_nonce = head[len(MAGIC):len(MAGIC) + NONCE_BYTES]
+    (length,) = struct.unpack_from("<H", head, len(MAGIC) + NONCE_BYTES)
+    if length > MAX_ADDRESS_BYTES:
+        raise AuthError("a client sent an address that is too long")
+    rest = recv_exact(sock, length + MAC_BYTES)
+    address, mac = rest[:length], rest[length:]
+    if not hmac.compare_digest(mac, _mac(secret, _CLIENT_LABEL, server_nonce, client_nonce, address)):
         raise AuthError("a client failed to authenticate")
-    sock.sendall(_mac(secret, _SERVER_LABEL, client_nonce, server_nonce))
+    if address != canonical_address(advertised).encode("utf-8"):
+        raise AuthError(f"a client holding the secret dialled {address.decode('utf-8', 'replace')[:80]}, not "
+                        f"this server's {advertised} (a relay, or a peer list naming this server otherwise)")
+    sock.sendall(_mac(secret, _SERVER_LABEL, client_nonce, server_nonce, address))
 
 
 # ---------------------------------------------------------------------------- requests

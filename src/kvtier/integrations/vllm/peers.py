@@ -57,7 +57,8 @@ class PeerService:
         assert config.listen is not None
         host, port = check_address(config.listen)
         key_envs = (config.key_env, setup.config.encryption.key_env, setup.config.signing.key_env)
-        self.process, self.port = start_peer_process(host, port, files.root, peer_secret(setup),
+        assert config.own_address is not None  # p2p.advertise, or p2p.listen when it is not a wildcard
+        self.process, self.port = start_peer_process(host, port, config.own_address, files.root, peer_secret(setup),
                                                      child_environment(os.environ, key_envs))
         self.heartbeat = None
         if config.registry is not None:
