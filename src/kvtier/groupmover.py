@@ -45,8 +45,12 @@ class GroupedMover:
         return None  # no staging: nothing to pipeline layer by layer
 
     def gather_chunks(self, ops: Sequence[StoreOp]) -> None:
-        """Copy each op's runs of engine blocks into its memory slot, group by group."""
+        """Copy each op's runs of engine blocks into its memory slot, group by group. The rest of
+        the slot (blocks outside a window, a group with no run, the tail) is zeroed: it held the
+        slot's previous chunk, perhaps another tenant's, and the whole slot goes to disk, the
+        remote and peers under this chunk's key."""
         for op in ops:
+            self._zero_unwritten(op)
             for index, run in self._runs(op.groups):
                 view = self._group_view(op.slot, index)
                 target = view[:, run.first_block:run.first_block + len(run.block_ids)]
@@ -81,6 +85,19 @@ class GroupedMover:
 
     def wait(self) -> None:
         return None
+
+    def _zero_unwritten(self, op: StoreOp) -> None:
+        written = dict(self._runs(op.groups))
+        for index in range(len(self.groups)):
+            view = self._group_view(op.slot, index)
+            run = written.get(index)
+            if run is None:
+                view.zero_()
+                continue
+            view[:, :run.first_block].zero_()
+            view[:, run.first_block + len(run.block_ids):].zero_()
+        end = self._offsets[-1] + self._group_bytes[-1]
+        self.pool.slot(op.slot)[end:].zero_()
 
     def _runs(self, runs: Sequence[BlockRun]) -> list[tuple[int, BlockRun]]:
         if len(runs) != len(self.groups):

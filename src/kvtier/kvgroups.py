@@ -84,17 +84,23 @@ class GroupPlan:
     def describe(self) -> str:
         return ";".join(group.describe() for group in self.groups)
 
-    def store_runs(self, chunk_index: int, block_ids: Sequence[Sequence[int]]) -> tuple[BlockRun, ...] | None:
+    def store_runs(self, chunk_index: int, block_ids: Sequence[Sequence[int]],
+                   num_processed: int) -> tuple[BlockRun, ...] | None:
         """The runs chunk ``chunk_index`` stores from a request's blocks (``block_ids``: one list
         per group, vLLM's block table); None when a block it needs is not there (not allocated,
-        or vLLM's null block: skipped before kvtier saw it), so the chunk is not stored."""
+        or vLLM's null block: skipped before kvtier saw it), or may be gone: vLLM frees a window's
+        blocks on the tokens processed before the step (``num_processed``; the block table kvtier
+        keeps does not see it), and a freed block may hold another request's KV by the time the
+        step's store reads it (a chunk stored after the step that completed it: accepted draft
+        tokens, decode tokens). Then the chunk is not stored."""
         first = chunk_index * self.blocks_per_chunk
         end = first + self.blocks_per_chunk
         runs: list[BlockRun] = []
         for group, ids in zip(self.groups, block_ids, strict=True):
             lo = max(first, group.first_needed_block(end * self.block_size, self.block_size))
             run = tuple(ids[lo:end])
-            if len(run) != end - lo or NULL_BLOCK_ID in run:
+            if len(run) != end - lo or NULL_BLOCK_ID in run or \
+                    lo < group.first_needed_block(num_processed, self.block_size):
                 return None
             runs.append(BlockRun(lo - first, run))
         return tuple(runs)

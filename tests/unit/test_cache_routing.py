@@ -77,6 +77,19 @@ def test_blocks_of_one_lora_adapter_match_only_requests_for_that_adapter() -> No
         ["sql", "chat", None, None, None]
 
 
+def test_two_tenants_holding_the_same_prefix_are_counted_apart() -> None:
+    """Two tenants' blocks of the same tokens are two engine hashes of one prefix: removing one
+    tenant's dropped the medium for both (review finding)."""
+    index = PrefixIndex()
+    apply(index, "a", stored([1], None, DOC[:4]), stored([2], None, DOC[:4]))  # tenant 1, tenant 2
+    apply(index, "a", BlockRemoved(block_hashes=[1], medium="CPU"))
+    assert index.matched_tokens(DOC, ["a"], None) == {"a": 4}  # tenant 2's block is still there
+    apply(index, "a", stored([2], None, DOC[:4]))  # announced again: not counted twice
+    apply(index, "a", BlockRemoved(block_hashes=[2], medium="CPU"))
+    assert index.matched_tokens(DOC, ["a"], None) == {"a": 0}
+    assert index.num_blocks("a", "CPU") == 0
+
+
 def test_choose_weighs_the_cached_prefix_against_the_queue() -> None:
     a, b = Upstream("a", 1), Upstream("b", 1)
     cached = [Candidate(a, 1024, 0, 0), Candidate(b, 0, 0, 0)]

@@ -52,6 +52,22 @@ def test_runs_move_only_their_blocks_group_by_group() -> None:
         assert not target[name][[i for i in range(NUM_BLOCKS) if i != 9]].any()  # nothing else written
 
 
+def test_a_stored_slot_holds_nothing_of_its_previous_chunk() -> None:
+    """A window group writes only its window's blocks; the rest of the slot kept its previous
+    occupant (perhaps another tenant's KV), and the whole slot goes to disk, the remote and peers
+    under the new chunk's key (review finding)."""
+    pool = HostPool(1, 2 * GROUP_LAYOUT.chunk_bytes(2 * BLOCK) + 64, pin_memory=False)
+    pool.slot(0).fill_(0x5A)  # the previous chunk
+    source = caches(1)
+    mover(source, pool).gather_chunks([StoreOp(b"k", 0, (3, 4), "r", (BlockRun(1, (5,)), BlockRun(0, (3, 4))))])
+    window = mover(source, pool)._group_view(0, 0)
+    assert not window[:, 0].any()  # outside the window: zeros, not the previous chunk
+    assert pool.slot(0)[-64:].eq(0).all()  # the slot's tail
+    target = {name: torch.zeros(NUM_BLOCKS, 1, BLOCK, 16, dtype=torch.bfloat16) for name in ("s0", "s1", "f0", "f1")}
+    mover(target, pool).scatter_chunks([LoadOp(0, 0, (7, 8), (BlockRun(1, (9,)), BlockRun(0, (7, 8))))])
+    assert torch.equal(target["s0"][9], source["s0"][5]) and torch.equal(target["f1"][8], source["f1"][4])
+
+
 def hybrid_worker(remote: DictTier) -> tuple[WorkerSide, dict[str, torch.Tensor]]:
     plan = GroupPlan((KVGroup(("s0", "s1"), 20), KVGroup(("f0", "f1"))), BLOCK, 2)
     layout = KVLayout("cpu_lbhnc", 4, 1, 8, BLOCK, "bfloat16", groups=plan.describe())

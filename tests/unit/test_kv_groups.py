@@ -37,17 +37,17 @@ def test_a_full_group_stores_the_whole_chunk_and_a_small_window_only_its_tail() 
     # blocks of 4 tokens, chunks of 4 blocks; a window of 6 tokens needs, after 16 tokens, the
     # tokens from 11 on: blocks 2 and 3 of the chunk (block 2 holds token 11)
     plan = GroupPlan((FULL, KVGroup(("l1", "l2"), sliding_window=6)), block_size=4, blocks_per_chunk=4)
-    runs = plan.store_runs(0, [block_table(0, 8), block_table(1, 8)])
+    runs = plan.store_runs(0, [block_table(0, 8), block_table(1, 8)], 0)
     assert runs == (BlockRun(0, (1000, 1001, 1002, 1003)), BlockRun(2, (2002, 2003)))
     # the second chunk: tokens 16..31, window needs tokens 27..31: blocks 6 and 7
-    runs = plan.store_runs(1, [block_table(0, 8), block_table(1, 8)])
+    runs = plan.store_runs(1, [block_table(0, 8), block_table(1, 8)], 0)
     assert runs == (BlockRun(0, (1004, 1005, 1006, 1007)), BlockRun(2, (2006, 2007)))
 
 
 def test_a_window_wider_than_the_chunk_stores_the_whole_chunk() -> None:
     plan = GroupPlan((KVGroup(("s",), sliding_window=512), FULL), block_size=16, blocks_per_chunk=16)
     assert plan.full_index == 1
-    runs = plan.store_runs(3, [block_table(0, 64), block_table(1, 64)])
+    runs = plan.store_runs(3, [block_table(0, 64), block_table(1, 64)], 0)
     assert runs is not None and [len(run.block_ids) for run in runs] == [16, 16]
 
 
@@ -55,11 +55,22 @@ def test_a_chunk_whose_needed_block_is_the_null_block_or_missing_is_not_stored()
     plan = GroupPlan((FULL, KVGroup(("s",), sliding_window=6)), block_size=4, blocks_per_chunk=4)
     window = block_table(1, 8)
     window[3] = NULL_BLOCK_ID  # vLLM freed it (a local prefix hit skipped it)
-    assert plan.store_runs(0, [block_table(0, 8), window]) is None
+    assert plan.store_runs(0, [block_table(0, 8), window], 0) is None
     window[0] = NULL_BLOCK_ID  # outside the window at the chunk's end: not needed, not read
     window[3] = 2003
-    assert plan.store_runs(0, [block_table(0, 8), window]) is not None
-    assert plan.store_runs(1, [block_table(0, 8), block_table(1, 7)]) is None  # not allocated yet
+    assert plan.store_runs(0, [block_table(0, 8), window], 0) is not None
+    assert plan.store_runs(1, [block_table(0, 8), block_table(1, 7)], 0) is None  # not allocated yet
+
+
+def test_a_chunk_whose_window_blocks_vllm_may_have_freed_is_not_stored() -> None:
+    """vLLM frees a window's blocks on the tokens processed before a step; kvtier's copy of the
+    block table never sees it. A chunk stored after the step that completed it (accepted draft
+    tokens) read a freed block, maybe reused by another request (review finding)."""
+    plan = GroupPlan((FULL, KVGroup(("s",), sliding_window=6)), block_size=4, blocks_per_chunk=4)
+    tables = [block_table(0, 8), block_table(1, 8)]
+    assert plan.store_runs(0, tables, 12) is not None  # the window's blocks 2, 3 of chunk 0 are held
+    assert plan.store_runs(0, tables, 19) is None  # 19 - 6 + 1 = 14 tokens skipped: blocks 0-2 freed, 2 needed
+    assert plan.store_runs(1, tables, 19) is not None  # chunk 1's window (blocks 6, 7) still held
 
 
 def test_a_model_without_a_full_attention_group_is_refused_naming_the_windows() -> None:
@@ -103,7 +114,7 @@ def test_every_block_a_load_needs_was_stored_and_nothing_else_is_loaded(block_si
     assert hit_block * block_size // chunk_tokens * chunk_tokens <= end <= hit_block * block_size
     end_block = end // block_size
     for chunk in range(start_block // blocks_per_chunk, -(-end_block // blocks_per_chunk)):
-        stored = plan.store_runs(chunk, tables)
+        stored = plan.store_runs(chunk, tables, 0)
         assert stored is not None
         loaded = plan.chunk_load_runs(chunk, start_block, end, tables)
         assert len(loaded) == len(groups)

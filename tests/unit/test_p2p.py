@@ -388,7 +388,7 @@ def test_registry_heartbeat_and_expiry(redis_server: ServerProcess) -> None:  # 
     registry = PeerRegistry(url, 2.0)
     registry.register("10.0.0.9:7000", 2)
     assert "10.0.0.9:7000" in registry.addresses()
-    heartbeat = Heartbeat(PeerRegistry(url, 2.0), "10.0.0.1:7000", 3)
+    heartbeat = Heartbeat(PeerRegistry(url, 2.0), "10.0.0.1:7000", 3, lambda: True)
     peers = RegistryPeers(url, ["10.0.0.5:7000"], "10.0.0.1:7000", 2.0)
     addresses = peers.addresses()
     assert "10.0.0.9:7000" in addresses and "10.0.0.5:7000" in addresses
@@ -402,6 +402,19 @@ def test_registry_heartbeat_and_expiry(redis_server: ServerProcess) -> None:  # 
     assert "10.0.0.1:7000" not in registry.addresses()
     registry.close()
     peers.close()
+
+
+def test_a_server_that_died_is_unregistered_by_its_heartbeat(redis_server: ServerProcess) -> None:  # noqa: F811
+    """The worker kept advertising a peer process that had crashed (review finding)."""
+    url = f"redis://127.0.0.1:{port_of(redis_server)}/0"
+    registry = PeerRegistry(url, 2.0)
+    alive = [True]
+    heartbeat = Heartbeat(PeerRegistry(url, 2.0), "10.0.0.2:7000", 3, lambda: alive[0])
+    assert "10.0.0.2:7000" in registry.addresses()
+    alive[0] = False
+    _wait_for(lambda: "10.0.0.2:7000" not in registry.addresses(), timeout_s=3.0)  # the next beat (1 s)
+    heartbeat.close()
+    registry.close()
 
 
 def test_garbage_in_the_registry_is_skipped(redis_server: ServerProcess, server: PeerServer) -> None:  # noqa: F811

@@ -50,7 +50,9 @@ class _Holder:
 
     prefix_of: dict[object, tuple[int, bytes]] = field(default_factory=dict)  # engine hash -> (size, prefix)
     held_on: dict[object, set[str]] = field(default_factory=dict)  # engine hash -> media
-    media: dict[tuple[int, bytes], set[str]] = field(default_factory=dict)  # (size, prefix) -> media
+    # (size, prefix) -> medium -> how many engine hashes hold it there (two tenants' blocks of the
+    # same tokens are two engine hashes of one prefix: removing one leaves the other)
+    media: dict[tuple[int, bytes], dict[str, int]] = field(default_factory=dict)
 
 
 class PrefixIndex:
@@ -80,9 +82,15 @@ class PrefixIndex:
             parent = known[1]
         for engine_hash, prefix in zip(block_hashes, prefix_hashes(token_ids, block_size, parent)):
             engine_hash = _hashable(engine_hash)
+            known = holder.prefix_of.get(engine_hash)
+            if known is not None and known != (block_size, prefix):
+                self._forget(holder, engine_hash)  # an engine hash now naming other tokens
             holder.prefix_of[engine_hash] = (block_size, prefix)
-            holder.held_on.setdefault(engine_hash, set()).add(medium)
-            holder.media.setdefault((block_size, prefix), set()).add(medium)
+            held_on = holder.held_on.setdefault(engine_hash, set())
+            if medium not in held_on:
+                held_on.add(medium)
+                counts = holder.media.setdefault((block_size, prefix), {})
+                counts[medium] = counts.get(medium, 0) + 1
 
     def removed(self, instance: str, medium: str | None, block_hashes: Iterable[object]) -> None:
         holder = self._holders.get(instance)
@@ -93,15 +101,12 @@ class PrefixIndex:
             held_on = holder.held_on.get(engine_hash)
             if held_on is None or medium not in held_on:
                 continue
-            held_on.discard(medium)
-            entry = holder.prefix_of[engine_hash]
-            media = holder.media.get(entry)
-            if media is not None:
-                media.discard(medium)
-                if not media:
-                    del holder.media[entry]
-            if not held_on:
-                del holder.held_on[engine_hash], holder.prefix_of[engine_hash]
+            _drop(holder, engine_hash, medium)
+
+    @staticmethod
+    def _forget(holder: _Holder, engine_hash: object) -> None:
+        for medium in list(holder.held_on.get(engine_hash, ())):
+            _drop(holder, engine_hash, medium)
 
     def num_blocks(self, instance: str, medium: str) -> int:
         """How many blocks ``instance`` holds on ``medium``."""
@@ -130,7 +135,23 @@ class PrefixIndex:
         return out
 
 
-def _longest(media: Mapping[tuple[int, bytes], set[str]], chains: Mapping[int, list[bytes]]) -> int:
+def _drop(holder: _Holder, engine_hash: object, medium: str) -> None:
+    """``engine_hash`` is no longer held on ``medium``."""
+    held_on = holder.held_on[engine_hash]
+    held_on.discard(medium)
+    entry = holder.prefix_of[engine_hash]
+    counts = holder.media.get(entry)
+    if counts is not None and medium in counts:
+        counts[medium] -= 1
+        if not counts[medium]:
+            del counts[medium]
+        if not counts:
+            del holder.media[entry]
+    if not held_on:
+        del holder.held_on[engine_hash], holder.prefix_of[engine_hash]
+
+
+def _longest(media: Mapping[tuple[int, bytes], Mapping[str, int]], chains: Mapping[int, list[bytes]]) -> int:
     best = 0
     for size, chain in chains.items():
         num_blocks = 0

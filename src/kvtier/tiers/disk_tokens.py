@@ -14,7 +14,8 @@ only means that its entry is not announced.
 Format (clear, before sealing): ``b"KVTT"``, version 2, a flag byte (1: has a parent, 2: has a
 LoRA adapter), the parent key (16 bytes, zeros without one), the token count (uint32), the tokens
 (uint32 each), then with flag 2 the adapter's name (uint16 length, UTF-8), all little-endian
-(version 1, written before adapters were kept, has no name and still reads). Writes go straight to
+(version 1 files, written before adapters were kept, read as absent: their chunks might be an
+adapter's, announced as the base model's). Writes go straight to
 the final name (no temp file: a torn write fails the length check), created ``0600`` and never
 through a symbolic link.
 """
@@ -26,6 +27,7 @@ import logging
 import os
 import queue
 import re
+import stat
 import struct
 import sys
 import threading
@@ -42,7 +44,6 @@ logger = logging.getLogger("kvtier")
 
 _MAGIC = b"KVTT"
 _VERSION = 2
-_READABLE_VERSIONS = (1, 2)
 _HAS_PARENT, _HAS_LORA = 1, 2
 _HEAD = struct.Struct("<4sBB16sI")
 _NAME_LENGTH = struct.Struct("<H")
@@ -50,6 +51,7 @@ _KEY_BYTES = 16
 _SUFFIX = ".tokens"
 TOKENS_NAME = re.compile(r"([0-9a-f]{32})\.tokens")
 _AAD = b"kvtier-chunk-tokens-v1"
+_MAX_FILE_BYTES = 64 << 20  # far above any chunk's tokens: a larger file is not ours
 _QUEUE_LIMIT = 65_536  # chunks waiting to be written; beyond it new ones are dropped (not announced later)
 
 
@@ -92,8 +94,7 @@ def decode(data: bytes) -> ChunkRecord | None:
         return None
     magic, version, flags, parent, count = _HEAD.unpack_from(data)
     end = _HEAD.size + 4 * count
-    if magic != _MAGIC or version not in _READABLE_VERSIONS or flags & ~(_HAS_PARENT | _HAS_LORA) \
-            or (version == 1 and flags & _HAS_LORA) or len(data) < end:
+    if magic != _MAGIC or version != _VERSION or flags & ~(_HAS_PARENT | _HAS_LORA) or len(data) < end:
         return None
     lora_name = None
     if flags & _HAS_LORA:
@@ -137,10 +138,8 @@ class ChunkTokenFiles:
 
     def read(self, key: bytes, namespace: str) -> ChunkRecord | None:
         """The record stored for ``key``; None when there is no valid file."""
-        try:
-            with open(tokens_path(self.root, key, namespace), "rb") as file:
-                data = file.read()
-        except OSError:
+        data = _read_regular_file(tokens_path(self.root, key, namespace))
+        if data is None:
             return None
         if self.sealer is not None:
             clear = bytearray(max(0, len(data) - self.sealer.sealed_bytes(0)))
@@ -206,6 +205,24 @@ class TokenWriter:
                     warned = True
                     logger.warning("kvtier: cannot write the tokens of disk entries for KV events "
                                    "(they will not be announced after a restart): %s", exc)
+
+
+def _read_regular_file(path: str) -> bytes | None:
+    """The bytes of ``path`` when it is a regular file of at most ``_MAX_FILE_BYTES``, opened
+    without following a symbolic link or blocking on a FIFO; None otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_FILE_BYTES:
+            return None
+        return os.pread(fd, info.st_size, 0)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _dirs(path: str) -> list[os.DirEntry]:

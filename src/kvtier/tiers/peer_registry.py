@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 import redis
 from redis.backoff import NoBackoff
@@ -53,27 +54,36 @@ class PeerRegistry:
 
 class Heartbeat:
     """Keeps ``address`` registered: ``register`` every ``ttl_s / 3`` seconds on a daemon thread
-    (failures are logged and retried on the next beat); ``close`` stops and unregisters."""
+    (failures are logged and retried on the next beat) while ``serving()`` says the server runs;
+    once it does not, unregisters and stops beating. ``close`` stops and unregisters."""
 
-    def __init__(self, registry: PeerRegistry, address: str, ttl_s: int) -> None:
+    def __init__(self, registry: PeerRegistry, address: str, ttl_s: int, serving: Callable[[], bool]) -> None:
         self._registry = registry
         self._address = address
         self._ttl_s = ttl_s
+        self._serving = serving
         self._stop = threading.Event()
         self._beat()
         self._thread = threading.Thread(target=self._run, name="kvtier-peer-heartbeat", daemon=True)
         self._thread.start()
 
-    def _beat(self) -> None:
+    def _beat(self) -> bool:
+        """Register once; False (unregistered) when the server is gone."""
         try:
+            if not self._serving():
+                logger.error("kvtier: the peer server for %s is gone; no longer registering it", self._address)
+                self._registry.unregister(self._address)
+                return False
             self._registry.register(self._address, self._ttl_s)
         except (redis.RedisError, OSError) as exc:
             logger.warning("kvtier: cannot register peer address %s: %s", self._address, exc)
+        return True
 
     def _run(self) -> None:
         unbind_this_thread()
         while not self._stop.wait(self._ttl_s / 3):
-            self._beat()
+            if not self._beat():
+                return
 
     def close(self) -> None:
         self._stop.set()

@@ -67,8 +67,12 @@ class PeerService:
             address = config.own_address
             assert address is not None
             self.heartbeat = Heartbeat(PeerRegistry(config.registry, setup.config.remote.timeout_ms / 1000),
-                                       address, config.heartbeat_ttl_s)
+                                       address, config.heartbeat_ttl_s, self.serving)
         logger.info("kvtier: serving peers on %s (disk tier; peer process %d)", config.listen, self.process.pid)
+
+    def serving(self) -> bool:
+        """Whether the peer process still runs (a dead one is reaped here, not left a zombie)."""
+        return self.process.poll() is None
 
     def close(self) -> None:
         from kvtier.tiers.peer_process import stop_peer_process

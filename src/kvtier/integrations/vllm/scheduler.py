@@ -206,11 +206,11 @@ class SchedulerSide:
         plan = StepPlan()
         for new in scheduler_output.scheduled_new_reqs:
             scheduled = scheduler_output.num_scheduled_tokens.get(new.req_id, 0)
-            self._plan_stores(new.req_id, new.num_computed_tokens + scheduled, plan)
+            self._plan_stores(new.req_id, new.num_computed_tokens, scheduled, plan)
         cached = scheduler_output.scheduled_cached_reqs
         for req_id, num_computed in zip(cached.req_ids, cached.num_computed_tokens):
             scheduled = scheduler_output.num_scheduled_tokens.get(req_id, 0)
-            self._plan_stores(req_id, num_computed + scheduled, plan)
+            self._plan_stores(req_id, num_computed, scheduled, plan)
         plan.loads, self._loads = self._loads, []
         plan.async_loads, self._async_loads = self._async_loads, []
         plan.delayed_frees, self._delayed_frees = self._delayed_frees, []
@@ -225,7 +225,10 @@ class SchedulerSide:
             ops.spills, ops.write_through, ops.deletes, ops.purges, ops.invalidations
         return plan
 
-    def _plan_stores(self, req_id: str, num_computed_after: int, plan: StepPlan) -> None:
+    def _plan_stores(self, req_id: str, num_computed: int, num_scheduled: int, plan: StepPlan) -> None:
+        """Plan the stores of the chunks ``req_id`` completes by the end of this step (``num_computed``
+        tokens before it, ``num_scheduled`` in it)."""
+        num_computed_after = num_computed + num_scheduled
         state = self.requests.get(req_id)
         if state is None or not state.controls.store:
             return
@@ -241,9 +244,9 @@ class SchedulerSide:
         tables = self.blocks.groups_of(req_id)
         per_chunk = self.setup.blocks_per_chunk
         for i in range(state.num_store_checked, num_full):
-            runs = None if groups is None else groups.store_runs(i, tables)
+            runs = None if groups is None else groups.store_runs(i, tables, num_computed)
             if groups is not None and runs is None:
-                continue  # a block its windows need is gone (vLLM skipped it before kvtier saw it)
+                continue  # a block its windows need is gone, or may be (vLLM freed it on num_computed)
             planned = self.manager.plan_store(keys[i], state.controls.namespace)
             if planned is None:
                 continue
