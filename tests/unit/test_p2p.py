@@ -364,6 +364,22 @@ class Relay:
         self._listener.close()
 
 
+def test_connections_that_never_authenticate_cannot_take_every_slot(server: PeerServer) -> None:
+    """Connections still in their handshake shared the 64 slots with authenticated peers: an
+    outsider holding 64 of them locked every peer out (review finding)."""
+    from kvtier.tiers.peer_server import MAX_CONNECTIONS
+
+    idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(MAX_CONNECTIONS)]
+    try:
+        time.sleep(0.3)  # all accepted: the first few hold handshake places, the rest were dropped
+        tier = _tier(server.port, timeout_s=1.0)
+        assert tier.exists_prefix([_key(0), _key(1)], 0, namespace=NS) == 2
+        tier.close()
+    finally:
+        for sock in idle:
+            sock.close()
+
+
 def test_a_relayed_handshake_is_refused(server: PeerServer) -> None:
     """A client that dials a relay authenticates the relay's connection to the real server unless
     the server checks which address the client dialled (review finding: the relay then read

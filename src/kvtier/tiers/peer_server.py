@@ -3,8 +3,9 @@
 Under vLLM it runs in a process of its own (``peer_process``, started by the worker of rank 0:
 ``integrations/vllm/peers.serve_peers``) that reads the disk tier's files, so that answering peers
 never waits on the engine; tests also run it in-process. On background threads: one accepting,
-one per connection (at most ``MAX_CONNECTIONS``), each leaving the engine's CPU binding
-(``io_threads``). Every
+one per connection (at most ``MAX_CONNECTIONS`` authenticated ones, and ``MAX_HANDSHAKES`` still
+proving the secret: a connection beyond those drops the oldest that has not, so connections that
+never authenticate cannot lock peers out), each leaving the engine's CPU binding (``io_threads``). Every
 connection must pass the HMAC handshake (``peer_wire``) before it may ask anything; a client that
 fails it, or later sends anything malformed, is disconnected. A request names entries by tenant
 namespace, key and rank, and the server answers only from its ``EntrySource`` (the entries its
@@ -22,6 +23,7 @@ import os
 import socket
 import threading
 import time
+from collections import OrderedDict
 
 from kvtier.tiers.disk import entry_path
 from kvtier.tiers.io_threads import unbind_this_thread
@@ -30,8 +32,9 @@ from kvtier.tiers.peer_wire import OP_LOOKUP, EntryName, ProtocolError, encode_a
 
 logger = logging.getLogger(__name__)
 
-MAX_CONNECTIONS = 64
-HANDSHAKE_TIMEOUT_S = 5.0
+MAX_CONNECTIONS = 64  # authenticated connections
+MAX_HANDSHAKES = 8  # connections still proving the secret; a new one beyond these drops the oldest
+HANDSHAKE_TIMEOUT_S = 2.0
 IDLE_TIMEOUT_S = 300.0  # a connection with no request for this long is closed
 
 
@@ -95,6 +98,7 @@ class PeerServer:
         self.port: int = self._listener.getsockname()[1]
         self.advertised = advertised or f"{host}:{self.port}"
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._handshaking: OrderedDict[socket.socket, None] = OrderedDict()  # oldest first, under _lock
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
@@ -125,18 +129,28 @@ class PeerServer:
                 if self._stop.is_set():
                     return
                 continue
-            if not self._slots.acquire(blocking=False):
-                logger.warning("kvtier: peer server has %d connections; refusing %s", MAX_CONNECTIONS, address)
-                conn.close()
-                continue
+            with self._lock:  # connections that never prove the secret cannot hold the server
+                self._handshaking[conn] = None
+                if len(self._handshaking) > MAX_HANDSHAKES:
+                    oldest, _ = self._handshaking.popitem(last=False)
+                    _shutdown_quietly(oldest)
             threading.Thread(target=self._serve, args=(conn, address), name="kvtier-peer-conn", daemon=True).start()
 
     def _serve(self, conn: socket.socket, address: object) -> None:
+        slot = False
         with self._lock:
             self._connections.add(conn)
         try:
-            conn.settimeout(HANDSHAKE_TIMEOUT_S)
-            server_handshake(conn, self._secret, self.advertised)
+            try:
+                conn.settimeout(HANDSHAKE_TIMEOUT_S)
+                server_handshake(conn, self._secret, self.advertised)
+            finally:
+                with self._lock:
+                    self._handshaking.pop(conn, None)
+            slot = self._slots.acquire(blocking=False)
+            if not slot:
+                logger.warning("kvtier: peer server has %d connections; refusing %s", MAX_CONNECTIONS, address)
+                return
             conn.settimeout(IDLE_TIMEOUT_S)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             while not self._stop.is_set() and self._answer(conn):
@@ -151,7 +165,8 @@ class PeerServer:
             with self._lock:
                 self._connections.discard(conn)
             conn.close()
-            self._slots.release()
+            if slot:
+                self._slots.release()
 
     def _answer(self, conn: socket.socket) -> bool:
         """Answer one request; False when the client closed the connection."""
