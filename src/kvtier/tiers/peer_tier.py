@@ -6,8 +6,8 @@ longest answer; fetches ask the peers in turn for what is still missing. Writes 
 through its ``peer_server``), and deletes remove nothing (a peer's entries are its own).
 
 Peers come from a static list (``p2p.peers``) and/or a Redis registry (``p2p.registry``,
-``peer_registry``), refreshed at most every ``REGISTRY_REFRESH_S``; the instance's own address is
-left out. Every value is verified by the base class exactly as a Redis value is (header: key,
+``peer_registry``), read every ``REGISTRY_REFRESH_S`` on a thread of its own; the instance's own
+address is left out. Every value is verified by the base class exactly as a Redis value is (header: key,
 rank, layout, length, checksum; sealed values authenticate), so a peer can cost misses, never
 wrong KV. A peer that fails (refuses the handshake, dies, times out, sends garbage) is skipped for
 a backoff of 1 s doubling to 30 s while the others still answer; the tier as a whole is marked
