@@ -37,6 +37,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -208,31 +209,57 @@ def phase_offload(engine: Engine, lengths: list[int], repeats: int) -> dict[str,
     return result
 
 
-def memory_hits_of(engine: Engine, prompt: list[int], repeats: int) -> tuple[list[float], list[float], int,
-                                                                          list[int], float]:
-    """Store ``prompt`` (a cold run), then time ``repeats`` hits from kvtier's memory with vLLM's own
-    cache emptied before each: (TTFTs, engine-thread ms per load, then 16 greedy tokens after a hit
-    with their cached-token count, and the memory-tier chunk hits counted over all of it)."""
+def settle(timeout_s: float = 60.0) -> None:
+    """Wait until kvtier's background disk writes and uploads are done (its queue-depth gauges at 0,
+    then a second for the write in hand), so that a timed hit does not share the host's memory
+    bandwidth and cores with the write-through of the prompt just stored."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        values = scrape()
+        if all(values.get(f'kvtier_queue_depth{{queue="{queue}"}}', 0.0) <= 0 for queue in ("disk_writes", "uploads")):
+            break
+        time.sleep(0.25)
+    time.sleep(1.0)
+
+
+@dataclass
+class MemoryHits:
+    """``memory_hits_of``'s measurements of one prompt."""
+
+    ttft_s: list[float]
+    load_cpu_ms: list[float]  # the engine thread's CPU time per load step (kvtier_load_cpu_seconds)
+    load_wall_ms: list[float]  # wall time of the same (kvtier_load_seconds)
+    cached_tokens: int
+    tokens: list[int]  # 16 greedy tokens after a hit
+    memory_chunks: float  # memory-tier chunk hits counted over all of it
+
+
+def memory_hits_of(engine: Engine, prompt: list[int], repeats: int) -> MemoryHits:
+    """Store ``prompt`` (a cold run), let the store settle, then time ``repeats`` hits from kvtier's
+    memory with vLLM's own cache emptied before each, then 16 greedy tokens after a hit."""
     engine.ttft(prompt)  # cold: kvtier stores it
-    memory, load_ms = [], []
+    settle()
+    memory, cpu_ms, wall_ms = [], [], []
     before_all = scrape()
     for _ in range(repeats):
         engine.drop_gpu_cache()
         before = scrape()
         memory.append(engine.ttft(prompt)[0])
         after = scrape()
-        steps = delta(before, after, "kvtier_load_seconds_count")
-        load_ms.append(1000 * delta(before, after, "kvtier_load_seconds_sum") / max(steps, 1))
+        steps = max(delta(before, after, "kvtier_load_seconds_count"), 1)
+        wall_ms.append(1000 * delta(before, after, "kvtier_load_seconds_sum") / steps)
+        cpu_ms.append(1000 * delta(before, after, "kvtier_load_cpu_seconds_sum") / steps)
     engine.drop_gpu_cache()
     _, cached, out = engine.ttft(prompt, max_tokens=16)
-    return memory, load_ms, cached, out, delta(before_all, scrape(), 'kvtier_hits_total{tier="memory"}')
+    return MemoryHits(memory, cpu_ms, wall_ms, cached, out,
+                      delta(before_all, scrape(), 'kvtier_hits_total{tier="memory"}'))
 
 
 def phase_kvtier(engine: Engine, lengths: list[int], repeats: int) -> dict[str, Any]:
     result: dict[str, Any] = {"ttft_s": {}, "outputs": {}, "load_engine_ms": {}, "hits": {}, "first_token": {}}
     for n in lengths:
         prompt = tokens(n, 7 * n)
-        memory, load_ms, cached, out, memory_hits = memory_hits_of(engine, prompt, repeats)
+        hits = memory_hits_of(engine, prompt, repeats)
         disk = []
         before_disk = scrape()
         for r in range(max(1, repeats - 1)):
@@ -242,12 +269,12 @@ def phase_kvtier(engine: Engine, lengths: list[int], repeats: int) -> dict[str, 
             engine.drop_gpu_cache()
             disk.append(engine.ttft(prompt)[0])
         disk_hits = delta(before_disk, scrape(), 'kvtier_hits_total{tier="disk"}')
-        result["ttft_s"][str(n)] = {"kvtier_memory_hit": median(memory), "kvtier_disk_hit": median(disk),
-                                    "memory_all": [round(t, 4) for t in memory],
+        result["ttft_s"][str(n)] = {"kvtier_memory_hit": median(hits.ttft_s), "kvtier_disk_hit": median(disk),
+                                    "memory_all": [round(t, 4) for t in hits.ttft_s],
                                     "disk_all": [round(t, 4) for t in disk]}
-        result["load_engine_ms"][str(n)] = round(statistics.median(load_ms), 3)
-        result["outputs"][str(n)] = {"cached_tokens": cached, "tokens": out}
-        result["hits"][str(n)] = {"memory_chunks": memory_hits, "disk_chunks": disk_hits,
+        record_load_times(result, n, hits)
+        result["outputs"][str(n)] = {"cached_tokens": hits.cached_tokens, "tokens": hits.tokens}
+        result["hits"][str(n)] = {"memory_chunks": hits.memory_chunks, "disk_chunks": disk_hits,
                                   "chunks_per_hit": -(-((n - 1) // 16 * 16) // 256)}
         result["first_token"][str(n)] = first_token_after_load(engine, prompt)
         print(f"kvtier {n}: {result['ttft_s'][str(n)]} load {result['load_engine_ms'][str(n)]} ms "
@@ -256,6 +283,12 @@ def phase_kvtier(engine: Engine, lengths: list[int], repeats: int) -> dict[str, 
     result["no_reuse"] = no_reuse(engine)
     result["metrics_at_end"] = {k: v for k, v in scrape().items() if "_bucket" not in k}
     return result
+
+
+def record_load_times(result: dict[str, Any], n: int, hits: MemoryHits) -> None:
+    """Engine-thread CPU ms per load step (``load_engine_ms``, the issue's measure) and its wall ms."""
+    result["load_engine_ms"][str(n)] = round(statistics.median(hits.load_cpu_ms), 3)
+    result.setdefault("load_engine_wall_ms", {})[str(n)] = round(statistics.median(hits.load_wall_ms), 3)
 
 
 def first_token_after_load(engine: Engine, prompt: list[int]) -> dict[str, Any]:
@@ -273,12 +306,12 @@ def phase_kvtier_int8(engine: Engine, lengths: list[int], repeats: int) -> dict[
     result: dict[str, Any] = {"ttft_s": {}, "outputs": {}, "load_engine_ms": {}, "hits": {}, "first_token": {}}
     for n in lengths:
         prompt = tokens(n, 7 * n)
-        memory, load_ms, cached, out, memory_hits = memory_hits_of(engine, prompt, repeats)
-        result["hits"][str(n)] = {"memory_chunks": memory_hits}
-        result["ttft_s"][str(n)] = {"kvtier_memory_int8_hit": median(memory),
-                                    "memory_int8_all": [round(t, 4) for t in memory]}
-        result["load_engine_ms"][str(n)] = round(statistics.median(load_ms), 3)
-        result["outputs"][str(n)] = {"cached_tokens": cached, "tokens": out}
+        hits = memory_hits_of(engine, prompt, repeats)
+        result["hits"][str(n)] = {"memory_chunks": hits.memory_chunks}
+        result["ttft_s"][str(n)] = {"kvtier_memory_int8_hit": median(hits.ttft_s),
+                                    "memory_int8_all": [round(t, 4) for t in hits.ttft_s]}
+        record_load_times(result, n, hits)
+        result["outputs"][str(n)] = {"cached_tokens": hits.cached_tokens, "tokens": hits.tokens}
         result["first_token"][str(n)] = first_token_after_load(engine, prompt)
         print(f"kvtier_int8 {n}: {result['ttft_s'][str(n)]} load {result['load_engine_ms'][str(n)]} ms "
               f"hits {result['hits'][str(n)]}", flush=True)
@@ -352,7 +385,8 @@ def summarize(phases: dict[str, Any], lengths: list[int]) -> dict[str, Any]:
                                "cuda_graphs": "NONE" not in str(kv.get("cudagraph_mode", "NONE")),
                                "cudagraph_mode": kv.get("cudagraph_mode"),
                                "model": "Llama-3.1-8B shape, dummy weights, bf16, block 16, chunk 256",
-                               "ttft_s": {}, "load_engine_cpu_ms": kv.get("load_engine_ms")}
+                               "ttft_s": {}, "load_engine_cpu_ms": kv.get("load_engine_ms"),
+                               "load_engine_wall_ms": kv.get("load_engine_wall_ms")}
     equal = True
     for n in map(str, lengths):
         row = {**plain.get("ttft_s", {}).get(n, {}), **{k: v for k, v in offload.get("ttft_s", {}).get(n, {}).items()
@@ -396,13 +430,15 @@ def markdown(summary: dict[str, Any]) -> str:
              f"{summary.get('model')}; CUDA graphs {summary.get('cudagraph_mode')}; TTFT = wall time of one "
              "`generate` with `max_tokens=1`, median of 3 (disk: of 2).", "",
              "| tokens | cold | vLLM prefix-cache hit | vLLM OffloadingConnector (CPU) | kvtier memory | kvtier disk "
-             "| kvtier memory, int8 slots | kvtier memory vs cold | kvtier load, engine-thread ms |",
+             "| kvtier memory, int8 slots | kvtier memory vs cold | kvtier load, engine-thread CPU ms (wall ms) |",
              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for n, row in summary["ttft_s"].items():
         ms = [f"{1000 * row[k]:.1f} ms" if k in row else "-" for k in
               ("cold", "vllm_hit", "vllm_offload_hit", "kvtier_memory_hit", "kvtier_disk_hit",
                "kvtier_memory_int8_hit")]
         load = (summary.get("load_engine_cpu_ms") or {}).get(n, "-")
+        wall = (summary.get("load_engine_wall_ms") or {}).get(n)
+        load = f"{load} ({wall})" if wall is not None else load
         lines.append(f"| {n} | {' | '.join(ms)} | {row.get('kvtier_memory_speedup_vs_cold', '-')}x | {load} |")
     overhead = summary.get("zero_reuse_overhead") or {}
     lines += ["", f"- Outputs equal to vLLM's own prefix cache (16 greedy tokens at the same cached length): "
@@ -426,6 +462,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
     parser.add_argument("--phases", default="vllm,offload,kvtier,kvtier_int8,kvtier_noreuse")
+    parser.add_argument("--with-earlier", action="store_true",
+                        help="also report the phases an earlier call ran on this machine (their files in /tmp)")
     parser.add_argument("--skip-int8", action="store_true", help="leave out the kvtier_int8 phase")
     parser.add_argument("--lengths", default="2048,8192,32768")
     parser.add_argument("--repeats", type=int, default=3)
@@ -452,6 +490,11 @@ def main() -> None:
     unknown = sorted(set(names) - set(PHASES))
     if unknown:
         parser.error(f"unknown phases {unknown}; choose from {sorted(PHASES)}")
+    if args.with_earlier:
+        for name in sorted(set(PHASES) - set(names)):
+            earlier = tmp / f"vllm_cuda_{name}.json"
+            if earlier.exists():
+                phases[name] = json.loads(earlier.read_text())
     for name in names:
         started = time.perf_counter()
         code = subprocess.call([sys.executable, __file__, "--phase", name, "--lengths", args.lengths,

@@ -411,5 +411,7 @@ def _record_report(metrics: Metrics, report: WorkerReport) -> None:
     metrics.dropped_stores.labels(tier="remote").inc(report.num_remote_dropped)
     for seconds in report.load_seconds:
         metrics.load_seconds.observe(seconds)
+    for seconds in report.load_cpu_seconds:
+        metrics.load_cpu_seconds.observe(seconds)
     for seconds in report.store_seconds:
         metrics.store_seconds.observe(seconds)

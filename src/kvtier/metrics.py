@@ -161,6 +161,9 @@ class Metrics:
                                         buckets=_LATENCY_BUCKETS_S, registry=reg)
         self.load_seconds = Histogram("kvtier_load_seconds", "Worker-side load latency per step",
                                       buckets=_LATENCY_BUCKETS_S, registry=reg)
+        self.load_cpu_seconds = Histogram("kvtier_load_cpu_seconds", "Engine-thread CPU time of the worker's "
+                                          "load per step (queuing the copies)", buckets=_LATENCY_BUCKETS_S,
+                                          registry=reg)
         self.store_seconds = Histogram("kvtier_store_seconds", "Worker-side store latency per step",
                                        buckets=_LATENCY_BUCKETS_S, registry=reg)
 

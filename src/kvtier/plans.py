@@ -170,6 +170,7 @@ class WorkerReport:
     # load in order); the manager credits the loaded prefix of ``settled_loads`` to these tiers
     settled_tiers: list[tuple[str, tuple[tuple[str, int], ...]]] = field(default_factory=list)
     load_seconds: list[float] = field(default_factory=list)
+    load_cpu_seconds: list[float] = field(default_factory=list)  # engine-thread CPU time of each load
     store_seconds: list[float] = field(default_factory=list)
 
     def aggregate(self, other: "WorkerReport") -> "WorkerReport":

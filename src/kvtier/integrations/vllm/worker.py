@@ -168,7 +168,7 @@ class WorkerSide:
         queued layer group by layer group, each waited for in ``wait_layer``; else ordered before
         any later work on the engine's stream."""
         assert self.mover is not None
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.thread_time()
         if layered:
             assert self.layered is not None
             self.layered.scatter(loads)
@@ -183,6 +183,7 @@ class WorkerSide:
                             for run, group in zip(op.groups, groups))
             self.report.memory_read_bytes += num_pages * self.setup.layout.slot_page_bytes
         self.report.load_seconds.append(time.perf_counter() - started)
+        self.report.load_cpu_seconds.append(time.thread_time() - cpu_started)
         return num_blocks * self.setup.layout.block_size
 
     def finished_loads(self) -> set[str]:
